@@ -1,0 +1,57 @@
+//! Parsing of option values shared by the programs. Every parse error is a usage error
+//! (exit 100) reported by the caller with the option's name.
+
+use std::os::unix::io::RawFd;
+use std::time::Duration;
+
+/// Seconds, fractions allowed (`2`, `0.5`, `1.25`): a timeout. Zero means "off" to the
+/// callers that allow it.
+pub fn seconds(s: &str) -> Option<Duration> {
+    let v: f64 = s.trim().parse().ok()?;
+    if !v.is_finite() || !(0.0..=1.0e9).contains(&v) {
+        return None;
+    }
+    Some(Duration::from_secs_f64(v))
+}
+
+/// A descriptor number.
+pub fn fd(s: &str) -> Option<RawFd> {
+    let v: RawFd = s.parse().ok()?;
+    (0..=1 << 20).contains(&v).then_some(v)
+}
+
+/// A byte count with an optional K/M suffix (powers of 1024).
+pub fn size(s: &str) -> Option<usize> {
+    let (num, mult) = match s.as_bytes().last()? {
+        b'k' | b'K' => (&s[..s.len() - 1], 1024),
+        b'm' | b'M' => (&s[..s.len() - 1], 1024 * 1024),
+        _ => (s, 1),
+    };
+    num.parse::<usize>().ok()?.checked_mul(mult)
+}
+
+/// A number in a range.
+pub fn number<T: std::str::FromStr + PartialOrd>(s: &str, min: T, max: T) -> Option<T> {
+    let v: T = s.parse().ok()?;
+    (v >= min && v <= max).then_some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_values() {
+        assert_eq!(seconds("0.5"), Some(Duration::from_millis(500)));
+        assert_eq!(seconds("-1"), None);
+        assert_eq!(seconds("x"), None);
+        assert_eq!(size("256k"), Some(262144));
+        assert_eq!(size("1M"), Some(1 << 20));
+        assert_eq!(size("12"), Some(12));
+        assert_eq!(size(""), None);
+        assert_eq!(fd("7"), Some(7));
+        assert_eq!(fd("-1"), None);
+        assert_eq!(number("5", 1u32, 10), Some(5));
+        assert_eq!(number("11", 1u32, 10), None);
+    }
+}

@@ -1,0 +1,82 @@
+//! Who is on each end of the connection, from the UCSPI environment.
+//!
+//! A supervisor describes the client in `TCPREMOTEIP`/`TCPREMOTEPORT` (and the local end
+//! in `TCPLOCAL*`). A dialer conventionally rewrites the `TCP*` names to describe the
+//! connection it made, as ucspi-tcp's `tcpclient` does; so before it does, tcpsplice-dial
+//! saves the client as `TCPSPLICE_CLIENT=ip:port`, and the programs after it read the
+//! client from there.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::io::RawFd;
+
+use crate::sys;
+
+/// The variable in which the client's address survives the dialer.
+pub const CLIENT_VAR: &str = "TCPSPLICE_CLIENT";
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// `ip:port`, with brackets around an IPv6 address.
+pub fn join_host_port(ip: &str, port: &str) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
+
+/// The client as `ip:port`, as far as the environment knows it.
+pub fn client() -> Option<String> {
+    var(CLIENT_VAR).or_else(|| {
+        let ip = var("TCPREMOTEIP")?;
+        let port = var("TCPREMOTEPORT").unwrap_or_else(|| "?".into());
+        Some(join_host_port(&ip, &port))
+    })
+}
+
+/// The target as `host:port`: the connection a dialer made (the `TCPREMOTE*` it set), or
+/// else what the client asked for.
+pub fn target() -> Option<String> {
+    if var(CLIENT_VAR).is_some() {
+        if let Some(ip) = var("TCPREMOTEIP") {
+            let port = var("TCPREMOTEPORT").unwrap_or_else(|| "?".into());
+            return Some(join_host_port(&ip, &port));
+        }
+    }
+    var("TCPSPLICE_TARGET")
+}
+
+/// Fills `PROTO` and the `TCP*` variables from the socket on `fd` when no supervisor set
+/// them (inetd, xinetd and systemd set none). Leaves set variables alone, and does
+/// nothing when `fd` is not an IP socket.
+pub fn fill_from_socket(fd: RawFd) {
+    if var("TCPREMOTEIP").is_some() {
+        return;
+    }
+    let (Ok(Some(peer)), Ok(Some(local))) = (sys::peer_addr(fd), sys::local_addr(fd)) else {
+        return;
+    };
+    set_ucspi(&local, &peer);
+}
+
+/// Sets `PROTO=TCP` and the four `TCP*` variables for a connection.
+pub fn set_ucspi(local: &SocketAddr, remote: &SocketAddr) {
+    std::env::set_var("PROTO", "TCP");
+    std::env::set_var("TCPLOCALIP", ip_text(local.ip()));
+    std::env::set_var("TCPLOCALPORT", local.port().to_string());
+    std::env::set_var("TCPREMOTEIP", ip_text(remote.ip()));
+    std::env::set_var("TCPREMOTEPORT", remote.port().to_string());
+}
+
+/// An address as UCSPI programs print it: IPv4-mapped IPv6 addresses as plain IPv4.
+pub fn ip_text(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => v6.to_string(),
+        },
+        IpAddr::V4(v4) => v4.to_string(),
+    }
+}

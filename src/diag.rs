@@ -1,0 +1,124 @@
+//! Diagnostics and the per-connection log line.
+//!
+//! Under inetd, xinetd and systemd with `StandardInput=socket`, fd 2 may be the client's
+//! socket: a message written there would be read by the client as data. So messages go
+//! to syslog when `/dev/log` exists, and to stderr only when fd 2 is not a TCP socket nor
+//! the same file as a data descriptor (0, 1, 6, 7) — a terminal excepted, where the user
+//! reading it is the point. `TCPSPLICE_LOG=syslog|stderr|both|none` overrides the choice.
+
+use std::ffi::CString;
+use std::io;
+use std::sync::OnceLock;
+
+use crate::exit;
+use crate::sys;
+
+static PROG: OnceLock<&'static str> = OnceLock::new();
+static SINKS: OnceLock<Sinks> = OnceLock::new();
+
+#[derive(Clone, Copy, Debug)]
+struct Sinks {
+    syslog: bool,
+    stderr: bool,
+}
+
+/// Names the program for every message. Call first thing in `main`.
+pub fn init(prog: &'static str) {
+    let _ = PROG.set(prog);
+}
+
+/// The program name given to [`init`].
+pub fn prog() -> &'static str {
+    PROG.get().copied().unwrap_or("tcpsplice")
+}
+
+fn stderr_is_safe() -> bool {
+    if !sys::fd_is_open(2) {
+        return false;
+    }
+    // SAFETY: isatty only inspects the descriptor.
+    if unsafe { libc::isatty(2) } == 1 {
+        return true;
+    }
+    if sys::is_inet_socket(2) {
+        return false;
+    }
+    ![0, 1, 6, 7].iter().any(|&fd| sys::same_file(2, fd))
+}
+
+fn sinks() -> Sinks {
+    *SINKS.get_or_init(|| {
+        let have_syslog = std::path::Path::new("/dev/log").exists();
+        let mode = std::env::var("TCPSPLICE_LOG").unwrap_or_default();
+        let (syslog, stderr) = match mode.as_str() {
+            "syslog" => (true, false),
+            "stderr" => (false, true),
+            "both" => (true, true),
+            "none" => (false, false),
+            // SAFETY: isatty only inspects the descriptor.
+            _ if have_syslog => (true, unsafe { libc::isatty(2) } == 1),
+            _ => (false, true),
+        };
+        let stderr = stderr && stderr_is_safe();
+        if syslog {
+            // openlog keeps the pointer: the ident must live for the whole process.
+            let ident = CString::new(prog()).unwrap_or_default();
+            let ident: &'static CString = Box::leak(Box::new(ident));
+            // SAFETY: ident is a leaked, NUL-terminated string that outlives every call.
+            unsafe { libc::openlog(ident.as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
+        }
+        Sinks { syslog, stderr }
+    })
+}
+
+fn emit(priority: libc::c_int, kind: &str, msg: &str) {
+    let s = sinks();
+    let body = if kind.is_empty() {
+        msg.to_string()
+    } else {
+        format!("{kind}: {msg}")
+    };
+    if s.syslog {
+        // A NUL inside a message would truncate it; it can only come from outside input.
+        let text = CString::new(body.replace('\0', "\\0")).unwrap_or_default();
+        // SAFETY: "%s" with one NUL-terminated string argument.
+        unsafe { libc::syslog(priority, c"%s".as_ptr(), text.as_ptr()) };
+    }
+    if s.stderr {
+        let line = format!("{}: {}\n", prog(), body);
+        let _ = sys::write_all(2, line.as_bytes());
+    }
+}
+
+/// `prog: warning: MSG`.
+pub fn warn(msg: &str) {
+    emit(libc::LOG_WARNING, "warning", msg);
+}
+
+/// `prog: info: MSG`, for the one line per connection and per event worth keeping.
+pub fn info(msg: &str) {
+    emit(libc::LOG_INFO, "info", msg);
+}
+
+/// `prog: fatal: MSG`, then exit with `code`.
+pub fn die(code: i32, msg: &str) -> ! {
+    emit(libc::LOG_ERR, "fatal", msg);
+    std::process::exit(code)
+}
+
+/// `prog: fatal: unable to WHAT: REASON`, then exit with `code`.
+pub fn die_sys(code: i32, what: &str, err: &io::Error) -> ! {
+    die(code, &format!("unable to {what}: {}", sys::strerror(err)))
+}
+
+/// `prog: usage: USAGE`, then exit 100.
+pub fn usage(usage: &str) -> ! {
+    emit(libc::LOG_ERR, "usage", usage);
+    std::process::exit(exit::USAGE)
+}
+
+/// Prints `text` on stdout for `-h`: the user asked for it, so it goes where they look.
+pub fn help(text: &str) -> ! {
+    let _ = sys::write_all(1, text.as_bytes());
+    std::process::exit(exit::OK)
+}

@@ -1,0 +1,20 @@
+//! tcpsplice: small programs that make an authenticating TCP proxy when a supervisor
+//! chains them per connection (see DESIGN.md in the shared notes and README.md).
+//!
+//! Each program in `src/bin` is a thin `main` over these modules:
+//! - [`exit`]: the one exit-code table of the suite;
+//! - [`diag`]: `prog: fatal: unable to ...` messages and the per-connection log line,
+//!   sent to syslog or to stderr but never onto the data stream;
+//! - [`sys`]: the few syscall wrappers, with errno turned into `io::Error`;
+//! - [`chain`]: exec'ing the rest of the command line;
+//! - [`args`]: option values shared by the programs (durations, fds, sizes);
+//! - [`conninfo`]: who is on each end, from the UCSPI environment;
+//! - [`relay`]: the splicer's data path.
+
+pub mod args;
+pub mod chain;
+pub mod conninfo;
+pub mod diag;
+pub mod exit;
+pub mod relay;
+pub mod sys;

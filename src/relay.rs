@@ -1,0 +1,836 @@
+//! The splicer's data path: two directions, client→target ("up", fd 0 → fd 7 by
+//! default) and target→client ("down", fd 6 → fd 1), each moved by the kernel with
+//! splice(2) and watched by one level-triggered poll loop.
+//!
+//! Per direction the bytes take one of three paths:
+//! - `Direct`: one end already is a pipe, so one splice moves src→dst;
+//! - `Piped`: socket to socket through a pipe of our own (splice needs a pipe on one
+//!   side), two splices per chunk and no copy;
+//! - `Copy`: read/write through a user buffer, for what cannot be spliced (/dev/null,
+//!   ttys, O_APPEND files: the first splice fails with EINVAL) and for when the per-user
+//!   pipe budget is exhausted (the kernel then grants 2-page pipes, which would crawl).
+//!
+//! A direction that reads end of file delivers what is in flight, then ends its write
+//! side: `shutdown(SHUT_WR)` on a socket (a close would send nothing while fd 0/1 or 6/7
+//! hold a dup), close on anything else. The other direction goes on. A reset is passed on
+//! as a reset.
+
+use std::io;
+use std::os::unix::io::RawFd;
+use std::time::{Duration, Instant};
+
+use crate::sys::{self, FdKind};
+
+/// What the relay is told to do.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Read the client from here (fd 0).
+    pub client_in: RawFd,
+    /// Write to the client here (fd 1).
+    pub client_out: RawFd,
+    /// Read the target from here (fd 6).
+    pub target_in: RawFd,
+    /// Write to the target here (fd 7).
+    pub target_out: RawFd,
+    /// End the relay when no byte has moved for this long.
+    pub idle: Option<Duration>,
+    /// After SIGTERM, how long in-flight bytes may take to drain.
+    pub grace: Duration,
+    /// The pipe size asked for per direction.
+    pub pipe_size: usize,
+    /// Never splice; copy through user space (for comparisons and odd kernels).
+    pub copy_only: bool,
+}
+
+/// The default pipe size: see README "Pipe size" for the measurements behind it.
+pub const DEFAULT_PIPE_SIZE: usize = 1 << 20;
+
+/// Below this a granted pipe means the per-user pipe budget is exhausted: a 2-page pipe
+/// would need a pair of syscalls per 8 KiB, so the direction copies instead.
+const MIN_PIPE: usize = 64 * 1024;
+
+/// The user buffer of a copying direction.
+const COPY_BUF: usize = 256 * 1024;
+
+/// Most bytes asked of one direct splice; splice refuses lengths near SIZE_MAX.
+const DIRECT_CHUNK: usize = 1 << 20;
+
+/// Which peer something happened to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Target,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Target => "target",
+        }
+    }
+}
+
+/// How the relay ended.
+#[derive(Debug)]
+pub enum End {
+    /// Both streams ended and everything was delivered.
+    Clean,
+    /// No byte moved for the idle timeout.
+    Idle,
+    /// A signal asked us to stop; `drained` says whether everything in flight got out.
+    Signal { signo: i32, drained: bool },
+    /// A peer reset the connection (or vanished); the other peer was reset too.
+    Reset { side: Side, err: io::Error },
+    /// A local failure (a descriptor gone bad, out of memory).
+    Failed { what: String, err: io::Error },
+}
+
+impl End {
+    /// The exit status DESIGN.md gives this ending.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            End::Clean => crate::exit::OK,
+            End::Idle | End::Signal { .. } | End::Reset { .. } => crate::exit::POLICY,
+            End::Failed { .. } => crate::exit::TEMP,
+        }
+    }
+
+    /// A word or two for the log line.
+    pub fn describe(&self) -> String {
+        match self {
+            End::Clean => "eof".into(),
+            End::Idle => "idle-timeout".into(),
+            End::Signal { signo, drained } => format!(
+                "signal-{}{}",
+                signo,
+                if *drained { "" } else { "-undrained" }
+            ),
+            End::Reset { side, err } => {
+                format!("reset-by-{} ({})", side.name(), sys::strerror(err))
+            }
+            End::Failed { what, err } => format!("error ({what}: {})", sys::strerror(err)),
+        }
+    }
+}
+
+/// What the relay did, for the log line.
+#[derive(Debug)]
+pub struct Outcome {
+    pub end: End,
+    /// Bytes delivered client→target.
+    pub up: u64,
+    /// Bytes delivered target→client.
+    pub down: u64,
+    /// The path each direction ended on: "splice", "copy", ...
+    pub up_path: &'static str,
+    pub down_path: &'static str,
+    pub elapsed: Duration,
+}
+
+#[derive(Debug)]
+enum Path {
+    Direct,
+    Piped { r: RawFd, w: RawFd, cap: usize },
+    Copy,
+}
+
+/// One direction's error, with the side whose descriptor failed.
+struct DirError {
+    side: Side,
+    read: bool,
+    err: io::Error,
+}
+
+struct Dir {
+    src: RawFd,
+    dst: RawFd,
+    src_side: Side,
+    dst_side: Side,
+    src_kind: FdKind,
+    dst_kind: FdKind,
+    path: Path,
+    /// Bytes sitting in our pipe (Piped).
+    in_pipe: usize,
+    /// Bytes read into user space and not yet written: all of Copy's traffic, a pipe
+    /// drained on fallback, or a read past an urgent mark. They go out before anything
+    /// else is read, so order is kept.
+    buf: Vec<u8>,
+    bstart: usize,
+    bend: usize,
+    /// The source ended (or we stopped reading it on a signal).
+    eof: bool,
+    /// The write side has been ended: the direction is finished.
+    done: bool,
+    /// Piped: src→pipe said EAGAIN while the pipe held data; its slots may be full, so
+    /// do not poll src until the pipe drains (else poll would report src ready for ever).
+    src_blocked: bool,
+    /// Direct: the last EAGAIN came with src readable, so wait for dst.
+    wait_dst: bool,
+    /// Readiness seen in rounds that moved nothing, to recognise a splice stuck at an
+    /// urgent mark: poll says ready, splice says EAGAIN, for ever.
+    stuck_src: bool,
+    stuck_dst: bool,
+    /// Whether the first splice of each kind has succeeded: a later EINVAL is an error,
+    /// not "this fd cannot be spliced".
+    spliced_in: bool,
+    spliced_out: bool,
+    bytes: u64,
+}
+
+/// Rounds of one direction's pump before poll is asked again, so a fast direction
+/// cannot starve the other one or a pending signal.
+const MAX_ROUNDS: usize = 64;
+
+fn is_again(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EAGAIN)
+}
+
+fn cannot_splice(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)
+    )
+}
+
+impl Dir {
+    fn new(
+        src: RawFd,
+        dst: RawFd,
+        src_side: Side,
+        dst_side: Side,
+        cfg: &Config,
+    ) -> io::Result<Dir> {
+        let src_kind = sys::fd_kind(src)?;
+        let dst_kind = sys::fd_kind(dst)?;
+        let mut d = Dir {
+            src,
+            dst,
+            src_side,
+            dst_side,
+            src_kind,
+            dst_kind,
+            path: Path::Copy,
+            in_pipe: 0,
+            buf: Vec::new(),
+            bstart: 0,
+            bend: 0,
+            eof: false,
+            done: false,
+            src_blocked: false,
+            wait_dst: false,
+            stuck_src: false,
+            stuck_dst: false,
+            spliced_in: false,
+            spliced_out: false,
+            bytes: 0,
+        };
+        if cfg.copy_only {
+            d.fall_back_to_copy();
+        } else if src_kind == FdKind::Pipe || dst_kind == FdKind::Pipe {
+            d.path = Path::Direct;
+        } else {
+            let (r, w) = sys::pipe_nonblocking()?;
+            let cap = sys::pipe_resize(w, cfg.pipe_size);
+            if cap < MIN_PIPE {
+                sys::close(r);
+                sys::close(w);
+                d.fall_back_to_copy();
+            } else {
+                d.path = Path::Piped { r, w, cap };
+            }
+        }
+        Ok(d)
+    }
+
+    /// Switches to copying. Bytes already in our pipe are read back into the buffer
+    /// first, so they go out before anything read later.
+    fn fall_back_to_copy(&mut self) {
+        let mut need = COPY_BUF;
+        if let Path::Piped { cap, .. } = self.path {
+            need = need.max(cap);
+        }
+        if self.buf.len() < need {
+            self.buf.resize(need, 0);
+        }
+        if let Path::Piped { r, w, .. } = self.path {
+            while self.in_pipe > 0 {
+                let end = self.bend;
+                match sys::read(r, &mut self.buf[end..]) {
+                    Ok(n) if n > 0 => {
+                        self.bend += n;
+                        self.in_pipe = self.in_pipe.saturating_sub(n);
+                    }
+                    _ => break,
+                }
+            }
+            sys::close(r);
+            sys::close(w);
+        }
+        self.path = Path::Copy;
+    }
+
+    fn pending(&self) -> bool {
+        self.bend > self.bstart || self.in_pipe > 0
+    }
+
+    /// Poll events wanted on src and dst.
+    fn interest(&self) -> (i16, i16) {
+        if self.done {
+            return (0, 0);
+        }
+        let mut src_ev = 0;
+        let mut dst_ev = 0;
+        let buffered = self.bend > self.bstart;
+        match self.path {
+            Path::Direct => {
+                if buffered {
+                    dst_ev = libc::POLLOUT;
+                } else if !self.eof {
+                    if self.wait_dst {
+                        dst_ev = libc::POLLOUT;
+                    } else {
+                        src_ev = libc::POLLIN;
+                    }
+                }
+            }
+            Path::Piped { cap, .. } => {
+                if buffered || self.in_pipe > 0 {
+                    dst_ev = libc::POLLOUT;
+                }
+                if !self.eof && !buffered && self.in_pipe < cap && !self.src_blocked {
+                    src_ev = libc::POLLIN;
+                }
+            }
+            Path::Copy => {
+                if buffered {
+                    dst_ev = libc::POLLOUT;
+                } else if !self.eof {
+                    src_ev = libc::POLLIN;
+                }
+            }
+        }
+        (src_ev, dst_ev)
+    }
+
+    fn read_err(&self, err: io::Error) -> DirError {
+        DirError {
+            side: self.src_side,
+            read: true,
+            err,
+        }
+    }
+
+    fn write_err(&self, err: io::Error) -> DirError {
+        DirError {
+            side: self.dst_side,
+            read: false,
+            err,
+        }
+    }
+
+    /// Writes out the user buffer. Ok(true) when something was written.
+    fn flush_buf(&mut self) -> Result<bool, DirError> {
+        let mut moved = false;
+        while self.bend > self.bstart {
+            match sys::write(self.dst, &self.buf[self.bstart..self.bend]) {
+                Ok(n) => {
+                    self.bstart += n;
+                    self.bytes += n as u64;
+                    moved = true;
+                }
+                Err(e) if is_again(&e) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.write_err(e)),
+            }
+        }
+        if self.bstart == self.bend {
+            self.bstart = 0;
+            self.bend = 0;
+            if !matches!(self.path, Path::Copy) && self.buf.len() > COPY_BUF {
+                // A fallback drained a big pipe into the buffer: give the memory back.
+                self.buf = Vec::new();
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Reads past an urgent mark where splice is stuck: a recv moves on where
+    /// tcp_read_sock stops. The bytes join the buffer and go out before the next splice.
+    fn rescue_read(&mut self) -> Result<bool, DirError> {
+        if self.buf.len() < 64 * 1024 {
+            self.buf.resize(64 * 1024, 0);
+        }
+        match sys::read(self.src, &mut self.buf[..]) {
+            Ok(0) => {
+                self.eof = true;
+                Ok(true)
+            }
+            Ok(n) => {
+                self.bstart = 0;
+                self.bend = n;
+                Ok(true)
+            }
+            Err(e) if is_again(&e) || e.kind() == io::ErrorKind::Interrupted => Ok(false),
+            Err(e) => Err(self.read_err(e)),
+        }
+    }
+
+    /// Moves what can be moved without blocking. `src_ready`/`dst_ready` are what poll
+    /// reported this round.
+    fn pump(&mut self, src_ready: bool, dst_ready: bool) -> Result<bool, DirError> {
+        let mut moved = false;
+        if self.done {
+            return Ok(moved);
+        }
+        let mut read_any = false;
+        for _ in 0..MAX_ROUNDS {
+            let mut progress = self.flush_buf()?;
+            if self.bend > self.bstart {
+                break; // dst is full; wait for POLLOUT
+            }
+            match self.path {
+                Path::Copy => {
+                    if !self.eof {
+                        if self.buf.len() < COPY_BUF {
+                            self.buf.resize(COPY_BUF, 0);
+                        }
+                        match sys::read(self.src, &mut self.buf[..]) {
+                            Ok(0) => {
+                                self.eof = true;
+                                progress = true;
+                            }
+                            Ok(n) => {
+                                self.bstart = 0;
+                                self.bend = n;
+                                progress = true;
+                            }
+                            Err(e) if is_again(&e) => {}
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
+                            Err(e) => return Err(self.read_err(e)),
+                        }
+                    }
+                }
+                Path::Direct => {
+                    if !self.eof {
+                        match sys::splice(self.src, self.dst, DIRECT_CHUNK) {
+                            Ok(0) => {
+                                self.eof = true;
+                                progress = true;
+                            }
+                            Ok(n) => {
+                                self.bytes += n as u64;
+                                self.spliced_in = true;
+                                progress = true;
+                                read_any = true;
+                                self.wait_dst = false;
+                            }
+                            Err(e) if is_again(&e) => {
+                                if !read_any {
+                                    self.stuck_src |= src_ready;
+                                    self.stuck_dst |= dst_ready;
+                                }
+                                if self.stuck_src && self.stuck_dst {
+                                    // Both ends said ready and splice still refuses.
+                                    self.stuck_src = false;
+                                    self.stuck_dst = false;
+                                    progress |= self.rescue_read()?;
+                                } else {
+                                    self.wait_dst = src_ready && !read_any;
+                                }
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
+                            Err(e) if !self.spliced_in && cannot_splice(&e) => {
+                                self.fall_back_to_copy();
+                                progress = true;
+                            }
+                            Err(e) => {
+                                // Which end failed? A dead reader shows as EPIPE.
+                                let write_side = matches!(e.raw_os_error(), Some(libc::EPIPE))
+                                    || (self.dst_kind == FdKind::Socket
+                                        && sys::socket_error(self.dst).is_some());
+                                return Err(if write_side {
+                                    self.write_err(e)
+                                } else {
+                                    self.read_err(e)
+                                });
+                            }
+                        }
+                    }
+                }
+                Path::Piped { r, w, cap } => {
+                    if self.in_pipe > 0 {
+                        match sys::splice(r, self.dst, self.in_pipe) {
+                            Ok(n) => {
+                                self.in_pipe -= n;
+                                self.bytes += n as u64;
+                                self.spliced_out = true;
+                                self.src_blocked = false;
+                                progress |= n > 0;
+                            }
+                            Err(e) if is_again(&e) => {}
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
+                            Err(e) if !self.spliced_out && cannot_splice(&e) => {
+                                self.fall_back_to_copy();
+                                continue;
+                            }
+                            Err(e) => return Err(self.write_err(e)),
+                        }
+                    }
+                    if !self.eof && self.in_pipe < cap {
+                        match sys::splice(self.src, w, cap - self.in_pipe) {
+                            Ok(0) => {
+                                self.eof = true;
+                                progress = true;
+                            }
+                            Ok(n) => {
+                                self.in_pipe += n;
+                                self.spliced_in = true;
+                                progress = true;
+                                read_any = true;
+                            }
+                            Err(e) if is_again(&e) => {
+                                if self.in_pipe > 0 {
+                                    self.src_blocked = true;
+                                } else if src_ready && !read_any {
+                                    // The pipe is empty, src said readable, splice says
+                                    // EAGAIN: stuck at an urgent mark.
+                                    progress |= self.rescue_read()?;
+                                }
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
+                            Err(e) if !self.spliced_in && cannot_splice(&e) => {
+                                self.fall_back_to_copy();
+                                continue;
+                            }
+                            Err(e) => return Err(self.read_err(e)),
+                        }
+                    }
+                }
+            }
+            if progress {
+                moved = true;
+                self.stuck_src = false;
+                self.stuck_dst = false;
+            } else {
+                break;
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Ends the write side once everything read has been delivered.
+    fn finish_if_drained(&mut self, shared_with_other: bool) {
+        if self.done || !self.eof || self.pending() {
+            return;
+        }
+        if self.dst_kind == FdKind::Socket {
+            // ENOTCONN: the peer is already gone; nothing more to tell it.
+            let _ = sys::shutdown(self.dst, libc::SHUT_WR);
+        } else if !shared_with_other {
+            sys::close(self.dst);
+        }
+        self.done = true;
+        self.release_pipe();
+    }
+
+    fn release_pipe(&mut self) {
+        if let Path::Piped { r, w, .. } = self.path {
+            sys::close(r);
+            sys::close(w);
+            self.path = Path::Direct; // nothing left to close; keeps the path name sane
+            self.in_pipe = 0;
+        }
+    }
+}
+
+/// Tells the peer on `fd` that the connection is over: a reset on a socket (so a reset
+/// reaches the other side as a reset, not as a clean end), a close on anything else.
+fn abort_peer(fd: RawFd, kind: FdKind) {
+    if kind == FdKind::Socket {
+        let _ = sys::reset_connection(fd);
+    } else {
+        sys::close(fd);
+    }
+}
+
+/// Puts back the O_NONBLOCK state we found on each descriptor: a tty or pipe shares it
+/// with the shell that started us.
+struct FlagGuard {
+    saved: Vec<(RawFd, libc::c_int)>,
+}
+
+impl Drop for FlagGuard {
+    fn drop(&mut self) {
+        for &(fd, flags) in &self.saved {
+            let _ = sys::set_fl(fd, flags);
+        }
+    }
+}
+
+fn prepare_fd(fd: RawFd, guard: &mut FlagGuard) -> io::Result<()> {
+    let kind = sys::fd_kind(fd)?;
+    if kind != FdKind::Regular && !guard.saved.iter().any(|&(f, _)| f == fd) {
+        let old = sys::set_nonblocking(fd, true)?;
+        guard.saved.push((fd, old));
+    }
+    if kind == FdKind::Socket {
+        // Urgent data stays in the stream (nothing is lost), and our own writes add no
+        // Nagle delay to what the peer sent. Neither matters enough to fail for.
+        let _ = sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_OOBINLINE, 1);
+        let _ = sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+    }
+    Ok(())
+}
+
+/// Adds `fd` with `events` to the poll set (merging with an entry for the same fd) and
+/// returns its index.
+fn watch(set: &mut Vec<libc::pollfd>, fd: RawFd, events: i16) -> usize {
+    if let Some(i) = set.iter().position(|p| p.fd == fd) {
+        set[i].events |= events;
+        return i;
+    }
+    set.push(libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    });
+    set.len() - 1
+}
+
+/// Runs the relay until both directions have ended, or it is ended. Errors only when
+/// setting up (a descriptor not open, no pipes).
+pub fn run(cfg: &Config) -> io::Result<Outcome> {
+    let start = Instant::now();
+    let mut guard = FlagGuard { saved: Vec::new() };
+    for fd in [cfg.client_in, cfg.client_out, cfg.target_in, cfg.target_out] {
+        prepare_fd(fd, &mut guard)?;
+    }
+    let signals = sys::SignalFd::new(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
+    let mut dirs = [
+        Dir::new(
+            cfg.client_in,
+            cfg.target_out,
+            Side::Client,
+            Side::Target,
+            cfg,
+        )?,
+        Dir::new(
+            cfg.target_in,
+            cfg.client_out,
+            Side::Target,
+            Side::Client,
+            cfg,
+        )?,
+    ];
+    let mut last_activity = Instant::now();
+    let mut deadline: Option<Instant> = None; // set by a signal: drain until then
+    let mut signo = 0;
+    let mut set: Vec<libc::pollfd> = Vec::with_capacity(6);
+
+    let end = loop {
+        // Finish what has drained; a direction whose dst is also a descriptor of the
+        // other direction (one fd for both ways) must not close it.
+        for i in 0..2 {
+            let other = &dirs[1 - i];
+            let shared = dirs[i].dst == other.src || dirs[i].dst == other.dst;
+            dirs[i].finish_if_drained(shared);
+        }
+        if dirs.iter().all(|d| d.done) {
+            break if deadline.is_some() {
+                End::Signal {
+                    signo,
+                    drained: true,
+                }
+            } else {
+                End::Clean
+            };
+        }
+
+        set.clear();
+        let sig_idx = watch(&mut set, signals.fd(), libc::POLLIN);
+        let mut idx = [(usize::MAX, usize::MAX); 2];
+        for (i, d) in dirs.iter().enumerate() {
+            if d.done {
+                continue;
+            }
+            let (se, de) = d.interest();
+            // A dst socket is watched even with no events, so that a reset of a peer we
+            // are not writing to is seen at once (poll always reports POLLERR/POLLHUP).
+            // A src is not: a half-closed socket reports POLLHUP for ever, which would
+            // spin while we wait for dst to drain; its reset shows at the next read.
+            let s = if se != 0 {
+                watch(&mut set, d.src, se)
+            } else {
+                usize::MAX
+            };
+            let t = if de != 0 || d.dst_kind == FdKind::Socket {
+                watch(&mut set, d.dst, de)
+            } else {
+                usize::MAX
+            };
+            idx[i] = (s, t);
+        }
+
+        let now = Instant::now();
+        let mut timeout: Option<Duration> = None;
+        if let Some(idle) = cfg.idle {
+            timeout = Some((last_activity + idle).saturating_duration_since(now));
+        }
+        if let Some(dl) = deadline {
+            let left = dl.saturating_duration_since(now);
+            timeout = Some(timeout.map_or(left, |t| t.min(left)));
+        }
+        let n = match sys::poll(&mut set, timeout) {
+            Ok(n) => n,
+            Err(err) => {
+                break End::Failed {
+                    what: "poll".into(),
+                    err,
+                }
+            }
+        };
+        if n == 0 {
+            if let Some(dl) = deadline {
+                if Instant::now() >= dl {
+                    break End::Signal {
+                        signo,
+                        drained: false,
+                    };
+                }
+            }
+            if let Some(idle) = cfg.idle {
+                if last_activity.elapsed() >= idle {
+                    break End::Idle;
+                }
+            }
+            continue;
+        }
+
+        if set[sig_idx].revents != 0 {
+            while let Some(s) = signals.take() {
+                if deadline.is_none() {
+                    signo = s;
+                    deadline = Some(Instant::now() + cfg.grace);
+                    // Stop reading; what is in flight still goes out.
+                    for d in dirs.iter_mut() {
+                        d.eof = true;
+                    }
+                }
+            }
+        }
+
+        let mut failure: Option<DirError> = None;
+        for i in 0..2 {
+            let (s, t) = idx[i];
+            if s == usize::MAX && t == usize::MAX {
+                continue;
+            }
+            let rev = |k: usize| if k == usize::MAX { 0 } else { set[k].revents };
+            let (srev, drev) = (rev(s), rev(t));
+            let bad = libc::POLLERR | libc::POLLNVAL;
+            let d = &mut dirs[i];
+            // Trouble on a descriptor we are not reading or writing right now: find out
+            // what it is; for a socket that is a reset or a vanished peer.
+            if drev & (bad | libc::POLLHUP) != 0
+                && !d.pending()
+                && (d.dst_kind == FdKind::Socket || drev & bad != 0)
+            {
+                let err = if d.dst_kind == FdKind::Socket {
+                    sys::socket_error(d.dst)
+                        .unwrap_or_else(|| io::Error::from_raw_os_error(libc::ECONNRESET))
+                } else {
+                    io::Error::from_raw_os_error(libc::EPIPE)
+                };
+                failure = Some(d.write_err(err));
+                break;
+            }
+            let src_ready = srev & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
+            if srev & (libc::POLLERR | libc::POLLNVAL) != 0 && d.src_kind == FdKind::Socket {
+                if let Some(err) = sys::socket_error(d.src) {
+                    failure = Some(d.read_err(err));
+                    break;
+                }
+            }
+            let dst_ready = drev & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0;
+            if !src_ready && !dst_ready {
+                continue;
+            }
+            match d.pump(src_ready, dst_ready) {
+                Ok(moved) => {
+                    if moved {
+                        last_activity = Instant::now();
+                    }
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(f) = failure {
+            // Tell the other peer: a reset if it is a socket.
+            let (cause, innocent, innocent_kind) = match f.side {
+                Side::Client => (Side::Client, cfg.target_out, dirs[0].dst_kind),
+                Side::Target => (Side::Target, cfg.client_out, dirs[1].dst_kind),
+            };
+            let peer_error = matches!(
+                f.err.raw_os_error(),
+                Some(libc::ECONNRESET)
+                    | Some(libc::EPIPE)
+                    | Some(libc::ETIMEDOUT)
+                    | Some(libc::EHOSTUNREACH)
+                    | Some(libc::ENETUNREACH)
+                    | Some(libc::ECONNABORTED)
+                    | Some(libc::ENOTCONN)
+            );
+            if peer_error {
+                abort_peer(innocent, innocent_kind);
+                break End::Reset {
+                    side: cause,
+                    err: f.err,
+                };
+            }
+            abort_peer(innocent, innocent_kind);
+            let what = format!(
+                "{} {}",
+                if f.read { "read from" } else { "write to" },
+                f.side.name()
+            );
+            break End::Failed { what, err: f.err };
+        }
+    };
+
+    if matches!(end, End::Idle | End::Signal { drained: false, .. }) {
+        // Let both peers see an end instead of hanging on a connection we dropped.
+        for d in &dirs {
+            if d.dst_kind == FdKind::Socket && !d.done {
+                let _ = sys::shutdown(d.dst, libc::SHUT_RDWR);
+            }
+        }
+    }
+    for d in dirs.iter_mut() {
+        d.release_pipe();
+    }
+    drop(guard);
+    Ok(Outcome {
+        up: dirs[0].bytes,
+        down: dirs[1].bytes,
+        up_path: dirs[0].path_name_final(),
+        down_path: dirs[1].path_name_final(),
+        elapsed: start.elapsed(),
+        end,
+    })
+}
+
+impl Dir {
+    fn path_name_final(&self) -> &'static str {
+        if matches!(self.path, Path::Copy) {
+            "copy"
+        } else if self.src_kind == FdKind::Pipe || self.dst_kind == FdKind::Pipe {
+            "splice-direct"
+        } else {
+            "splice"
+        }
+    }
+}

@@ -1,0 +1,450 @@
+//! The syscall layer. Every libc call of the suite that can fail goes through [`cvt`], so
+//! errno becomes an `io::Error` in one place, and every `unsafe` block lives here or in
+//! a module that says why it cannot.
+
+use std::ffi::CStr;
+use std::io;
+use std::mem::{size_of, MaybeUninit};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::unix::io::RawFd;
+
+/// Turns a C-style `-1 means errno` return into a `Result`.
+pub fn cvt<T: Copy + PartialEq + From<i8>>(ret: T) -> io::Result<T> {
+    if ret == T::from(-1) {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Retries a call that failed with EINTR.
+pub fn retry<T, F: FnMut() -> io::Result<T>>(mut f: F) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+fn fstat(fd: RawFd) -> io::Result<libc::stat> {
+    let mut st = MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a whole `stat` into the buffer we own when it returns 0.
+    cvt(unsafe { libc::fstat(fd, st.as_mut_ptr()) })?;
+    // SAFETY: fstat succeeded, so the struct is initialised.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// What kind of file an fd refers to; decides splice, shutdown and close behaviour.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FdKind {
+    Socket,
+    Pipe,
+    Regular,
+    Other,
+}
+
+/// The kind of file behind `fd`, or an error if `fd` is not open.
+pub fn fd_kind(fd: RawFd) -> io::Result<FdKind> {
+    let st = fstat(fd)?;
+    Ok(match st.st_mode & libc::S_IFMT {
+        libc::S_IFSOCK => FdKind::Socket,
+        libc::S_IFIFO => FdKind::Pipe,
+        libc::S_IFREG => FdKind::Regular,
+        _ => FdKind::Other,
+    })
+}
+
+/// Whether `fd` is open at all.
+pub fn fd_is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only reads the descriptor table.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+}
+
+/// Whether two fds refer to the same file (the same socket, pipe or tty), whether or not
+/// they share an open file description.
+pub fn same_file(a: RawFd, b: RawFd) -> bool {
+    match (fstat(a), fstat(b)) {
+        (Ok(x), Ok(y)) => x.st_dev == y.st_dev && x.st_ino == y.st_ino,
+        _ => false,
+    }
+}
+
+/// The file status flags of `fd` (O_NONBLOCK, O_APPEND, ...).
+pub fn get_fl(fd: RawFd) -> io::Result<libc::c_int> {
+    // SAFETY: F_GETFL takes no pointer.
+    cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })
+}
+
+/// Sets the file status flags of `fd`.
+pub fn set_fl(fd: RawFd, flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: F_SETFL takes an int.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) }).map(drop)
+}
+
+/// Turns O_NONBLOCK on or off and returns the flags as they were before, so a caller can
+/// put back what it found on a descriptor it shares with its parent (a shell's tty).
+pub fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<libc::c_int> {
+    let old = get_fl(fd)?;
+    let new = if on {
+        old | libc::O_NONBLOCK
+    } else {
+        old & !libc::O_NONBLOCK
+    };
+    if new != old {
+        set_fl(fd, new)?;
+    }
+    Ok(old)
+}
+
+/// Sets or clears FD_CLOEXEC.
+pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+    // SAFETY: F_GETFD/F_SETFD take no pointer.
+    let old = cvt(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+    let new = if on {
+        old | libc::FD_CLOEXEC
+    } else {
+        old & !libc::FD_CLOEXEC
+    };
+    if new != old {
+        // SAFETY: as above.
+        cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, new) })?;
+    }
+    Ok(())
+}
+
+/// Moves `from` onto `to` with close-on-exec cleared. When `from == to`, dup2 would do
+/// nothing and leave FD_CLOEXEC as it was, so it is cleared explicitly.
+pub fn fd_move(to: RawFd, from: RawFd) -> io::Result<()> {
+    if to == from {
+        return set_cloexec(to, false);
+    }
+    fd_copy(to, from)?;
+    close(from);
+    Ok(())
+}
+
+/// Makes `to` a copy of `from` with close-on-exec cleared.
+pub fn fd_copy(to: RawFd, from: RawFd) -> io::Result<()> {
+    if to == from {
+        return set_cloexec(to, false);
+    }
+    // SAFETY: dup2 takes two integers; the new fd has FD_CLOEXEC clear.
+    retry(|| cvt(unsafe { libc::dup2(from, to) })).map(drop)
+}
+
+/// Closes `fd`, ignoring errors: there is nothing useful to do about a failed close of a
+/// descriptor we are done with.
+pub fn close(fd: RawFd) {
+    // SAFETY: closing an integer fd has no memory-safety consequences for us; callers
+    // never close a descriptor owned by a Rust object.
+    unsafe { libc::close(fd) };
+}
+
+/// Creates a pipe with both ends O_NONBLOCK and O_CLOEXEC: (read end, write end).
+pub fn pipe_nonblocking() -> io::Result<(RawFd, RawFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two ints into the array we own.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) })?;
+    Ok((fds[0], fds[1]))
+}
+
+/// Asks for a pipe of `size` bytes and returns the size the kernel granted. The request
+/// may be refused (over pipe-max-size, or over the user's pipe budget); then the pipe keeps
+/// its current size, which is what this returns.
+pub fn pipe_resize(fd: RawFd, size: usize) -> usize {
+    let want = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+    // SAFETY: F_SETPIPE_SZ/F_GETPIPE_SZ take an int.
+    unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, want) };
+    // SAFETY: as above.
+    let got = unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) };
+    usize::try_from(got).unwrap_or(0)
+}
+
+/// splice(2) with SPLICE_F_NONBLOCK: moves up to `len` bytes between `from` and `to`, one
+/// of which must be a pipe. Ok(0) is end of file on `from`.
+pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: null offsets mean "use and advance the file position"; no memory is passed.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    cvt(n).map(|n| n as usize)
+}
+
+/// read(2) into `buf`.
+pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: the kernel writes at most buf.len() bytes into memory we own.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    cvt(n).map(|n| n as usize)
+}
+
+/// write(2) from `buf`.
+pub fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: the kernel reads at most buf.len() bytes from memory we own.
+    let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+    cvt(n).map(|n| n as usize)
+}
+
+/// Writes all of `buf`, retrying on EINTR and short writes; for small blocking writes
+/// such as a protocol reply.
+pub fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = retry(|| write(fd, buf))?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+/// shutdown(2).
+pub fn shutdown(fd: RawFd, how: libc::c_int) -> io::Result<()> {
+    // SAFETY: shutdown takes two integers.
+    cvt(unsafe { libc::shutdown(fd, how) }).map(drop)
+}
+
+/// Sets an integer socket option.
+pub fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: we pass a pointer to an int we own and its exact size.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// Reads an integer socket option.
+pub fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<i32> {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: we pass a pointer to an int we own and its size.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(value)
+}
+
+/// The pending error of a socket (SO_ERROR), cleared by reading it.
+pub fn socket_error(fd: RawFd) -> Option<io::Error> {
+    match getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_ERROR) {
+        Ok(0) => None,
+        Ok(e) => Some(io::Error::from_raw_os_error(e)),
+        Err(e) => Some(e),
+    }
+}
+
+/// Whether `fd` is a TCP/IP socket (AF_INET or AF_INET6): such a descriptor may carry a
+/// client's data, so no diagnostic may ever be written to it.
+pub fn is_inet_socket(fd: RawFd) -> bool {
+    matches!(
+        getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN),
+        Ok(libc::AF_INET) | Ok(libc::AF_INET6)
+    )
+}
+
+/// Aborts the TCP connection of `fd` with a reset, even while other descriptors (a
+/// supervisor's, or our own fd 0/1 pair) still refer to the socket: connect(AF_UNSPEC)
+/// disconnects the socket itself, which sends RST on an established connection, where
+/// SO_LINGER 0 + close() would only act when the last descriptor goes.
+pub fn reset_connection(fd: RawFd) -> io::Result<()> {
+    let _ = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_LINGER, 0);
+    // SAFETY: an all-zero sockaddr is a valid AF_UNSPEC address.
+    let mut sa: libc::sockaddr = unsafe { std::mem::zeroed() };
+    sa.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+    // SAFETY: we pass a pointer to a sockaddr we own and its size.
+    cvt(unsafe { libc::connect(fd, &sa, size_of::<libc::sockaddr>() as libc::socklen_t) }).map(drop)
+}
+
+/// Converts a filled `sockaddr_storage` into a `SocketAddr` (None for non-IP families).
+pub fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match ss.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in, and
+            // sockaddr_storage is large and aligned enough for it.
+            let sin =
+                unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 =
+                unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Converts a `SocketAddr` into a `sockaddr_storage` and its length, for bind/connect.
+pub fn std_to_sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
+            let sin = unsafe {
+                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+            };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+            (ss, size_of::<libc::sockaddr_in>() as libc::socklen_t)
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe {
+                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            sin6.sin6_flowinfo = a.flowinfo();
+            sin6.sin6_scope_id = a.scope_id();
+            (ss, size_of::<libc::sockaddr_in6>() as libc::socklen_t)
+        }
+    }
+}
+
+fn sock_name(
+    fd: RawFd,
+    f: unsafe extern "C" fn(libc::c_int, *mut libc::sockaddr, *mut libc::socklen_t) -> libc::c_int,
+) -> io::Result<Option<SocketAddr>> {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: getsockname/getpeername write at most `len` bytes into storage we own.
+    cvt(unsafe {
+        f(
+            fd,
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(sockaddr_to_std(&ss))
+}
+
+/// The local address of a socket (None when it is not an IP socket).
+pub fn local_addr(fd: RawFd) -> io::Result<Option<SocketAddr>> {
+    sock_name(fd, libc::getsockname)
+}
+
+/// The remote address of a socket (None when it is not an IP socket).
+pub fn peer_addr(fd: RawFd) -> io::Result<Option<SocketAddr>> {
+    sock_name(fd, libc::getpeername)
+}
+
+/// Sets the disposition of `sig` to ignore (`true`) or default (`false`). The programs
+/// ignore SIGPIPE while they work and restore the default before exec, as ucspi-tcp does.
+pub fn signal_ignore(sig: libc::c_int, ignore: bool) {
+    let handler = if ignore { libc::SIG_IGN } else { libc::SIG_DFL };
+    // SAFETY: SIG_IGN and SIG_DFL are valid dispositions; no Rust handler is installed.
+    unsafe { libc::signal(sig, handler) };
+}
+
+/// The text of errno `e`, for messages: strerror without the "(os error N)" suffix
+/// that io::Error's Display adds.
+pub fn strerror(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) => {
+            // SAFETY: strerror returns a pointer to a NUL-terminated static or
+            // thread-local string, which we copy at once.
+            let s = unsafe { CStr::from_ptr(libc::strerror(code)) };
+            s.to_string_lossy().into_owned()
+        }
+        None => e.to_string(),
+    }
+}
+
+/// A signalfd that reports `signals`, which are blocked so that they arrive only through
+/// it. The relay polls it beside the data descriptors instead of running a handler.
+pub struct SignalFd {
+    fd: RawFd,
+}
+
+impl SignalFd {
+    pub fn new(signals: &[libc::c_int]) -> io::Result<SignalFd> {
+        // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t we own.
+        unsafe { libc::sigemptyset(&mut set) };
+        for &s in signals {
+            // SAFETY: as above; an invalid signal number only makes sigaddset fail.
+            unsafe { libc::sigaddset(&mut set, s) };
+        }
+        // SAFETY: we pass a valid set and no old-set pointer.
+        cvt(unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) })?;
+        // SAFETY: a valid set; -1 asks for a new descriptor.
+        let fd = cvt(unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) })?;
+        Ok(SignalFd { fd })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.fd
+    }
+
+    /// The next pending signal, if any.
+    pub fn take(&self) -> Option<libc::c_int> {
+        // SAFETY: signalfd_siginfo is plain data.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = size_of::<libc::signalfd_siginfo>();
+        // SAFETY: the kernel writes at most `size` bytes into the struct we own.
+        let n = unsafe {
+            libc::read(
+                self.fd,
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
+        };
+        (n == size as isize).then_some(info.ssi_signo as libc::c_int)
+    }
+}
+
+impl Drop for SignalFd {
+    fn drop(&mut self) {
+        close(self.fd);
+    }
+}
+
+/// poll(2) over `fds`, retried on EINTR; `timeout` None waits for ever.
+pub fn poll(fds: &mut [libc::pollfd], timeout: Option<std::time::Duration>) -> io::Result<usize> {
+    let ms = match timeout {
+        None => -1,
+        // Round up so a deadline is never polled for 0 ms before it has passed.
+        Some(d) => libc::c_int::try_from(d.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX),
+    };
+    // SAFETY: the kernel reads and writes exactly fds.len() pollfd structs we own.
+    retry(|| cvt(unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) }))
+        .map(|n| n as usize)
+}

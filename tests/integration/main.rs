@@ -1,0 +1,6 @@
+//! One integration-test binary (as ripgrep does): each module is the suite of one
+//! program, and every test spawns the real binaries over real loopback TCP and pipes.
+
+mod util;
+
+mod splice;

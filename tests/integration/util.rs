@@ -1,0 +1,282 @@
+//! Helpers shared by the suites: running the programs, showing everything on failure,
+//! generating and hashing data, loopback sockets, waiting with a bound.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A finished command, kept whole so a failed assertion can show all of it.
+pub struct Ran {
+    pub cmd: String,
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Ran {
+    pub fn from_output(cmd: &Command, out: Output) -> Ran {
+        Ran {
+            cmd: format!("{cmd:?}"),
+            status: out.status,
+            stdout: out.stdout,
+            stderr: out.stderr,
+        }
+    }
+
+    pub fn show(&self) -> String {
+        format!(
+            "\n--- command: {}\n--- status: {:?}\n--- stdout ({} bytes): {}\n--- stderr: {}\n",
+            self.cmd,
+            self.status,
+            self.stdout.len(),
+            String::from_utf8_lossy(&self.stdout[..self.stdout.len().min(2000)]),
+            String::from_utf8_lossy(&self.stderr),
+        )
+    }
+
+    /// Panics with the whole story unless the exit code is `code`.
+    pub fn expect_code(&self, code: i32) -> &Ran {
+        assert_eq!(
+            self.status.code(),
+            Some(code),
+            "unexpected exit status{}",
+            self.show()
+        );
+        self
+    }
+
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+/// Runs `cmd` to completion with a bound on its run time.
+pub fn run(cmd: &mut Command, limit: Duration) -> Ran {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
+    let desc = format!("{cmd:?}");
+    finish(child, &desc, limit)
+}
+
+/// Waits for a spawned child (stdout/stderr piped) with a bound, killing it on timeout.
+pub fn finish(mut child: Child, desc: &str, limit: Duration) -> Ran {
+    let mut so = child.stdout.take();
+    let mut se = child.stderr.take();
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(s) = so.as_mut() {
+            let _ = s.read_to_end(&mut v);
+        }
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(s) = se.as_mut() {
+            let _ = s.read_to_end(&mut v);
+        }
+        v
+    });
+    let status = match wait_timeout(&mut child, limit) {
+        Some(s) => s,
+        None => {
+            let _ = child.kill();
+            let s = child.wait().expect("wait after kill");
+            let ran = Ran {
+                cmd: desc.to_string(),
+                status: s,
+                stdout: t_out.join().unwrap_or_default(),
+                stderr: t_err.join().unwrap_or_default(),
+            };
+            panic!("command did not finish within {limit:?}{}", ran.show());
+        }
+    };
+    Ran {
+        cmd: desc.to_string(),
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+    }
+}
+
+/// Polls a child until it exits or `limit` passes.
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let end = Instant::now() + limit;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Deterministic pseudo-random bytes: test data that no accident reproduces.
+pub struct Pattern {
+    state: u64,
+}
+
+impl Pattern {
+    pub fn new(seed: u64) -> Pattern {
+        Pattern {
+            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        }
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            // xorshift64*
+            self.state ^= self.state >> 12;
+            self.state ^= self.state << 25;
+            self.state ^= self.state >> 27;
+            let v = self.state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0; len];
+    Pattern::new(seed).fill(&mut v);
+    v
+}
+
+/// A streaming 64-bit hash (FNV-1a over 8-byte words, then the tail): cheap enough for
+/// hundreds of MiB in a debug build, and any lost, doubled or reordered chunk changes it.
+#[derive(Clone)]
+pub struct Hash {
+    h: u64,
+    tail: Vec<u8>,
+    pub len: u64,
+}
+
+impl Default for Hash {
+    fn default() -> Self {
+        Hash {
+            h: 0xcbf2_9ce4_8422_2325,
+            tail: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl Hash {
+    pub fn update(&mut self, mut data: &[u8]) {
+        self.len += data.len() as u64;
+        if !self.tail.is_empty() {
+            let need = 8 - self.tail.len();
+            let take = need.min(data.len());
+            self.tail.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.tail.len() == 8 {
+                let w = u64::from_le_bytes(self.tail[..].try_into().unwrap());
+                self.word(w);
+                self.tail.clear();
+            }
+        }
+        let mut chunks = data.chunks_exact(8);
+        for c in &mut chunks {
+            self.word(u64::from_le_bytes(c.try_into().unwrap()));
+        }
+        self.tail.extend_from_slice(chunks.remainder());
+    }
+
+    fn word(&mut self, w: u64) {
+        self.h ^= w;
+        self.h = self.h.wrapping_mul(0x0000_0100_0000_01B3).rotate_left(29);
+    }
+
+    pub fn finish(&self) -> (u64, u64) {
+        let mut h = self.h;
+        for &b in &self.tail {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01B3);
+        }
+        (h, self.len)
+    }
+}
+
+pub fn hash_of(data: &[u8]) -> (u64, u64) {
+    let mut h = Hash::default();
+    h.update(data);
+    h.finish()
+}
+
+/// Sends `len` pattern bytes from `seed` and returns their hash.
+pub fn send_pattern(w: &mut impl Write, seed: u64, len: u64) -> std::io::Result<(u64, u64)> {
+    let mut p = Pattern::new(seed);
+    let mut h = Hash::default();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        p.fill(&mut buf[..n]);
+        h.update(&buf[..n]);
+        w.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    Ok(h.finish())
+}
+
+/// Reads to end of file and returns the hash of everything read.
+pub fn recv_hash(r: &mut impl Read) -> std::io::Result<(u64, u64)> {
+    let mut h = Hash::default();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            return Ok(h.finish());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// A listener on an ephemeral loopback port.
+pub fn listener() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let a = l.local_addr().expect("local_addr");
+    (l, a)
+}
+
+/// A connected loopback pair: (the end the test keeps, the end it hands to a program).
+pub fn tcp_pair() -> (TcpStream, TcpStream) {
+    let (l, a) = listener();
+    let c = TcpStream::connect(a).expect("connect loopback");
+    let (s, _) = l.accept().expect("accept loopback");
+    (c, s)
+}
+
+/// Accepts one connection with a bound on the wait.
+pub fn accept_timeout(l: &TcpListener, limit: Duration) -> TcpStream {
+    l.set_nonblocking(true).expect("nonblocking listener");
+    let end = Instant::now() + limit;
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).expect("blocking stream");
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < end, "no connection within {limit:?}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+pub fn half_close(s: &TcpStream) {
+    s.shutdown(Shutdown::Write).expect("shutdown(SHUT_WR)");
+}
+
+/// Whether we run as root (some tests need another uid or to read a sysctl).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
