@@ -1,0 +1,310 @@
+#!/usr/bin/env python3
+"""Short-connection load for scripts/bench: an echo-ish target and a load generator.
+
+    netload.py target PORT PROCS
+        Listens on 127.0.0.1:PORT with PROCS processes (SO_REUSEPORT). Each connection:
+        read 64 bytes, write 64 bytes, close.
+    netload.py load HOST PORT CONCURRENCY SECONDS PROCS [socks5 TARGETHOST TARGETPORT]
+        PROCS processes keep CONCURRENCY connections in flight in total for SECONDS.
+        Each connection: connect, (SOCKS5 no-auth handshake and CONNECT), write 64 bytes,
+        read 64 bytes and then until EOF, close. Prints one JSON line with the totals.
+
+Non-blocking sockets driven by selectors, one generator per connection, so one process
+serves many connections; several processes so python is not the bottleneck (bench.py
+measures the direct rate first to show the ceiling). Every wait is bounded.
+"""
+
+import errno
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+
+MSG = 64
+PAYLOAD = bytes(range(MSG))
+CONN_DEADLINE = 10.0  # a connection still open after this long counts as a timeout
+
+
+def die(msg):
+    sys.stderr.write("netload: fatal: %s\n" % msg)
+    sys.exit(111)
+
+
+# ---------------------------------------------------------------------------- target
+def target_proc(lsock):
+    sel = selectors.DefaultSelector()
+    lsock.setblocking(False)
+    sel.register(lsock, selectors.EVENT_READ, None)
+    conns = {}  # sock -> [bytes read, opened at]
+    while True:
+        now = time.monotonic()
+        for key, _ in sel.select(1.0):
+            s = key.fileobj
+            if s is lsock:
+                for _ in range(64):
+                    try:
+                        c, _ = lsock.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError as e:
+                        if e.errno in (errno.EMFILE, errno.ENFILE, errno.ECONNABORTED):
+                            break
+                        raise
+                    c.setblocking(False)
+                    conns[c] = [0, now]
+                    sel.register(c, selectors.EVENT_READ, None)
+                continue
+            st = conns[s]
+            try:
+                d = s.recv(MSG - st[0])
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                d = b""
+            if d:
+                st[0] += len(d)
+                if st[0] < MSG:
+                    continue
+                try:
+                    s.send(PAYLOAD)
+                except OSError:
+                    pass
+            sel.unregister(s)
+            del conns[s]
+            s.close()
+        # Drop connections that never sent their 64 bytes.
+        for s in [s for s, st in conns.items() if now - st[1] > CONN_DEADLINE]:
+            sel.unregister(s)
+            del conns[s]
+            s.close()
+
+
+def target(port, procs):
+    socks = []
+    for _ in range(procs):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen(4096)
+        socks.append(s)
+    kids = []
+    for s in socks:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                target_proc(s)
+            finally:
+                os._exit(1)
+        kids.append(pid)
+    def stop(*_):
+        for k in kids:
+            os.kill(k, signal.SIGTERM)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:
+            return
+
+
+# ---------------------------------------------------------------------------- load
+def socks5_request(host, port):
+    return b"\x05\x01\x00\x01" + socket.inet_aton(host) + port.to_bytes(2, "big")
+
+
+def conversation(s, socks):
+    """Generator: yields the selector event it waits for; returns when the exchange ended
+    with EOF after the 64-byte reply, raises on anything else."""
+    yield selectors.EVENT_WRITE
+    err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+
+    def read_exactly(n):
+        got = b""
+        while len(got) < n:
+            yield selectors.EVENT_READ
+            try:
+                d = s.recv(n - len(got))
+            except (BlockingIOError, InterruptedError):
+                continue
+            if not d:
+                raise OSError(errno.ECONNRESET, "early EOF after %d of %d bytes" % (len(got), n))
+            got += d
+        return got
+
+    if socks:
+        s.send(b"\x05\x01\x00")
+        r = yield from read_exactly(2)
+        if r != b"\x05\x00":
+            raise OSError(errno.EPROTO, "socks5 method reply %r" % r)
+        s.send(socks5_request(*socks))
+        r = yield from read_exactly(4)
+        if r[1] != 0:
+            raise OSError(errno.ECONNREFUSED, "socks5 reply code %d" % r[1])
+        atyp = r[3]
+        if atyp == 1:
+            rest = 6
+        elif atyp == 4:
+            rest = 18
+        elif atyp == 3:
+            ln = yield from read_exactly(1)
+            rest = ln[0] + 2
+        else:
+            raise OSError(errno.EPROTO, "socks5 reply address type %d" % atyp)
+        yield from read_exactly(rest)
+    s.send(PAYLOAD)
+    r = yield from read_exactly(MSG)
+    if r != PAYLOAD:
+        raise OSError(errno.EPROTO, "wrong reply bytes")
+    while True:
+        yield selectors.EVENT_READ
+        try:
+            d = s.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            continue
+        if not d:
+            return
+        raise OSError(errno.EPROTO, "bytes after the reply")
+
+
+def load_proc(host, port, conc, secs, socks, wfd):
+    sel = selectors.DefaultSelector()
+    ok = 0
+    errors = {}
+    lat = []  # connection durations, seconds (a sample)
+    live = {}  # sock -> (generator, started)
+    start = time.monotonic()
+    stop_at = start + secs
+
+    def count_error(e):
+        k = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        errors[k] = errors.get(k, 0) + 1
+
+    def finish(s):
+        sel.unregister(s)
+        del live[s]
+        s.close()
+
+    def advance(s, gen):
+        nonlocal ok
+        try:
+            ev = gen.send(None)
+        except StopIteration:
+            now = time.monotonic()
+            if now <= stop_at:  # exchanges still running at the end are drained, not counted
+                ok += 1
+                if len(lat) < 200000:
+                    lat.append(now - live[s][1])
+            finish(s)
+            return
+        except OSError as e:
+            count_error(e)
+            finish(s)
+            return
+        sel.modify(s, ev, gen)
+
+    def open_one():
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        rc = s.connect_ex((host, port))
+        if rc not in (0, errno.EINPROGRESS):
+            count_error(OSError(rc, os.strerror(rc)))
+            s.close()
+            return False
+        gen = conversation(s, socks)
+        ev = gen.send(None)
+        live[s] = (gen, time.monotonic())
+        sel.register(s, ev, gen)
+        return True
+
+    while True:
+        now = time.monotonic()
+        if now < stop_at:
+            for _ in range(conc - len(live)):
+                if not open_one():
+                    time.sleep(0.001)
+                    break
+        elif not live or now > stop_at + CONN_DEADLINE:
+            break
+        for key, _ in sel.select(0.2):
+            advance(key.fileobj, key.data)
+        now = time.monotonic()
+        for s in [s for s, (_, t0) in live.items() if now - t0 > CONN_DEADLINE]:
+            count_error(OSError(errno.ETIMEDOUT, "timeout"))
+            finish(s)
+    for s in list(live):
+        finish(s)
+    lat.sort()
+    os.write(wfd, (json.dumps({"ok": ok, "errors": errors, "lat": lat[:: max(1, len(lat) // 2000)]}) + "\n").encode())
+
+
+def load(host, port, conc, secs, procs, socks):
+    r, w = os.pipe()
+    kids = []
+    per = [conc // procs + (1 if i < conc % procs else 0) for i in range(procs)]
+    t0 = time.monotonic()
+    for c in per:
+        if c == 0:
+            continue
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            try:
+                load_proc(host, port, c, secs, socks, w)
+                os._exit(0)
+            except BaseException as e:  # report, never hang the parent
+                sys.stderr.write("netload: load process failed: %r\n" % e)
+                os._exit(111)
+        kids.append(pid)
+    os.close(w)
+    data = b""
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    for k in kids:
+        os.waitpid(k, 0)
+    elapsed = time.monotonic() - t0
+    tot = {"ok": 0, "errors": {}, "lat": [], "procs": len(kids), "concurrency": conc}
+    for line in data.decode().splitlines():
+        d = json.loads(line)
+        tot["ok"] += d["ok"]
+        tot["lat"] += d["lat"]
+        for k, v in d["errors"].items():
+            tot["errors"][k] = tot["errors"].get(k, 0) + v
+    if len(data.decode().splitlines()) != len(kids):
+        die("a load process did not report")
+    tot["lat"].sort()
+    lat = tot.pop("lat")
+    pct = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1e6 if lat else None
+    tot["p50_us"] = pct(0.5)
+    tot["p99_us"] = pct(0.99)
+    tot["seconds"] = secs
+    tot["elapsed"] = elapsed
+    tot["rate"] = tot["ok"] / secs
+    print(json.dumps(tot))
+
+
+def main(argv):
+    if len(argv) >= 3 and argv[0] == "target":
+        target(int(argv[1]), int(argv[2]))
+    elif len(argv) in (6, 9) and argv[0] == "load":
+        socks = None
+        if len(argv) == 9:
+            if argv[6] != "socks5":
+                die("unknown mode " + argv[6])
+            socks = (argv[7], int(argv[8]))
+        load(argv[1], int(argv[2]), int(argv[3]), float(argv[4]), int(argv[5]), socks)
+    else:
+        sys.stderr.write(__doc__)
+        sys.exit(100)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
