@@ -9,7 +9,8 @@
 //! - [`chain`]: exec'ing the rest of the command line;
 //! - [`args`]: option values shared by the programs (durations, fds, sizes);
 //! - [`conninfo`]: who is on each end, from the UCSPI environment;
-//! - [`relay`]: the splicer's data path.
+//! - [`relay`]: the splicer's data path;
+//! - [`rules`]: which client-chosen targets may be reached (allow rules, deny list).
 
 pub mod args;
 pub mod chain;
@@ -17,4 +18,5 @@ pub mod conninfo;
 pub mod diag;
 pub mod exit;
 pub mod relay;
+pub mod rules;
 pub mod sys;
