@@ -9,12 +9,17 @@
 //! - [`chain`]: exec'ing the rest of the command line;
 //! - [`args`]: option values shared by the programs (durations, fds, sizes);
 //! - [`conninfo`]: who is on each end, from the UCSPI environment;
-//! - [`relay`]: the splicer's data path.
+//! - [`relay`]: the splicer's data path;
+//! - [`listen`], [`listensock`], [`privdrop`]: tcpsplice-listen's supervisor loop, its
+//!   listening sockets (bound or from systemd) and its drop of privileges.
 
 pub mod args;
 pub mod chain;
 pub mod conninfo;
 pub mod diag;
 pub mod exit;
+pub mod listen;
+pub mod listensock;
+pub mod privdrop;
 pub mod relay;
 pub mod sys;
