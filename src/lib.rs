@@ -9,12 +9,24 @@
 //! - [`chain`]: exec'ing the rest of the command line;
 //! - [`args`]: option values shared by the programs (durations, fds, sizes);
 //! - [`conninfo`]: who is on each end, from the UCSPI environment;
-//! - [`relay`]: the splicer's data path.
+//! - [`relay`]: the splicer's data path;
+//! - [`rules`]: which client-chosen targets may be reached (allow rules, deny list);
+//! - [`dial`], [`reply`], [`proxyproto`]: the dialer, the SOCKS/HTTP answer it sends a
+//!   waiting client, and the PROXY protocol header it can send the target.
+//! - [`listen`], [`listensock`], [`privdrop`]: tcpsplice-listen's supervisor loop, its
+//!   listening sockets (bound or from systemd) and its drop of privileges.
 
 pub mod args;
 pub mod chain;
 pub mod conninfo;
 pub mod diag;
+pub mod dial;
 pub mod exit;
+pub mod listen;
+pub mod listensock;
+pub mod privdrop;
+pub mod proxyproto;
 pub mod relay;
+pub mod reply;
+pub mod rules;
 pub mod sys;
