@@ -10,13 +10,23 @@
 //! - [`args`]: option values shared by the programs (durations, fds, sizes);
 //! - [`conninfo`]: who is on each end, from the UCSPI environment;
 //! - [`relay`]: the splicer's data path;
-//! - [`rules`]: which client-chosen targets may be reached (allow rules, deny list).
+//! - [`rules`]: which client-chosen targets may be reached (allow rules, deny list);
+//! - tcpsplice-auth's: [`handshake`] (protocol detection, the request, the environment),
+//!   [`socks5`], [`socks4`], [`httpconnect`], [`users`] (the users file), [`password`]
+//!   (hash formats, verification) and [`checkpassword`] (delegating the check).
 
 pub mod args;
 pub mod chain;
+pub mod checkpassword;
 pub mod conninfo;
 pub mod diag;
 pub mod exit;
+pub mod handshake;
+pub mod httpconnect;
+pub mod password;
 pub mod relay;
 pub mod rules;
+pub mod socks4;
+pub mod socks5;
 pub mod sys;
+pub mod users;
