@@ -15,18 +15,28 @@
 //!   waiting client, and the PROXY protocol header it can send the target.
 //! - [`listen`], [`listensock`], [`privdrop`]: tcpsplice-listen's supervisor loop, its
 //!   listening sockets (bound or from systemd) and its drop of privileges.
+//! - tcpsplice-auth's: [`handshake`] (protocol detection, the request, the environment),
+//!   [`socks5`], [`socks4`], [`httpconnect`], [`users`] (the users file), [`password`]
+//!   (hash formats, verification) and [`checkpassword`] (delegating the check).
 
 pub mod args;
 pub mod chain;
+pub mod checkpassword;
 pub mod conninfo;
 pub mod diag;
 pub mod dial;
 pub mod exit;
+pub mod handshake;
+pub mod httpconnect;
 pub mod listen;
 pub mod listensock;
+pub mod password;
 pub mod privdrop;
 pub mod proxyproto;
 pub mod relay;
 pub mod reply;
 pub mod rules;
+pub mod socks4;
+pub mod socks5;
 pub mod sys;
+pub mod users;
