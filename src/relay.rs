@@ -519,19 +519,22 @@ impl Dir {
         Ok(moved)
     }
 
-    /// Ends the write side once everything read has been delivered.
-    fn finish_if_drained(&mut self, shared_with_other: bool) {
+    /// Ends the write side once everything read has been delivered. Returns true when
+    /// the caller must close `dst` (not a socket, not used by the other direction);
+    /// the caller closes it, after putting back the flags it shares with others.
+    fn finish_if_drained(&mut self, shared_with_other: bool) -> bool {
         if self.done || !self.eof || self.pending() {
-            return;
-        }
-        if self.dst_kind == FdKind::Socket {
-            // ENOTCONN: the peer is already gone; nothing more to tell it.
-            let _ = sys::shutdown(self.dst, libc::SHUT_WR);
-        } else if !shared_with_other {
-            sys::close(self.dst);
+            return false;
         }
         self.done = true;
         self.release_pipe();
+        if self.dst_kind == FdKind::Socket {
+            // ENOTCONN: the peer is already gone; nothing more to tell it.
+            let _ = sys::shutdown(self.dst, libc::SHUT_WR);
+            false
+        } else {
+            !shared_with_other
+        }
     }
 
     fn release_pipe(&mut self) {
@@ -558,6 +561,16 @@ fn abort_peer(fd: RawFd, kind: FdKind) {
 /// with the shell that started us.
 struct FlagGuard {
     saved: Vec<(RawFd, libc::c_int)>,
+}
+
+impl FlagGuard {
+    /// Puts back the flags of `fd` now, before it is closed.
+    fn restore(&mut self, fd: RawFd) {
+        if let Some(i) = self.saved.iter().position(|&(f, _)| f == fd) {
+            let (_, flags) = self.saved.swap_remove(i);
+            let _ = sys::set_fl(fd, flags);
+        }
+    }
 }
 
 impl Drop for FlagGuard {
@@ -634,7 +647,10 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
         for i in 0..2 {
             let other = &dirs[1 - i];
             let shared = dirs[i].dst == other.src || dirs[i].dst == other.dst;
-            dirs[i].finish_if_drained(shared);
+            if dirs[i].finish_if_drained(shared) {
+                guard.restore(dirs[i].dst);
+                sys::close(dirs[i].dst);
+            }
         }
         if dirs.iter().all(|d| d.done) {
             break if deadline.is_some() {
