@@ -175,6 +175,8 @@ struct Dir {
     /// not "this fd cannot be spliced".
     spliced_in: bool,
     spliced_out: bool,
+    /// The pipe size to grow to at the first burst; 0 once tried.
+    grow_to: usize,
     bytes: u64,
 }
 
@@ -223,6 +225,7 @@ impl Dir {
             stuck_dst: false,
             spliced_in: false,
             spliced_out: false,
+            grow_to: cfg.pipe_size,
             bytes: 0,
         };
         if cfg.copy_only {
@@ -230,8 +233,11 @@ impl Dir {
         } else if src_kind == FdKind::Pipe || dst_kind == FdKind::Pipe {
             d.path = Path::Direct;
         } else {
+            // Start at the kernel's default size and grow when a burst fills half of
+            // it (see `grow_pipe`): idle and interactive connections then cost the
+            // user's pipe budget 64 KiB a direction, not the full size.
             let (r, w) = sys::pipe_nonblocking()?;
-            let cap = sys::pipe_resize(w, cfg.pipe_size);
+            let cap = sys::pipe_size(w);
             if cap < MIN_PIPE {
                 sys::close(r);
                 sys::close(w);
@@ -268,6 +274,20 @@ impl Dir {
             sys::close(w);
         }
         self.path = Path::Copy;
+    }
+
+    /// A burst filled half the pipe: this is a bulk direction, so ask once for the
+    /// full size (fewer, larger splices). Over the user's pipe budget the kernel
+    /// refuses, and the pipe keeps its size.
+    fn grow_pipe(&mut self) {
+        if self.grow_to == 0 {
+            return;
+        }
+        if let Path::Piped { w, ref mut cap, .. } = self.path {
+            let got = sys::pipe_resize(w, self.grow_to);
+            *cap = (*cap).max(got);
+        }
+        self.grow_to = 0;
     }
 
     fn pending(&self) -> bool {
@@ -488,6 +508,9 @@ impl Dir {
                                 self.spliced_in = true;
                                 progress = true;
                                 read_any = true;
+                                if n >= cap / 2 {
+                                    self.grow_pipe();
+                                }
                             }
                             Err(e) if is_again(&e) => {
                                 if self.in_pipe > 0 {
