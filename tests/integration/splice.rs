@@ -722,3 +722,41 @@ fn one_socket_on_fd_6_for_both_directions() {
         ran.show()
     );
 }
+
+#[test]
+fn a_vanished_stdout_reader_is_an_error_not_a_sigpipe_death() {
+    let (target, target_peer) = util::tcp_pair();
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two descriptors we then own.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: fresh descriptors from pipe(); the read end is closed at once.
+    let out_w = unsafe {
+        libc::close(fds[0]);
+        OwnedFd::from_raw_fd(fds[1])
+    };
+    let mut cmd = Command::new(BIN);
+    cmd.env("TCPSPLICE_LOG", "stderr")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::from(out_w))
+        .stderr(Stdio::piped());
+    target_fds(&mut cmd, high_dup(target_peer.as_raw_fd()));
+    let child = cmd.spawn().unwrap();
+    drop(cmd);
+    drop(target_peer);
+    (&target).write_all(b"nobody will read this").unwrap();
+    let mut t = target.try_clone().unwrap();
+    let end = read_until_end(&mut t);
+    let ran = util::finish(child, "tcpsplice >closed-pipe", LIMIT);
+    ran.expect_code(1);
+    assert!(
+        ran.stderr_text().contains("how=reset-by-client"),
+        "{}",
+        ran.show()
+    );
+    assert_eq!(
+        end,
+        Some(std::io::ErrorKind::ConnectionReset),
+        "{}",
+        ran.show()
+    );
+}
