@@ -195,9 +195,18 @@ fn connect_start(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
         .map(drop)
 }
 
-/// One connection attempt: a non-blocking connect that poll bounds by `limit`. Returns
-/// the connected socket, back in blocking mode for the programs after us.
-fn connect_one(cfg: &Config, addr: &SocketAddr, source: Option<SocketAddr>) -> io::Result<OwnedFd> {
+/// How long an attempt has alone before the next address is tried beside it (RFC 8305's
+/// "Connection Attempt Delay"): an address that silently drops SYNs (a broken IPv6
+/// route) then costs a quarter second, not the whole timeout.
+const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
+/// Starts a non-blocking connection to `addr`: Ok(true) connected at once, Ok(false) in
+/// progress.
+fn start(
+    cfg: &Config,
+    addr: &SocketAddr,
+    source: Option<SocketAddr>,
+) -> io::Result<(OwnedFd, bool)> {
     let sock = socket(addr)?;
     let fd = sock.as_raw_fd();
     if cfg.nodelay {
@@ -217,31 +226,141 @@ fn connect_one(cfg: &Config, addr: &SocketAddr, source: Option<SocketAddr>) -> i
         bind(fd, &src)?;
     }
     match connect_start(fd, addr) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
-            let deadline = Instant::now() + cfg.timeout;
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT));
+        Ok(()) => Ok((sock, true)),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok((sock, false)),
+        Err(e) => Err(e),
+    }
+}
+
+/// The addresses in the order to try them: families alternating, starting with the
+/// family of the resolver's first choice (RFC 8305, section 4), each family in the
+/// resolver's order.
+fn interleave(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+    let Some(first) = addrs.first() else {
+        return Vec::new();
+    };
+    let (mut a, mut b): (Vec<SocketAddr>, Vec<SocketAddr>) =
+        addrs.iter().partition(|x| x.is_ipv4() == first.is_ipv4());
+    a.reverse();
+    b.reverse();
+    let mut out = Vec::with_capacity(addrs.len());
+    while !a.is_empty() || !b.is_empty() {
+        out.extend(a.pop());
+        out.extend(b.pop());
+    }
+    out
+}
+
+struct Attempt {
+    sock: OwnedFd,
+    addr: SocketAddr,
+    deadline: Instant,
+}
+
+/// Connects to the first of `addrs` that answers, Happy Eyeballs style: attempts start
+/// `ATTEMPT_DELAY` apart (at once when the previous one failed) and run side by side,
+/// each bounded by `cfg.timeout`. Returns the connected socket, in blocking mode for the
+/// programs after us, and every failed attempt in the order they failed; or, when none
+/// connected, only the failures (never empty).
+#[allow(clippy::type_complexity)]
+fn connect_any(
+    cfg: &Config,
+    addrs: &[SocketAddr],
+    source: Option<SocketAddr>,
+) -> (Option<(OwnedFd, SocketAddr)>, Vec<(SocketAddr, io::Error)>) {
+    let order = interleave(addrs);
+    let mut next = 0;
+    let mut pending: Vec<Attempt> = Vec::new();
+    let mut failed = Vec::new();
+    let mut next_start = Instant::now();
+    loop {
+        let now = Instant::now();
+        if next < order.len() && (pending.is_empty() || now >= next_start) {
+            let addr = order[next];
+            next += 1;
+            match start(cfg, &addr, source) {
+                Ok((sock, true)) => return (Some((sock, addr)), failed),
+                Ok((sock, false)) => {
+                    pending.push(Attempt {
+                        sock,
+                        addr,
+                        deadline: now + cfg.timeout,
+                    });
+                    next_start = now + ATTEMPT_DELAY;
                 }
-                let mut p = [libc::pollfd {
-                    fd,
-                    events: libc::POLLOUT,
-                    revents: 0,
-                }];
-                if sys::poll(&mut p, Some(left))? > 0 {
-                    break;
-                }
+                Err(e) => failed.push((addr, e)),
             }
-            if let Some(e) = sys::socket_error(fd) {
-                return Err(e);
+            continue;
+        }
+        if pending.is_empty() {
+            if failed.is_empty() {
+                failed.push((
+                    SocketAddr::from(([0, 0, 0, 0], 0)),
+                    io::Error::from_raw_os_error(libc::EHOSTUNREACH),
+                ));
+            }
+            return (None, failed);
+        }
+        let mut wake = pending.iter().map(|p| p.deadline).min().unwrap_or(now);
+        if next < order.len() {
+            wake = wake.min(next_start);
+        }
+        let mut fds: Vec<libc::pollfd> = pending
+            .iter()
+            .map(|p| libc::pollfd {
+                fd: p.sock.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            })
+            .collect();
+        if let Err(e) = sys::poll(&mut fds, Some(wake.saturating_duration_since(now))) {
+            for p in pending.drain(..) {
+                failed.push((p.addr, io::Error::new(e.kind(), e.to_string())));
+            }
+            continue;
+        }
+        let now = Instant::now();
+        let mut i = 0;
+        let mut done = false;
+        for pfd in &fds {
+            let ready = pfd.revents != 0;
+            let result = if ready {
+                match sys::socket_error(pfd.fd) {
+                    None => Ok(()),
+                    Some(e) => Err(e),
+                }
+            } else if now >= pending[i].deadline {
+                Err(io::Error::from_raw_os_error(libc::ETIMEDOUT))
+            } else {
+                i += 1;
+                continue;
+            };
+            let p = pending.remove(i);
+            match result {
+                Ok(()) => match sys::set_nonblocking(p.sock.as_raw_fd(), false) {
+                    Ok(_) => return (Some((p.sock, p.addr)), failed),
+                    Err(e) => failed.push((p.addr, e)),
+                },
+                Err(e) => {
+                    failed.push((p.addr, e));
+                    done = true;
+                }
             }
         }
-        Err(e) => return Err(e),
+        if done {
+            // A failure frees the slot: the next address need not wait out the delay.
+            next_start = now;
+        }
     }
-    sys::set_nonblocking(fd, false)?;
-    Ok(sock)
+}
+
+/// What a failed attempt says in a message.
+fn why(cfg: &Config, e: &io::Error) -> String {
+    if e.raw_os_error() == Some(libc::ETIMEDOUT) {
+        format!("timed out after {:?}", cfg.timeout)
+    } else {
+        sys::strerror(e)
+    }
 }
 
 /// The client's address and the address it connected to, saved before the `TCP*`
@@ -439,38 +558,20 @@ pub fn run(cfg: &Config) -> ! {
         );
     }
 
-    let mut last: Option<(SocketAddr, io::Error)> = None;
-    let mut conn = None;
-    for (i, a) in candidates.iter().enumerate() {
-        match connect_one(cfg, a, source) {
-            Ok(s) => {
-                conn = Some((s, *a));
-                break;
-            }
-            Err(e) => {
-                if i + 1 < candidates.len() {
-                    diag::warn(&format!(
-                        "unable to connect to {a}: {}; trying the next address",
-                        sys::strerror(&e)
-                    ));
-                }
-                last = Some((*a, e));
-            }
-        }
-    }
+    let (conn, failed) = connect_any(cfg, &candidates, source);
     let Some((sock, peer)) = conn else {
-        let (a, e) = last.unwrap_or_else(|| {
-            (
-                candidates[0],
-                io::Error::from_raw_os_error(libc::EHOSTUNREACH),
-            )
-        });
-        let f = Failure::from_io(&e);
-        let why = if f == Failure::Timeout {
-            format!("timed out after {:?}", cfg.timeout)
-        } else {
-            sys::strerror(&e)
+        let Some(((a, e), earlier)) = failed.split_last() else {
+            fail(
+                style,
+                Failure::General,
+                exit::TEMP,
+                "unable to connect: no attempt made",
+            );
         };
+        for (a, e) in earlier {
+            diag::warn(&format!("unable to connect to {a}: {}", why(cfg, e)));
+        }
+        let f = Failure::from_io(e);
         let target = if a.to_string() == shown {
             shown.clone()
         } else {
@@ -480,9 +581,15 @@ pub fn run(cfg: &Config) -> ! {
             style,
             f,
             f.exit_code(),
-            &format!("unable to connect to {target}: {why}"),
+            &format!("unable to connect to {target}: {}", why(cfg, e)),
         );
     };
+    for (a, e) in &failed {
+        diag::warn(&format!(
+            "unable to connect to {a}: {}; connected to {peer} instead",
+            why(cfg, e)
+        ));
+    }
 
     let fd = sock.as_raw_fd();
     if let Some(v) = cfg.proxy {
@@ -536,4 +643,31 @@ pub fn run(cfg: &Config) -> ! {
     }
     std::env::remove_var(REPLY_VAR);
     chain::exec(&cfg.prog)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_and_order() {
+        assert_eq!(split_target("[::1]:22"), Ok(("::1".into(), 22)));
+        assert_eq!(
+            split_target("db.internal:5432"),
+            Ok(("db.internal".into(), 5432))
+        );
+        assert!(split_target("::1:22").is_err());
+        assert!(split_target("a b:22").is_err());
+        assert!(split_target("host:0").is_err());
+        assert!(split_target("host").is_err());
+        let a: Vec<SocketAddr> = ["[::1]:1", "[::2]:1", "[::3]:1", "1.0.0.1:1", "1.0.0.2:1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let order: Vec<String> = interleave(&a).iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            order,
+            ["[::1]:1", "1.0.0.1:1", "[::2]:1", "1.0.0.2:1", "[::3]:1"]
+        );
+    }
 }

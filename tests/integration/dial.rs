@@ -636,8 +636,9 @@ fn every_address_is_tried_when_the_first_refuses() {
     ran.expect_code(0);
     h.join().expect("listener");
     assert_eq!(ran.stdout, b"reached", "{}", ran.show());
+    let refused = format!("unable to connect to {}", SocketAddr::new(first.ip(), port));
     assert!(
-        ran.stderr_text().contains("trying the next address"),
+        ran.stderr_text().contains(&refused),
         "the first address was not tried{}",
         ran.show()
     );
@@ -646,7 +647,11 @@ fn every_address_is_tried_when_the_first_refuses() {
 /// A listener whose accept queue is full, so that further SYNs go unanswered: a target
 /// that never answers, on loopback. Keep the returned streams alive.
 fn unanswering_target() -> (TcpListener, SocketAddr, Vec<TcpStream>) {
-    let (l, addr) = util::listener();
+    unanswering_on(TcpListener::bind("127.0.0.1:0").expect("bind"))
+}
+
+fn unanswering_on(l: TcpListener) -> (TcpListener, SocketAddr, Vec<TcpStream>) {
+    let addr = l.local_addr().expect("addr");
     // SAFETY: listen on a descriptor the TcpListener owns; only the backlog changes.
     let r = unsafe { libc::listen(l.as_raw_fd(), 0) };
     assert_eq!(r, 0, "listen(0)");
@@ -657,6 +662,41 @@ fn unanswering_target() -> (TcpListener, SocketAddr, Vec<TcpStream>) {
         }
     }
     (l, addr, fill)
+}
+
+#[test]
+fn a_silent_first_address_does_not_hold_up_the_next() {
+    let (name, addrs) = two_family_name()
+        .expect("no name resolves to both ::1 and 127.0.0.1, and /etc/hosts cannot be extended");
+    let (first, last) = (addrs[0].ip(), addrs[addrs.len() - 1].ip());
+    // The first address never answers; the last one, on the same port, does.
+    let (silent, good) = (0..50)
+        .find_map(|_| {
+            let s = TcpListener::bind(SocketAddr::new(first, 0)).ok()?;
+            let port = s.local_addr().ok()?.port();
+            let g = TcpListener::bind(SocketAddr::new(last, port)).ok()?;
+            Some((s, g))
+        })
+        .expect("no port free on both addresses");
+    let port = good.local_addr().expect("addr").port();
+    let (_silent, _, _fill) = unanswering_on(silent);
+    let h = std::thread::spawn(move || {
+        let mut s = util::accept_timeout(&good, LIMIT);
+        s.write_all(b"reached").expect("write");
+    });
+    let mut cmd = dial();
+    cmd.args(["-t", "5", &name, &port.to_string(), SPLICE])
+        .stdin(Stdio::null());
+    let ran = util::run(&mut cmd, LIMIT);
+    ran.expect_code(0);
+    h.join().expect("listener");
+    assert_eq!(ran.stdout, b"reached", "{}", ran.show());
+    // Tried in turn, the first address would have timed out before the second was tried.
+    assert!(
+        !ran.stderr_text().contains("timed out"),
+        "the second address waited for the first{}",
+        ran.show()
+    );
 }
 
 #[test]
