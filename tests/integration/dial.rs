@@ -583,6 +583,55 @@ fn user_rules_restrict_further() {
     .expect_code(100);
 }
 
+#[test]
+fn ipv6_target_in_brackets_needs_a_bracketed_rule() {
+    let l = TcpListener::bind("[::1]:0").expect("bind ::1");
+    let port = l.local_addr().expect("addr").port();
+    let target = format!("[::1]:{port}");
+    run_target(&target, &[], &[]).expect_code(1);
+    assert!(!has_connection(&l), "::1 connected without a rule");
+    run_target(&target, &["-a", &format!("[::1]:{port}")], &[]).expect_code(0);
+    assert!(
+        has_connection(&l),
+        "the rule [::1]:PORT did not let ::1 through"
+    );
+}
+
+#[test]
+fn only_the_allowed_addresses_of_a_name_are_used() {
+    let (name, _) = two_family_name()
+        .expect("no name resolves to both ::1 and 127.0.0.1, and /etc/hosts cannot be extended");
+    // The same port on both; only 127.0.0.1 is allowed, and ::1 must stay untouched.
+    let (v4, v6) = (0..50)
+        .find_map(|_| {
+            let a = TcpListener::bind("127.0.0.1:0").ok()?;
+            let port = a.local_addr().ok()?.port();
+            let b = TcpListener::bind(("::1", port)).ok()?;
+            Some((a, b))
+        })
+        .expect("no port free on both addresses");
+    let port = v4.local_addr().expect("addr").port();
+    let h = std::thread::spawn(move || {
+        let mut s = util::accept_timeout(&v4, LIMIT);
+        s.write_all(b"reached").expect("write");
+    });
+    let mut cmd = dial();
+    cmd.env("TCPSPLICE_TARGET", format!("{name}:{port}"))
+        .args(["-a", &format!("127.0.0.1:{port}"), SPLICE])
+        .stdin(Stdio::null());
+    let ran = util::run(&mut cmd, LIMIT);
+    ran.expect_code(0);
+    h.join().expect("listener");
+    assert_eq!(ran.stdout, b"reached", "{}", ran.show());
+    assert!(
+        ran.stderr_text()
+            .contains(&format!("not connecting to [::1]:{port}")),
+        "{}",
+        ran.show()
+    );
+    assert!(!has_connection(&v6), "a denied address was connected to");
+}
+
 // --- every address, timeouts ------------------------------------------------------------
 
 /// A name that resolves to ::1 and 127.0.0.1. `localhost` does on most systems; where it
