@@ -376,6 +376,43 @@ fn example(name: &str, target: SocketAddr, edits: &[(&str, &str)]) -> String {
 }
 
 #[test]
+fn forwarder_as_inetd_runs_it() {
+    // The line of examples/inetd.conf, run as inetd runs a nowait service: environment
+    // cleared, fds 0, 1 and 2 all the accepted socket. (openbsd-inetd itself conflicts
+    // with the xinetd package that the next test drives.) With no /dev/log and no
+    // TCPSPLICE_LOG the messages have nowhere safe to go, and must not go onto the stream.
+    use std::os::unix::process::CommandExt;
+    let (addr, seen) = target();
+    let line = example("inetd.conf", addr, &[]);
+    let fields: Vec<&str> = line
+        .lines()
+        .find(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .expect("a service line")
+        .split_whitespace()
+        .collect();
+    assert_eq!(&fields[1..4], ["stream", "tcp", "nowait"], "{fields:?}");
+    let (path, argv0, args) = (fields[5], fields[6], &fields[7..]);
+    let (mine, theirs) = util::tcp_pair();
+    let child = Command::new(path)
+        .arg0(argv0)
+        .args(args)
+        .env_clear()
+        .stdin(stdio(&theirs))
+        .stdout(stdio(&theirs))
+        .stderr(stdio(&theirs))
+        .spawn()
+        .expect("spawn the inetd.conf line");
+    drop(theirs);
+    assert_eq!(
+        talk(mine),
+        down_hash(),
+        "the client got other bytes than the target's"
+    );
+    util::finish(child, "examples/inetd.conf line", LIMIT).expect_code(0);
+    check_seen(seen.join().expect("target"));
+}
+
+#[test]
 fn forwarder_under_xinetd() {
     let (addr, seen) = target();
     let dir = tempdir("xinetd");
