@@ -301,6 +301,26 @@ fn source_address_and_family_options() {
     );
 }
 
+#[test]
+fn source_auto_uses_the_address_the_client_connected_to() {
+    let (addr, seen) = target();
+    let l = TcpListener::bind("127.0.0.3:0").expect("bind 127.0.0.3");
+    let mine = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+    let theirs = util::accept_timeout(&l, LIMIT);
+    let child = dial()
+        .args(["-s", "auto", "127.0.0.1", &addr.port().to_string(), SPLICE])
+        .stdin(stdio(&theirs))
+        .stdout(stdio(&theirs))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(theirs);
+    assert_eq!(talk(mine), down_hash());
+    util::finish(child, "tcpsplice-dial -s auto", LIMIT).expect_code(0);
+    let seen = seen.join().expect("target");
+    assert_eq!(seen.peer.ip().to_string(), "127.0.0.3");
+}
+
 // --- supervisors -----------------------------------------------------------------------
 
 fn tempdir(tag: &str) -> PathBuf {
@@ -869,6 +889,24 @@ fn replies_on_success() {
         };
         assert_eq!(got, want, "{style} success reply{}", ran.show());
     }
+}
+
+#[test]
+fn socks5_reply_for_an_ipv6_upstream() {
+    let l = TcpListener::bind("[::1]:0").expect("bind ::1");
+    let port = l.local_addr().expect("addr").port();
+    let h = std::thread::spawn(move || {
+        let s = util::accept_timeout(&l, LIMIT);
+        s.peer_addr().expect("peer")
+    });
+    let target = format!("[::1]:{port}");
+    let (got, ran) = reply_run("socks5", &target, &["-a", &target]);
+    ran.expect_code(0);
+    let bound = h.join().expect("listener");
+    let mut want = vec![5, 0, 0, 4];
+    want.extend_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
+    want.extend_from_slice(&bound.port().to_be_bytes());
+    assert_eq!(got, want, "{}", ran.show());
 }
 
 #[test]
