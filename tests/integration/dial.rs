@@ -79,21 +79,24 @@ fn closed_port() -> u16 {
 }
 
 /// The client's side over a socket: send `UP` bytes of pattern 1, half-close, read all.
-fn talk(mut c: TcpStream) -> (u64, u64) {
-    c.set_read_timeout(Some(LIMIT)).expect("read timeout");
-    let w = c.try_clone().expect("dup");
+fn talk(c: TcpStream) -> (u64, u64) {
+    try_talk(c).expect("client")
+}
+
+fn try_talk(mut c: TcpStream) -> std::io::Result<(u64, u64)> {
+    c.set_read_timeout(Some(LIMIT))?;
+    let w = c.try_clone()?;
     let writer = std::thread::spawn(move || {
         let mut w = w;
-        let h = util::send_pattern(&mut w, 1, UP).expect("client write");
-        util::half_close(&w);
-        h
+        let h = util::send_pattern(&mut w, 1, UP)?;
+        w.shutdown(Shutdown::Write)?;
+        Ok::<_, std::io::Error>(h)
     });
-    let got = util::recv_hash(&mut c).expect("client read");
-    assert_eq!(
-        writer.join().expect("writer"),
-        util::hash_of(&util::pattern(1, UP as usize))
-    );
-    got
+    let got = util::recv_hash(&mut c);
+    let sent = writer.join().expect("writer");
+    let got = got?;
+    assert_eq!(sent?, util::hash_of(&util::pattern(1, UP as usize)));
+    Ok(got)
 }
 
 fn check_seen(seen: Seen) {
@@ -366,13 +369,21 @@ impl Drop for Supervisor {
     }
 }
 
-fn forward_through(port: u16) {
-    let c = TcpStream::connect(("127.0.0.1", port)).expect("connect to the supervisor");
-    assert_eq!(
-        talk(c),
-        down_hash(),
-        "the client got other bytes than the target's"
-    );
+/// A client through the supervisor on `port`; `log` tells the supervisor's side of a
+/// failure.
+fn forward_through(port: u16, log: impl Fn() -> String) {
+    let got = TcpStream::connect(("127.0.0.1", port)).and_then(try_talk);
+    match got {
+        Ok(h) => assert_eq!(
+            h,
+            down_hash(),
+            "the client got other bytes than the target's"
+        ),
+        Err(e) => panic!(
+            "client through port {port}: {e}\n--- supervisor log:\n{}",
+            log()
+        ),
+    }
 }
 
 /// An example file of the repository with its paths, host and ports put on loopback.
@@ -463,7 +474,15 @@ fn forwarder_under_xinetd() {
             .expect("spawn xinetd (apt-get install xinetd)"),
     );
     wait_listening(port, &mut sup.0, "xinetd");
-    forward_through(port);
+    // Listening is not enough: the port may be someone else's if xinetd could not bind.
+    let ready = "Started working: 1 available service";
+    let end = Instant::now() + LIMIT;
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    while !read_log().contains(ready) {
+        assert!(Instant::now() < end, "xinetd not ready:\n{}", read_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    forward_through(port, read_log);
     check_seen(seen.join().expect("target"));
     drop(sup);
     let _ = std::fs::remove_dir_all(&dir);
@@ -474,6 +493,8 @@ fn forwarder_under_systemd_socket_activate() {
     // The ExecStart= of the example unit, under systemd's own helper for Accept=yes.
     let (addr, seen) = target();
     let port = free_port();
+    let dir = tempdir("systemd");
+    let log = dir.join("log");
     let unit = example("tcpsplice-forward@.service", addr, &[]);
     let exec: Vec<&str> = unit
         .lines()
@@ -487,13 +508,16 @@ fn forwarder_under_systemd_socket_activate() {
             .args(["-E", "TCPSPLICE_LOG=stderr"])
             .args(&exec)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(&log).expect("log file")))
             .spawn()
             .expect("spawn systemd-socket-activate"),
     );
     wait_listening(port, &mut sup.0, "systemd-socket-activate");
-    forward_through(port);
+    // Its stderr is where the programs' messages go (fd 2 is not the socket here).
+    forward_through(port, || std::fs::read_to_string(&log).unwrap_or_default());
     check_seen(seen.join().expect("target"));
+    drop(sup);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
