@@ -982,6 +982,31 @@ fn replies_on_refusal_denial_and_timeout() {
     }
 }
 
+#[test]
+fn failure_reply_is_all_the_client_gets_when_fd_2_is_its_socket() {
+    // inetd style plus a waiting HTTP client: the warning and the fatal message must not
+    // be mixed into the answer.
+    let (mut mine, theirs) = util::tcp_pair();
+    let child = dial()
+        .env("TCPSPLICE_TARGET", format!("127.0.0.1:{}", closed_port()))
+        .env("TCPSPLICE_REPLY", "http")
+        .args(["-a", "127.0.0.0/8", SPLICE])
+        .stdin(stdio(&theirs))
+        .stdout(stdio(&theirs))
+        .stderr(stdio(&theirs))
+        .spawn()
+        .expect("spawn");
+    drop(theirs);
+    mine.set_read_timeout(Some(LIMIT)).expect("timeout");
+    let mut got = Vec::new();
+    mine.read_to_end(&mut got).expect("read");
+    util::finish(child, "tcpsplice-dial reply=http, fd 2 = client", LIMIT).expect_code(111);
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&http_failure("502 Bad Gateway", "connection refused\n"))
+    );
+}
+
 // --- PROXY protocol ----------------------------------------------------------------------
 
 /// The dialer with `-p version` and the client socket on 0/1 (inetd style); returns the
