@@ -110,12 +110,12 @@ fn resolve(host: &str, port: u16, limit: Duration) -> io::Result<Vec<SocketAddr>
     }
     let (tx, rx) = std::sync::mpsc::channel();
     let name = host.to_string();
-    std::thread::spawn(move || {
+    std::thread::Builder::new().spawn(move || {
         let r = (name.as_str(), port)
             .to_socket_addrs()
             .map(|it| it.collect::<Vec<_>>());
         let _ = tx.send(r);
-    });
+    })?;
     match rx.recv_timeout(limit) {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(
