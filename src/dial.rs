@@ -547,17 +547,21 @@ impl Dial<'_> {
             }
             if !t.trusted {
                 if let Err(why) = policy.check(&a) {
-                    diag::warn(&format!("target {}: not connecting to {a}: {why}", t.shown));
-                    refusals.push(why);
+                    refusals.push((a, why));
                     continue;
                 }
             }
             out.push(a);
         }
+        // One line per refused address; when all were, the last one is the fatal line.
+        let last = if out.is_empty() { refusals.pop() } else { None };
+        for (a, why) in &refusals {
+            diag::warn(&format!("target {}: not connecting to {a}: {why}", t.shown));
+        }
         if !out.is_empty() {
             return out;
         }
-        if let Some(why) = refusals.first() {
+        if let Some((_, why)) = last {
             self.fail(
                 Failure::NotAllowed,
                 exit::POLICY,
