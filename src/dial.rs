@@ -91,6 +91,16 @@ pub fn parse_host(s: &str) -> Result<String, String> {
     if s.parse::<IpAddr>().is_ok() {
         return Ok(s.to_string());
     }
+    // A link-local IPv6 address needs its interface (fe80::1%eth0); getaddrinfo reads it.
+    if let Some((ip, zone)) = s.split_once('%') {
+        let zone_ok = !zone.is_empty()
+            && zone
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+        if ip.parse::<std::net::Ipv6Addr>().is_ok() && zone_ok {
+            return Ok(s.to_string());
+        }
+    }
     let ok = !s.is_empty()
         && s.len() <= 255
         && s.bytes()
@@ -535,7 +545,11 @@ impl Dial<'_> {
         let mut out = Vec::new();
         let mut refusals = Vec::new();
         for a in addrs {
-            let a = SocketAddr::new(rules::canonical(a.ip()), a.port());
+            // A mapped address is connected to over IPv4; any other keeps its scope id.
+            let a = match rules::canonical(a.ip()) {
+                ip @ IpAddr::V4(_) => SocketAddr::new(ip, a.port()),
+                IpAddr::V6(_) => a,
+            };
             let family_ok = match self.cfg.family {
                 Family::Any => true,
                 Family::V4 => a.is_ipv4(),
@@ -722,6 +736,12 @@ mod tests {
         assert!(split_target("a b:22").is_err());
         assert!(split_target("host:0").is_err());
         assert!(split_target("host").is_err());
+        assert_eq!(
+            split_target("[fe80::1%eth0]:22"),
+            Ok(("fe80::1%eth0".into(), 22))
+        );
+        assert!(split_target("[fe80::1%et h0]:22").is_err());
+        assert!(split_target("[1.2.3.4%eth0]:22").is_err());
         let a: Vec<SocketAddr> = ["[::1]:1", "[::2]:1", "[::3]:1", "1.0.0.1:1", "1.0.0.2:1"]
             .iter()
             .map(|s| s.parse().unwrap())
