@@ -11,11 +11,13 @@
 //! - [`conninfo`]: who is on each end, from the UCSPI environment;
 //! - [`relay`]: the splicer's data path;
 //! - [`rules`]: which client-chosen targets may be reached (allow rules, deny list);
-//! - [`dial`], [`reply`], [`proxyproto`]: the dialer, the SOCKS/HTTP answer it sends a
-//!   waiting client, and the PROXY protocol header it can send the target.
+//! - [`dial`], [`connect`], [`reply`], [`proxyproto`]: the dialer, its Happy Eyeballs
+//!   connect, the SOCKS/HTTP answer it sends a waiting client, and the PROXY protocol
+//!   header it can send the target.
 
 pub mod args;
 pub mod chain;
+pub mod connect;
 pub mod conninfo;
 pub mod diag;
 pub mod dial;
