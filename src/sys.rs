@@ -378,6 +378,17 @@ pub fn signal_ignore(sig: libc::c_int, ignore: bool) {
     unsafe { libc::signal(sig, handler) };
 }
 
+/// Empties the signal mask of the calling thread.
+pub fn unblock_all_signals() {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t we own; no old-set pointer.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}
+
 /// The text of errno `e`, for messages: strerror without the "(os error N)" suffix
 /// that io::Error's Display adds.
 pub fn strerror(e: &io::Error) -> String {
