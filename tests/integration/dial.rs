@@ -305,6 +305,26 @@ fn source_address_and_family_options() {
 }
 
 #[test]
+fn nodelay_and_keepalive_are_set_on_fd_6() {
+    let (addr, _seen) = target();
+    let script = "import socket; s = socket.socket(fileno=6); \
+                  print(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0, \
+                  s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0); s.detach()";
+    let port = addr.port().to_string();
+    let mut with = dial();
+    with.args(["-D", "-k", "127.0.0.1", &port, "python3", "-c", script])
+        .stdin(Stdio::null());
+    let ran = util::run(&mut with, LIMIT);
+    ran.expect_code(0);
+    assert_eq!(
+        String::from_utf8_lossy(&ran.stdout).trim(),
+        "True True",
+        "{}",
+        ran.show()
+    );
+}
+
+#[test]
 fn source_auto_uses_the_address_the_client_connected_to() {
     let (addr, seen) = target();
     let l = TcpListener::bind("127.0.0.3:0").expect("bind 127.0.0.3");
