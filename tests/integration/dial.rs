@@ -322,6 +322,21 @@ fn nodelay_and_keepalive_are_set_on_fd_6() {
         "{}",
         ran.show()
     );
+    // And not by default.
+    let (addr, _seen) = target();
+    let port = addr.port().to_string();
+    let mut without = dial();
+    without
+        .args(["127.0.0.1", &port, "python3", "-c", script])
+        .stdin(Stdio::null());
+    let ran = util::run(&mut without, LIMIT);
+    ran.expect_code(0);
+    assert_eq!(
+        String::from_utf8_lossy(&ran.stdout).trim(),
+        "False False",
+        "{}",
+        ran.show()
+    );
 }
 
 #[test]
