@@ -9,12 +9,21 @@
 //! - [`chain`]: exec'ing the rest of the command line;
 //! - [`args`]: option values shared by the programs (durations, fds, sizes);
 //! - [`conninfo`]: who is on each end, from the UCSPI environment;
-//! - [`relay`]: the splicer's data path.
+//! - [`relay`]: the splicer's data path;
+//! - [`rules`]: which client-chosen targets may be reached (allow rules, deny list);
+//! - [`dial`], [`connect`], [`reply`], [`proxyproto`]: the dialer, its Happy Eyeballs
+//!   connect, the SOCKS/HTTP answer it sends a waiting client, and the PROXY protocol
+//!   header it can send the target.
 
 pub mod args;
 pub mod chain;
+pub mod connect;
 pub mod conninfo;
 pub mod diag;
+pub mod dial;
 pub mod exit;
+pub mod proxyproto;
 pub mod relay;
+pub mod reply;
+pub mod rules;
 pub mod sys;

@@ -1,0 +1,499 @@
+//! tcpsplice-dial's work: resolve the target, check client-chosen addresses against the
+//! rules, connect with a bound, put the connection on fds 6 and 7, describe it in the
+//! UCSPI variables (keeping the client in `TCPSPLICE_CLIENT`), answer a waiting SOCKS or
+//! HTTP client, and exec the next program.
+
+use std::ffi::OsString;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use crate::connect::{self, connect_any, own_addresses, resolve};
+use crate::reply::{self, Failure, Style};
+use crate::rules::{self, Policy, Rule};
+use crate::{chain, conninfo, diag, exit, proxyproto, sys};
+
+/// The variable naming a client-chosen target, `host:port` or `[v6addr]:port`.
+pub const TARGET_VAR: &str = "TCPSPLICE_TARGET";
+/// The variable naming the reply a client waits for.
+pub const REPLY_VAR: &str = "TCPSPLICE_REPLY";
+/// The variable carrying the user's own target rules.
+pub const RULES_VAR: &str = "TCPSPLICE_RULES";
+
+/// Which address families to try.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Any,
+    V4,
+    V6,
+}
+
+/// Where outgoing connections come from (`-s`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Let the kernel choose.
+    Kernel,
+    /// This address (port 0 = any port).
+    Addr(SocketAddr),
+    /// The local address of the client's connection on fd 0, any port.
+    Auto,
+}
+
+/// Everything the command line says.
+pub struct Config {
+    /// HOST and PORT from the command line: a trusted target. None: TCPSPLICE_TARGET.
+    pub fixed: Option<(String, u16)>,
+    pub allow: Vec<Rule>,
+    pub family: Family,
+    /// Bounds the name lookup, and each connection attempt separately.
+    pub timeout: Duration,
+    pub source: Source,
+    pub nodelay: bool,
+    pub keepalive: bool,
+    /// PROXY protocol version to send first, if any.
+    pub proxy: Option<u8>,
+    pub prog: Vec<OsString>,
+}
+
+/// Parses a port number (1 to 65535).
+pub fn parse_port(s: &str) -> Option<u16> {
+    s.parse::<u16>().ok().filter(|&p| p > 0)
+}
+
+/// Splits `host:port` or `[v6addr]:port`.
+pub fn split_target(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or("no closing ]")?;
+        let port = after.strip_prefix(':').ok_or("no :PORT after ]")?;
+        (host, port)
+    } else {
+        let (host, port) = s.rsplit_once(':').ok_or("no :PORT")?;
+        if host.contains(':') {
+            return Err("an IPv6 address needs brackets: [addr]:port".into());
+        }
+        (host, port)
+    };
+    let host = parse_host(host)?;
+    let port = parse_port(port).ok_or_else(|| format!("not a port from 1 to 65535: {port}"))?;
+    Ok((host, port))
+}
+
+/// Checks a host name or address literal; brackets around an IPv6 address are removed.
+/// Names are held to letters, digits, `-`, `.` and `_` so that nothing odd reaches the
+/// resolver or a log line.
+pub fn parse_host(s: &str) -> Result<String, String> {
+    let s = s
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(s);
+    if s.parse::<IpAddr>().is_ok() {
+        return Ok(s.to_string());
+    }
+    // A link-local IPv6 address needs its interface (fe80::1%eth0); getaddrinfo reads it.
+    if let Some((ip, zone)) = s.split_once('%') {
+        let zone_ok = !zone.is_empty()
+            && zone
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+        if ip.parse::<std::net::Ipv6Addr>().is_ok() && zone_ok {
+            return Ok(s.to_string());
+        }
+    }
+    let ok = !s.is_empty()
+        && s.len() <= 255
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("not a host name or IP address: {s:?}"))
+    }
+}
+
+/// What a failed attempt says in a message.
+fn why(cfg: &Config, e: &io::Error) -> String {
+    if e.raw_os_error() == Some(libc::ETIMEDOUT) {
+        format!("timed out after {:?}", cfg.timeout)
+    } else {
+        sys::strerror(e)
+    }
+}
+
+/// The client's address and the address it connected to, saved before the `TCP*`
+/// variables are rewritten: `TCPSPLICE_CLIENT` keeps the client for the programs after
+/// us. Under inetd, xinetd and systemd nothing set them, so they come from fd 0.
+fn save_client() -> (Option<SocketAddr>, Option<SocketAddr>) {
+    conninfo::fill_from_socket(0);
+    let var = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
+    if var(conninfo::CLIENT_VAR).is_none() {
+        // `-` when no one knows (a shell pipeline): left unset, the log line of the
+        // splicer would take the upstream address we are about to set for the client's.
+        let client = match (var("TCPREMOTEIP"), var("TCPREMOTEPORT")) {
+            (Some(ip), Some(port)) => conninfo::join_host_port(&ip, &port),
+            _ => "-".to_string(),
+        };
+        std::env::set_var(conninfo::CLIENT_VAR, client);
+    }
+    let client = var(conninfo::CLIENT_VAR).and_then(|s| proxyproto::parse_addr(&s));
+    let local = match (var("TCPLOCALIP"), var("TCPLOCALPORT")) {
+        (Some(ip), Some(port)) => proxyproto::parse_addr(&conninfo::join_host_port(&ip, &port)),
+        _ => None,
+    };
+    (client, local)
+}
+
+/// Ends the connection with the failure reply the client waits for, if it waits for one,
+/// then logs and exits.
+fn fail(style: Option<Style>, f: Failure, code: i32, msg: &str) -> ! {
+    if let Some(style) = style {
+        if sys::write_all(1, &reply::failure(style, f)).is_ok() {
+            linger();
+        }
+    }
+    diag::die(code, msg)
+}
+
+/// After a failure reply: close our sending side, then read and drop whatever the client
+/// still sends until it closes, for at most a second. Exiting with unread input would
+/// make the kernel answer with a reset, which can destroy the reply before it is read.
+fn linger() {
+    if sys::fd_kind(1).ok() == Some(sys::FdKind::Socket) {
+        let _ = sys::shutdown(1, libc::SHUT_WR);
+    }
+    if sys::fd_kind(0).ok() != Some(sys::FdKind::Socket) {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        let mut p = [libc::pollfd {
+            fd: 0,
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        match sys::poll(&mut p, Some(left)) {
+            Ok(n) if n > 0 => {}
+            _ => return,
+        }
+        match sys::read(0, &mut buf) {
+            Ok(n) if n > 0 => {}
+            _ => return,
+        }
+    }
+}
+
+/// The target as the command line or the client named it.
+struct Target {
+    host: String,
+    port: u16,
+    /// From the command line: connected to without checks.
+    trusted: bool,
+    /// `host:port` for messages.
+    shown: String,
+}
+
+/// One run: the configuration and the reply style, which every failure needs.
+struct Dial<'a> {
+    cfg: &'a Config,
+    style: Option<Style>,
+}
+
+impl Dial<'_> {
+    fn fail(&self, f: Failure, code: i32, msg: &str) -> ! {
+        fail(self.style, f, code, msg)
+    }
+
+    fn usage_fail(&self, msg: &str) -> ! {
+        self.fail(Failure::General, exit::USAGE, msg)
+    }
+
+    fn target(&self) -> Target {
+        let (host, port, trusted) = match &self.cfg.fixed {
+            Some((h, p)) => (h.clone(), *p, true),
+            None => {
+                let t = std::env::var(TARGET_VAR).unwrap_or_default();
+                match split_target(&t) {
+                    Ok((h, p)) => (h, p, false),
+                    Err(e) => self.usage_fail(&format!("unable to use {TARGET_VAR} {t:?}: {e}")),
+                }
+            }
+        };
+        let shown = conninfo::join_host_port(&host, &port.to_string());
+        Target {
+            host,
+            port,
+            trusted,
+            shown,
+        }
+    }
+
+    fn source(&self, client_local: Option<SocketAddr>) -> Option<SocketAddr> {
+        match self.cfg.source {
+            Source::Kernel => None,
+            Source::Addr(a) => Some(a),
+            Source::Auto => match client_local.or_else(|| sys::local_addr(0).ok().flatten()) {
+                Some(a) => Some(SocketAddr::new(rules::canonical(a.ip()), 0)),
+                None => self.usage_fail("unable to use -s auto: fd 0 is not a TCP connection"),
+            },
+        }
+    }
+
+    /// The user's rules and this host's addresses, for a client-chosen target.
+    fn policy_inputs(&self) -> (Option<Vec<Rule>>, Vec<IpAddr>) {
+        let user = match std::env::var(RULES_VAR) {
+            Ok(s) if !s.trim().is_empty() => match rules::parse_list(&s) {
+                Ok(r) => Some(r),
+                Err(e) => self.usage_fail(&format!("unable to use {RULES_VAR}: {e}")),
+            },
+            _ => None,
+        };
+        let own = own_addresses().unwrap_or_else(|e| {
+            self.fail(
+                Failure::General,
+                exit::TEMP,
+                &format!(
+                    "unable to list this host's addresses: {}",
+                    sys::strerror(&e)
+                ),
+            )
+        });
+        (user, own)
+    }
+
+    /// The addresses to try: resolved, of the wanted family, and for a client-chosen
+    /// target allowed by the policy. Exits when none is left.
+    fn candidates(&self, t: &Target, source: Option<SocketAddr>) -> Vec<SocketAddr> {
+        let (user, own) = if t.trusted {
+            (None, Vec::new())
+        } else {
+            self.policy_inputs()
+        };
+        let policy = Policy {
+            allow: &self.cfg.allow,
+            user: user.as_deref(),
+            own: &own,
+        };
+        let addrs = resolve(&t.host, t.port, self.cfg.timeout).unwrap_or_else(|e| {
+            self.fail(
+                Failure::HostUnreachable,
+                exit::TEMP,
+                &format!(
+                    "unable to find the IP address of {}: {}",
+                    t.host,
+                    sys::strerror(&e)
+                ),
+            )
+        });
+        let mut out = Vec::new();
+        let mut refusals = Vec::new();
+        for a in addrs {
+            // A mapped address is connected to over IPv4; any other keeps its scope id.
+            let a = match rules::canonical(a.ip()) {
+                ip @ IpAddr::V4(_) => SocketAddr::new(ip, a.port()),
+                IpAddr::V6(_) => a,
+            };
+            let family_ok = match self.cfg.family {
+                Family::Any => true,
+                Family::V4 => a.is_ipv4(),
+                Family::V6 => a.is_ipv6(),
+            };
+            let source_ok = source.map_or(true, |s| s.is_ipv4() == a.is_ipv4());
+            if !family_ok || !source_ok || out.contains(&a) {
+                continue;
+            }
+            if !t.trusted {
+                if let Err(why) = policy.check(&a) {
+                    refusals.push((a, why));
+                    continue;
+                }
+            }
+            out.push(a);
+        }
+        // One line per refused address; when all were, the last one is the fatal line.
+        let last = if out.is_empty() { refusals.pop() } else { None };
+        for (a, why) in &refusals {
+            diag::warn(&format!("target {}: not connecting to {a}: {why}", t.shown));
+        }
+        if !out.is_empty() {
+            return out;
+        }
+        if let Some((_, why)) = last {
+            self.fail(
+                Failure::NotAllowed,
+                exit::POLICY,
+                &format!(
+                    "unable to connect to {}: target not allowed: {why}",
+                    t.shown
+                ),
+            );
+        }
+        let what = match (self.cfg.family, source) {
+            (Family::V4, _) => "IPv4 address",
+            (Family::V6, _) => "IPv6 address",
+            (Family::Any, Some(s)) if s.is_ipv4() => "IPv4 address",
+            (Family::Any, Some(_)) => "IPv6 address",
+            (Family::Any, None) => "IP address",
+        };
+        self.fail(
+            Failure::HostUnreachable,
+            exit::TEMP,
+            &format!("unable to connect to {}: no {what} for {}", t.shown, t.host),
+        )
+    }
+
+    /// Connects to one of `addrs`, or exits with the failure of the last attempt.
+    fn connect(
+        &self,
+        t: &Target,
+        addrs: &[SocketAddr],
+        source: Option<SocketAddr>,
+    ) -> (OwnedFd, SocketAddr) {
+        let opts = connect::Options {
+            timeout: self.cfg.timeout,
+            nodelay: self.cfg.nodelay,
+            keepalive: self.cfg.keepalive,
+            source,
+        };
+        let (conn, failed) = connect_any(&opts, addrs);
+        if let Some((sock, peer)) = conn {
+            for (a, e) in &failed {
+                diag::warn(&format!(
+                    "unable to connect to {a}: {}; connected to {peer} instead",
+                    why(self.cfg, e)
+                ));
+            }
+            return (sock, peer);
+        }
+        let Some(((a, e), earlier)) = failed.split_last() else {
+            self.fail(
+                Failure::General,
+                exit::TEMP,
+                "unable to connect: no attempt made",
+            );
+        };
+        for (a, e) in earlier {
+            diag::warn(&format!("unable to connect to {a}: {}", why(self.cfg, e)));
+        }
+        let f = Failure::from_io(e);
+        let target = if a.to_string() == t.shown {
+            t.shown.clone()
+        } else {
+            format!("{} ({a})", t.shown)
+        };
+        self.fail(
+            f,
+            f.exit_code(),
+            &format!("unable to connect to {target}: {}", why(self.cfg, e)),
+        )
+    }
+
+    /// Sends the PROXY header, puts the connection on fds 6 and 7, sets the environment,
+    /// answers the client, and execs the next program.
+    fn hand_over(
+        &self,
+        sock: OwnedFd,
+        peer: SocketAddr,
+        client: Option<SocketAddr>,
+        client_local: Option<SocketAddr>,
+    ) -> ! {
+        let fd = sock.as_raw_fd();
+        if let Some(v) = self.cfg.proxy {
+            let header = if v == 1 {
+                proxyproto::v1(client, client_local)
+            } else {
+                proxyproto::v2(client, client_local)
+            };
+            if let Err(e) = sys::write_all(fd, &header) {
+                self.fail(
+                    Failure::General,
+                    exit::TEMP,
+                    &format!(
+                        "unable to send the PROXY header to {peer}: {}",
+                        sys::strerror(&e)
+                    ),
+                );
+            }
+        }
+        let local = sys::local_addr(fd).ok().flatten();
+        let fd = sock.into_raw_fd();
+        // Like tcpclient: read on 6, write on 7, both the one socket, both kept across
+        // exec. fd_move(n, n) clears close-on-exec where dup2 would not.
+        let moved = if fd == 7 {
+            sys::fd_move(7, 7).and_then(|()| sys::fd_copy(6, 7))
+        } else {
+            sys::fd_move(6, fd).and_then(|()| sys::fd_copy(7, 6))
+        };
+        if let Err(e) = moved {
+            self.fail(
+                Failure::General,
+                exit::TEMP,
+                &format!(
+                    "unable to move the connection to fds 6 and 7: {}",
+                    sys::strerror(&e)
+                ),
+            );
+        }
+        if let Some(l) = local {
+            conninfo::set_ucspi(&l, &peer);
+        }
+        // They described the client; a stale value would now be read as the target's.
+        for v in ["TCPLOCALHOST", "TCPREMOTEHOST", "TCPREMOTEINFO"] {
+            std::env::remove_var(v);
+        }
+        if let Some(style) = self.style {
+            if let Err(e) = sys::write_all(1, &reply::success(style, local)) {
+                diag::die_sys(exit::TEMP, "send the reply to the client", &e);
+            }
+        }
+        std::env::remove_var(REPLY_VAR);
+        chain::exec(&self.cfg.prog)
+    }
+}
+
+/// Does the whole job and execs `cfg.prog`; never returns.
+pub fn run(cfg: &Config) -> ! {
+    let style = match Style::parse(&std::env::var(REPLY_VAR).unwrap_or_default()) {
+        Ok(s) => s,
+        Err(e) => diag::die(exit::USAGE, &e),
+    };
+    let d = Dial { cfg, style };
+    let (client, client_local) = save_client();
+    // exec keeps our pid, so LISTEN_PID would still name the programs after us.
+    for v in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
+        std::env::remove_var(v);
+    }
+    let target = d.target();
+    let source = d.source(client_local);
+    let addrs = d.candidates(&target, source);
+    let (sock, peer) = d.connect(&target, &addrs, source);
+    d.hand_over(sock, peer, client, client_local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(split_target("[::1]:22"), Ok(("::1".into(), 22)));
+        assert_eq!(
+            split_target("db.internal:5432"),
+            Ok(("db.internal".into(), 5432))
+        );
+        assert!(split_target("::1:22").is_err());
+        assert!(split_target("a b:22").is_err());
+        assert!(split_target("host:0").is_err());
+        assert!(split_target("host").is_err());
+        assert_eq!(
+            split_target("[fe80::1%eth0]:22"),
+            Ok(("fe80::1%eth0".into(), 22))
+        );
+        assert!(split_target("[fe80::1%et h0]:22").is_err());
+        assert!(split_target("[1.2.3.4%eth0]:22").is_err());
+    }
+}
