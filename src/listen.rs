@@ -107,7 +107,9 @@ fn show(addr: &SocketAddr) -> String {
 }
 
 /// Serves connections on `listeners` until stopped by signals; exits the process.
-pub fn serve(listeners: Vec<RawFd>, cfg: &Config) -> ! {
+/// `ready` runs once everything is set up, just before the first poll: whoever waits for
+/// the port it prints may then count on a complete supervisor.
+pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce()) -> ! {
     // A client that vanishes must not kill the supervisor; children get SIGPIPE back
     // (chain::exec restores it).
     sys::signal_ignore(libc::SIGPIPE, true);
@@ -126,6 +128,7 @@ pub fn serve(listeners: Vec<RawFd>, cfg: &Config) -> ! {
         shortage_warned: false,
         stopping: false,
     };
+    ready();
     sup.run()
 }
 

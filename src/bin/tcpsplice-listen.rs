@@ -81,12 +81,6 @@ fn main() {
             Err(e) => diag::die_sys(exit::TEMP, "get the bound address", &e),
         }
     }
-    if m.opt_present("1") {
-        let text: String = bound.iter().map(|a| format!("{}\n", a.port())).collect();
-        if let Err(e) = sys::write_all(1, text.as_bytes()) {
-            diag::die_sys(exit::TEMP, "print the bound port", &e);
-        }
-    }
     if let Some(ids) = ids {
         if let Err((step, e)) = privdrop::drop_to(ids) {
             let code = if e.raw_os_error() == Some(libc::EPERM) {
@@ -111,18 +105,26 @@ fn main() {
         quiet: m.opt_present("q"),
         prog,
     };
-    if !cfg.quiet {
-        let addrs: Vec<String> = bound.iter().map(|a| a.to_string()).collect();
-        diag::info(&format!(
-            "listening on {} max={}{}",
-            addrs.join(" "),
-            cfg.max_conns,
-            cfg.max_per_ip
-                .map(|n| format!(" max_per_ip={n}"))
-                .unwrap_or_default()
-        ));
-    }
-    listen::serve(listeners, &cfg)
+    let print_port = m.opt_present("1");
+    listen::serve(listeners, &cfg, || {
+        if print_port {
+            let text: String = bound.iter().map(|a| format!("{}\n", a.port())).collect();
+            if let Err(e) = sys::write_all(1, text.as_bytes()) {
+                diag::die_sys(exit::TEMP, "print the bound port", &e);
+            }
+        }
+        if !cfg.quiet {
+            let addrs: Vec<String> = bound.iter().map(|a| a.to_string()).collect();
+            diag::info(&format!(
+                "listening on {} max={}{}",
+                addrs.join(" "),
+                cfg.max_conns,
+                cfg.max_per_ip
+                    .map(|n| format!(" max_per_ip={n}"))
+                    .unwrap_or_default()
+            ));
+        }
+    })
 }
 
 /// The identity from -u/-g or -U, looked up before binding so a typo fails early.
