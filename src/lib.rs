@@ -11,15 +11,22 @@
 //! - [`conninfo`]: who is on each end, from the UCSPI environment;
 //! - [`relay`]: the splicer's data path;
 //! - [`listen`], [`listensock`], [`privdrop`]: tcpsplice-listen's supervisor loop, its
-//!   listening sockets (bound or from systemd) and its drop of privileges.
+//!   listening sockets (bound or from systemd) and its drop of privileges;
+//! - [`rules`]: which client-chosen targets may be reached (allow rules, deny list);
+//! - [`dial`], [`reply`], [`proxyproto`]: the dialer, the SOCKS/HTTP answer it sends a
+//!   waiting client, and the PROXY protocol header it can send the target.
 
 pub mod args;
 pub mod chain;
 pub mod conninfo;
 pub mod diag;
+pub mod dial;
 pub mod exit;
 pub mod listen;
 pub mod listensock;
 pub mod privdrop;
+pub mod proxyproto;
 pub mod relay;
+pub mod reply;
+pub mod rules;
 pub mod sys;

@@ -3,5 +3,6 @@
 
 mod util;
 
+mod dial;
 mod listen;
 mod splice;

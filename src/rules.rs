@@ -1,0 +1,509 @@
+//! Which targets a client may reach: the `-a RULE` allow rules of tcpsplice-dial, the
+//! per-user rules in `TCPSPLICE_RULES`, and the built-in deny list.
+//!
+//! A client that names its own target could otherwise use the proxy to reach this host's
+//! loopback services, the private network behind it, or cloud metadata at 169.254.169.254.
+//! So every address a client-chosen name resolves to is checked here, after DNS, before
+//! anything connects to it.
+//!
+//! Rule syntax (one word, no spaces):
+//!
+//! | rule | matches |
+//! |---|---|
+//! | `10.1.2.3`, `2001:db8::1` | that address, any port |
+//! | `10.0.0.0/8`, `2001:db8::/32` | the network, any port |
+//! | `10.0.0.0/8:443`, `192.0.2.7:8000-8080` | the network, that port or port range |
+//! | `[2001:db8::/32]:443`, `[::1]:22` | IPv6 with a port (the brackets are required) |
+//! | `*`, `*:443`, `*:1-1023` | any address (only those the deny list passes), port(s) |
+//!
+//! IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are checked as the IPv4 address they
+//! carry, so a mapped loopback address is loopback.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Net {
+    Any,
+    V4(Ipv4Addr, u8),
+    V6(Ipv6Addr, u8),
+}
+
+/// One allow rule: a network (or any address) and an optional port range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rule {
+    net: Net,
+    ports: Option<(u16, u16)>,
+}
+
+fn parse_ports(s: &str) -> Result<(u16, u16), String> {
+    let port = |p: &str| match p.parse::<u16>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("not a port from 1 to 65535: {p}")),
+    };
+    match s.split_once('-') {
+        None => port(s).map(|p| (p, p)),
+        Some((a, b)) => {
+            let (a, b) = (port(a)?, port(b)?);
+            if a > b {
+                return Err(format!("empty port range: {s}"));
+            }
+            Ok((a, b))
+        }
+    }
+}
+
+fn parse_net(s: &str) -> Result<Net, String> {
+    let (ip, len) = match s.split_once('/') {
+        None => (s, None),
+        Some((ip, len)) => (ip, Some(len)),
+    };
+    let ip: IpAddr = ip.parse().map_err(|_| format!("not an IP address: {ip}"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        None => max,
+        Some(l) => match l.parse::<u8>() {
+            Ok(n) if n <= max => n,
+            _ => return Err(format!("not a prefix length from 0 to {max}: {l}")),
+        },
+    };
+    let net = match ip {
+        IpAddr::V4(a) => Net::V4(a, len),
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            // A mapped network is the IPv4 network it carries, as addresses are checked.
+            Some(v4) if len >= 96 => Net::V4(v4, len - 96),
+            _ => Net::V6(a, len),
+        },
+    };
+    // Host bits set is almost always a typo (10.1.2.3/8 for 10.0.0.0/8): refuse it
+    // rather than guess which of the two was meant.
+    let exact = match net {
+        Net::V4(a, l) => u32::from(a) & !mask32(l) == 0,
+        Net::V6(a, l) => u128::from(a) & !mask128(l) == 0,
+        Net::Any => true,
+    };
+    if !exact {
+        return Err(format!("host bits set after the prefix length: {s}"));
+    }
+    Ok(net)
+}
+
+fn mask32(len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len))
+    }
+}
+
+fn mask128(len: u8) -> u128 {
+    if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - u32::from(len))
+    }
+}
+
+fn in_v4(a: Ipv4Addr, net: [u8; 4], len: u8) -> bool {
+    (u32::from(a) ^ u32::from(Ipv4Addr::from(net))) & mask32(len) == 0
+}
+
+fn in_v6(a: Ipv6Addr, net: Ipv6Addr, len: u8) -> bool {
+    (u128::from(a) ^ u128::from(net)) & mask128(len) == 0
+}
+
+impl Rule {
+    /// Parses one rule (see the module documentation for the syntax).
+    pub fn parse(s: &str) -> Result<Rule, String> {
+        let s = s.trim();
+        let bad = |why: String| Err(format!("bad rule {s:?}: {why}"));
+        if s.is_empty() {
+            return bad("empty".into());
+        }
+        let (net, ports) = if let Some(rest) = s.strip_prefix('[') {
+            let Some((inside, after)) = rest.split_once(']') else {
+                return bad("no closing ]".into());
+            };
+            let ports = match after {
+                "" => None,
+                _ => match after.strip_prefix(':') {
+                    Some(p) => Some(p),
+                    None => return bad(format!("expected :PORT after ], not {after:?}")),
+                },
+            };
+            (inside, ports)
+        } else if s.matches(':').count() > 1 {
+            // Bare IPv6: a port would be ambiguous (::1:22 is an address), so none here.
+            (s, None)
+        } else {
+            match s.split_once(':') {
+                Some((net, ports)) => (net, Some(ports)),
+                None => (s, None),
+            }
+        };
+        let net = if net == "*" {
+            Net::Any
+        } else {
+            match parse_net(net) {
+                Ok(n) => n,
+                Err(e) => return bad(e),
+            }
+        };
+        let ports = match ports.map(parse_ports).transpose() {
+            Ok(p) => p,
+            Err(e) => return bad(e),
+        };
+        Ok(Rule { net, ports })
+    }
+
+    /// Whether `addr` (IP and port) is inside this rule.
+    pub fn matches(&self, addr: &SocketAddr) -> bool {
+        if let Some((lo, hi)) = self.ports {
+            if !(lo..=hi).contains(&addr.port()) {
+                return false;
+            }
+        }
+        match (self.net, canonical(addr.ip())) {
+            (Net::Any, _) => true,
+            (Net::V4(net, len), IpAddr::V4(a)) => in_v4(a, net.octets(), len),
+            (Net::V6(net, len), IpAddr::V6(a)) => in_v6(a, net, len),
+            _ => false,
+        }
+    }
+
+    /// Whether a match of this rule lifts the deny list. A rule for the whole address
+    /// space (`*`, `0.0.0.0/0`, `::/0`) only restricts ports: `*:443` must mean "any
+    /// public address on port 443", not "loopback too".
+    pub fn lifts_deny_list(&self) -> bool {
+        match self.net {
+            Net::Any => false,
+            Net::V4(_, len) | Net::V6(_, len) => len > 0,
+        }
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ports = match self.ports {
+            None => String::new(),
+            Some((a, b)) if a == b => format!(":{a}"),
+            Some((a, b)) => format!(":{a}-{b}"),
+        };
+        match self.net {
+            Net::Any => write!(f, "*{ports}"),
+            Net::V4(a, len) => write!(f, "{a}/{len}{ports}"),
+            Net::V6(a, len) if ports.is_empty() => write!(f, "{a}/{len}"),
+            Net::V6(a, len) => write!(f, "[{a}/{len}]{ports}"),
+        }
+    }
+}
+
+/// Parses a whitespace-separated list of rules, as `TCPSPLICE_RULES` carries them.
+pub fn parse_list(s: &str) -> Result<Vec<Rule>, String> {
+    s.split_whitespace().map(Rule::parse).collect()
+}
+
+/// The address as it is checked: an IPv4-mapped IPv6 address becomes its IPv4 address.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => ip,
+        },
+        v4 => v4,
+    }
+}
+
+fn deny_class_v4(a: Ipv4Addr) -> Option<&'static str> {
+    const LIST: &[([u8; 4], u8, &str)] = &[
+        ([0, 0, 0, 0], 8, "unspecified (0.0.0.0/8)"),
+        ([127, 0, 0, 0], 8, "loopback"),
+        ([10, 0, 0, 0], 8, "private (10.0.0.0/8)"),
+        ([172, 16, 0, 0], 12, "private (172.16.0.0/12)"),
+        ([192, 168, 0, 0], 16, "private (192.168.0.0/16)"),
+        (
+            [100, 64, 0, 0],
+            10,
+            "shared address space (CGNAT, 100.64.0.0/10)",
+        ),
+        ([169, 254, 0, 0], 16, "link-local (169.254.0.0/16)"),
+        (
+            [192, 0, 0, 0],
+            24,
+            "IETF protocol assignments (192.0.0.0/24)",
+        ),
+        ([192, 0, 2, 0], 24, "documentation (192.0.2.0/24)"),
+        ([198, 51, 100, 0], 24, "documentation (198.51.100.0/24)"),
+        ([203, 0, 113, 0], 24, "documentation (203.0.113.0/24)"),
+        ([198, 18, 0, 0], 15, "benchmarking (198.18.0.0/15)"),
+        ([224, 0, 0, 0], 4, "multicast"),
+        ([240, 0, 0, 0], 4, "reserved or broadcast (240.0.0.0/4)"),
+    ];
+    LIST.iter()
+        .find(|(net, len, _)| in_v4(a, *net, *len))
+        .map(|(_, _, class)| *class)
+}
+
+fn deny_class_v6(a: Ipv6Addr) -> Option<&'static str> {
+    let seg = a.segments();
+    let embedded =
+        |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
+    if a.is_unspecified() {
+        return Some("unspecified (::)");
+    }
+    if a.is_loopback() {
+        return Some("loopback");
+    }
+    // Addresses that carry an IPv4 address reach it: judge them by the one they carry.
+    let carried = if in_v6(a, Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96)
+        || in_v6(a, Ipv6Addr::new(0x64, 0xff9b, 1, 0, 0, 0, 0, 0), 48)
+    {
+        Some(embedded(seg[6], seg[7]))
+    } else if seg[0] == 0x2002 {
+        Some(embedded(seg[1], seg[2]))
+    } else {
+        None
+    };
+    if let Some(v4) = carried {
+        return deny_class_v4(v4);
+    }
+    const LIST: &[(u16, u16, u8, &str)] = &[
+        // (first segment, second segment, prefix length, class)
+        (0, 0, 96, "IPv4-compatible (::/96)"),
+        (0x100, 0, 64, "discard-only (100::/64)"),
+        (0x2001, 0xdb8, 32, "documentation (2001:db8::/32)"),
+        (0xfc00, 0, 7, "unique local (fc00::/7)"),
+        (0xfe80, 0, 10, "link-local (fe80::/10)"),
+        (0xfec0, 0, 10, "site-local (fec0::/10)"),
+        (0xff00, 0, 8, "multicast"),
+    ];
+    LIST.iter()
+        .find(|(s0, s1, len, _)| in_v6(a, Ipv6Addr::new(*s0, *s1, 0, 0, 0, 0, 0, 0), *len))
+        .map(|(_, _, _, class)| *class)
+}
+
+/// The class of the built-in deny list that `ip` falls in (loopback, private, link-local,
+/// multicast, unspecified, CGNAT, ULA, documentation, ...), or None for a public address.
+/// This host's own addresses are not known here: see [`Policy::own`].
+pub fn deny_class(ip: IpAddr) -> Option<&'static str> {
+    match canonical(ip) {
+        IpAddr::V4(a) => deny_class_v4(a),
+        IpAddr::V6(a) => deny_class_v6(a),
+    }
+}
+
+/// The whole decision for a client-chosen target address.
+pub struct Policy<'a> {
+    /// The `-a` rules. None given: every address the deny list passes is allowed. Some
+    /// given: only addresses matching one, and a match lifts the deny list (unless the
+    /// rule covers the whole address space, see [`Rule::lifts_deny_list`]).
+    pub allow: &'a [Rule],
+    /// The user's own rules (`TCPSPLICE_RULES`): when Some, the address must also match
+    /// one of them. They restrict only; they never lift the deny list.
+    pub user: Option<&'a [Rule]>,
+    /// This host's own addresses, denied like loopback.
+    pub own: &'a [IpAddr],
+}
+
+impl Policy<'_> {
+    /// Ok when `addr` may be connected to; otherwise why not, naming the deny class or
+    /// the rules that failed, for the log line.
+    pub fn check(&self, addr: &SocketAddr) -> Result<(), String> {
+        let ip = canonical(addr.ip());
+        let addr = SocketAddr::new(ip, addr.port());
+        let denied = deny_class(ip).or_else(|| {
+            self.own
+                .iter()
+                .any(|&o| canonical(o) == ip)
+                .then_some("this host's own address")
+        });
+        if self.allow.is_empty() {
+            if let Some(class) = denied {
+                return Err(format!("{ip} is {class} (default deny list)"));
+            }
+        } else if !self
+            .allow
+            .iter()
+            .any(|r| r.matches(&addr) && (denied.is_none() || r.lifts_deny_list()))
+        {
+            return Err(match denied {
+                Some(class) => {
+                    format!("{ip} is {class} (default deny list) and no -a rule lifts it")
+                }
+                None => format!("{addr} matches no -a rule"),
+            });
+        }
+        if let Some(user) = self.user {
+            if !user.iter().any(|r| r.matches(&addr)) {
+                return Err(format!(
+                    "{addr} matches none of the user's rules (TCPSPLICE_RULES)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn r(s: &str) -> Rule {
+        Rule::parse(s).unwrap()
+    }
+
+    #[test]
+    fn parses_and_prints() {
+        for (text, shown) in [
+            ("10.0.0.0/8", "10.0.0.0/8"),
+            ("10.1.2.3", "10.1.2.3/32"),
+            ("10.0.0.0/8:443", "10.0.0.0/8:443"),
+            ("192.0.2.7:8000-8080", "192.0.2.7/32:8000-8080"),
+            ("2001:db8::/32", "2001:db8::/32"),
+            ("::1", "::1/128"),
+            ("[2001:db8::/32]:443", "[2001:db8::/32]:443"),
+            ("[::1]:22", "[::1/128]:22"),
+            ("[::1]", "::1/128"),
+            ("*", "*"),
+            ("*:1-1023", "*:1-1023"),
+            ("::ffff:127.0.0.0/104", "127.0.0.0/8"),
+            ("0.0.0.0/0:443", "0.0.0.0/0:443"),
+        ] {
+            assert_eq!(r(text).to_string(), shown, "{text}");
+        }
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "10.1.2.3/8",
+            "10.0.0.0/8:0",
+            "10.0.0.0/8:70000",
+            "10.0.0.0/8:9-8",
+            "10.0.0.0/8:",
+            "example.com",
+            "[::1",
+            "[::1]22",
+            "::/129",
+            "1.2.3.4:x",
+        ] {
+            assert!(Rule::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn matches_addresses_and_ports() {
+        assert!(r("127.0.0.0/8").matches(&sa("127.1.2.3:9")));
+        assert!(!r("127.0.0.0/8").matches(&sa("128.0.0.1:9")));
+        assert!(r("127.0.0.0/8:80").matches(&sa("127.0.0.1:80")));
+        assert!(!r("127.0.0.0/8:80").matches(&sa("127.0.0.1:81")));
+        assert!(r("10.0.0.0/8:80-90").matches(&sa("10.9.9.9:90")));
+        assert!(!r("10.0.0.0/8:80-90").matches(&sa("10.9.9.9:91")));
+        // Mapped addresses are their IPv4 address.
+        assert!(r("127.0.0.1").matches(&sa("[::ffff:127.0.0.1]:5")));
+        // The mapped space is the whole IPv4 space, and like 0.0.0.0/0 it lifts nothing.
+        assert!(r("::ffff:0:0/96").matches(&sa("127.0.0.1:5")));
+        assert!(!r("::ffff:0:0/96").lifts_deny_list());
+        assert!(r("[2001:db8::/32]:443").matches(&sa("[2001:db8:1::5]:443")));
+        assert!(!r("[2001:db8::/32]:443").matches(&sa("[2001:db9::5]:443")));
+        assert!(!r("10.0.0.0/8").matches(&sa("[2001:db8::1]:1")));
+        assert!(r("*:22").matches(&sa("[2001:db8::1]:22")));
+        assert!(r("0.0.0.0/0").matches(&sa("8.8.8.8:1")));
+    }
+
+    #[test]
+    fn deny_classes() {
+        let class = |s: &str| deny_class(s.parse().unwrap());
+        for denied in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "10.1.1.1",
+            "172.31.255.255",
+            "192.168.0.1",
+            "100.64.0.1",
+            "169.254.169.254",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "fd00::2",
+            "fe80::1",
+            "ff02::1",
+            "64:ff9b::7f00:1",
+            "2002:a00:1::",
+            "::7f00:1",
+        ] {
+            assert!(class(denied).is_some(), "{denied} not denied");
+        }
+        for public in [
+            "8.8.8.8",
+            "172.32.0.1",
+            "100.128.0.1",
+            "2a00:1450::1",
+            "64:ff9b::808:808",
+        ] {
+            assert_eq!(class(public), None, "{public} denied");
+        }
+        assert_eq!(class("::ffff:127.0.0.1"), Some("loopback"));
+    }
+
+    #[test]
+    fn policy() {
+        let own: Vec<IpAddr> = vec!["8.8.4.4".parse().unwrap()];
+        let open = Policy {
+            allow: &[],
+            user: None,
+            own: &own,
+        };
+        assert!(open.check(&sa("8.8.8.8:443")).is_ok());
+        let e = open.check(&sa("127.0.0.1:22")).unwrap_err();
+        assert!(e.contains("loopback"), "{e}");
+        let e = open.check(&sa("8.8.4.4:22")).unwrap_err();
+        assert!(e.contains("own address"), "{e}");
+
+        let allow = [r("127.0.0.0/8:22"), r("*:443")];
+        let p = Policy {
+            allow: &allow,
+            user: None,
+            own: &own,
+        };
+        assert!(p.check(&sa("127.0.0.1:22")).is_ok());
+        assert!(p.check(&sa("8.8.8.8:443")).is_ok());
+        assert!(p
+            .check(&sa("8.8.8.8:80"))
+            .unwrap_err()
+            .contains("no -a rule"));
+        // A whole-space rule restricts ports but does not open the deny list.
+        assert!(p
+            .check(&sa("127.0.0.1:443"))
+            .unwrap_err()
+            .contains("loopback"));
+        assert!(p.check(&sa("127.0.0.1:23")).is_err());
+
+        let user = [r("8.8.8.0/24")];
+        let p = Policy {
+            allow: &[],
+            user: Some(&user),
+            own: &own,
+        };
+        assert!(p.check(&sa("8.8.8.8:443")).is_ok());
+        assert!(p
+            .check(&sa("1.1.1.1:443"))
+            .unwrap_err()
+            .contains("TCPSPLICE_RULES"));
+        // User rules never lift the deny list.
+        let user = [r("127.0.0.1")];
+        let p = Policy {
+            allow: &[],
+            user: Some(&user),
+            own: &own,
+        };
+        assert!(p.check(&sa("127.0.0.1:1")).is_err());
+        assert_eq!(parse_list(" 10.0.0.0/8  *:443 ").unwrap().len(), 2);
+        assert!(parse_list("10.0.0.0/8 bogus").is_err());
+    }
+}
