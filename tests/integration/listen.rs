@@ -677,3 +677,43 @@ fn systemd_socket_activation() {
     }
     panic!("no free port for systemd-socket-activate in 5 attempts");
 }
+
+#[test]
+fn chain_with_dial_and_splice_moves_both_ways_with_half_close() {
+    let (target, taddr) = util::listener();
+    let up_len = 4 << 20;
+    let down_len = 3 << 20;
+    let server = std::thread::spawn(move || {
+        let mut s = util::accept_timeout(&target, LIMIT);
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        // Reads to end of file first: the reply is sent only after the client's half-close
+        // came through, so it must travel back over a half-closed connection.
+        let up = util::recv_hash(&mut s).expect("target reads the upload");
+        let down = util::send_pattern(&mut s, 22, down_len).expect("target replies");
+        util::half_close(&s);
+        (up, down)
+    });
+    let srv = Server::start(&[
+        "127.0.0.1",
+        "0",
+        env!("CARGO_BIN_EXE_tcpsplice-dial"),
+        "127.0.0.1",
+        &taddr.port().to_string(),
+        env!("CARGO_BIN_EXE_tcpsplice"),
+    ]);
+    let mut c = srv.connect();
+    let me = c.local_addr().unwrap().port();
+    let sent = util::send_pattern(&mut c, 11, up_len).expect("client uploads");
+    util::half_close(&c);
+    let got = util::recv_hash(&mut c).expect("client reads the reply");
+    let (up, down) = server.join().expect("target thread");
+    assert_eq!(up, sent, "upload differs at the target{}", srv.show());
+    assert_eq!(got, down, "reply differs at the client{}", srv.show());
+    srv.wait_log(" status=0 ", 1);
+    let log = srv.stop();
+    // The splicer's own end line still names the client, through the dialer.
+    assert!(
+        log.contains(&format!("tcpsplice: info: end client=127.0.0.1:{me} ")),
+        "{log}"
+    );
+}
