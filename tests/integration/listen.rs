@@ -341,6 +341,77 @@ fn ipv6_loopback() {
 }
 
 #[test]
+fn dual_stack_wildcard_shows_ipv4_clients_as_ipv4() {
+    let v6only = std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").unwrap_or_default();
+    if v6only.trim() != "0" {
+        // `::` takes no IPv4 clients on this host: nothing to check.
+        return;
+    }
+    let srv = Server::start(&[
+        "::",
+        "0",
+        "sh",
+        "-c",
+        "printf '%s %s %s' \"$TCPREMOTEIP\" \"$TCPREMOTEPORT\" \"$TCPLOCALIP\"",
+    ]);
+    let mut c = srv.connect();
+    let me = c.local_addr().unwrap().port();
+    let got = String::from_utf8(read_all(&mut c)).unwrap();
+    assert_eq!(got, format!("127.0.0.1 {me} 127.0.0.1"), "{}", srv.show());
+    srv.wait_log(&format!("client=127.0.0.1:{me} status=0"), 1);
+    srv.stop();
+}
+
+#[test]
+fn host_name_is_resolved() {
+    let srv = Server::start(&["localhost", "0", "sh", "-c", "printf '%s' \"$TCPLOCALIP\""]);
+    srv.wait_log("listening on ", 1);
+    let log = srv.log();
+    let addr: SocketAddr = log
+        .split("listening on ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in the log{}", srv.show()));
+    assert!(addr.ip().is_loopback(), "{addr}");
+    let mut c = TcpStream::connect(addr).expect("connect to what localhost resolved to");
+    c.set_read_timeout(Some(LIMIT)).unwrap();
+    let got = String::from_utf8(read_all(&mut c)).unwrap();
+    assert_eq!(got, addr.ip().to_string(), "{}", srv.show());
+    srv.stop();
+}
+
+#[test]
+fn children_hold_no_listener_or_signalfd() {
+    // Every descriptor of the program, as `fd -> target`; only 0 and 1 may be sockets,
+    // and no signalfd may leak (its signals would stay blocked elsewhere).
+    let srv = Server::start(&[
+        "127.0.0.1",
+        "0",
+        "sh",
+        "-c",
+        "for f in /proc/$$/fd/*; do printf '%s -> %s\\n' \"${f##*/}\" \"$(readlink $f)\"; done; \
+         exec grep -E '^Sig(Blk|Ign)' /proc/self/status",
+    ]);
+    let mut c = srv.connect();
+    let got = String::from_utf8(read_all(&mut c)).unwrap();
+    let sockets: Vec<&str> = got.lines().filter(|l| l.contains("socket:")).collect();
+    assert_eq!(sockets.len(), 2, "{got}{}", srv.show());
+    assert!(
+        sockets
+            .iter()
+            .all(|l| l.starts_with("0 ->") || l.starts_with("1 ->")),
+        "{got}"
+    );
+    assert!(!got.contains("signalfd"), "{got}");
+    assert!(
+        got.contains("SigBlk:\t0000000000000000"),
+        "signals still blocked: {got}"
+    );
+    srv.stop();
+}
+
+#[test]
 fn global_limit_defers_the_third_connection() {
     let srv = Server::start(&["-c", "2", "127.0.0.1", "0", "cat"]);
     let mut c1 = srv.connect();
