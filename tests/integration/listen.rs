@@ -19,6 +19,7 @@ struct Server {
     pid: i32,
     port: u16,
     log: Arc<Mutex<String>>,
+    log_reader: Option<std::thread::JoinHandle<()>>,
     desc: String,
 }
 
@@ -40,7 +41,7 @@ impl Server {
         let log = Arc::new(Mutex::new(String::new()));
         let mut err = child.stderr.take().expect("stderr");
         let log2 = log.clone();
-        std::thread::spawn(move || {
+        let log_reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = err.read(&mut buf) {
                 if n == 0 {
@@ -71,6 +72,7 @@ impl Server {
             pid,
             port: 0,
             log,
+            log_reader: Some(log_reader),
             desc,
         };
         match rx.recv_timeout(LIMIT) {
@@ -140,11 +142,19 @@ impl Server {
         }
     }
 
-    /// SIGTERM, then the exit status, which must be 0.
+    /// SIGTERM, then the exit status, which must be 0, and the whole log.
     fn stop(mut self) -> String {
         self.signal(libc::SIGTERM);
         let st = self.wait();
         assert_eq!(st.code(), Some(0), "exit status {st:?}{}", self.show());
+        // Every line is in the pipe once the server is gone; wait (bounded) until the
+        // reader has it all, i.e. until end of file unless a child still holds stderr.
+        if let Some(h) = self.log_reader.take() {
+            let end = Instant::now() + Duration::from_secs(5);
+            while !h.is_finished() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         self.log()
     }
 }
@@ -787,4 +797,24 @@ fn chain_with_dial_and_splice_moves_both_ways_with_half_close() {
         log.contains(&format!("tcpsplice: info: end client=127.0.0.1:{me} ")),
         "{log}"
     );
+}
+
+#[test]
+fn nodelay_option_and_quiet_mode() {
+    let script = "import socket; s = socket.socket(fileno=0); \
+                  print(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0, end='')";
+    for (flag, want) in [("-D", "True"), ("-q", "False")] {
+        let srv = Server::start(&[flag, "127.0.0.1", "0", "python3", "-c", script]);
+        let mut c = srv.connect();
+        let got = String::from_utf8(read_all(&mut c)).unwrap();
+        assert_eq!(got, want, "{flag}{}", srv.show());
+        if flag == "-q" {
+            // The connection has ended; a quiet server logged nothing about it.
+            let log = srv.stop();
+            assert!(!log.contains("info:"), "-q still logs:\n{log}");
+        } else {
+            srv.wait_log(" status=0 ", 1);
+            srv.stop();
+        }
+    }
 }
