@@ -679,6 +679,18 @@ fn usage_and_bind_errors() {
     run(&["-g", "65534", "127.0.0.1", "0", "cat"]).expect_code(100);
     run(&["-u", "no-such-user-here", "127.0.0.1", "0", "cat"]).expect_code(100);
     run(&["no-such-host.invalid", "0", "cat"]).expect_code(100);
+    // Not an address of this host (TEST-NET-1): permanent.
+    run(&["192.0.2.1", "0", "cat"]).expect_code(100);
+    // -U without the variables it reads.
+    util::run(
+        Command::new(BIN)
+            .args(["-U", "127.0.0.1", "0", "cat"])
+            .env_remove("UID")
+            .env_remove("GID")
+            .env("TCPSPLICE_LOG", "stderr"),
+        LIMIT,
+    )
+    .expect_code(100);
     let r = run(&["-", "-", "cat"]);
     r.expect_code(100);
     assert!(r.stderr_text().contains("systemd"), "{}", r.show());
