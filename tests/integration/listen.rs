@@ -830,3 +830,22 @@ fn nodelay_option_and_quiet_mode() {
         }
     }
 }
+
+#[test]
+fn sighup_is_ignored_and_sigint_stops_like_sigterm() {
+    let mut srv = Server::start(&["127.0.0.1", "0", "cat"]);
+    let mut c = srv.connect();
+    assert_eq!(roundtrip(&mut c, b"one"), b"one");
+    srv.signal(libc::SIGHUP);
+    // Still serving, the running connection and a new one alike.
+    let mut c2 = srv.connect();
+    assert_eq!(roundtrip(&mut c2, b"two"), b"two", "{}", srv.show());
+    assert_eq!(roundtrip(&mut c, b"three"), b"three");
+    assert!(srv.running(), "SIGHUP ended the server{}", srv.show());
+    srv.signal(libc::SIGINT);
+    srv.wait_log("stopping:", 1);
+    assert_eq!(roundtrip(&mut c, b"four"), b"four");
+    drop((c, c2));
+    let st = srv.wait();
+    assert_eq!(st.code(), Some(0), "{st:?}{}", srv.show());
+}
