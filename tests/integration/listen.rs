@@ -849,3 +849,45 @@ fn sighup_is_ignored_and_sigint_stops_like_sigterm() {
     let st = srv.wait();
     assert_eq!(st.code(), Some(0), "{st:?}{}", srv.show());
 }
+
+#[test]
+fn man_page_documents_every_option() {
+    let r = util::run(Command::new(BIN).arg("-h"), LIMIT);
+    r.expect_code(0);
+    let usage = String::from_utf8_lossy(&r.stdout).into_owned();
+    let man = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/man/tcpsplice-listen.1"
+    ))
+    .expect("man page");
+    // Every letter after a `-` in the usage line: flags like [-1Dhq] and [-b backlog].
+    let mut letters = Vec::new();
+    for word in usage.split(['[', ']', ' ']) {
+        if let Some(opts) = word.strip_prefix('-') {
+            letters.extend(opts.chars().filter(|c| c.is_ascii_alphanumeric()));
+        }
+    }
+    assert!(letters.len() >= 10, "usage parsed badly: {usage}");
+    for l in letters {
+        let entry = [format!(".B \\-{l}\n"), format!(".BI \\-{l} ")];
+        assert!(
+            entry.iter().any(|e| man.contains(e.as_str())),
+            "man page has no entry for -{l}"
+        );
+    }
+    for section in [
+        "NAME",
+        "SYNOPSIS",
+        "DESCRIPTION",
+        "OPTIONS",
+        "ENVIRONMENT",
+        "EXIT STATUS",
+        "EXAMPLES",
+        "SEE ALSO",
+    ] {
+        assert!(
+            man.contains(&format!(".SH {section}\n")),
+            "no {section} section"
+        );
+    }
+}
