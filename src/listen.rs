@@ -216,9 +216,13 @@ impl Supervisor<'_> {
     /// Second SIGTERM/SIGINT: pass SIGTERM on to every connection and leave.
     fn terminate(&mut self) -> ! {
         for &pid in self.children.keys() {
+            // SIGCONT too, as s6 does: a stopped program would not act on SIGTERM.
             // SAFETY: kill takes integers; the pid is a child not yet reaped, so it
             // cannot have been reused.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+                libc::kill(pid, libc::SIGCONT);
+            }
         }
         if !self.cfg.quiet {
             diag::info(&format!(
@@ -303,8 +307,27 @@ impl Supervisor<'_> {
                         diag::die_sys(exit::TEMP, "accept", &e)
                     }
                     // Linux reports pending network errors of the new connection
-                    // through accept (accept(2), "Error handling"): skip that one.
-                    _ => continue,
+                    // through accept (accept(2), "Error handling"), and a firewall
+                    // may refuse it: that connection is gone, try the next one.
+                    Some(
+                        libc::ENETDOWN
+                        | libc::EPROTO
+                        | libc::ENOPROTOOPT
+                        | libc::EHOSTDOWN
+                        | libc::ENONET
+                        | libc::EHOSTUNREACH
+                        | libc::EOPNOTSUPP
+                        | libc::ENETUNREACH
+                        | libc::ECONNRESET
+                        | libc::ETIMEDOUT
+                        | libc::EPERM,
+                    ) => continue,
+                    // Anything else might not consume the pending connection, and
+                    // retrying at once could spin: pause as for a shortage.
+                    _ => {
+                        self.pause("accept", &e);
+                        return;
+                    }
                 },
             }
         }
