@@ -175,13 +175,10 @@ impl Supervisor<'_> {
             // Reaping on every wakeup costs one waitpid and makes a lost SIGCHLD harmless.
             self.reap();
             if accepting && !self.stopping {
-                let ready: Vec<RawFd> = pfds[1..]
-                    .iter()
-                    .filter(|p| p.revents != 0)
-                    .map(|p| p.fd)
-                    .collect();
-                for fd in ready {
-                    self.accept_from(fd);
+                for p in &pfds[1..] {
+                    if p.revents != 0 {
+                        self.accept_from(p.fd);
+                    }
                 }
             }
         }
