@@ -10,6 +10,8 @@
 //! - [`args`]: option values shared by the programs (durations, fds, sizes);
 //! - [`conninfo`]: who is on each end, from the UCSPI environment;
 //! - [`relay`]: the splicer's data path;
+//! - [`listen`], [`listensock`], [`privdrop`]: tcpsplice-listen's supervisor loop, its
+//!   listening sockets (bound or from systemd) and its drop of privileges;
 //! - [`rules`]: which client-chosen targets may be reached (allow rules, deny list);
 //! - [`dial`], [`connect`], [`reply`], [`proxyproto`]: the dialer, its Happy Eyeballs
 //!   connect, the SOCKS/HTTP answer it sends a waiting client, and the PROXY protocol
@@ -22,6 +24,9 @@ pub mod conninfo;
 pub mod diag;
 pub mod dial;
 pub mod exit;
+pub mod listen;
+pub mod listensock;
+pub mod privdrop;
 pub mod proxyproto;
 pub mod relay;
 pub mod reply;

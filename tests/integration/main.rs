@@ -4,4 +4,5 @@
 mod util;
 
 mod dial;
+mod listen;
 mod splice;
