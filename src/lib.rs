@@ -13,18 +13,23 @@
 //! - [`rules`]: which client-chosen targets may be reached (allow rules, deny list);
 //! - tcpsplice-auth's: [`handshake`] (protocol detection, the request, the environment),
 //!   [`socks5`], [`socks4`], [`httpconnect`], [`users`] (the users file), [`password`]
-//!   (hash formats, verification) and [`checkpassword`] (delegating the check).
+//!   (hash formats, verification) and [`checkpassword`] (delegating the check);
+//! - [`dial`], [`reply`], [`proxyproto`]: the dialer, the SOCKS/HTTP answer it sends a
+//!   waiting client, and the PROXY protocol header it can send the target.
 
 pub mod args;
 pub mod chain;
 pub mod checkpassword;
 pub mod conninfo;
 pub mod diag;
+pub mod dial;
 pub mod exit;
 pub mod handshake;
 pub mod httpconnect;
 pub mod password;
+pub mod proxyproto;
 pub mod relay;
+pub mod reply;
 pub mod rules;
 pub mod socks4;
 pub mod socks5;

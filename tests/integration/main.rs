@@ -4,4 +4,5 @@
 mod util;
 
 mod auth;
+mod dial;
 mod splice;
