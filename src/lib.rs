@@ -15,7 +15,9 @@
 //!   [`socks5`], [`socks4`], [`httpconnect`], [`users`] (the users file), [`password`]
 //!   (hash formats, verification) and [`checkpassword`] (delegating the check);
 //! - [`dial`], [`reply`], [`proxyproto`]: the dialer, the SOCKS/HTTP answer it sends a
-//!   waiting client, and the PROXY protocol header it can send the target.
+//!   waiting client, and the PROXY protocol header it can send the target;
+//! - [`listen`], [`listensock`], [`privdrop`]: tcpsplice-listen's supervisor loop, its
+//!   listening sockets (bound or from systemd) and its drop of privileges.
 
 pub mod args;
 pub mod chain;
@@ -28,6 +30,9 @@ pub mod handshake;
 pub mod httpconnect;
 pub mod password;
 pub mod proxyproto;
+pub mod listen;
+pub mod listensock;
+pub mod privdrop;
 pub mod relay;
 pub mod reply;
 pub mod rules;

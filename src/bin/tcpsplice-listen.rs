@@ -1,0 +1,170 @@
+//! tcpsplice-listen: accepts TCP connections and runs PROG... for each one with the
+//! connection on fds 0 and 1. See man/tcpsplice-listen.1.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+
+use tcpsplice::listen::{self, Config};
+use tcpsplice::privdrop::{self, Ids};
+use tcpsplice::{args, diag, exit, listensock, sys};
+
+const USAGE: &str = "tcpsplice-listen [-1Dhq] [-b backlog] [-c max] [-C max_per_ip] \
+                     [-u user] [-g group] [-U] HOST PORT PROG...";
+
+fn main() {
+    diag::init("tcpsplice-listen");
+    listen::ensure_std_fds();
+    let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let mut o = getopts::Options::new();
+    o.parsing_style(getopts::ParsingStyle::StopAtFirstFree);
+    o.optflag("h", "", "help");
+    o.optflag("1", "", "print the bound port on stdout");
+    o.optflag("D", "", "set TCP_NODELAY on every connection");
+    o.optflag("q", "", "no per-connection log lines");
+    o.optopt("b", "", "listen backlog", "N");
+    o.optopt("c", "", "most connections at once", "N");
+    o.optopt("C", "", "most connections at once per client IP", "N");
+    o.optopt("u", "", "run as this user (name or uid)", "USER");
+    o.optopt("g", "", "run as this group (name or gid)", "GROUP");
+    o.optflag("U", "", "run as $UID and $GID");
+    let m = match o.parse(&argv) {
+        Ok(m) => m,
+        Err(e) => diag::usage(&format!("{e}: {USAGE}")),
+    };
+    if m.opt_present("h") {
+        diag::help(&format!("usage: {USAGE}\n"));
+    }
+    if m.free.len() < 3 {
+        diag::usage(USAGE);
+    }
+    let num = |name: &str, default: usize, min: usize, max: usize| match m.opt_str(name) {
+        None => default,
+        Some(s) => args::number(&s, min, max).unwrap_or_else(|| {
+            diag::usage(&format!("-{name}: not a number from {min} to {max}: {s}"))
+        }),
+    };
+    let backlog = num("b", 128, 1, 65535) as i32;
+    let max_conns = num("c", 100, 1, 100_000);
+    let max_per_ip = m.opt_present("C").then(|| num("C", 0, 1, 100_000));
+    let ids = identity(&m);
+    let (host, port) = (m.free[0].as_str(), m.free[1].as_str());
+    // PROG... is the tail of the command line, kept as given (it need not be UTF-8).
+    let prog: Vec<OsString> = argv[argv.len() - (m.free.len() - 2)..].to_vec();
+
+    let listeners = if host == "-" && port == "-" {
+        listensock::from_systemd()
+    } else if host == "-" || port == "-" {
+        diag::usage(&format!(
+            "HOST and PORT must both be - for socket activation: {USAGE}"
+        ))
+    } else {
+        let port: u16 = args::number(port, 0, 65535)
+            .unwrap_or_else(|| diag::usage(&format!("not a port number: {port}")));
+        let passed = listensock::close_activation_fds();
+        if passed > 0 {
+            diag::warn(&format!(
+                "closed {passed} sockets passed by systemd: HOST PORT were given, not - -"
+            ));
+        }
+        listensock::resolve(host)
+            .and_then(|ip| listensock::bind(&SocketAddr::new(ip, port), backlog))
+            .map(|fd| vec![fd])
+    };
+    let listeners = listeners.unwrap_or_else(|f| diag::die(f.code, &f.msg));
+    listen::clean_environment();
+
+    let mut bound = Vec::new();
+    for &fd in &listeners {
+        match sys::local_addr(fd) {
+            Ok(Some(a)) => bound.push(a),
+            Ok(None) => diag::die(exit::USAGE, &format!("fd {fd} is not a TCP/IP socket")),
+            Err(e) => diag::die_sys(exit::TEMP, "get the bound address", &e),
+        }
+    }
+    if m.opt_present("1") {
+        let text: String = bound.iter().map(|a| format!("{}\n", a.port())).collect();
+        if let Err(e) = sys::write_all(1, text.as_bytes()) {
+            diag::die_sys(exit::TEMP, "print the bound port", &e);
+        }
+    }
+    if let Some(ids) = ids {
+        if let Err((step, e)) = privdrop::drop_to(ids) {
+            let code = if e.raw_os_error() == Some(libc::EPERM) {
+                exit::USAGE
+            } else {
+                exit::TEMP
+            };
+            diag::die_sys(
+                code,
+                &format!(
+                    "drop privileges to uid {} gid {} ({step})",
+                    ids.uid, ids.gid
+                ),
+                &e,
+            );
+        }
+    }
+    let cfg = Config {
+        max_conns,
+        max_per_ip,
+        nodelay: m.opt_present("D"),
+        quiet: m.opt_present("q"),
+        prog,
+    };
+    if !cfg.quiet {
+        let addrs: Vec<String> = bound.iter().map(|a| a.to_string()).collect();
+        diag::info(&format!(
+            "listening on {} max={}{}",
+            addrs.join(" "),
+            cfg.max_conns,
+            cfg.max_per_ip
+                .map(|n| format!(" max_per_ip={n}"))
+                .unwrap_or_default()
+        ));
+    }
+    listen::serve(listeners, &cfg)
+}
+
+/// The identity from -u/-g or -U, looked up before binding so a typo fails early.
+fn identity(m: &getopts::Matches) -> Option<Ids> {
+    let (u, g) = (m.opt_str("u"), m.opt_str("g"));
+    if m.opt_present("U") {
+        if u.is_some() || g.is_some() {
+            diag::usage("-U excludes -u and -g");
+        }
+        let var = |name: &str| {
+            let v = std::env::var(name).unwrap_or_default();
+            v.parse::<u32>()
+                .unwrap_or_else(|_| diag::usage(&format!("-U: ${name} is not a number: {v:?}")))
+        };
+        return Some(Ids {
+            uid: var("UID"),
+            gid: var("GID"),
+        });
+    }
+    let group = g.map(|g| match g.parse::<u32>() {
+        Ok(gid) => gid,
+        Err(_) => match privdrop::group(&g) {
+            Ok(Some(gid)) => gid,
+            Ok(None) => diag::usage(&format!("-g: no such group: {g}")),
+            Err(e) => diag::die_sys(exit::TEMP, &format!("look up group {g}"), &e),
+        },
+    });
+    let user = u.map(|u| match u.parse::<u32>() {
+        Ok(uid) => Ids {
+            uid,
+            gid: group.unwrap_or_else(|| diag::usage("-u with a numeric uid needs -g")),
+        },
+        Err(_) => match privdrop::user(&u) {
+            Ok(Some(ids)) => ids,
+            Ok(None) => diag::usage(&format!("-u: no such user: {u}")),
+            Err(e) => diag::die_sys(exit::TEMP, &format!("look up user {u}"), &e),
+        },
+    });
+    match (user, group) {
+        (Some(ids), Some(gid)) => Some(Ids { gid, ..ids }),
+        (Some(ids), None) => Some(ids),
+        (None, Some(_)) => diag::usage("-g needs -u"),
+        (None, None) => None,
+    }
+}

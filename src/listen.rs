@@ -1,0 +1,388 @@
+//! The supervisor of tcpsplice-listen: accepts connections and starts `PROG...` once per
+//! connection with the client socket on fds 0 and 1 and the UCSPI variables set.
+//!
+//! One single-threaded poll loop watches a signalfd (SIGCHLD, SIGTERM, SIGINT, SIGHUP)
+//! and the listening sockets. Limits are kept by not polling the listeners: at the
+//! global limit new clients wait in the kernel's backlog instead of being accepted and
+//! dropped. Between accept and exec the parent only forks and closes; the child does
+//! the rest (descriptors, environment, signal mask) and execs.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::io::RawFd;
+use std::time::{Duration, Instant};
+
+use crate::{chain, conninfo, diag, exit, listensock, sys};
+
+/// How long accepting pauses after the process or system ran out of descriptors or
+/// memory, or could not fork: long enough not to spin, short enough to catch up.
+const PAUSE: Duration = Duration::from_millis(100);
+
+/// The longest a poll waits: a safety net for reaping, not a deadline.
+const TICK: Duration = Duration::from_secs(1);
+
+/// Most connections accepted from one listener per wakeup, so signals and the other
+/// listeners get their turn under a flood.
+const BATCH: usize = 32;
+
+/// Variables that describe one connection. Inherited by the supervisor from wherever it
+/// was started, they would describe no connection of ours, so they are removed.
+const STALE_VARS: [&str; 7] = [
+    "TCPSPLICE_CLIENT",
+    "TCPSPLICE_TARGET",
+    "TCPSPLICE_USER",
+    "TCPSPLICE_REPLY",
+    "TCPREMOTEHOST",
+    "TCPREMOTEINFO",
+    "TCPLOCALHOST",
+];
+
+/// What the supervisor is told to do.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Most connections served at once (`-c`).
+    pub max_conns: usize,
+    /// Most connections served at once per client IP address (`-C`), if limited.
+    pub max_per_ip: Option<usize>,
+    /// Set TCP_NODELAY on every connection (`-D`).
+    pub nodelay: bool,
+    /// No per-connection log lines (`-q`).
+    pub quiet: bool,
+    /// The program to run per connection and its arguments.
+    pub prog: Vec<OsString>,
+}
+
+struct Conn {
+    client: SocketAddr,
+    ip: IpAddr,
+    start: Instant,
+}
+
+struct Supervisor<'a> {
+    cfg: &'a Config,
+    listeners: Vec<RawFd>,
+    signals: sys::SignalFd,
+    children: HashMap<libc::pid_t, Conn>,
+    per_ip: HashMap<IpAddr, usize>,
+    /// Accepting is paused until then (out of fds, memory or processes).
+    paused_until: Option<Instant>,
+    /// A shortage was already reported and has not ended yet: warn once per episode.
+    shortage_warned: bool,
+    stopping: bool,
+}
+
+/// Makes sure fds 0, 1 and 2 are open, on /dev/null if need be: otherwise a listening
+/// socket could land on one of them and be clobbered by a child's dup2.
+pub fn ensure_std_fds() {
+    for fd in 0..3 {
+        if !sys::fd_is_open(fd) {
+            // SAFETY: the path is a NUL-terminated literal; open returns the lowest
+            // free descriptor, which is `fd` since the ones below it are open.
+            unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+        }
+    }
+}
+
+/// Removes the variables that would mislead the programs run per connection.
+pub fn clean_environment() {
+    for v in STALE_VARS {
+        std::env::remove_var(v);
+    }
+    listensock::unset_activation_env();
+}
+
+/// An IPv4 client reached through an IPv6 socket (`::ffff:a.b.c.d`) is counted, logged
+/// and exported as the IPv4 address it is.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn show(addr: &SocketAddr) -> String {
+    conninfo::join_host_port(&conninfo::ip_text(addr.ip()), &addr.port().to_string())
+}
+
+/// Serves connections on `listeners` until stopped by signals; exits the process.
+pub fn serve(listeners: Vec<RawFd>, cfg: &Config) -> ! {
+    // A client that vanishes must not kill the supervisor; children get SIGPIPE back
+    // (chain::exec restores it).
+    sys::signal_ignore(libc::SIGPIPE, true);
+    let signals =
+        match sys::SignalFd::new(&[libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP]) {
+            Ok(s) => s,
+            Err(e) => diag::die_sys(exit::TEMP, "create a signalfd", &e),
+        };
+    let mut sup = Supervisor {
+        cfg,
+        listeners,
+        signals,
+        children: HashMap::new(),
+        per_ip: HashMap::new(),
+        paused_until: None,
+        shortage_warned: false,
+        stopping: false,
+    };
+    sup.run()
+}
+
+impl Supervisor<'_> {
+    fn run(&mut self) -> ! {
+        let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(1 + self.listeners.len());
+        loop {
+            if self.stopping && self.children.is_empty() {
+                if !self.cfg.quiet {
+                    diag::info("stopped: all connections ended");
+                }
+                std::process::exit(exit::OK);
+            }
+            let now = Instant::now();
+            if self.paused_until.is_some_and(|t| now >= t) {
+                self.paused_until = None;
+            }
+            let accepting = !self.stopping
+                && self.paused_until.is_none()
+                && self.children.len() < self.cfg.max_conns;
+            pfds.clear();
+            pfds.push(libc::pollfd {
+                fd: self.signals.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            if accepting {
+                pfds.extend(self.listeners.iter().map(|&fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                }));
+            }
+            let timeout = match self.paused_until {
+                Some(t) if !self.stopping => t.saturating_duration_since(now).min(TICK),
+                _ => TICK,
+            };
+            if let Err(e) = sys::poll(&mut pfds, Some(timeout)) {
+                diag::die_sys(exit::TEMP, "poll", &e);
+            }
+            if pfds[0].revents != 0 {
+                self.take_signals();
+            }
+            // Reaping on every wakeup costs one waitpid and makes a lost SIGCHLD harmless.
+            self.reap();
+            if accepting && !self.stopping {
+                let ready: Vec<RawFd> = pfds[1..]
+                    .iter()
+                    .filter(|p| p.revents != 0)
+                    .map(|p| p.fd)
+                    .collect();
+                for fd in ready {
+                    self.accept_from(fd);
+                }
+            }
+        }
+    }
+
+    fn take_signals(&mut self) {
+        while let Some(sig) = self.signals.take() {
+            match sig {
+                libc::SIGTERM | libc::SIGINT if !self.stopping => self.stop(),
+                libc::SIGTERM | libc::SIGINT => self.terminate(),
+                // SIGCHLD: reaped by the caller. SIGHUP: nothing to reload.
+                _ => {}
+            }
+        }
+    }
+
+    /// First SIGTERM/SIGINT: refuse new connections (closing the listeners resets the
+    /// clients waiting in the backlog) and let the running ones finish.
+    fn stop(&mut self) {
+        self.stopping = true;
+        for fd in self.listeners.drain(..) {
+            sys::close(fd);
+        }
+        if !self.cfg.quiet {
+            diag::info(&format!(
+                "stopping: no longer accepting, waiting for {} connections",
+                self.children.len()
+            ));
+        }
+    }
+
+    /// Second SIGTERM/SIGINT: pass SIGTERM on to every connection and leave.
+    fn terminate(&mut self) -> ! {
+        for &pid in self.children.keys() {
+            // SAFETY: kill takes integers; the pid is a child not yet reaped, so it
+            // cannot have been reused.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        if !self.cfg.quiet {
+            diag::info(&format!(
+                "terminating: sent SIGTERM to {} connections",
+                self.children.len()
+            ));
+        }
+        std::process::exit(exit::OK)
+    }
+
+    fn reap(&mut self) {
+        loop {
+            let mut status: libc::c_int = 0;
+            // SAFETY: waitpid writes the status into an int we own.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid <= 0 {
+                // 0: children still running; -1: ECHILD (none left) or EINTR, both
+                // fine to leave to the next wakeup.
+                return;
+            }
+            let Some(conn) = self.children.remove(&pid) else {
+                continue;
+            };
+            if let Some(n) = self.per_ip.get_mut(&conn.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_ip.remove(&conn.ip);
+                }
+            }
+            if !self.cfg.quiet {
+                let how = if libc::WIFEXITED(status) {
+                    format!("status={}", libc::WEXITSTATUS(status))
+                } else if libc::WIFSIGNALED(status) {
+                    format!("signal={}", libc::WTERMSIG(status))
+                } else {
+                    format!("wait={status}")
+                };
+                diag::info(&format!(
+                    "end pid={pid} client={} {how} secs={:.3} count={}/{}",
+                    show(&conn.client),
+                    conn.start.elapsed().as_secs_f64(),
+                    self.children.len(),
+                    self.cfg.max_conns
+                ));
+            }
+        }
+    }
+
+    fn pause(&mut self, what: &str, e: &io::Error) {
+        if !self.shortage_warned {
+            diag::warn(&format!(
+                "unable to {what}: {}; pausing accepts for {} ms at a time until it works",
+                sys::strerror(e),
+                PAUSE.as_millis()
+            ));
+            self.shortage_warned = true;
+        }
+        self.paused_until = Some(Instant::now() + PAUSE);
+    }
+
+    fn accept_from(&mut self, lfd: RawFd) {
+        for _ in 0..BATCH {
+            if self.children.len() >= self.cfg.max_conns || self.paused_until.is_some() {
+                return;
+            }
+            match listensock::accept(lfd) {
+                Ok((fd, Some(peer))) => {
+                    self.shortage_warned = false;
+                    self.start(fd, peer);
+                }
+                // Not an IP peer: cannot happen on a TCP listener; drop it.
+                Ok((fd, None)) => sys::close(fd),
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EAGAIN) => return,
+                    Some(libc::EINTR | libc::ECONNABORTED) => continue,
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                        self.pause("accept", &e);
+                        return;
+                    }
+                    // Descriptor-level errors mean the listener itself is gone.
+                    Some(libc::EBADF | libc::ENOTSOCK | libc::EINVAL | libc::EFAULT) => {
+                        diag::die_sys(exit::TEMP, "accept", &e)
+                    }
+                    // Linux reports pending network errors of the new connection
+                    // through accept (accept(2), "Error handling"): skip that one.
+                    _ => continue,
+                },
+            }
+        }
+    }
+
+    fn start(&mut self, fd: RawFd, peer: SocketAddr) {
+        let ip = canonical(peer.ip());
+        let client = SocketAddr::new(ip, peer.port());
+        let here = self.per_ip.get(&ip).copied().unwrap_or(0);
+        if let Some(max) = self.cfg.max_per_ip {
+            if here >= max {
+                sys::close(fd);
+                if !self.cfg.quiet {
+                    diag::info(&format!(
+                        "reject client={} per-source limit {here}/{max}",
+                        show(&client)
+                    ));
+                }
+                return;
+            }
+        }
+        // SAFETY: the supervisor is single-threaded, so the child is a complete copy
+        // and may run ordinary code until it execs.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            self.child(fd, client)
+        }
+        sys::close(fd);
+        if pid < 0 {
+            let e = io::Error::last_os_error();
+            self.pause("fork", &e);
+            return;
+        }
+        self.children.insert(
+            pid,
+            Conn {
+                client,
+                ip,
+                start: Instant::now(),
+            },
+        );
+        *self.per_ip.entry(ip).or_insert(0) += 1;
+        if !self.cfg.quiet {
+            diag::info(&format!(
+                "accept pid={pid} client={} count={}/{}",
+                show(&client),
+                self.children.len(),
+                self.cfg.max_conns
+            ));
+        }
+    }
+
+    /// In the child: the socket onto 0 and 1, the environment, default signals, exec.
+    fn child(&self, fd: RawFd, client: SocketAddr) -> ! {
+        // The signalfd works by blocking its signals; a program that inherited the mask
+        // would never see SIGTERM or SIGCHLD.
+        // SAFETY: sigset_t is plain data, initialised by sigemptyset; SETMASK to the
+        // empty set unblocks everything.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        }
+        if let Err(e) = sys::fd_copy(0, fd).and_then(|()| sys::fd_copy(1, fd)) {
+            diag::die_sys(exit::TEMP, "move the connection to fds 0 and 1", &e);
+        }
+        if fd > 1 {
+            sys::close(fd);
+        }
+        if self.cfg.nodelay {
+            let _ = sys::setsockopt_int(0, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+        }
+        // The local address is per connection when bound to a wildcard address.
+        match sys::local_addr(0) {
+            Ok(Some(local)) => {
+                let local = SocketAddr::new(canonical(local.ip()), local.port());
+                conninfo::set_ucspi(&local, &client);
+            }
+            Ok(None) => diag::die(exit::TEMP, "connection is not an IP socket"),
+            Err(e) => diag::die_sys(exit::TEMP, "get the local address", &e),
+        }
+        chain::exec(&self.cfg.prog)
+    }
+}

@@ -1,0 +1,247 @@
+//! The listening sockets of tcpsplice-listen: bound here from HOST PORT, or handed over
+//! by systemd socket activation (`LISTEN_FDS`, `Accept=no`). Every listening socket is
+//! non-blocking (the supervisor polls it) and close-on-exec (no child ever holds it, so
+//! closing it really refuses new connections).
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::mem::size_of;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::io::RawFd;
+
+use crate::{exit, sys};
+
+/// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
+const SD_LISTEN_FDS_START: RawFd = 3;
+
+/// The variables of the activation protocol; whoever consumes the sockets unsets them,
+/// since exec keeps the pid and every later link would otherwise believe them.
+pub const ACTIVATION_VARS: [&str; 3] = ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"];
+
+/// A failure with the exit code it deserves and the message that explains it.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub msg: String,
+}
+
+impl Failure {
+    fn new(code: i32, msg: String) -> Failure {
+        Failure { code, msg }
+    }
+}
+
+/// The address to bind for HOST: an IP literal as is (brackets allowed around IPv6), a
+/// name through getaddrinfo, whose first IP address wins.
+pub fn resolve(host: &str) -> Result<IpAddr, Failure> {
+    let literal = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if let Ok(ip) = literal.parse::<IpAddr>() {
+        return Ok(ip);
+    }
+    let Ok(name) = CString::new(host) else {
+        return Err(Failure::new(
+            exit::USAGE,
+            "unable to resolve a host name containing a NUL byte".into(),
+        ));
+    };
+    // SAFETY: all-zero is a valid addrinfo hints structure (no flags, any family).
+    let mut hints: libc::addrinfo = unsafe { std::mem::zeroed() };
+    hints.ai_socktype = libc::SOCK_STREAM;
+    let mut res: *mut libc::addrinfo = std::ptr::null_mut();
+    // SAFETY: `name` is NUL-terminated, `hints` lives across the call, and `res` receives
+    // a list we free below with freeaddrinfo.
+    let rc = unsafe { libc::getaddrinfo(name.as_ptr(), std::ptr::null(), &hints, &mut res) };
+    if rc != 0 {
+        let why = if rc == libc::EAI_SYSTEM {
+            sys::strerror(&io::Error::last_os_error())
+        } else {
+            // SAFETY: gai_strerror returns a static NUL-terminated string.
+            unsafe { CStr::from_ptr(libc::gai_strerror(rc)) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        // A DNS server that cannot be reached now may answer later; a name that does
+        // not exist will not.
+        let code = match rc {
+            libc::EAI_AGAIN | libc::EAI_SYSTEM | libc::EAI_MEMORY => exit::TEMP,
+            _ => exit::USAGE,
+        };
+        return Err(Failure::new(
+            code,
+            format!("unable to resolve {host}: {why}"),
+        ));
+    }
+    let mut found = None;
+    let mut cur = res;
+    while !cur.is_null() && found.is_none() {
+        // SAFETY: `cur` is a non-null node of the list getaddrinfo returned.
+        let ai = unsafe { &*cur };
+        let len = ai.ai_addrlen as usize;
+        if !ai.ai_addr.is_null() && len <= size_of::<libc::sockaddr_storage>() {
+            // SAFETY: all-zero is a valid sockaddr_storage.
+            let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+            // SAFETY: ai_addr points to ai_addrlen bytes, which fit in `ss` (checked).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    ai.ai_addr.cast::<u8>(),
+                    (&mut ss as *mut libc::sockaddr_storage).cast::<u8>(),
+                    len,
+                )
+            };
+            found = sys::sockaddr_to_std(&ss).map(|a| a.ip());
+        }
+        cur = ai.ai_next;
+    }
+    // SAFETY: `res` came from a successful getaddrinfo and is freed once.
+    unsafe { libc::freeaddrinfo(res) };
+    found.ok_or_else(|| Failure::new(exit::USAGE, format!("no IP address for {host}")))
+}
+
+/// Binds a listening TCP socket on `addr` with SO_REUSEADDR (so a restart does not wait
+/// for old connections in TIME_WAIT). A port already in use or a shortage of resources
+/// may go away: 111; a forbidden port or an address that is not ours will not: 100.
+pub fn bind(addr: &SocketAddr, backlog: i32) -> Result<RawFd, Failure> {
+    let family = match addr {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    let fail = |what: &str, e: io::Error| {
+        let code = match e.raw_os_error() {
+            Some(libc::EACCES | libc::EPERM | libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT) => {
+                exit::USAGE
+            }
+            _ => exit::TEMP,
+        };
+        Failure::new(
+            code,
+            format!("unable to {what} {addr}: {}", sys::strerror(&e)),
+        )
+    };
+    // SAFETY: socket takes integers only.
+    let fd = sys::cvt(unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    })
+    .map_err(|e| fail("create a socket for", e))?;
+    let done = (|| {
+        sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)
+            .map_err(|e| fail("set SO_REUSEADDR on", e))?;
+        let (ss, len) = sys::std_to_sockaddr(addr);
+        // SAFETY: `ss` holds a sockaddr of `len` bytes that we own.
+        sys::cvt(unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) })
+            .map_err(|e| fail("bind to", e))?;
+        // SAFETY: listen takes integers only.
+        sys::cvt(unsafe { libc::listen(fd, backlog) }).map_err(|e| fail("listen on", e))?;
+        Ok(())
+    })();
+    match done {
+        Ok(()) => Ok(fd),
+        Err(f) => {
+            sys::close(fd);
+            Err(f)
+        }
+    }
+}
+
+/// Whether systemd passed sockets to this very process: `LISTEN_PID` is our pid.
+pub fn activation_is_ours() -> bool {
+    let pid = std::env::var("LISTEN_PID").ok();
+    // SAFETY: getpid cannot fail.
+    let me = unsafe { libc::getpid() };
+    pid.and_then(|p| p.parse::<libc::pid_t>().ok()) == Some(me)
+}
+
+/// The number of sockets systemd says it passed (0 when the variables are not ours).
+fn activation_count() -> Result<RawFd, Failure> {
+    if !activation_is_ours() {
+        return Ok(0);
+    }
+    let n = std::env::var("LISTEN_FDS").unwrap_or_default();
+    n.parse::<RawFd>()
+        .ok()
+        .filter(|&n| (0..=4096).contains(&n))
+        .ok_or_else(|| Failure::new(exit::USAGE, format!("LISTEN_FDS is not a count: {n:?}")))
+}
+
+/// Takes the listening sockets systemd passed (fds 3 onwards), checks that each one is a
+/// listening stream socket (`Accept=no`), makes them non-blocking and close-on-exec.
+pub fn from_systemd() -> Result<Vec<RawFd>, Failure> {
+    let n = activation_count()?;
+    if n == 0 {
+        return Err(Failure::new(
+            exit::USAGE,
+            "HOST PORT are - - but systemd passed no socket to this process \
+             (LISTEN_PID/LISTEN_FDS missing or not ours)"
+                .into(),
+        ));
+    }
+    let mut fds = Vec::new();
+    for fd in SD_LISTEN_FDS_START..SD_LISTEN_FDS_START + n {
+        let stream = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE);
+        let listening = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN);
+        if stream.ok() != Some(libc::SOCK_STREAM) || listening.ok() != Some(1) {
+            return Err(Failure::new(
+                exit::USAGE,
+                format!(
+                    "fd {fd} from systemd is not a listening stream socket \
+                     (the socket unit needs Accept=no and ListenStream=)"
+                ),
+            ));
+        }
+        let setup = sys::set_cloexec(fd, true).and_then(|()| sys::set_nonblocking(fd, true));
+        if let Err(e) = setup {
+            return Err(Failure::new(
+                exit::TEMP,
+                format!(
+                    "unable to set up fd {fd} from systemd: {}",
+                    sys::strerror(&e)
+                ),
+            ));
+        }
+        fds.push(fd);
+    }
+    Ok(fds)
+}
+
+/// Closes the sockets systemd passed when HOST PORT were given instead, so that no
+/// child inherits them. Returns how many there were.
+pub fn close_activation_fds() -> RawFd {
+    let n = activation_count().unwrap_or(0);
+    for fd in SD_LISTEN_FDS_START..SD_LISTEN_FDS_START + n {
+        sys::close(fd);
+    }
+    n
+}
+
+/// Removes the activation variables: the sockets are consumed, and a child (same or
+/// another pid) must not believe it was passed any.
+pub fn unset_activation_env() {
+    for v in ACTIVATION_VARS {
+        std::env::remove_var(v);
+    }
+}
+
+/// accept4 with close-on-exec: the new socket and the client's address.
+pub fn accept(fd: RawFd) -> io::Result<(RawFd, Option<SocketAddr>)> {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: accept4 writes at most `len` bytes into the storage we own. The new socket
+    // is blocking (Linux does not inherit O_NONBLOCK from the listener), as the programs
+    // of the chain expect.
+    let s = sys::cvt(unsafe {
+        libc::accept4(
+            fd,
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+            libc::SOCK_CLOEXEC,
+        )
+    })?;
+    Ok((s, sys::sockaddr_to_std(&ss)))
+}
