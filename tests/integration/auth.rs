@@ -866,3 +866,571 @@ fn checkpassword_delegation() {
     assert_eq!(got, b"\x05\x02\x01\x01", "{}", r.show());
     assert!(r.stderr_text().contains("did not answer"), "{}", r.show());
 }
+
+// ---------------------------------------------------------------- the whole chain
+
+const LISTEN: &str = env!("CARGO_BIN_EXE_tcpsplice-listen");
+const DIAL: &str = env!("CARGO_BIN_EXE_tcpsplice-dial");
+const SPLICE: &str = env!("CARGO_BIN_EXE_tcpsplice");
+
+/// A target on loopback: answers `GET` with a 200 and a pattern body, echoes anything
+/// else back. Runs until the test process ends.
+struct Target {
+    port: u16,
+    body: Vec<u8>,
+}
+
+fn target() -> Target {
+    let (l, a) = util::listener();
+    let body = util::pattern(42, 256 * 1024);
+    let b = body.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let b = b.clone();
+            std::thread::spawn(move || serve(s, &b));
+        }
+    });
+    Target {
+        port: a.port(),
+        body,
+    }
+}
+
+fn serve(mut s: TcpStream, body: &[u8]) {
+    let _ = s.set_read_timeout(Some(LIMIT));
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    while got.len() < 4 {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    if got.starts_with(b"GET ") {
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") && !got.windows(2).any(|w| w == b"\n\n") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let head = format!(
+            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = s.write_all(head.as_bytes());
+        let _ = s.write_all(body);
+    } else {
+        let _ = s.write_all(&got);
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let _ = s.shutdown(std::net::Shutdown::Write);
+}
+
+/// tcpsplice-listen running the chain on an ephemeral port; killed when dropped.
+struct Proxy {
+    child: Option<std::process::Child>,
+    port: u16,
+    log: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Proxy {
+    fn start(auth_opts: &[&str], dial_rules: &[String]) -> Proxy {
+        let mut cmd = Command::new(LISTEN);
+        cmd.args(["-1", "127.0.0.1", "0", AUTH, "-d", "0.2"])
+            .args(auth_opts)
+            .arg(DIAL);
+        for r in dial_rules {
+            cmd.args(["-a", r]);
+        }
+        cmd.arg(SPLICE)
+            .env("TCPSPLICE_LOG", "stderr")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn tcpsplice-listen");
+        let mut err = child.stderr.take().expect("stderr");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let l2 = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                l2.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        let mut out = child.stdout.take().expect("stdout");
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while out.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+            line.push(b[0]);
+        }
+        let port = String::from_utf8_lossy(&line)
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!(
+                    "tcpsplice-listen printed no port: {:?}; log: {}",
+                    String::from_utf8_lossy(&line),
+                    String::from_utf8_lossy(&log.lock().unwrap())
+                )
+            });
+        Proxy {
+            child: Some(child),
+            port,
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn client(cmd: &str, args: &[String], input: &[u8]) -> Ran {
+    let mut c = Command::new(cmd);
+    c.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd} is needed (scripts/deps/test.txt): {e}"));
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_vec();
+    let w = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let r = util::finish(child, &format!("{c:?}"), LIMIT);
+    let _ = w.join();
+    r
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// The body of an HTTP response (after the blank line).
+fn http_body(out: &[u8]) -> &[u8] {
+    match out.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(i) => &out[i + 4..],
+        None => b"",
+    }
+}
+
+fn chain_users(name: &str, t: &Target) -> PathBuf {
+    let h = mkpasswd("sha-512");
+    write_users(
+        name,
+        &format!(
+            "alice:{h}\n# only port 1 of loopback: the target's port is refused\nlimited:{h}:127.0.0.1/32:1\ntarget:{h}:127.0.0.1/32:{}\n",
+            t.port
+        ),
+    )
+}
+
+#[test]
+fn chain_curl_socks5_socks5h_and_http_with_credentials() {
+    let t = target();
+    let users = chain_users("chain-curl", &t);
+    let p = Proxy::start(
+        &["-f", users.to_str().unwrap()],
+        &[format!("127.0.0.1/32:{}", t.port)],
+    );
+    let pw = PW.replace(' ', "%20").replace(':', "%3A");
+    for (proxy, url, user) in [
+        (
+            format!("socks5h://alice:{pw}@127.0.0.1:{}", p.port),
+            format!("http://localhost:{}/", t.port),
+            "alice",
+        ),
+        (
+            format!("socks5://alice:{pw}@127.0.0.1:{}", p.port),
+            format!("http://127.0.0.1:{}/", t.port),
+            "alice",
+        ),
+        (
+            format!("http://alice:{pw}@127.0.0.1:{}", p.port),
+            format!("http://127.0.0.1:{}/", t.port),
+            "alice",
+        ),
+        (
+            format!("socks5h://target:{pw}@127.0.0.1:{}", p.port),
+            format!("http://127.0.0.1:{}/", t.port),
+            "target",
+        ),
+    ] {
+        let r = client(
+            "curl",
+            &strings(&["-sS", "--max-time", "20", "-p", "-x", &proxy, &url]),
+            b"",
+        );
+        r.expect_code(0);
+        assert_eq!(
+            util::hash_of(&r.stdout),
+            util::hash_of(&t.body),
+            "body through {proxy}{}{}",
+            r.show(),
+            p.log()
+        );
+        assert!(p.log().contains(&format!("user={user} ")), "{}", p.log());
+    }
+    // A wrong password: curl reports the SOCKS5 rejection; HTTP gets 407.
+    let r = client(
+        "curl",
+        &strings(&[
+            "-sS",
+            "--max-time",
+            "20",
+            "-x",
+            &format!("socks5h://alice:wrong@127.0.0.1:{}", p.port),
+            &format!("http://localhost:{}/", t.port),
+        ]),
+        b"",
+    );
+    r.expect_code(97);
+    assert!(
+        r.stderr_text().contains("User was rejected"),
+        "{}",
+        r.show()
+    );
+    let r = client(
+        "curl",
+        &strings(&[
+            "-sS",
+            "--max-time",
+            "20",
+            "-p",
+            "-x",
+            &format!("http://alice:wrong@127.0.0.1:{}", p.port),
+            &format!("http://localhost:{}/", t.port),
+        ]),
+        b"",
+    );
+    r.expect_code(56);
+    assert!(r.stderr_text().contains("407"), "{}", r.show());
+    // SOCKS4a has no authentication: refused when credentials are required.
+    let r = client(
+        "curl",
+        &strings(&[
+            "-sS",
+            "--max-time",
+            "20",
+            "-x",
+            &format!("socks4a://127.0.0.1:{}", p.port),
+            &format!("http://localhost:{}/", t.port),
+        ]),
+        b"",
+    );
+    r.expect_code(97);
+}
+
+#[test]
+fn chain_targets_refused_by_rules_get_the_right_codes() {
+    let t = target();
+    let users = chain_users("chain-rules", &t);
+    let p = Proxy::start(
+        &["-f", users.to_str().unwrap()],
+        &[format!("127.0.0.1/32:{}", t.port)],
+    );
+    let mut req = cat(&[b"\x05\x01\x02", &socks5_userpass("limited", PW)]);
+    req.extend_from_slice(b"\x05\x01\x00\x01\x7f\x00\x00\x01");
+    req.extend_from_slice(&t.port.to_be_bytes());
+    let c = TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+    let got = talk(c, &req);
+    assert!(
+        got.len() >= 6 && got[..4] == *b"\x05\x02\x01\x00" && got[4] == 5 && got[5] == 0x02,
+        "user rules must refuse with REP 02: {got:02x?}{}",
+        p.log()
+    );
+    // Not allowed by the dialer's -a: another loopback port.
+    let (l, a) = util::listener();
+    let mut req = cat(&[b"\x05\x01\x02", &socks5_userpass("alice", PW)]);
+    req.extend_from_slice(b"\x05\x01\x00\x01\x7f\x00\x00\x01");
+    req.extend_from_slice(&a.port().to_be_bytes());
+    let c = TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+    let got = talk(c, &req);
+    assert!(
+        got.len() >= 6 && got[4] == 5 && got[5] == 0x02,
+        "the dialer's rules must refuse with REP 02: {got:02x?}{}",
+        p.log()
+    );
+    drop(l);
+    let c = TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+    let got = talk(
+        c,
+        &http_connect(&format!("127.0.0.1:{}", a.port()), Some(("limited", PW))),
+    );
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 403 "), "{text:?}{}", p.log());
+}
+
+#[test]
+fn chain_pipelined_request_and_payload_in_one_write() {
+    let t = target();
+    let users = chain_users("chain-pipe", &t);
+    let p = Proxy::start(
+        &["-f", users.to_str().unwrap()],
+        &[format!("127.0.0.1/32:{}", t.port)],
+    );
+    let payload = util::pattern(9, 1 << 20);
+    // SOCKS5: greeting, credentials, request and 1 MiB of payload in one write.
+    let mut req = cat(&[b"\x05\x01\x02", &socks5_userpass("alice", PW)]);
+    req.extend_from_slice(b"\x05\x01\x00\x01\x7f\x00\x00\x01");
+    req.extend_from_slice(&t.port.to_be_bytes());
+    let c = TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+    let got = talk(c, &cat(&[&req, b"ECHO", &payload]));
+    assert!(
+        got.len() >= 14 && got[..4] == *b"\x05\x02\x01\x00" && got[4..6] == *b"\x05\x00",
+        "{:02x?}{}",
+        &got[..got.len().min(20)],
+        p.log()
+    );
+    assert_eq!(
+        util::hash_of(&got[14..]),
+        util::hash_of(&cat(&[b"ECHO", &payload])),
+        "{}",
+        p.log()
+    );
+    // HTTP CONNECT: request head and payload in one write.
+    let c = TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+    let head = http_connect(&format!("127.0.0.1:{}", t.port), Some(("alice", PW)));
+    let got = talk(c, &cat(&[&head, b"ECHO", &payload]));
+    let text = String::from_utf8_lossy(&got[..got.len().min(100)]).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text:?}{}", p.log());
+    assert_eq!(
+        util::hash_of(http_body(&got)),
+        util::hash_of(&cat(&[b"ECHO", &payload])),
+        "{}",
+        p.log()
+    );
+}
+
+#[test]
+fn chain_netcat_ncat_and_curl_socks4a_clients() {
+    let t = target();
+    let users = chain_users("chain-nc", &t);
+    let rules = [format!("127.0.0.1/32:{}", t.port)];
+    let auth = Proxy::start(&["-f", users.to_str().unwrap()], &rules);
+    let anon = Proxy::start(&["-n"], &rules);
+    let get = b"GET / HTTP/1.0\r\n\r\n";
+    let tp = t.port.to_string();
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        (
+            "nc",
+            strings(&[
+                "-X",
+                "5",
+                "-x",
+                &format!("127.0.0.1:{}", anon.port),
+                "localhost",
+                &tp,
+            ]),
+        ),
+        (
+            "nc",
+            strings(&[
+                "-X",
+                "4",
+                "-x",
+                &format!("127.0.0.1:{}", anon.port),
+                "127.0.0.1",
+                &tp,
+            ]),
+        ),
+        (
+            "nc",
+            strings(&[
+                "-X",
+                "connect",
+                "-x",
+                &format!("127.0.0.1:{}", anon.port),
+                "localhost",
+                &tp,
+            ]),
+        ),
+        (
+            "ncat",
+            strings(&[
+                "--proxy",
+                &format!("127.0.0.1:{}", auth.port),
+                "--proxy-type",
+                "socks5",
+                "--proxy-auth",
+                &format!("alice:{PW}"),
+                "--proxy-dns",
+                "remote",
+                "localhost",
+                &tp,
+            ]),
+        ),
+        (
+            "ncat",
+            strings(&[
+                "--proxy",
+                &format!("127.0.0.1:{}", auth.port),
+                "--proxy-type",
+                "http",
+                "--proxy-auth",
+                &format!("alice:{PW}"),
+                "localhost",
+                &tp,
+            ]),
+        ),
+    ];
+    for (prog, args) in cases {
+        let r = client(prog, &args, get);
+        r.expect_code(0);
+        assert_eq!(
+            util::hash_of(http_body(&r.stdout)),
+            util::hash_of(&t.body),
+            "{}{}{}",
+            r.show(),
+            auth.log(),
+            anon.log()
+        );
+    }
+    let r = client(
+        "curl",
+        &strings(&[
+            "-sS",
+            "--max-time",
+            "20",
+            "-x",
+            &format!("socks4a://127.0.0.1:{}", anon.port),
+            &format!("http://localhost:{}/", t.port),
+        ]),
+        b"",
+    );
+    r.expect_code(0);
+    assert_eq!(
+        util::hash_of(&r.stdout),
+        util::hash_of(&t.body),
+        "{}",
+        r.show()
+    );
+    // nc -P asks for the password on its terminal: give it one with script(1). It tries
+    // without credentials first, gets 407, and comes back with Basic.
+    let sh = format!(
+        "(sleep 1; printf '%s\\n' '{PW}'; sleep 1; printf 'GET / HTTP/1.0\\n\\n'; sleep 3) | \
+         script -qc 'nc -X connect -x 127.0.0.1:{} -P alice localhost {}' /dev/null",
+        auth.port, t.port
+    );
+    let r = client("sh", &strings(&["-c", &sh]), b"");
+    assert!(
+        r.stdout.windows(15).any(|w| w == b"HTTP/1.0 200 OK"),
+        "{}{}",
+        r.show(),
+        auth.log()
+    );
+    assert!(auth.log().contains("user=alice "), "{}", auth.log());
+}
+
+#[test]
+fn readme_proxy_script_serves_curl() {
+    let t = target();
+    let state = scratch("proxy-script");
+    // A free port for the script, which takes a number.
+    let port = util::listener().1.port();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/proxy");
+    let bin = std::path::Path::new(AUTH).parent().unwrap();
+    let mut cmd = Command::new(script);
+    cmd.args([
+        "-p",
+        &port.to_string(),
+        "-a",
+        &format!("127.0.0.1/32:{}", t.port),
+    ])
+    .env("TCPSPLICE_BIN", bin)
+    .env("XDG_STATE_HOME", &state)
+    .env("TCPSPLICE_LOG", "stderr")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("scripts/proxy");
+    let mut err = child.stderr.take().unwrap();
+    let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let o2 = out.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = err.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            o2.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    // The printed curl line, with the printed password, is what a reader pastes.
+    let mut line = None;
+    for _ in 0..400 {
+        let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+        if let Some(l) = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("curl -x socks5h://"))
+        {
+            line = Some(l.trim().to_string());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let Some(line) = line else {
+        let _ = child.kill();
+        panic!(
+            "no curl line: {}",
+            String::from_utf8_lossy(&out.lock().unwrap())
+        );
+    };
+    let proxy = line.split_whitespace().nth(2).unwrap().to_string();
+    let mut result = None;
+    for _ in 0..100 {
+        let r = client(
+            "curl",
+            &strings(&[
+                "-sS",
+                "--max-time",
+                "20",
+                "-x",
+                &proxy,
+                &format!("http://localhost:{}/", t.port),
+            ]),
+            b"",
+        );
+        if r.status.code() != Some(7) {
+            result = Some(r);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50)); // not listening yet
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let r = result.expect("the proxy never listened");
+    r.expect_code(0);
+    assert_eq!(
+        util::hash_of(&r.stdout),
+        util::hash_of(&t.body),
+        "{}",
+        r.show()
+    );
+    let users = std::fs::read_to_string(state.join("tcpsplice/users")).unwrap();
+    assert!(users.contains("\ndemo:$y$"), "{users}");
+}
