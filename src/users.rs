@@ -62,7 +62,8 @@ impl Users {
                     "bad user name (1 to 255 printable ASCII bytes, no colon)".into(),
                 ));
             }
-            let hash = StoredHash::parse(hash).map_err(|why| (n, format!("user {name}: {why}")))?;
+            let hash =
+                StoredHash::parse(hash.trim()).map_err(|why| (n, format!("user {name}: {why}")))?;
             let rules = match fields.next() {
                 None => None,
                 Some(r) => Some(parse_rules(r).map_err(|why| (n, format!("user {name}: {why}")))?),

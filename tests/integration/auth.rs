@@ -1434,3 +1434,62 @@ fn readme_proxy_script_serves_curl() {
     let users = std::fs::read_to_string(state.join("tcpsplice/users")).unwrap();
     assert!(users.contains("\ndemo:$y$"), "{users}");
 }
+
+#[test]
+fn chain_under_systemd_socket_activation_inetd_style() {
+    // The README's systemd units: Accept=yes with the socket on fds 0/1.
+    let t = target();
+    let users = chain_users("chain-systemd", &t);
+    let port = util::listener().1.port();
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.args([
+        "--inetd",
+        "-a",
+        "-l",
+        &format!("127.0.0.1:{port}"),
+        AUTH,
+        "-f",
+    ])
+    .arg(&users)
+    .args([DIAL, "-a", &format!("127.0.0.1/32:{}", t.port), SPLICE])
+    .env("TCPSPLICE_LOG", "stderr")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let mut child = cmd
+        .spawn()
+        .expect("systemd-socket-activate (package systemd) is needed");
+    let mut result = None;
+    for _ in 0..100 {
+        let r = client(
+            "curl",
+            &strings(&[
+                "-sS",
+                "--max-time",
+                "20",
+                "-x",
+                &format!(
+                    "socks5h://alice:{}@127.0.0.1:{port}",
+                    PW.replace(' ', "%20")
+                ),
+                &format!("http://localhost:{}/", t.port),
+            ]),
+            b"",
+        );
+        if r.status.code() != Some(7) {
+            result = Some(r);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let r = result.expect("systemd-socket-activate never listened");
+    r.expect_code(0);
+    assert_eq!(
+        util::hash_of(&r.stdout),
+        util::hash_of(&t.body),
+        "{}",
+        r.show()
+    );
+}
