@@ -1435,32 +1435,32 @@ fn readme_proxy_script_serves_curl() {
     assert!(users.contains("\ndemo:$y$"), "{users}");
 }
 
-#[test]
-fn chain_under_systemd_socket_activation_inetd_style() {
-    // The README's systemd units: Accept=yes with the socket on fds 0/1.
-    let t = target();
-    let users = chain_users("chain-systemd", &t);
-    let port = util::listener().1.port();
-    let mut cmd = Command::new("systemd-socket-activate");
-    cmd.args([
-        "--inetd",
-        "-a",
-        "-l",
-        &format!("127.0.0.1:{port}"),
-        AUTH,
-        "-f",
-    ])
-    .arg(&users)
-    .args([DIAL, "-a", &format!("127.0.0.1/32:{}", t.port), SPLICE])
-    .env("TCPSPLICE_LOG", "stderr")
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let mut child = cmd
-        .spawn()
-        .expect("systemd-socket-activate (package systemd) is needed");
+/// The README's text for a supervisor, with the installed paths replaced by the built
+/// programs and the test's users file, and the dialer allowed to reach the test target.
+fn readme_snippet(t: &Target, users: &std::path::Path, text: &str) -> String {
+    let rule = format!("{DIAL} -a 127.0.0.1/32:{}", t.port);
+    let mut out = text.to_string();
+    for (from, to) in [
+        ("/usr/local/bin/tcpsplice-auth", AUTH),
+        ("/usr/local/bin/tcpsplice-dial", "@DIAL@"),
+        ("/usr/local/bin/tcpsplice", SPLICE),
+        ("@DIAL@", &rule),
+        ("/etc/tcpsplice/users", users.to_str().unwrap()),
+    ] {
+        assert!(out.contains(from), "README snippet has no {from:?}: {out}");
+        out = out.replace(from, to);
+    }
+    out
+}
+
+fn readme() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md")
+}
+
+/// curl through a supervisor on `port` until it listens; the body must arrive whole.
+fn curl_until_listening(port: u16, t: &Target, child: &mut std::process::Child) {
     let mut result = None;
-    for _ in 0..100 {
+    for _ in 0..200 {
         let r = client(
             "curl",
             &strings(&[
@@ -1484,7 +1484,7 @@ fn chain_under_systemd_socket_activation_inetd_style() {
     }
     let _ = child.kill();
     let _ = child.wait();
-    let r = result.expect("systemd-socket-activate never listened");
+    let r = result.expect("the supervisor never listened");
     r.expect_code(0);
     assert_eq!(
         util::hash_of(&r.stdout),
@@ -1492,4 +1492,63 @@ fn chain_under_systemd_socket_activation_inetd_style() {
         "{}",
         r.show()
     );
+}
+
+#[test]
+fn readme_systemd_units_work() {
+    // The ExecStart= of the README's unit, under systemd's helper for Accept=yes with
+    // StandardInput=socket (--inetd).
+    let t = target();
+    let users = chain_users("readme-systemd", &t);
+    let text = readme();
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("ExecStart=/usr/local/bin/tcpsplice-auth"))
+        .expect("README has the service's ExecStart=");
+    let exec = readme_snippet(&t, &users, line.trim_start_matches("ExecStart="));
+    let port = util::listener().1.port();
+    let mut child = Command::new("systemd-socket-activate")
+        .args(["--inetd", "-a", "-l", &format!("127.0.0.1:{port}")])
+        .args(["-E", "TCPSPLICE_LOG=stderr"])
+        .args(exec.split_whitespace())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("systemd-socket-activate (package systemd) is needed");
+    curl_until_listening(port, &t, &mut child);
+}
+
+#[test]
+fn readme_xinetd_service_works() {
+    let t = target();
+    let users = chain_users("readme-xinetd", &t);
+    let text = readme();
+    let start = text
+        .find("    service tcpsplice-proxy")
+        .expect("README has the xinetd service");
+    let end = start + text[start..].find("    }\n").expect("end of the service") + 6;
+    let port = util::listener().1.port();
+    let conf = readme_snippet(&t, &users, &text[start..end])
+        .replace(
+            "port        = 1080",
+            &format!("port = {port}\n    env = TCPSPLICE_LOG=stderr"),
+        )
+        .replace("user        = tcpsplice", "user = root");
+    let dir = scratch("readme-xinetd-conf");
+    let path = dir.join("xinetd.conf");
+    std::fs::write(&path, conf).unwrap();
+    let mut child = Command::new("xinetd")
+        .arg("-dontfork")
+        .arg("-f")
+        .arg(&path)
+        .arg("-filelog")
+        .arg(dir.join("log"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("xinetd is needed (scripts/deps/test.txt)");
+    curl_until_listening(port, &t, &mut child);
 }
