@@ -36,6 +36,14 @@ impl Users {
         let data = std::fs::read(path)
             .map_err(|e| format!("unable to read {shown}: {}", crate::sys::strerror(&e)))?;
         let data = Secret::new(data);
+        if let Ok(meta) = std::fs::metadata(path) {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.permissions().mode() & 0o004 != 0 {
+                crate::diag::warn(&format!(
+                    "{shown} is readable by every user: its hashes can be guessed offline (chmod o-r)"
+                ));
+            }
+        }
         let text =
             std::str::from_utf8(data.as_bytes()).map_err(|_| format!("{shown}: not UTF-8 text"))?;
         Users::parse(text).map_err(|(line, why)| format!("{shown} line {line}: {why}"))

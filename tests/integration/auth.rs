@@ -754,6 +754,21 @@ fn per_user_rules_are_exported_and_checked() {
         "inherited variables must not pass for ours{}",
         r.show()
     );
+    std::fs::set_permissions(&users, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let r = login_http(&users, "alice", PW);
+    r.expect_code(0);
+    assert!(
+        r.stderr_text().contains("readable by every user"),
+        "{}",
+        r.show()
+    );
+    std::fs::set_permissions(&users, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let r = login_http(&users, "alice", PW);
+    assert!(
+        !r.stderr_text().contains("readable by every user"),
+        "{}",
+        r.show()
+    );
     let bad = write_users("badrule", &format!("\nalice:{h}:10.0.0.0/33\n"));
     let r = login_http(&bad, "alice", PW);
     r.expect_code(100);
