@@ -1567,3 +1567,48 @@ fn readme_xinetd_service_works() {
         .expect("xinetd is needed (scripts/deps/test.txt)");
     curl_until_listening(port, &t, &mut child);
 }
+
+#[test]
+fn no_auth_and_users_together() {
+    // With -n and -f, credentials are used when given (so the user's name and rules
+    // apply), and clients without any are let through anonymously.
+    let users = sha512_users("both");
+    let f = users.to_str().unwrap();
+    let (_, r) = over_pipes(
+        auth_cmd(&["-n", "-f", f]),
+        &http_connect("example.com:443", None),
+    );
+    r.expect_code(0);
+    assert_eq!(
+        env_line(&r).as_deref(),
+        Some("example.com:443|unset|http|unset|unset|unset")
+    );
+    let (_, r) = over_pipes(
+        auth_cmd(&["-n", "-f", f]),
+        &http_connect("example.com:443", Some(("alice", PW))),
+    );
+    r.expect_code(0);
+    assert_eq!(
+        env_line(&r).as_deref(),
+        Some("example.com:443|alice|http|unset|unset|unset")
+    );
+    // Wrong credentials are not turned into no-auth.
+    let (got, r) = over_pipes(
+        auth_cmd(&["-d", "0", "-n", "-f", f]),
+        &http_connect("example.com:443", Some(("alice", "x"))),
+    );
+    r.expect_code(1);
+    assert!(got.starts_with(b"HTTP/1.1 407 "), "{}", r.show());
+    let input = cat(&[
+        b"\x05\x02\x00\x02",
+        &socks5_userpass("alice", PW),
+        &socks5_domain("example.com", 80),
+    ]);
+    let (got, r) = over_pipes(auth_cmd(&["-n", "-f", f]), &input);
+    r.expect_code(0);
+    assert_eq!(got, b"\x05\x02\x01\x00", "{}", r.show());
+    assert_eq!(
+        env_line(&r).as_deref(),
+        Some("example.com:80|alice|socks5|unset|unset|unset")
+    );
+}
