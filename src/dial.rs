@@ -195,9 +195,18 @@ fn connect_start(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
         .map(drop)
 }
 
-/// One connection attempt: a non-blocking connect that poll bounds by `limit`. Returns
-/// the connected socket, back in blocking mode for the programs after us.
-fn connect_one(cfg: &Config, addr: &SocketAddr, source: Option<SocketAddr>) -> io::Result<OwnedFd> {
+/// How long an attempt has alone before the next address is tried beside it (RFC 8305's
+/// "Connection Attempt Delay"): an address that silently drops SYNs (a broken IPv6
+/// route) then costs a quarter second, not the whole timeout.
+const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
+/// Starts a non-blocking connection to `addr`: Ok(true) connected at once, Ok(false) in
+/// progress.
+fn start(
+    cfg: &Config,
+    addr: &SocketAddr,
+    source: Option<SocketAddr>,
+) -> io::Result<(OwnedFd, bool)> {
     let sock = socket(addr)?;
     let fd = sock.as_raw_fd();
     if cfg.nodelay {
@@ -217,31 +226,141 @@ fn connect_one(cfg: &Config, addr: &SocketAddr, source: Option<SocketAddr>) -> i
         bind(fd, &src)?;
     }
     match connect_start(fd, addr) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
-            let deadline = Instant::now() + cfg.timeout;
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT));
+        Ok(()) => Ok((sock, true)),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok((sock, false)),
+        Err(e) => Err(e),
+    }
+}
+
+/// The addresses in the order to try them: families alternating, starting with the
+/// family of the resolver's first choice (RFC 8305, section 4), each family in the
+/// resolver's order.
+fn interleave(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+    let Some(first) = addrs.first() else {
+        return Vec::new();
+    };
+    let (mut a, mut b): (Vec<SocketAddr>, Vec<SocketAddr>) =
+        addrs.iter().partition(|x| x.is_ipv4() == first.is_ipv4());
+    a.reverse();
+    b.reverse();
+    let mut out = Vec::with_capacity(addrs.len());
+    while !a.is_empty() || !b.is_empty() {
+        out.extend(a.pop());
+        out.extend(b.pop());
+    }
+    out
+}
+
+struct Attempt {
+    sock: OwnedFd,
+    addr: SocketAddr,
+    deadline: Instant,
+}
+
+/// Connects to the first of `addrs` that answers, Happy Eyeballs style: attempts start
+/// `ATTEMPT_DELAY` apart (at once when the previous one failed) and run side by side,
+/// each bounded by `cfg.timeout`. Returns the connected socket, in blocking mode for the
+/// programs after us, and every failed attempt in the order they failed; or, when none
+/// connected, only the failures (never empty).
+#[allow(clippy::type_complexity)]
+fn connect_any(
+    cfg: &Config,
+    addrs: &[SocketAddr],
+    source: Option<SocketAddr>,
+) -> (Option<(OwnedFd, SocketAddr)>, Vec<(SocketAddr, io::Error)>) {
+    let order = interleave(addrs);
+    let mut next = 0;
+    let mut pending: Vec<Attempt> = Vec::new();
+    let mut failed = Vec::new();
+    let mut next_start = Instant::now();
+    loop {
+        let now = Instant::now();
+        if next < order.len() && (pending.is_empty() || now >= next_start) {
+            let addr = order[next];
+            next += 1;
+            match start(cfg, &addr, source) {
+                Ok((sock, true)) => return (Some((sock, addr)), failed),
+                Ok((sock, false)) => {
+                    pending.push(Attempt {
+                        sock,
+                        addr,
+                        deadline: now + cfg.timeout,
+                    });
+                    next_start = now + ATTEMPT_DELAY;
                 }
-                let mut p = [libc::pollfd {
-                    fd,
-                    events: libc::POLLOUT,
-                    revents: 0,
-                }];
-                if sys::poll(&mut p, Some(left))? > 0 {
-                    break;
-                }
+                Err(e) => failed.push((addr, e)),
             }
-            if let Some(e) = sys::socket_error(fd) {
-                return Err(e);
+            continue;
+        }
+        if pending.is_empty() {
+            if failed.is_empty() {
+                failed.push((
+                    SocketAddr::from(([0, 0, 0, 0], 0)),
+                    io::Error::from_raw_os_error(libc::EHOSTUNREACH),
+                ));
+            }
+            return (None, failed);
+        }
+        let mut wake = pending.iter().map(|p| p.deadline).min().unwrap_or(now);
+        if next < order.len() {
+            wake = wake.min(next_start);
+        }
+        let mut fds: Vec<libc::pollfd> = pending
+            .iter()
+            .map(|p| libc::pollfd {
+                fd: p.sock.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            })
+            .collect();
+        if let Err(e) = sys::poll(&mut fds, Some(wake.saturating_duration_since(now))) {
+            for p in pending.drain(..) {
+                failed.push((p.addr, io::Error::new(e.kind(), e.to_string())));
+            }
+            continue;
+        }
+        let now = Instant::now();
+        let mut i = 0;
+        let mut done = false;
+        for pfd in &fds {
+            let ready = pfd.revents != 0;
+            let result = if ready {
+                match sys::socket_error(pfd.fd) {
+                    None => Ok(()),
+                    Some(e) => Err(e),
+                }
+            } else if now >= pending[i].deadline {
+                Err(io::Error::from_raw_os_error(libc::ETIMEDOUT))
+            } else {
+                i += 1;
+                continue;
+            };
+            let p = pending.remove(i);
+            match result {
+                Ok(()) => match sys::set_nonblocking(p.sock.as_raw_fd(), false) {
+                    Ok(_) => return (Some((p.sock, p.addr)), failed),
+                    Err(e) => failed.push((p.addr, e)),
+                },
+                Err(e) => {
+                    failed.push((p.addr, e));
+                    done = true;
+                }
             }
         }
-        Err(e) => return Err(e),
+        if done {
+            // A failure frees the slot: the next address need not wait out the delay.
+            next_start = now;
+        }
     }
-    sys::set_nonblocking(fd, false)?;
-    Ok(sock)
+}
+
+/// What a failed attempt says in a message.
+fn why(cfg: &Config, e: &io::Error) -> String {
+    if e.raw_os_error() == Some(libc::ETIMEDOUT) {
+        format!("timed out after {:?}", cfg.timeout)
+    } else {
+        sys::strerror(e)
+    }
 }
 
 /// The client's address and the address it connected to, saved before the `TCP*`
@@ -311,11 +430,257 @@ fn linger() {
     }
 }
 
-fn family_name(a: &SocketAddr) -> &'static str {
-    if a.is_ipv4() {
-        "IPv4"
-    } else {
-        "IPv6"
+/// The target as the command line or the client named it.
+struct Target {
+    host: String,
+    port: u16,
+    /// From the command line: connected to without checks.
+    trusted: bool,
+    /// `host:port` for messages.
+    shown: String,
+}
+
+/// One run: the configuration and the reply style, which every failure needs.
+struct Dial<'a> {
+    cfg: &'a Config,
+    style: Option<Style>,
+}
+
+impl Dial<'_> {
+    fn fail(&self, f: Failure, code: i32, msg: &str) -> ! {
+        fail(self.style, f, code, msg)
+    }
+
+    fn usage_fail(&self, msg: &str) -> ! {
+        self.fail(Failure::General, exit::USAGE, msg)
+    }
+
+    fn target(&self) -> Target {
+        let (host, port, trusted) = match &self.cfg.fixed {
+            Some((h, p)) => (h.clone(), *p, true),
+            None => {
+                let t = std::env::var(TARGET_VAR).unwrap_or_default();
+                match split_target(&t) {
+                    Ok((h, p)) => (h, p, false),
+                    Err(e) => self.usage_fail(&format!("unable to use {TARGET_VAR} {t:?}: {e}")),
+                }
+            }
+        };
+        let shown = conninfo::join_host_port(&host, &port.to_string());
+        Target {
+            host,
+            port,
+            trusted,
+            shown,
+        }
+    }
+
+    fn source(&self, client_local: Option<SocketAddr>) -> Option<SocketAddr> {
+        match self.cfg.source {
+            Source::Kernel => None,
+            Source::Addr(a) => Some(a),
+            Source::Auto => match client_local.or_else(|| sys::local_addr(0).ok().flatten()) {
+                Some(a) => Some(SocketAddr::new(rules::canonical(a.ip()), 0)),
+                None => self.usage_fail("unable to use -s auto: fd 0 is not a TCP connection"),
+            },
+        }
+    }
+
+    /// The user's rules and this host's addresses, for a client-chosen target.
+    fn policy_inputs(&self) -> (Option<Vec<Rule>>, Vec<IpAddr>) {
+        let user = match std::env::var(RULES_VAR) {
+            Ok(s) if !s.trim().is_empty() => match rules::parse_list(&s) {
+                Ok(r) => Some(r),
+                Err(e) => self.usage_fail(&format!("unable to use {RULES_VAR}: {e}")),
+            },
+            _ => None,
+        };
+        let own = own_addresses().unwrap_or_else(|e| {
+            self.fail(
+                Failure::General,
+                exit::TEMP,
+                &format!(
+                    "unable to list this host's addresses: {}",
+                    sys::strerror(&e)
+                ),
+            )
+        });
+        (user, own)
+    }
+
+    /// The addresses to try: resolved, of the wanted family, and for a client-chosen
+    /// target allowed by the policy. Exits when none is left.
+    fn candidates(&self, t: &Target, source: Option<SocketAddr>) -> Vec<SocketAddr> {
+        let (user, own) = if t.trusted {
+            (None, Vec::new())
+        } else {
+            self.policy_inputs()
+        };
+        let policy = Policy {
+            allow: &self.cfg.allow,
+            user: user.as_deref(),
+            own: &own,
+        };
+        let addrs = resolve(&t.host, t.port, self.cfg.timeout).unwrap_or_else(|e| {
+            self.fail(
+                Failure::HostUnreachable,
+                exit::TEMP,
+                &format!(
+                    "unable to find the IP address of {}: {}",
+                    t.host,
+                    sys::strerror(&e)
+                ),
+            )
+        });
+        let mut out = Vec::new();
+        let mut refusals = Vec::new();
+        for a in addrs {
+            let a = SocketAddr::new(rules::canonical(a.ip()), a.port());
+            let family_ok = match self.cfg.family {
+                Family::Any => true,
+                Family::V4 => a.is_ipv4(),
+                Family::V6 => a.is_ipv6(),
+            };
+            let source_ok = source.map_or(true, |s| s.is_ipv4() == a.is_ipv4());
+            if !family_ok || !source_ok || out.contains(&a) {
+                continue;
+            }
+            if !t.trusted {
+                if let Err(why) = policy.check(&a) {
+                    diag::warn(&format!("target {}: not connecting to {a}: {why}", t.shown));
+                    refusals.push(why);
+                    continue;
+                }
+            }
+            out.push(a);
+        }
+        if !out.is_empty() {
+            return out;
+        }
+        if let Some(why) = refusals.first() {
+            self.fail(
+                Failure::NotAllowed,
+                exit::POLICY,
+                &format!(
+                    "unable to connect to {}: target not allowed: {why}",
+                    t.shown
+                ),
+            );
+        }
+        let what = match (self.cfg.family, source) {
+            (Family::V4, _) => "IPv4 address",
+            (Family::V6, _) => "IPv6 address",
+            (Family::Any, Some(s)) if s.is_ipv4() => "IPv4 address",
+            (Family::Any, Some(_)) => "IPv6 address",
+            (Family::Any, None) => "IP address",
+        };
+        self.fail(
+            Failure::HostUnreachable,
+            exit::TEMP,
+            &format!("unable to connect to {}: no {what} for {}", t.shown, t.host),
+        )
+    }
+
+    /// Connects to one of `addrs`, or exits with the failure of the last attempt.
+    fn connect(
+        &self,
+        t: &Target,
+        addrs: &[SocketAddr],
+        source: Option<SocketAddr>,
+    ) -> (OwnedFd, SocketAddr) {
+        let (conn, failed) = connect_any(self.cfg, addrs, source);
+        if let Some((sock, peer)) = conn {
+            for (a, e) in &failed {
+                diag::warn(&format!(
+                    "unable to connect to {a}: {}; connected to {peer} instead",
+                    why(self.cfg, e)
+                ));
+            }
+            return (sock, peer);
+        }
+        let Some(((a, e), earlier)) = failed.split_last() else {
+            self.fail(
+                Failure::General,
+                exit::TEMP,
+                "unable to connect: no attempt made",
+            );
+        };
+        for (a, e) in earlier {
+            diag::warn(&format!("unable to connect to {a}: {}", why(self.cfg, e)));
+        }
+        let f = Failure::from_io(e);
+        let target = if a.to_string() == t.shown {
+            t.shown.clone()
+        } else {
+            format!("{} ({a})", t.shown)
+        };
+        self.fail(
+            f,
+            f.exit_code(),
+            &format!("unable to connect to {target}: {}", why(self.cfg, e)),
+        )
+    }
+
+    /// Sends the PROXY header, puts the connection on fds 6 and 7, sets the environment,
+    /// answers the client, and execs the next program.
+    fn hand_over(
+        &self,
+        sock: OwnedFd,
+        peer: SocketAddr,
+        client: Option<SocketAddr>,
+        client_local: Option<SocketAddr>,
+    ) -> ! {
+        let fd = sock.as_raw_fd();
+        if let Some(v) = self.cfg.proxy {
+            let header = if v == 1 {
+                proxyproto::v1(client, client_local)
+            } else {
+                proxyproto::v2(client, client_local)
+            };
+            if let Err(e) = sys::write_all(fd, &header) {
+                self.fail(
+                    Failure::General,
+                    exit::TEMP,
+                    &format!(
+                        "unable to send the PROXY header to {peer}: {}",
+                        sys::strerror(&e)
+                    ),
+                );
+            }
+        }
+        let local = sys::local_addr(fd).ok().flatten();
+        let fd = sock.into_raw_fd();
+        // Like tcpclient: read on 6, write on 7, both the one socket, both kept across
+        // exec. fd_move(n, n) clears close-on-exec where dup2 would not.
+        let moved = if fd == 7 {
+            sys::fd_move(7, 7).and_then(|()| sys::fd_copy(6, 7))
+        } else {
+            sys::fd_move(6, fd).and_then(|()| sys::fd_copy(7, 6))
+        };
+        if let Err(e) = moved {
+            self.fail(
+                Failure::General,
+                exit::TEMP,
+                &format!(
+                    "unable to move the connection to fds 6 and 7: {}",
+                    sys::strerror(&e)
+                ),
+            );
+        }
+        if let Some(l) = local {
+            conninfo::set_ucspi(&l, &peer);
+        }
+        // They described the client; a stale value would now be read as the target's.
+        for v in ["TCPLOCALHOST", "TCPREMOTEHOST", "TCPREMOTEINFO"] {
+            std::env::remove_var(v);
+        }
+        if let Some(style) = self.style {
+            if let Err(e) = sys::write_all(1, &reply::success(style, local)) {
+                diag::die_sys(exit::TEMP, "send the reply to the client", &e);
+            }
+        }
+        std::env::remove_var(REPLY_VAR);
+        chain::exec(&self.cfg.prog)
     }
 }
 
@@ -325,215 +690,42 @@ pub fn run(cfg: &Config) -> ! {
         Ok(s) => s,
         Err(e) => diag::die(exit::USAGE, &e),
     };
-    let usage_fail = |msg: &str| -> ! { fail(style, Failure::General, exit::USAGE, msg) };
+    let d = Dial { cfg, style };
     let (client, client_local) = save_client();
     // exec keeps our pid, so LISTEN_PID would still name the programs after us.
     for v in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
         std::env::remove_var(v);
     }
+    let target = d.target();
+    let source = d.source(client_local);
+    let addrs = d.candidates(&target, source);
+    let (sock, peer) = d.connect(&target, &addrs, source);
+    d.hand_over(sock, peer, client, client_local)
+}
 
-    let (host, port, trusted) = match &cfg.fixed {
-        Some((h, p)) => (h.clone(), *p, true),
-        None => {
-            let t = std::env::var(TARGET_VAR).unwrap_or_default();
-            match split_target(&t) {
-                Ok((h, p)) => (h, p, false),
-                Err(e) => usage_fail(&format!("unable to use {TARGET_VAR} {t:?}: {e}")),
-            }
-        }
-    };
-    let shown = conninfo::join_host_port(&host, &port.to_string());
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    let user_rules = match std::env::var(RULES_VAR) {
-        Ok(s) if !s.trim().is_empty() && !trusted => match rules::parse_list(&s) {
-            Ok(r) => Some(r),
-            Err(e) => usage_fail(&format!("unable to use {RULES_VAR}: {e}")),
-        },
-        _ => None,
-    };
-    let own = if trusted {
-        Vec::new()
-    } else {
-        match own_addresses() {
-            Ok(o) => o,
-            Err(e) => fail(
-                style,
-                Failure::General,
-                exit::TEMP,
-                &format!(
-                    "unable to list this host's addresses: {}",
-                    sys::strerror(&e)
-                ),
-            ),
-        }
-    };
-    let policy = Policy {
-        allow: &cfg.allow,
-        user: user_rules.as_deref(),
-        own: &own,
-    };
-
-    let source = match cfg.source {
-        Source::Kernel => None,
-        Source::Addr(a) => Some(a),
-        Source::Auto => match client_local.or_else(|| sys::local_addr(0).ok().flatten()) {
-            Some(a) => Some(SocketAddr::new(rules::canonical(a.ip()), 0)),
-            None => usage_fail("unable to use -s auto: fd 0 is not a TCP connection"),
-        },
-    };
-
-    let addrs = match resolve(&host, port, cfg.timeout) {
-        Ok(a) => a,
-        Err(e) => fail(
-            style,
-            Failure::HostUnreachable,
-            exit::TEMP,
-            &format!(
-                "unable to find the IP address of {host}: {}",
-                sys::strerror(&e)
-            ),
-        ),
-    };
-    let mut candidates = Vec::new();
-    let mut refusals = Vec::new();
-    for a in addrs {
-        let a = SocketAddr::new(rules::canonical(a.ip()), a.port());
-        let fam_ok = match cfg.family {
-            Family::Any => true,
-            Family::V4 => a.is_ipv4(),
-            Family::V6 => a.is_ipv6(),
-        };
-        let src_ok = source.map_or(true, |s| s.is_ipv4() == a.is_ipv4());
-        if !fam_ok || !src_ok || candidates.contains(&a) {
-            continue;
-        }
-        if !trusted {
-            if let Err(why) = policy.check(&a) {
-                diag::warn(&format!("target {shown}: not connecting to {a}: {why}"));
-                refusals.push(why);
-                continue;
-            }
-        }
-        candidates.push(a);
-    }
-    if candidates.is_empty() {
-        if let Some(why) = refusals.first() {
-            fail(
-                style,
-                Failure::NotAllowed,
-                exit::POLICY,
-                &format!("unable to connect to {shown}: target not allowed: {why}"),
-            );
-        }
-        let what = match (cfg.family, source) {
-            (Family::V4, _) => "IPv4 address".to_string(),
-            (Family::V6, _) => "IPv6 address".to_string(),
-            (Family::Any, Some(s)) => format!("{} address", family_name(&s)),
-            (Family::Any, None) => "IP address".to_string(),
-        };
-        fail(
-            style,
-            Failure::HostUnreachable,
-            exit::TEMP,
-            &format!("unable to connect to {shown}: no {what} for {host}"),
+    #[test]
+    fn targets_and_order() {
+        assert_eq!(split_target("[::1]:22"), Ok(("::1".into(), 22)));
+        assert_eq!(
+            split_target("db.internal:5432"),
+            Ok(("db.internal".into(), 5432))
+        );
+        assert!(split_target("::1:22").is_err());
+        assert!(split_target("a b:22").is_err());
+        assert!(split_target("host:0").is_err());
+        assert!(split_target("host").is_err());
+        let a: Vec<SocketAddr> = ["[::1]:1", "[::2]:1", "[::3]:1", "1.0.0.1:1", "1.0.0.2:1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let order: Vec<String> = interleave(&a).iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            order,
+            ["[::1]:1", "1.0.0.1:1", "[::2]:1", "1.0.0.2:1", "[::3]:1"]
         );
     }
-
-    let mut last: Option<(SocketAddr, io::Error)> = None;
-    let mut conn = None;
-    for (i, a) in candidates.iter().enumerate() {
-        match connect_one(cfg, a, source) {
-            Ok(s) => {
-                conn = Some((s, *a));
-                break;
-            }
-            Err(e) => {
-                if i + 1 < candidates.len() {
-                    diag::warn(&format!(
-                        "unable to connect to {a}: {}; trying the next address",
-                        sys::strerror(&e)
-                    ));
-                }
-                last = Some((*a, e));
-            }
-        }
-    }
-    let Some((sock, peer)) = conn else {
-        let (a, e) = last.unwrap_or_else(|| {
-            (
-                candidates[0],
-                io::Error::from_raw_os_error(libc::EHOSTUNREACH),
-            )
-        });
-        let f = Failure::from_io(&e);
-        let why = if f == Failure::Timeout {
-            format!("timed out after {:?}", cfg.timeout)
-        } else {
-            sys::strerror(&e)
-        };
-        let target = if a.to_string() == shown {
-            shown.clone()
-        } else {
-            format!("{shown} ({a})")
-        };
-        fail(
-            style,
-            f,
-            f.exit_code(),
-            &format!("unable to connect to {target}: {why}"),
-        );
-    };
-
-    let fd = sock.as_raw_fd();
-    if let Some(v) = cfg.proxy {
-        let header = if v == 1 {
-            proxyproto::v1(client, client_local)
-        } else {
-            proxyproto::v2(client, client_local)
-        };
-        if let Err(e) = sys::write_all(fd, &header) {
-            fail(
-                style,
-                Failure::General,
-                exit::TEMP,
-                &format!(
-                    "unable to send the PROXY header to {peer}: {}",
-                    sys::strerror(&e)
-                ),
-            );
-        }
-    }
-    let local = sys::local_addr(fd).ok().flatten();
-    let fd = sock.into_raw_fd();
-    // Like tcpclient: read on 6, write on 7, both the one socket, both kept across exec.
-    let moved = if fd == 7 {
-        sys::fd_move(7, 7).and_then(|()| sys::fd_copy(6, 7))
-    } else {
-        sys::fd_move(6, fd).and_then(|()| sys::fd_copy(7, 6))
-    };
-    if let Err(e) = moved {
-        fail(
-            style,
-            Failure::General,
-            exit::TEMP,
-            &format!(
-                "unable to move the connection to fds 6 and 7: {}",
-                sys::strerror(&e)
-            ),
-        );
-    }
-    if let Some(l) = local {
-        conninfo::set_ucspi(&l, &peer);
-    }
-    // They described the client; a stale value would now be read as the target's.
-    for v in ["TCPLOCALHOST", "TCPREMOTEHOST", "TCPREMOTEINFO"] {
-        std::env::remove_var(v);
-    }
-    if let Some(style) = style {
-        if let Err(e) = sys::write_all(1, &reply::success(style, local)) {
-            diag::die_sys(exit::TEMP, "send the reply to the client", &e);
-        }
-    }
-    std::env::remove_var(REPLY_VAR);
-    chain::exec(&cfg.prog)
 }

@@ -154,9 +154,14 @@ pub fn pipe_nonblocking() -> io::Result<(RawFd, RawFd)> {
 /// its current size, which is what this returns.
 pub fn pipe_resize(fd: RawFd, size: usize) -> usize {
     let want = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
-    // SAFETY: F_SETPIPE_SZ/F_GETPIPE_SZ take an int.
+    // SAFETY: F_SETPIPE_SZ takes an int.
     unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, want) };
-    // SAFETY: as above.
+    pipe_size(fd)
+}
+
+/// The current size of a pipe (0 if `fd` is not a pipe).
+pub fn pipe_size(fd: RawFd) -> usize {
+    // SAFETY: F_GETPIPE_SZ takes no argument.
     let got = unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) };
     usize::try_from(got).unwrap_or(0)
 }

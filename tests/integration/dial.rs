@@ -79,21 +79,24 @@ fn closed_port() -> u16 {
 }
 
 /// The client's side over a socket: send `UP` bytes of pattern 1, half-close, read all.
-fn talk(mut c: TcpStream) -> (u64, u64) {
-    c.set_read_timeout(Some(LIMIT)).expect("read timeout");
-    let w = c.try_clone().expect("dup");
+fn talk(c: TcpStream) -> (u64, u64) {
+    try_talk(c).expect("client")
+}
+
+fn try_talk(mut c: TcpStream) -> std::io::Result<(u64, u64)> {
+    c.set_read_timeout(Some(LIMIT))?;
+    let w = c.try_clone()?;
     let writer = std::thread::spawn(move || {
         let mut w = w;
-        let h = util::send_pattern(&mut w, 1, UP).expect("client write");
-        util::half_close(&w);
-        h
+        let h = util::send_pattern(&mut w, 1, UP)?;
+        w.shutdown(Shutdown::Write)?;
+        Ok::<_, std::io::Error>(h)
     });
-    let got = util::recv_hash(&mut c).expect("client read");
-    assert_eq!(
-        writer.join().expect("writer"),
-        util::hash_of(&util::pattern(1, UP as usize))
-    );
-    got
+    let got = util::recv_hash(&mut c);
+    let sent = writer.join().expect("writer");
+    let got = got?;
+    assert_eq!(sent?, util::hash_of(&util::pattern(1, UP as usize)));
+    Ok(got)
 }
 
 fn check_seen(seen: Seen) {
@@ -301,6 +304,26 @@ fn source_address_and_family_options() {
     );
 }
 
+#[test]
+fn source_auto_uses_the_address_the_client_connected_to() {
+    let (addr, seen) = target();
+    let l = TcpListener::bind("127.0.0.3:0").expect("bind 127.0.0.3");
+    let mine = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+    let theirs = util::accept_timeout(&l, LIMIT);
+    let child = dial()
+        .args(["-s", "auto", "127.0.0.1", &addr.port().to_string(), SPLICE])
+        .stdin(stdio(&theirs))
+        .stdout(stdio(&theirs))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(theirs);
+    assert_eq!(talk(mine), down_hash());
+    util::finish(child, "tcpsplice-dial -s auto", LIMIT).expect_code(0);
+    let seen = seen.join().expect("target");
+    assert_eq!(seen.peer.ip().to_string(), "127.0.0.3");
+}
+
 // --- supervisors -----------------------------------------------------------------------
 
 fn tempdir(tag: &str) -> PathBuf {
@@ -346,13 +369,21 @@ impl Drop for Supervisor {
     }
 }
 
-fn forward_through(port: u16) {
-    let c = TcpStream::connect(("127.0.0.1", port)).expect("connect to the supervisor");
-    assert_eq!(
-        talk(c),
-        down_hash(),
-        "the client got other bytes than the target's"
-    );
+/// A client through the supervisor on `port`; `log` tells the supervisor's side of a
+/// failure.
+fn forward_through(port: u16, log: impl Fn() -> String) {
+    let got = TcpStream::connect(("127.0.0.1", port)).and_then(try_talk);
+    match got {
+        Ok(h) => assert_eq!(
+            h,
+            down_hash(),
+            "the client got other bytes than the target's"
+        ),
+        Err(e) => panic!(
+            "client through port {port}: {e}\n--- supervisor log:\n{}",
+            log()
+        ),
+    }
 }
 
 /// An example file of the repository with its paths, host and ports put on loopback.
@@ -373,6 +404,43 @@ fn example(name: &str, target: SocketAddr, edits: &[(&str, &str)]) -> String {
         text = text.replace(from, to);
     }
     text
+}
+
+#[test]
+fn forwarder_as_inetd_runs_it() {
+    // The line of examples/inetd.conf, run as inetd runs a nowait service: environment
+    // cleared, fds 0, 1 and 2 all the accepted socket. (openbsd-inetd itself conflicts
+    // with the xinetd package that the next test drives.) With no /dev/log and no
+    // TCPSPLICE_LOG the messages have nowhere safe to go, and must not go onto the stream.
+    use std::os::unix::process::CommandExt;
+    let (addr, seen) = target();
+    let line = example("inetd.conf", addr, &[]);
+    let fields: Vec<&str> = line
+        .lines()
+        .find(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .expect("a service line")
+        .split_whitespace()
+        .collect();
+    assert_eq!(&fields[1..4], ["stream", "tcp", "nowait"], "{fields:?}");
+    let (path, argv0, args) = (fields[5], fields[6], &fields[7..]);
+    let (mine, theirs) = util::tcp_pair();
+    let child = Command::new(path)
+        .arg0(argv0)
+        .args(args)
+        .env_clear()
+        .stdin(stdio(&theirs))
+        .stdout(stdio(&theirs))
+        .stderr(stdio(&theirs))
+        .spawn()
+        .expect("spawn the inetd.conf line");
+    drop(theirs);
+    assert_eq!(
+        talk(mine),
+        down_hash(),
+        "the client got other bytes than the target's"
+    );
+    util::finish(child, "examples/inetd.conf line", LIMIT).expect_code(0);
+    check_seen(seen.join().expect("target"));
 }
 
 #[test]
@@ -406,7 +474,15 @@ fn forwarder_under_xinetd() {
             .expect("spawn xinetd (apt-get install xinetd)"),
     );
     wait_listening(port, &mut sup.0, "xinetd");
-    forward_through(port);
+    // Listening is not enough: the port may be someone else's if xinetd could not bind.
+    let ready = "Started working: 1 available service";
+    let end = Instant::now() + LIMIT;
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    while !read_log().contains(ready) {
+        assert!(Instant::now() < end, "xinetd not ready:\n{}", read_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    forward_through(port, read_log);
     check_seen(seen.join().expect("target"));
     drop(sup);
     let _ = std::fs::remove_dir_all(&dir);
@@ -417,6 +493,8 @@ fn forwarder_under_systemd_socket_activate() {
     // The ExecStart= of the example unit, under systemd's own helper for Accept=yes.
     let (addr, seen) = target();
     let port = free_port();
+    let dir = tempdir("systemd");
+    let log = dir.join("log");
     let unit = example("tcpsplice-forward@.service", addr, &[]);
     let exec: Vec<&str> = unit
         .lines()
@@ -430,13 +508,16 @@ fn forwarder_under_systemd_socket_activate() {
             .args(["-E", "TCPSPLICE_LOG=stderr"])
             .args(&exec)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(&log).expect("log file")))
             .spawn()
             .expect("spawn systemd-socket-activate"),
     );
     wait_listening(port, &mut sup.0, "systemd-socket-activate");
-    forward_through(port);
+    // Its stderr is where the programs' messages go (fd 2 is not the socket here).
+    forward_through(port, || std::fs::read_to_string(&log).unwrap_or_default());
     check_seen(seen.join().expect("target"));
+    drop(sup);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -583,6 +664,55 @@ fn user_rules_restrict_further() {
     .expect_code(100);
 }
 
+#[test]
+fn ipv6_target_in_brackets_needs_a_bracketed_rule() {
+    let l = TcpListener::bind("[::1]:0").expect("bind ::1");
+    let port = l.local_addr().expect("addr").port();
+    let target = format!("[::1]:{port}");
+    run_target(&target, &[], &[]).expect_code(1);
+    assert!(!has_connection(&l), "::1 connected without a rule");
+    run_target(&target, &["-a", &format!("[::1]:{port}")], &[]).expect_code(0);
+    assert!(
+        has_connection(&l),
+        "the rule [::1]:PORT did not let ::1 through"
+    );
+}
+
+#[test]
+fn only_the_allowed_addresses_of_a_name_are_used() {
+    let (name, _) = two_family_name()
+        .expect("no name resolves to both ::1 and 127.0.0.1, and /etc/hosts cannot be extended");
+    // The same port on both; only 127.0.0.1 is allowed, and ::1 must stay untouched.
+    let (v4, v6) = (0..50)
+        .find_map(|_| {
+            let a = TcpListener::bind("127.0.0.1:0").ok()?;
+            let port = a.local_addr().ok()?.port();
+            let b = TcpListener::bind(("::1", port)).ok()?;
+            Some((a, b))
+        })
+        .expect("no port free on both addresses");
+    let port = v4.local_addr().expect("addr").port();
+    let h = std::thread::spawn(move || {
+        let mut s = util::accept_timeout(&v4, LIMIT);
+        s.write_all(b"reached").expect("write");
+    });
+    let mut cmd = dial();
+    cmd.env("TCPSPLICE_TARGET", format!("{name}:{port}"))
+        .args(["-a", &format!("127.0.0.1:{port}"), SPLICE])
+        .stdin(Stdio::null());
+    let ran = util::run(&mut cmd, LIMIT);
+    ran.expect_code(0);
+    h.join().expect("listener");
+    assert_eq!(ran.stdout, b"reached", "{}", ran.show());
+    assert!(
+        ran.stderr_text()
+            .contains(&format!("not connecting to [::1]:{port}")),
+        "{}",
+        ran.show()
+    );
+    assert!(!has_connection(&v6), "a denied address was connected to");
+}
+
 // --- every address, timeouts ------------------------------------------------------------
 
 /// A name that resolves to ::1 and 127.0.0.1. `localhost` does on most systems; where it
@@ -636,8 +766,9 @@ fn every_address_is_tried_when_the_first_refuses() {
     ran.expect_code(0);
     h.join().expect("listener");
     assert_eq!(ran.stdout, b"reached", "{}", ran.show());
+    let refused = format!("unable to connect to {}", SocketAddr::new(first.ip(), port));
     assert!(
-        ran.stderr_text().contains("trying the next address"),
+        ran.stderr_text().contains(&refused),
         "the first address was not tried{}",
         ran.show()
     );
@@ -646,7 +777,11 @@ fn every_address_is_tried_when_the_first_refuses() {
 /// A listener whose accept queue is full, so that further SYNs go unanswered: a target
 /// that never answers, on loopback. Keep the returned streams alive.
 fn unanswering_target() -> (TcpListener, SocketAddr, Vec<TcpStream>) {
-    let (l, addr) = util::listener();
+    unanswering_on(TcpListener::bind("127.0.0.1:0").expect("bind"))
+}
+
+fn unanswering_on(l: TcpListener) -> (TcpListener, SocketAddr, Vec<TcpStream>) {
+    let addr = l.local_addr().expect("addr");
     // SAFETY: listen on a descriptor the TcpListener owns; only the backlog changes.
     let r = unsafe { libc::listen(l.as_raw_fd(), 0) };
     assert_eq!(r, 0, "listen(0)");
@@ -657,6 +792,41 @@ fn unanswering_target() -> (TcpListener, SocketAddr, Vec<TcpStream>) {
         }
     }
     (l, addr, fill)
+}
+
+#[test]
+fn a_silent_first_address_does_not_hold_up_the_next() {
+    let (name, addrs) = two_family_name()
+        .expect("no name resolves to both ::1 and 127.0.0.1, and /etc/hosts cannot be extended");
+    let (first, last) = (addrs[0].ip(), addrs[addrs.len() - 1].ip());
+    // The first address never answers; the last one, on the same port, does.
+    let (silent, good) = (0..50)
+        .find_map(|_| {
+            let s = TcpListener::bind(SocketAddr::new(first, 0)).ok()?;
+            let port = s.local_addr().ok()?.port();
+            let g = TcpListener::bind(SocketAddr::new(last, port)).ok()?;
+            Some((s, g))
+        })
+        .expect("no port free on both addresses");
+    let port = good.local_addr().expect("addr").port();
+    let (_silent, _, _fill) = unanswering_on(silent);
+    let h = std::thread::spawn(move || {
+        let mut s = util::accept_timeout(&good, LIMIT);
+        s.write_all(b"reached").expect("write");
+    });
+    let mut cmd = dial();
+    cmd.args(["-t", "5", &name, &port.to_string(), SPLICE])
+        .stdin(Stdio::null());
+    let ran = util::run(&mut cmd, LIMIT);
+    ran.expect_code(0);
+    h.join().expect("listener");
+    assert_eq!(ran.stdout, b"reached", "{}", ran.show());
+    // Tried in turn, the first address would have timed out before the second was tried.
+    assert!(
+        !ran.stderr_text().contains("timed out"),
+        "the second address waited for the first{}",
+        ran.show()
+    );
 }
 
 #[test]
@@ -743,6 +913,24 @@ fn replies_on_success() {
         };
         assert_eq!(got, want, "{style} success reply{}", ran.show());
     }
+}
+
+#[test]
+fn socks5_reply_for_an_ipv6_upstream() {
+    let l = TcpListener::bind("[::1]:0").expect("bind ::1");
+    let port = l.local_addr().expect("addr").port();
+    let h = std::thread::spawn(move || {
+        let s = util::accept_timeout(&l, LIMIT);
+        s.peer_addr().expect("peer")
+    });
+    let target = format!("[::1]:{port}");
+    let (got, ran) = reply_run("socks5", &target, &["-a", &target]);
+    ran.expect_code(0);
+    let bound = h.join().expect("listener");
+    let mut want = vec![5, 0, 0, 4];
+    want.extend_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
+    want.extend_from_slice(&bound.port().to_be_bytes());
+    assert_eq!(got, want, "{}", ran.show());
 }
 
 #[test]
