@@ -5,4 +5,5 @@ mod util;
 
 mod auth;
 mod dial;
+mod listen;
 mod splice;
