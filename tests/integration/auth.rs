@@ -1612,3 +1612,25 @@ fn no_auth_and_users_together() {
         Some("example.com:80|alice|socks5|unset|unset|unset")
     );
 }
+
+#[test]
+fn man_page_documents_every_option() {
+    let r = util::run(Command::new(AUTH).arg("-h"), LIMIT);
+    r.expect_code(0);
+    let usage = String::from_utf8_lossy(&r.stdout).into_owned();
+    let man = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/man/tcpsplice-auth.1"))
+        .expect("man page");
+    let mut seen = 0;
+    for word in usage.split(|c: char| c.is_whitespace() || c == '[' || c == ']') {
+        let Some(letter) = word.strip_prefix('-').filter(|l| l.len() == 1) else {
+            continue;
+        };
+        seen += 1;
+        assert!(
+            man.contains(&format!(".BI \\-{letter} "))
+                || man.contains(&format!(".B \\-{letter}\n")),
+            "-{letter} is in the usage but has no entry in the man page"
+        );
+    }
+    assert!(seen >= 9, "usage lists too few options: {usage}");
+}
