@@ -1,0 +1,349 @@
+//! The proxy handshake on fds 0/1: which protocol the client speaks, reading its request
+//! without ever reading a byte past it, and what tcpsplice-auth tells the next program.
+//!
+//! The first byte decides: 0x05 SOCKS5, 0x04 SOCKS4/4a, an ASCII letter HTTP CONNECT. It
+//! is the first byte of the request in every protocol, so it is simply read. SOCKS
+//! messages have lengths that can be computed, so exactly their bytes are read; the HTTP
+//! head is found with `recv(MSG_PEEK)` on a socket, one byte at a time on anything else.
+//! Whatever the client pipelines behind its request stays in the kernel for the programs
+//! after the exec.
+
+use std::io;
+use std::os::unix::io::RawFd;
+use std::time::{Duration, Instant};
+
+use crate::password::Secret;
+use crate::{exit, httpconnect, socks4, socks5, sys};
+
+/// The answer of a credential check.
+pub enum Verdict {
+    /// The user may go on; `rules` is the users file's third field, if any.
+    Accept { rules: Option<String> },
+    /// Wrong password or unknown user: the same answer for both.
+    Reject,
+    /// The check itself failed (checkpassword timed out, an unusable hash): why.
+    Temporary(String),
+}
+
+/// Checks a user name and password.
+pub trait Checker {
+    fn check(&self, user: &[u8], password: &Secret) -> Verdict;
+    /// Spends the time of a check without making one, for a user name that cannot
+    /// exist: the answer must not come sooner than a real refusal.
+    fn waste_time(&self, _password: &Secret) {}
+}
+
+/// What the handshake allows.
+pub struct Policy<'a> {
+    pub socks5: bool,
+    pub socks4: bool,
+    pub http: bool,
+    /// Clients may go on without credentials (`-n`).
+    pub anonymous: bool,
+    /// Credentials are checked by this; None when only no-auth is offered.
+    pub checker: Option<&'a dyn Checker>,
+    /// The largest HTTP request head, in bytes.
+    pub head_cap: usize,
+    /// How long a failed login waits before its answer.
+    pub fail_delay: Duration,
+}
+
+/// What the client asked for and who it is: becomes the next program's environment.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request {
+    /// `host:port`, `[v6]:port` for IPv6 literals.
+    pub target: String,
+    /// The authenticated user; None for no-auth.
+    pub user: Option<String>,
+    /// Per-user target rules, space-separated.
+    pub rules: Option<String>,
+    /// `socks5`, `socks4` or `http`: how tcpsplice-dial must answer.
+    pub reply: &'static str,
+}
+
+/// A handshake that ends here: what to send the client, what to log, how to exit.
+#[derive(Debug)]
+pub struct Failure {
+    pub reply: Vec<u8>,
+    pub why: String,
+    pub code: i32,
+    pub proto: &'static str,
+}
+
+impl Failure {
+    pub fn new(proto: &'static str, reply: &[u8], code: i32, why: impl Into<String>) -> Failure {
+        Failure {
+            reply: reply.to_vec(),
+            why: why.into(),
+            code,
+            proto,
+        }
+    }
+}
+
+/// Why reading from the client stopped.
+#[derive(Debug)]
+pub enum ReadError {
+    Timeout,
+    Eof,
+    Io(io::Error),
+}
+
+impl ReadError {
+    pub fn describe(&self) -> String {
+        match self {
+            ReadError::Timeout => "handshake timed out".into(),
+            ReadError::Eof => "client closed the connection in the handshake".into(),
+            ReadError::Io(e) => format!("unable to read from the client: {}", sys::strerror(e)),
+        }
+    }
+
+    /// The failure for a read error: a truncated or slow handshake is the client's
+    /// doing (exit 1) with `reply` as the protocol's refusal; an I/O error is ours.
+    pub fn fail(self, proto: &'static str, reply: &[u8]) -> Failure {
+        let code = match self {
+            ReadError::Io(_) => exit::TEMP,
+            _ => exit::POLICY,
+        };
+        Failure::new(proto, reply, code, self.describe())
+    }
+}
+
+/// The client end: fd 0 to read, fd 1 to write, one deadline over the whole handshake.
+pub struct Client {
+    pub rfd: RawFd,
+    pub wfd: RawFd,
+    deadline: Instant,
+    socket: bool,
+}
+
+impl Client {
+    pub fn new(rfd: RawFd, wfd: RawFd, timeout: Duration) -> Client {
+        Client {
+            rfd,
+            wfd,
+            deadline: Instant::now() + timeout,
+            socket: matches!(sys::fd_kind(rfd), Ok(sys::FdKind::Socket)),
+        }
+    }
+
+    pub fn is_socket(&self) -> bool {
+        self.socket
+    }
+
+    /// Waits until fd 0 is readable (or at end of file), or the deadline passes.
+    fn wait_readable(&self) -> Result<(), ReadError> {
+        loop {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ReadError::Timeout);
+            }
+            let mut p = [libc::pollfd {
+                fd: self.rfd,
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            match sys::poll(&mut p, Some(left)) {
+                Ok(0) => continue,
+                Ok(_) => return Ok(()),
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+    }
+
+    /// Reads at most `buf.len()` bytes; never returns 0.
+    pub fn read_some(&mut self, buf: &mut [u8]) -> Result<usize, ReadError> {
+        loop {
+            self.wait_readable()?;
+            match sys::read(self.rfd, buf) {
+                Ok(0) => return Err(ReadError::Eof),
+                Ok(n) => return Ok(n),
+                Err(e)
+                    if e.kind() == io::ErrorKind::Interrupted
+                        || e.kind() == io::ErrorKind::WouldBlock =>
+                {
+                    continue
+                }
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+    }
+
+    /// Reads exactly `buf.len()` bytes.
+    pub fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), ReadError> {
+        let mut got = 0;
+        while got < buf.len() {
+            got += self.read_some(&mut buf[got..])?;
+        }
+        Ok(())
+    }
+
+    pub fn read_byte(&mut self) -> Result<u8, ReadError> {
+        let mut b = [0u8];
+        self.read_exact(&mut b)?;
+        Ok(b[0])
+    }
+
+    /// Looks at what is waiting on the socket without taking it; never returns 0.
+    pub fn peek(&mut self, buf: &mut [u8]) -> Result<usize, ReadError> {
+        loop {
+            self.wait_readable()?;
+            // SAFETY: the kernel writes at most buf.len() bytes into memory we own.
+            let n = unsafe {
+                libc::recv(
+                    self.rfd,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
+            match sys::cvt(n) {
+                Ok(0) => return Err(ReadError::Eof),
+                Ok(n) => return Ok(n as usize),
+                Err(e)
+                    if e.kind() == io::ErrorKind::Interrupted
+                        || e.kind() == io::ErrorKind::WouldBlock =>
+                {
+                    continue
+                }
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+    }
+
+    /// Sends an intermediate message of the handshake (SOCKS5 method choice, auth
+    /// status). A client that does not read cannot block us: these are a few bytes.
+    pub fn send(&self, bytes: &[u8]) -> io::Result<()> {
+        sys::write_all(self.wfd, bytes)
+    }
+
+    /// After a refusal: ends our direction and reads what the client still sends for a
+    /// short while, so that closing with unread input does not reset the connection and
+    /// destroy the reply before the client has read it.
+    pub fn close_gently(&mut self, limit: Duration) {
+        if matches!(sys::fd_kind(self.wfd), Ok(sys::FdKind::Socket)) {
+            let _ = sys::shutdown(self.wfd, libc::SHUT_WR);
+        } else {
+            sys::close(self.wfd);
+        }
+        self.deadline = Instant::now() + limit;
+        let mut buf = [0u8; 4096];
+        let mut budget = 256 * 1024usize;
+        while budget > 0 {
+            match self.read_some(&mut buf) {
+                Ok(n) => budget = budget.saturating_sub(n),
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// Reads the client's request and checks its credentials. Ok is the request to pass on;
+/// Err says what to answer before exiting. Replies of the handshake's middle steps are
+/// sent here; the final answer is tcpsplice-dial's.
+pub fn run(c: &mut Client, policy: &Policy) -> Result<Request, Failure> {
+    let first = match c.read_byte() {
+        Ok(b) => b,
+        Err(e) => return Err(e.fail("-", b"")),
+    };
+    match first {
+        0x05 => socks5::handshake(c, policy),
+        0x04 => socks4::handshake(c, policy),
+        b if b.is_ascii_alphabetic() => httpconnect::handshake(c, policy, b),
+        b => Err(Failure::new(
+            "-",
+            b"",
+            exit::POLICY,
+            format!("unknown protocol (first byte 0x{b:02x})"),
+        )),
+    }
+}
+
+/// Checks that a host name from a client is one a resolver may be asked about: 1 to 255
+/// bytes of letters, digits, `-`, `.` and `_` (an IPv4 literal is such a name).
+pub fn valid_name(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+}
+
+/// `host:port`, with brackets around an IPv6 address.
+pub fn target_text(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Client-supplied text made safe for a log line: printable ASCII kept, the rest escaped.
+pub fn escape(bytes: &[u8]) -> String {
+    let mut s = String::new();
+    for &b in bytes.iter().take(256) {
+        if (0x21..0x7f).contains(&b) && b != b'\\' {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    s
+}
+
+/// Checks credentials with the policy's checker; a failure waits `fail_delay` first so
+/// that guessing is slow and the reply does not tell an unknown user from a wrong
+/// password. Ok(Some(rules)) on success, Ok(None) for a rejection after the delay.
+pub fn authenticate(
+    policy: &Policy,
+    user: &[u8],
+    password: &Secret,
+) -> Result<Option<String>, Result<(), String>> {
+    let Some(checker) = policy.checker else {
+        return Err(Ok(()));
+    };
+    let verdict = if user_name_ok(user) {
+        checker.check(user, password)
+    } else {
+        checker.waste_time(password);
+        Verdict::Reject
+    };
+    match verdict {
+        Verdict::Accept { rules } => Ok(rules),
+        Verdict::Reject => {
+            std::thread::sleep(policy.fail_delay);
+            Err(Ok(()))
+        }
+        Verdict::Temporary(why) => Err(Err(why)),
+    }
+}
+
+/// A user name we are willing to put in the environment and in logs: printable, no `:`
+/// (the users file's separator), 1 to 255 bytes.
+pub fn user_name_ok(user: &[u8]) -> bool {
+    !user.is_empty()
+        && user.len() <= 255
+        && user.iter().all(|&b| (0x20..0x7f).contains(&b) && b != b':')
+}
+
+/// Sets the environment the next programs read (DESIGN.md): `TCPSPLICE_TARGET`,
+/// `TCPSPLICE_REPLY`, `TCPSPLICE_USER` and `TCPSPLICE_RULES` (both removed when they do
+/// not apply, so nothing inherited can pass for them), the UCSPI names of the client
+/// when no supervisor set them, and systemd's socket-passing variables unset, as we
+/// consumed the socket.
+pub fn export(req: &Request) {
+    crate::conninfo::fill_from_socket(0);
+    std::env::set_var("TCPSPLICE_TARGET", &req.target);
+    std::env::set_var("TCPSPLICE_REPLY", req.reply);
+    match &req.user {
+        Some(u) => std::env::set_var("TCPSPLICE_USER", u),
+        None => std::env::remove_var("TCPSPLICE_USER"),
+    }
+    match &req.rules {
+        Some(r) => std::env::set_var("TCPSPLICE_RULES", r),
+        None => std::env::remove_var("TCPSPLICE_RULES"),
+    }
+    for v in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
+        std::env::remove_var(v);
+    }
+}

@@ -1,0 +1,261 @@
+//! HTTP CONNECT (RFC 9110 §9.3.6) with `Proxy-Authorization: Basic` (RFC 7617).
+//!
+//! The request head ends at the first CRLF CRLF; the tunnel starts right after it, so
+//! the head is read exactly: on a socket, `recv(MSG_PEEK)` shows what is waiting, and
+//! only bytes that are surely part of the head are taken; on anything else, one byte at
+//! a time. The head is capped, and it is wiped after use as it may carry a password.
+
+use std::net::Ipv6Addr;
+
+use crate::exit;
+use crate::handshake::{self, Client, Failure, Policy, ReadError, Request};
+use crate::password::Secret;
+
+pub const REALM: &str = "tcpsplice";
+
+/// A complete response with no body, closing the connection.
+pub fn response(status: &str, extra: &str) -> Vec<u8> {
+    format!("HTTP/1.1 {status}\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n")
+        .into_bytes()
+}
+
+fn fail(status: &str, extra: &str, code: i32, why: impl Into<String>) -> Failure {
+    Failure::new("http", &response(status, extra), code, why)
+}
+
+fn bad_request(why: impl Into<String>) -> Failure {
+    fail("400 Bad Request", "", exit::POLICY, why)
+}
+
+fn challenge(why: impl Into<String>) -> Failure {
+    fail(
+        "407 Proxy Authentication Required",
+        &format!("Proxy-Authenticate: Basic realm=\"{REALM}\"\r\n"),
+        exit::POLICY,
+        why,
+    )
+}
+
+fn read_failed(e: ReadError) -> Failure {
+    match e {
+        ReadError::Timeout => fail("408 Request Timeout", "", exit::POLICY, e.describe()),
+        ReadError::Eof => fail("400 Bad Request", "", exit::POLICY, e.describe()),
+        ReadError::Io(_) => e.fail("http", b""),
+    }
+}
+
+/// Runs the handshake after the first byte (a letter) has been read.
+pub fn handshake(c: &mut Client, policy: &Policy, first: u8) -> Result<Request, Failure> {
+    if !policy.http {
+        return Err(fail(
+            "403 Forbidden",
+            "",
+            exit::POLICY,
+            "http is not enabled",
+        ));
+    }
+    let head = read_head(c, first, policy.head_cap)?;
+    let Ok(text) = std::str::from_utf8(head.as_bytes()) else {
+        return Err(bad_request("request head is not UTF-8"));
+    };
+    let mut lines = text.split("\r\n");
+    let request_line = lines.next().unwrap_or("");
+    let parts: Vec<&str> = request_line.split(' ').collect();
+    if parts.len() != 3 || !parts[2].starts_with("HTTP/1.") {
+        return Err(bad_request(format!(
+            "malformed request line {}",
+            handshake::escape(request_line.as_bytes())
+        )));
+    }
+    if parts[0] != "CONNECT" {
+        return Err(fail(
+            "405 Method Not Allowed",
+            "Allow: CONNECT\r\n",
+            exit::POLICY,
+            format!(
+                "method {} not supported",
+                handshake::escape(parts[0].as_bytes())
+            ),
+        ));
+    }
+    let target = parse_authority(parts[1]).ok_or_else(|| {
+        bad_request(format!(
+            "bad CONNECT target {}",
+            handshake::escape(parts[1].as_bytes())
+        ))
+    })?;
+    let mut authorization = None;
+    for line in lines.filter(|l| !l.is_empty()) {
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(bad_request("malformed header line"));
+        };
+        if name.is_empty() || name.starts_with([' ', '\t']) || name.ends_with([' ', '\t']) {
+            return Err(bad_request("malformed header line"));
+        }
+        if authorization.is_none() && name.eq_ignore_ascii_case("proxy-authorization") {
+            authorization = Some(value.trim_matches([' ', '\t']));
+        }
+    }
+    let mut user = None;
+    let mut rules = None;
+    match (policy.checker.is_some(), authorization) {
+        (true, Some(value)) => {
+            let (name, password) = basic_credentials(value)
+                .ok_or_else(|| challenge("Proxy-Authorization is not valid Basic"))?;
+            match handshake::authenticate(policy, &name, &password) {
+                Ok(r) => {
+                    rules = r;
+                    user = Some(String::from_utf8_lossy(&name).into_owned());
+                }
+                Err(Ok(())) => {
+                    return Err(challenge(format!(
+                        "auth failed user={}",
+                        handshake::escape(&name)
+                    )))
+                }
+                Err(Err(why)) => return Err(fail("503 Service Unavailable", "", exit::TEMP, why)),
+            }
+        }
+        (_, _) if policy.anonymous => {}
+        (_, _) => return Err(challenge("no credentials")),
+    }
+    Ok(Request {
+        target,
+        user,
+        rules,
+        reply: "http",
+    })
+}
+
+/// Reads the head up to and including its CRLF CRLF, never further.
+fn read_head(c: &mut Client, first: u8, cap: usize) -> Result<Secret, Failure> {
+    let mut head = Secret::new(Vec::with_capacity(512));
+    head.vec_mut().push(first);
+    let too_big = || {
+        fail(
+            "431 Request Header Fields Too Large",
+            "",
+            exit::POLICY,
+            format!("request head larger than {cap} bytes"),
+        )
+    };
+    let mut peeked = Secret::new(Vec::new());
+    loop {
+        if head.as_bytes().ends_with(b"\r\n\r\n") {
+            return Ok(head);
+        }
+        let room = cap.saturating_sub(head.as_bytes().len());
+        if room == 0 {
+            return Err(too_big());
+        }
+        if !c.is_socket() {
+            let b = c.read_byte().map_err(read_failed)?;
+            head.vec_mut().push(b);
+            continue;
+        }
+        let buf = peeked.vec_mut();
+        buf.clear();
+        buf.resize(room, 0);
+        let n = c.peek(buf).map_err(read_failed)?;
+        // Where would the head end, counting the bytes we already have?
+        let have = head.as_bytes();
+        let tail = &have[have.len().saturating_sub(3)..];
+        let mut window: Vec<u8> = tail.to_vec();
+        let mut take = n;
+        for (i, &b) in buf[..n].iter().enumerate() {
+            window.push(b);
+            if window.ends_with(b"\r\n\r\n") {
+                take = i + 1;
+                break;
+            }
+        }
+        window.iter_mut().for_each(|b| *b = 0);
+        // Every byte up to `take` belongs to the head: no terminator ends before it.
+        let start = head.as_bytes().len();
+        head.vec_mut().resize(start + take, 0);
+        c.read_exact(&mut head.vec_mut()[start..])
+            .map_err(read_failed)?;
+    }
+}
+
+/// `host:port` or `[v6]:port` -> the target text.
+fn parse_authority(a: &str) -> Option<String> {
+    let (host, port) = if let Some(rest) = a.strip_prefix('[') {
+        let (h, p) = rest.split_once("]:")?;
+        h.parse::<Ipv6Addr>().ok()?;
+        (h, p)
+    } else {
+        let (h, p) = a.rsplit_once(':')?;
+        if !handshake::valid_name(h.as_bytes()) {
+            return None;
+        }
+        (h, p)
+    };
+    if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let port: u16 = port.parse().ok().filter(|&p| p != 0)?;
+    Some(handshake::target_text(host, port))
+}
+
+/// `Basic base64(user:password)`, scheme matched case-insensitively, split at the first
+/// colon as RFC 7617 says the user-id has none.
+fn basic_credentials(value: &str) -> Option<(Vec<u8>, Secret)> {
+    let (scheme, token) = value.split_once([' ', '\t'])?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = Secret::new(base64_decode(token.trim_matches([' ', '\t']))?);
+    let bytes = decoded.as_bytes();
+    let colon = bytes.iter().position(|&b| b == b':')?;
+    Some((
+        bytes[..colon].to_vec(),
+        Secret::new(bytes[colon + 1..].to_vec()),
+    ))
+}
+
+/// Standard base64 with optional padding.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim_end_matches('=');
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let mut acc: u32 = 0;
+    let mut bits = 0;
+    for b in s.bytes() {
+        let v = match b {
+            b'A'..=b'Z' => b - b'A',
+            b'a'..=b'z' => b - b'a' + 26,
+            b'0'..=b'9' => b - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes() {
+        assert_eq!(
+            base64_decode("YWxpY2U6czNjcmV0").as_deref(),
+            Some(&b"alice:s3cret"[..])
+        );
+        assert_eq!(base64_decode("YQ==").as_deref(), Some(&b"a"[..]));
+        assert_eq!(base64_decode("Y*"), None);
+        assert_eq!(parse_authority("[::1]:80").as_deref(), Some("[::1]:80"));
+        assert_eq!(parse_authority("a.b:443").as_deref(), Some("a.b:443"));
+        assert_eq!(parse_authority("a.b:0"), None);
+        assert_eq!(parse_authority("a.b"), None);
+        assert_eq!(parse_authority("a:b:1"), None);
+    }
+}

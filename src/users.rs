@@ -1,0 +1,159 @@
+//! The users file: `user:hash[:rules]` lines, `#` comments and blank lines.
+//!
+//! Every line is checked when the file is loaded; a weak or unknown hash format, a
+//! duplicate user or a bad rule stops the program with the file and line named, rather
+//! than leaving a user who can never log in (or one who logs in too cheaply).
+//! The optional third field restricts the user's targets: rules in tcpsplice-dial's
+//! syntax (`CIDR`, `CIDR:PORT`), separated by spaces or commas.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use crate::handshake::{Checker, Verdict};
+use crate::password::{Secret, StoredHash};
+use crate::rules;
+
+/// Checked against when the user is unknown, so that an unknown user costs the time of
+/// a wrong password. Used only when the file has no user whose hash could stand in.
+const DUMMY_HASH: &str =
+    "$y$j9T$kwh3NjHXdWiY3z2IL7Lv50$Glv.1xcr1P8l3iXZqFb/S6R3eKlAfNO.rR3xUTzo4BC";
+
+struct Entry {
+    hash: StoredHash,
+    rules: Option<String>,
+}
+
+/// The loaded users file.
+pub struct Users {
+    entries: HashMap<Vec<u8>, Entry>,
+    dummy: StoredHash,
+}
+
+impl Users {
+    /// Loads and checks `path`. The error reads `FILE line N: WHY` (or `FILE: WHY`).
+    pub fn load(path: &Path) -> Result<Users, String> {
+        let shown = path.display();
+        let data = std::fs::read(path)
+            .map_err(|e| format!("unable to read {shown}: {}", crate::sys::strerror(&e)))?;
+        let data = Secret::new(data);
+        if let Ok(meta) = std::fs::metadata(path) {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.permissions().mode() & 0o004 != 0 {
+                crate::diag::warn(&format!(
+                    "{shown} is readable by every user: its hashes can be guessed offline (chmod o-r)"
+                ));
+            }
+        }
+        let text =
+            std::str::from_utf8(data.as_bytes()).map_err(|_| format!("{shown}: not UTF-8 text"))?;
+        Users::parse(text).map_err(|(line, why)| format!("{shown} line {line}: {why}"))
+    }
+
+    /// Parses the text of a users file; Err is (line number, why).
+    pub fn parse(text: &str) -> Result<Users, (usize, String)> {
+        let mut entries = HashMap::new();
+        let mut dummy = None;
+        for (i, raw) in text.lines().enumerate() {
+            let n = i + 1;
+            let line = raw.trim_end_matches('\r');
+            if line.trim().is_empty() || line.trim_start().starts_with('#') {
+                continue;
+            }
+            let mut fields = line.splitn(3, ':');
+            let name = fields.next().unwrap_or("");
+            let Some(hash) = fields.next() else {
+                return Err((n, "expected user:hash[:rules]".into()));
+            };
+            if !crate::handshake::user_name_ok(name.as_bytes()) {
+                return Err((
+                    n,
+                    "bad user name (1 to 255 printable ASCII bytes, no colon)".into(),
+                ));
+            }
+            let hash =
+                StoredHash::parse(hash.trim()).map_err(|why| (n, format!("user {name}: {why}")))?;
+            let rules = match fields.next() {
+                None => None,
+                Some(r) => Some(parse_rules(r).map_err(|why| (n, format!("user {name}: {why}")))?),
+            }
+            .filter(|r| !r.is_empty());
+            if dummy.is_none() {
+                dummy = Some(hash.clone());
+            }
+            if entries
+                .insert(name.as_bytes().to_vec(), Entry { hash, rules })
+                .is_some()
+            {
+                return Err((n, format!("user {name} appears twice")));
+            }
+        }
+        let dummy = match dummy {
+            Some(d) => d,
+            None => StoredHash::parse(DUMMY_HASH).map_err(|e| (0, e))?,
+        };
+        Ok(Users { entries, dummy })
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Checks each rule of a users line's third field and joins them with spaces.
+fn parse_rules(field: &str) -> Result<String, String> {
+    let mut out = Vec::new();
+    for r in field
+        .split(|c: char| c == ',' || c.is_ascii_whitespace())
+        .filter(|r| !r.is_empty())
+    {
+        rules::Rule::parse(r)?;
+        out.push(r);
+    }
+    Ok(out.join(" "))
+}
+
+impl Checker for Users {
+    fn check(&self, user: &[u8], password: &Secret) -> Verdict {
+        match self.entries.get(user) {
+            Some(e) => match e.hash.verify(password.as_bytes()) {
+                Ok(true) => Verdict::Accept {
+                    rules: e.rules.clone(),
+                },
+                Ok(false) => Verdict::Reject,
+                Err(why) => Verdict::Temporary(why),
+            },
+            None => {
+                self.waste_time(password);
+                Verdict::Reject
+            }
+        }
+    }
+
+    fn waste_time(&self, password: &Secret) {
+        // The time a wrong password costs; the answer does not matter.
+        let _ = self.dummy.verify(password.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_lines() {
+        let u = Users::parse("# c\n\nalice:$6$salt$abc:10.0.0.0/8, 192.0.2.1/32:443\n").unwrap();
+        assert_eq!(u.len(), 1);
+        assert_eq!(
+            u.entries[&b"alice"[..]].rules.as_deref(),
+            Some("10.0.0.0/8 192.0.2.1/32:443")
+        );
+        assert_eq!(Users::parse("a:$1$x$y\n").err().map(|e| e.0), Some(1));
+        assert_eq!(Users::parse("\nb:plain\n").err().map(|e| e.0), Some(2));
+        assert!(Users::parse("a:$6$s$h\na:$6$s$h\n").is_err());
+        assert!(Users::parse("a:$6$s$h:notarule\n").is_err());
+    }
+}
