@@ -6,8 +6,9 @@ use std::os::unix::ffi::OsStrExt;
 
 use crate::{diag, exit, sys};
 
-/// Execs `argv` (searching PATH for `argv[0]`) with SIGPIPE back at its default, as the
-/// next program expects to inherit it. Never returns: a failure exits 127 when the
+/// Execs `argv` (searching PATH for `argv[0]`) with SIGPIPE back at its default and no
+/// signal blocked, as the next program expects to inherit them (a signal mask survives
+/// exec, and a signalfd user blocks what it reads). Never returns: a failure exits 127 when the
 /// program was not found and 126 otherwise.
 pub fn exec(argv: &[OsString]) -> ! {
     let Some(first) = argv.first() else {
@@ -23,6 +24,7 @@ pub fn exec(argv: &[OsString]) -> ! {
     let mut ptrs: Vec<*const libc::c_char> = cargs.iter().map(|c| c.as_ptr()).collect();
     ptrs.push(std::ptr::null());
     sys::signal_ignore(libc::SIGPIPE, false);
+    sys::unblock_all_signals();
     // SAFETY: ptrs is a NULL-terminated array of pointers into `cargs`, which outlive
     // the call; execvp only returns on failure.
     unsafe { libc::execvp(ptrs[0], ptrs.as_ptr()) };

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::handshake::{Checker, Verdict};
 use crate::password::Secret;
-use crate::sys;
+use crate::{diag, sys};
 
 /// A checkpassword program and how long it may take.
 pub struct CheckPassword {
@@ -52,7 +52,7 @@ impl CheckPassword {
             .map_err(|e| format!("unable to create a pipe: {}", sys::strerror(&e)))?;
         let _ = sys::set_nonblocking(rfd, false);
         let _ = sys::set_nonblocking(wfd, false);
-        let stderr_ok = !sys::is_inet_socket(2) && !sys::same_file(2, 0) && !sys::same_file(2, 1);
+        let stderr_ok = diag::stderr_is_safe();
         let mut cmd = Command::new(&self.prog);
         cmd.arg("true")
             .stdin(Stdio::null())

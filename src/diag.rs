@@ -32,7 +32,10 @@ pub fn prog() -> &'static str {
     PROG.get().copied().unwrap_or("tcpsplice")
 }
 
-fn stderr_is_safe() -> bool {
+/// Whether fd 2 may be written to: not a TCP socket, not the same file as a data
+/// descriptor (0, 1, 6, 7), or else a terminal. Programs a link runs (checkpassword)
+/// inherit fd 2 only when it is.
+pub fn stderr_is_safe() -> bool {
     if !sys::fd_is_open(2) {
         return false;
     }

@@ -5,12 +5,11 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::mem::size_of;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
-use std::os::unix::io::RawFd;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use crate::connect::{self, connect_any, own_addresses, resolve};
 use crate::reply::{self, Failure, Style};
 use crate::rules::{self, Policy, Rule};
 use crate::{chain, conninfo, diag, exit, proxyproto, sys};
@@ -91,6 +90,16 @@ pub fn parse_host(s: &str) -> Result<String, String> {
     if s.parse::<IpAddr>().is_ok() {
         return Ok(s.to_string());
     }
+    // A link-local IPv6 address needs its interface (fe80::1%eth0); getaddrinfo reads it.
+    if let Some((ip, zone)) = s.split_once('%') {
+        let zone_ok = !zone.is_empty()
+            && zone
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+        if ip.parse::<std::net::Ipv6Addr>().is_ok() && zone_ok {
+            return Ok(s.to_string());
+        }
+    }
     let ok = !s.is_empty()
         && s.len() <= 255
         && s.bytes()
@@ -102,146 +111,13 @@ pub fn parse_host(s: &str) -> Result<String, String> {
     }
 }
 
-/// Resolves `host` with getaddrinfo, bounded by `limit`: the lookup runs on a thread so
-/// that a stuck resolver cannot hold the client past the connect timeout.
-fn resolve(host: &str, port: u16, limit: Duration) -> io::Result<Vec<SocketAddr>> {
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return Ok(vec![SocketAddr::new(ip, port)]);
-    }
-    let (tx, rx) = std::sync::mpsc::channel();
-    let name = host.to_string();
-    std::thread::spawn(move || {
-        let r = (name.as_str(), port)
-            .to_socket_addrs()
-            .map(|it| it.collect::<Vec<_>>());
-        let _ = tx.send(r);
-    });
-    match rx.recv_timeout(limit) {
-        Ok(r) => r,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "the name lookup timed out",
-        )),
-    }
-}
-
-/// This host's addresses, from getifaddrs(3): a client-chosen target must not be the
-/// proxy itself under one of its public addresses.
-pub fn own_addresses() -> io::Result<Vec<IpAddr>> {
-    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs writes a pointer to a list it allocated into `ifap`.
-    sys::cvt(unsafe { libc::getifaddrs(&mut ifap) })?;
-    let mut out = Vec::new();
-    let mut p = ifap;
-    while !p.is_null() {
-        // SAFETY: p is a node of the list getifaddrs returned, not yet freed.
-        let ifa = unsafe { &*p };
-        if !ifa.ifa_addr.is_null() {
-            // SAFETY: ifa_addr points to a sockaddr whose family field is valid.
-            let family = libc::c_int::from(unsafe { (*ifa.ifa_addr).sa_family });
-            let len = match family {
-                libc::AF_INET => size_of::<libc::sockaddr_in>(),
-                libc::AF_INET6 => size_of::<libc::sockaddr_in6>(),
-                _ => 0,
-            };
-            if len > 0 {
-                // SAFETY: all-zero is a valid sockaddr_storage.
-                let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-                // SAFETY: the family says ifa_addr holds `len` bytes, and
-                // sockaddr_storage is larger than either sockaddr.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        ifa.ifa_addr.cast::<u8>(),
-                        (&mut ss as *mut libc::sockaddr_storage).cast::<u8>(),
-                        len,
-                    )
-                };
-                if let Some(a) = sys::sockaddr_to_std(&ss) {
-                    out.push(a.ip());
-                }
-            }
-        }
-        p = ifa.ifa_next;
-    }
-    // SAFETY: ifap came from getifaddrs and is freed once; no reference into it remains.
-    unsafe { libc::freeifaddrs(ifap) };
-    Ok(out)
-}
-
-fn socket(addr: &SocketAddr) -> io::Result<OwnedFd> {
-    let domain = if addr.is_ipv4() {
-        libc::AF_INET
+/// What a failed attempt says in a message.
+fn why(cfg: &Config, e: &io::Error) -> String {
+    if e.raw_os_error() == Some(libc::ETIMEDOUT) {
+        format!("timed out after {:?}", cfg.timeout)
     } else {
-        libc::AF_INET6
-    };
-    let ty = libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
-    // SAFETY: socket takes three integers.
-    let fd = sys::cvt(unsafe { libc::socket(domain, ty, 0) })?;
-    // SAFETY: fd is a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn bind(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
-    let (ss, len) = sys::std_to_sockaddr(addr);
-    // SAFETY: we pass a sockaddr we own and its length.
-    sys::cvt(unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) })
-        .map(drop)
-}
-
-fn connect_start(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
-    let (ss, len) = sys::std_to_sockaddr(addr);
-    // SAFETY: we pass a sockaddr we own and its length.
-    sys::cvt(unsafe { libc::connect(fd, (&ss as *const libc::sockaddr_storage).cast(), len) })
-        .map(drop)
-}
-
-/// One connection attempt: a non-blocking connect that poll bounds by `limit`. Returns
-/// the connected socket, back in blocking mode for the programs after us.
-fn connect_one(cfg: &Config, addr: &SocketAddr, source: Option<SocketAddr>) -> io::Result<OwnedFd> {
-    let sock = socket(addr)?;
-    let fd = sock.as_raw_fd();
-    if cfg.nodelay {
-        sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
+        sys::strerror(e)
     }
-    if cfg.keepalive {
-        sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
-    }
-    if let Some(src) = source {
-        if src.port() == 0 {
-            // Choose the port at connect time, not bind time, so that many connections
-            // from one source address do not run out of ports. Best effort: old kernels.
-            let _ = sys::setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1);
-        } else {
-            sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
-        }
-        bind(fd, &src)?;
-    }
-    match connect_start(fd, addr) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
-            let deadline = Instant::now() + cfg.timeout;
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT));
-                }
-                let mut p = [libc::pollfd {
-                    fd,
-                    events: libc::POLLOUT,
-                    revents: 0,
-                }];
-                if sys::poll(&mut p, Some(left))? > 0 {
-                    break;
-                }
-            }
-            if let Some(e) = sys::socket_error(fd) {
-                return Err(e);
-            }
-        }
-        Err(e) => return Err(e),
-    }
-    sys::set_nonblocking(fd, false)?;
-    Ok(sock)
 }
 
 /// The client's address and the address it connected to, saved before the `TCP*`
@@ -311,11 +187,271 @@ fn linger() {
     }
 }
 
-fn family_name(a: &SocketAddr) -> &'static str {
-    if a.is_ipv4() {
-        "IPv4"
-    } else {
-        "IPv6"
+/// The target as the command line or the client named it.
+struct Target {
+    host: String,
+    port: u16,
+    /// From the command line: connected to without checks.
+    trusted: bool,
+    /// `host:port` for messages.
+    shown: String,
+}
+
+/// One run: the configuration and the reply style, which every failure needs.
+struct Dial<'a> {
+    cfg: &'a Config,
+    style: Option<Style>,
+}
+
+impl Dial<'_> {
+    fn fail(&self, f: Failure, code: i32, msg: &str) -> ! {
+        fail(self.style, f, code, msg)
+    }
+
+    fn usage_fail(&self, msg: &str) -> ! {
+        self.fail(Failure::General, exit::USAGE, msg)
+    }
+
+    fn target(&self) -> Target {
+        let (host, port, trusted) = match &self.cfg.fixed {
+            Some((h, p)) => (h.clone(), *p, true),
+            None => {
+                let t = std::env::var(TARGET_VAR).unwrap_or_default();
+                match split_target(&t) {
+                    Ok((h, p)) => (h, p, false),
+                    Err(e) => self.usage_fail(&format!("unable to use {TARGET_VAR} {t:?}: {e}")),
+                }
+            }
+        };
+        let shown = conninfo::join_host_port(&host, &port.to_string());
+        Target {
+            host,
+            port,
+            trusted,
+            shown,
+        }
+    }
+
+    fn source(&self, client_local: Option<SocketAddr>) -> Option<SocketAddr> {
+        match self.cfg.source {
+            Source::Kernel => None,
+            Source::Addr(a) => Some(a),
+            Source::Auto => match client_local.or_else(|| sys::local_addr(0).ok().flatten()) {
+                Some(a) => Some(SocketAddr::new(rules::canonical(a.ip()), 0)),
+                None => self.usage_fail("unable to use -s auto: fd 0 is not a TCP connection"),
+            },
+        }
+    }
+
+    /// The user's rules and this host's addresses, for a client-chosen target.
+    fn policy_inputs(&self) -> (Option<Vec<Rule>>, Vec<IpAddr>) {
+        let user = match std::env::var(RULES_VAR) {
+            Ok(s) if !s.trim().is_empty() => match rules::parse_list(&s) {
+                Ok(r) => Some(r),
+                Err(e) => self.usage_fail(&format!("unable to use {RULES_VAR}: {e}")),
+            },
+            _ => None,
+        };
+        let own = own_addresses().unwrap_or_else(|e| {
+            self.fail(
+                Failure::General,
+                exit::TEMP,
+                &format!(
+                    "unable to list this host's addresses: {}",
+                    sys::strerror(&e)
+                ),
+            )
+        });
+        (user, own)
+    }
+
+    /// The addresses to try: resolved, of the wanted family, and for a client-chosen
+    /// target allowed by the policy. Exits when none is left.
+    fn candidates(&self, t: &Target, source: Option<SocketAddr>) -> Vec<SocketAddr> {
+        let (user, own) = if t.trusted {
+            (None, Vec::new())
+        } else {
+            self.policy_inputs()
+        };
+        let policy = Policy {
+            allow: &self.cfg.allow,
+            user: user.as_deref(),
+            own: &own,
+        };
+        let addrs = resolve(&t.host, t.port, self.cfg.timeout).unwrap_or_else(|e| {
+            self.fail(
+                Failure::HostUnreachable,
+                exit::TEMP,
+                &format!(
+                    "unable to find the IP address of {}: {}",
+                    t.host,
+                    sys::strerror(&e)
+                ),
+            )
+        });
+        let mut out = Vec::new();
+        let mut refusals = Vec::new();
+        for a in addrs {
+            // A mapped address is connected to over IPv4; any other keeps its scope id.
+            let a = match rules::canonical(a.ip()) {
+                ip @ IpAddr::V4(_) => SocketAddr::new(ip, a.port()),
+                IpAddr::V6(_) => a,
+            };
+            let family_ok = match self.cfg.family {
+                Family::Any => true,
+                Family::V4 => a.is_ipv4(),
+                Family::V6 => a.is_ipv6(),
+            };
+            let source_ok = source.map_or(true, |s| s.is_ipv4() == a.is_ipv4());
+            if !family_ok || !source_ok || out.contains(&a) {
+                continue;
+            }
+            if !t.trusted {
+                if let Err(why) = policy.check(&a) {
+                    refusals.push((a, why));
+                    continue;
+                }
+            }
+            out.push(a);
+        }
+        // One line per refused address; when all were, the last one is the fatal line.
+        let last = if out.is_empty() { refusals.pop() } else { None };
+        for (a, why) in &refusals {
+            diag::warn(&format!("target {}: not connecting to {a}: {why}", t.shown));
+        }
+        if !out.is_empty() {
+            return out;
+        }
+        if let Some((_, why)) = last {
+            self.fail(
+                Failure::NotAllowed,
+                exit::POLICY,
+                &format!(
+                    "unable to connect to {}: target not allowed: {why}",
+                    t.shown
+                ),
+            );
+        }
+        let what = match (self.cfg.family, source) {
+            (Family::V4, _) => "IPv4 address",
+            (Family::V6, _) => "IPv6 address",
+            (Family::Any, Some(s)) if s.is_ipv4() => "IPv4 address",
+            (Family::Any, Some(_)) => "IPv6 address",
+            (Family::Any, None) => "IP address",
+        };
+        self.fail(
+            Failure::HostUnreachable,
+            exit::TEMP,
+            &format!("unable to connect to {}: no {what} for {}", t.shown, t.host),
+        )
+    }
+
+    /// Connects to one of `addrs`, or exits with the failure of the last attempt.
+    fn connect(
+        &self,
+        t: &Target,
+        addrs: &[SocketAddr],
+        source: Option<SocketAddr>,
+    ) -> (OwnedFd, SocketAddr) {
+        let opts = connect::Options {
+            timeout: self.cfg.timeout,
+            nodelay: self.cfg.nodelay,
+            keepalive: self.cfg.keepalive,
+            source,
+        };
+        let (conn, failed) = connect_any(&opts, addrs);
+        if let Some((sock, peer)) = conn {
+            for (a, e) in &failed {
+                diag::warn(&format!(
+                    "unable to connect to {a}: {}; connected to {peer} instead",
+                    why(self.cfg, e)
+                ));
+            }
+            return (sock, peer);
+        }
+        let Some(((a, e), earlier)) = failed.split_last() else {
+            self.fail(
+                Failure::General,
+                exit::TEMP,
+                "unable to connect: no attempt made",
+            );
+        };
+        for (a, e) in earlier {
+            diag::warn(&format!("unable to connect to {a}: {}", why(self.cfg, e)));
+        }
+        let f = Failure::from_io(e);
+        let target = if a.to_string() == t.shown {
+            t.shown.clone()
+        } else {
+            format!("{} ({a})", t.shown)
+        };
+        self.fail(
+            f,
+            f.exit_code(),
+            &format!("unable to connect to {target}: {}", why(self.cfg, e)),
+        )
+    }
+
+    /// Sends the PROXY header, puts the connection on fds 6 and 7, sets the environment,
+    /// answers the client, and execs the next program.
+    fn hand_over(
+        &self,
+        sock: OwnedFd,
+        peer: SocketAddr,
+        client: Option<SocketAddr>,
+        client_local: Option<SocketAddr>,
+    ) -> ! {
+        let fd = sock.as_raw_fd();
+        if let Some(v) = self.cfg.proxy {
+            let header = if v == 1 {
+                proxyproto::v1(client, client_local)
+            } else {
+                proxyproto::v2(client, client_local)
+            };
+            if let Err(e) = sys::write_all(fd, &header) {
+                self.fail(
+                    Failure::General,
+                    exit::TEMP,
+                    &format!(
+                        "unable to send the PROXY header to {peer}: {}",
+                        sys::strerror(&e)
+                    ),
+                );
+            }
+        }
+        let local = sys::local_addr(fd).ok().flatten();
+        let fd = sock.into_raw_fd();
+        // Like tcpclient: read on 6, write on 7, both the one socket, both kept across
+        // exec. fd_move(n, n) clears close-on-exec where dup2 would not.
+        let moved = if fd == 7 {
+            sys::fd_move(7, 7).and_then(|()| sys::fd_copy(6, 7))
+        } else {
+            sys::fd_move(6, fd).and_then(|()| sys::fd_copy(7, 6))
+        };
+        if let Err(e) = moved {
+            self.fail(
+                Failure::General,
+                exit::TEMP,
+                &format!(
+                    "unable to move the connection to fds 6 and 7: {}",
+                    sys::strerror(&e)
+                ),
+            );
+        }
+        if let Some(l) = local {
+            conninfo::set_ucspi(&l, &peer);
+        }
+        // They described the client; a stale value would now be read as the target's.
+        for v in ["TCPLOCALHOST", "TCPREMOTEHOST", "TCPREMOTEINFO"] {
+            std::env::remove_var(v);
+        }
+        if let Some(style) = self.style {
+            if let Err(e) = sys::write_all(1, &reply::success(style, local)) {
+                diag::die_sys(exit::TEMP, "send the reply to the client", &e);
+            }
+        }
+        std::env::remove_var(REPLY_VAR);
+        chain::exec(&self.cfg.prog)
     }
 }
 
@@ -325,215 +461,39 @@ pub fn run(cfg: &Config) -> ! {
         Ok(s) => s,
         Err(e) => diag::die(exit::USAGE, &e),
     };
-    let usage_fail = |msg: &str| -> ! { fail(style, Failure::General, exit::USAGE, msg) };
+    let d = Dial { cfg, style };
     let (client, client_local) = save_client();
     // exec keeps our pid, so LISTEN_PID would still name the programs after us.
     for v in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
         std::env::remove_var(v);
     }
+    let target = d.target();
+    let source = d.source(client_local);
+    let addrs = d.candidates(&target, source);
+    let (sock, peer) = d.connect(&target, &addrs, source);
+    d.hand_over(sock, peer, client, client_local)
+}
 
-    let (host, port, trusted) = match &cfg.fixed {
-        Some((h, p)) => (h.clone(), *p, true),
-        None => {
-            let t = std::env::var(TARGET_VAR).unwrap_or_default();
-            match split_target(&t) {
-                Ok((h, p)) => (h, p, false),
-                Err(e) => usage_fail(&format!("unable to use {TARGET_VAR} {t:?}: {e}")),
-            }
-        }
-    };
-    let shown = conninfo::join_host_port(&host, &port.to_string());
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    let user_rules = match std::env::var(RULES_VAR) {
-        Ok(s) if !s.trim().is_empty() && !trusted => match rules::parse_list(&s) {
-            Ok(r) => Some(r),
-            Err(e) => usage_fail(&format!("unable to use {RULES_VAR}: {e}")),
-        },
-        _ => None,
-    };
-    let own = if trusted {
-        Vec::new()
-    } else {
-        match own_addresses() {
-            Ok(o) => o,
-            Err(e) => fail(
-                style,
-                Failure::General,
-                exit::TEMP,
-                &format!(
-                    "unable to list this host's addresses: {}",
-                    sys::strerror(&e)
-                ),
-            ),
-        }
-    };
-    let policy = Policy {
-        allow: &cfg.allow,
-        user: user_rules.as_deref(),
-        own: &own,
-    };
-
-    let source = match cfg.source {
-        Source::Kernel => None,
-        Source::Addr(a) => Some(a),
-        Source::Auto => match client_local.or_else(|| sys::local_addr(0).ok().flatten()) {
-            Some(a) => Some(SocketAddr::new(rules::canonical(a.ip()), 0)),
-            None => usage_fail("unable to use -s auto: fd 0 is not a TCP connection"),
-        },
-    };
-
-    let addrs = match resolve(&host, port, cfg.timeout) {
-        Ok(a) => a,
-        Err(e) => fail(
-            style,
-            Failure::HostUnreachable,
-            exit::TEMP,
-            &format!(
-                "unable to find the IP address of {host}: {}",
-                sys::strerror(&e)
-            ),
-        ),
-    };
-    let mut candidates = Vec::new();
-    let mut refusals = Vec::new();
-    for a in addrs {
-        let a = SocketAddr::new(rules::canonical(a.ip()), a.port());
-        let fam_ok = match cfg.family {
-            Family::Any => true,
-            Family::V4 => a.is_ipv4(),
-            Family::V6 => a.is_ipv6(),
-        };
-        let src_ok = source.map_or(true, |s| s.is_ipv4() == a.is_ipv4());
-        if !fam_ok || !src_ok || candidates.contains(&a) {
-            continue;
-        }
-        if !trusted {
-            if let Err(why) = policy.check(&a) {
-                diag::warn(&format!("target {shown}: not connecting to {a}: {why}"));
-                refusals.push(why);
-                continue;
-            }
-        }
-        candidates.push(a);
-    }
-    if candidates.is_empty() {
-        if let Some(why) = refusals.first() {
-            fail(
-                style,
-                Failure::NotAllowed,
-                exit::POLICY,
-                &format!("unable to connect to {shown}: target not allowed: {why}"),
-            );
-        }
-        let what = match (cfg.family, source) {
-            (Family::V4, _) => "IPv4 address".to_string(),
-            (Family::V6, _) => "IPv6 address".to_string(),
-            (Family::Any, Some(s)) => format!("{} address", family_name(&s)),
-            (Family::Any, None) => "IP address".to_string(),
-        };
-        fail(
-            style,
-            Failure::HostUnreachable,
-            exit::TEMP,
-            &format!("unable to connect to {shown}: no {what} for {host}"),
+    #[test]
+    fn targets() {
+        assert_eq!(split_target("[::1]:22"), Ok(("::1".into(), 22)));
+        assert_eq!(
+            split_target("db.internal:5432"),
+            Ok(("db.internal".into(), 5432))
         );
-    }
-
-    let mut last: Option<(SocketAddr, io::Error)> = None;
-    let mut conn = None;
-    for (i, a) in candidates.iter().enumerate() {
-        match connect_one(cfg, a, source) {
-            Ok(s) => {
-                conn = Some((s, *a));
-                break;
-            }
-            Err(e) => {
-                if i + 1 < candidates.len() {
-                    diag::warn(&format!(
-                        "unable to connect to {a}: {}; trying the next address",
-                        sys::strerror(&e)
-                    ));
-                }
-                last = Some((*a, e));
-            }
-        }
-    }
-    let Some((sock, peer)) = conn else {
-        let (a, e) = last.unwrap_or_else(|| {
-            (
-                candidates[0],
-                io::Error::from_raw_os_error(libc::EHOSTUNREACH),
-            )
-        });
-        let f = Failure::from_io(&e);
-        let why = if f == Failure::Timeout {
-            format!("timed out after {:?}", cfg.timeout)
-        } else {
-            sys::strerror(&e)
-        };
-        let target = if a.to_string() == shown {
-            shown.clone()
-        } else {
-            format!("{shown} ({a})")
-        };
-        fail(
-            style,
-            f,
-            f.exit_code(),
-            &format!("unable to connect to {target}: {why}"),
+        assert!(split_target("::1:22").is_err());
+        assert!(split_target("a b:22").is_err());
+        assert!(split_target("host:0").is_err());
+        assert!(split_target("host").is_err());
+        assert_eq!(
+            split_target("[fe80::1%eth0]:22"),
+            Ok(("fe80::1%eth0".into(), 22))
         );
-    };
-
-    let fd = sock.as_raw_fd();
-    if let Some(v) = cfg.proxy {
-        let header = if v == 1 {
-            proxyproto::v1(client, client_local)
-        } else {
-            proxyproto::v2(client, client_local)
-        };
-        if let Err(e) = sys::write_all(fd, &header) {
-            fail(
-                style,
-                Failure::General,
-                exit::TEMP,
-                &format!(
-                    "unable to send the PROXY header to {peer}: {}",
-                    sys::strerror(&e)
-                ),
-            );
-        }
+        assert!(split_target("[fe80::1%et h0]:22").is_err());
+        assert!(split_target("[1.2.3.4%eth0]:22").is_err());
     }
-    let local = sys::local_addr(fd).ok().flatten();
-    let fd = sock.into_raw_fd();
-    // Like tcpclient: read on 6, write on 7, both the one socket, both kept across exec.
-    let moved = if fd == 7 {
-        sys::fd_move(7, 7).and_then(|()| sys::fd_copy(6, 7))
-    } else {
-        sys::fd_move(6, fd).and_then(|()| sys::fd_copy(7, 6))
-    };
-    if let Err(e) = moved {
-        fail(
-            style,
-            Failure::General,
-            exit::TEMP,
-            &format!(
-                "unable to move the connection to fds 6 and 7: {}",
-                sys::strerror(&e)
-            ),
-        );
-    }
-    if let Some(l) = local {
-        conninfo::set_ucspi(&l, &peer);
-    }
-    // They described the client; a stale value would now be read as the target's.
-    for v in ["TCPLOCALHOST", "TCPREMOTEHOST", "TCPREMOTEINFO"] {
-        std::env::remove_var(v);
-    }
-    if let Some(style) = style {
-        if let Err(e) = sys::write_all(1, &reply::success(style, local)) {
-            diag::die_sys(exit::TEMP, "send the reply to the client", &e);
-        }
-    }
-    std::env::remove_var(REPLY_VAR);
-    chain::exec(&cfg.prog)
 }

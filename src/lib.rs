@@ -11,17 +11,19 @@
 //! - [`conninfo`]: who is on each end, from the UCSPI environment;
 //! - [`relay`]: the splicer's data path;
 //! - [`rules`]: which client-chosen targets may be reached (allow rules, deny list);
-//! - [`dial`], [`reply`], [`proxyproto`]: the dialer, the SOCKS/HTTP answer it sends a
-//!   waiting client, and the PROXY protocol header it can send the target.
-//! - [`listen`], [`listensock`], [`privdrop`]: tcpsplice-listen's supervisor loop, its
-//!   listening sockets (bound or from systemd) and its drop of privileges.
+//! - [`dial`], [`connect`], [`reply`], [`proxyproto`]: the dialer, its Happy Eyeballs
+//!   connect, the SOCKS/HTTP answer it sends a waiting client, and the PROXY protocol
+//!   header it can send the target;
 //! - tcpsplice-auth's: [`handshake`] (protocol detection, the request, the environment),
 //!   [`socks5`], [`socks4`], [`httpconnect`], [`users`] (the users file), [`password`]
-//!   (hash formats, verification) and [`checkpassword`] (delegating the check).
+//!   (hash formats, verification) and [`checkpassword`] (delegating the check);
+//! - [`listen`], [`listensock`], [`privdrop`]: tcpsplice-listen's supervisor loop, its
+//!   listening sockets (bound or from systemd) and its drop of privileges.
 
 pub mod args;
 pub mod chain;
 pub mod checkpassword;
+pub mod connect;
 pub mod conninfo;
 pub mod diag;
 pub mod dial;

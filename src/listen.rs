@@ -107,7 +107,9 @@ fn show(addr: &SocketAddr) -> String {
 }
 
 /// Serves connections on `listeners` until stopped by signals; exits the process.
-pub fn serve(listeners: Vec<RawFd>, cfg: &Config) -> ! {
+/// `ready` runs once everything is set up, just before the first poll: whoever waits for
+/// the port it prints may then count on a complete supervisor.
+pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce()) -> ! {
     // A client that vanishes must not kill the supervisor; children get SIGPIPE back
     // (chain::exec restores it).
     sys::signal_ignore(libc::SIGPIPE, true);
@@ -126,6 +128,7 @@ pub fn serve(listeners: Vec<RawFd>, cfg: &Config) -> ! {
         shortage_warned: false,
         stopping: false,
     };
+    ready();
     sup.run()
 }
 
@@ -172,13 +175,10 @@ impl Supervisor<'_> {
             // Reaping on every wakeup costs one waitpid and makes a lost SIGCHLD harmless.
             self.reap();
             if accepting && !self.stopping {
-                let ready: Vec<RawFd> = pfds[1..]
-                    .iter()
-                    .filter(|p| p.revents != 0)
-                    .map(|p| p.fd)
-                    .collect();
-                for fd in ready {
-                    self.accept_from(fd);
+                for p in &pfds[1..] {
+                    if p.revents != 0 {
+                        self.accept_from(p.fd);
+                    }
                 }
             }
         }
@@ -213,9 +213,13 @@ impl Supervisor<'_> {
     /// Second SIGTERM/SIGINT: pass SIGTERM on to every connection and leave.
     fn terminate(&mut self) -> ! {
         for &pid in self.children.keys() {
+            // SIGCONT too, as s6 does: a stopped program would not act on SIGTERM.
             // SAFETY: kill takes integers; the pid is a child not yet reaped, so it
             // cannot have been reused.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+                libc::kill(pid, libc::SIGCONT);
+            }
         }
         if !self.cfg.quiet {
             diag::info(&format!(
@@ -300,8 +304,27 @@ impl Supervisor<'_> {
                         diag::die_sys(exit::TEMP, "accept", &e)
                     }
                     // Linux reports pending network errors of the new connection
-                    // through accept (accept(2), "Error handling"): skip that one.
-                    _ => continue,
+                    // through accept (accept(2), "Error handling"), and a firewall
+                    // may refuse it: that connection is gone, try the next one.
+                    Some(
+                        libc::ENETDOWN
+                        | libc::EPROTO
+                        | libc::ENOPROTOOPT
+                        | libc::EHOSTDOWN
+                        | libc::ENONET
+                        | libc::EHOSTUNREACH
+                        | libc::EOPNOTSUPP
+                        | libc::ENETUNREACH
+                        | libc::ECONNRESET
+                        | libc::ETIMEDOUT
+                        | libc::EPERM,
+                    ) => continue,
+                    // Anything else might not consume the pending connection, and
+                    // retrying at once could spin: pause as for a shortage.
+                    _ => {
+                        self.pause("accept", &e);
+                        return;
+                    }
                 },
             }
         }

@@ -5,7 +5,7 @@
 use std::ffi::CString;
 use std::io;
 
-use crate::sys;
+use crate::{exit, sys};
 
 /// The identity to run as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +68,74 @@ pub fn group(name: &str) -> io::Result<Option<libc::gid_t>> {
     }
 }
 
+/// The identity asked for on the command line: `user` (a name, or a uid that then needs
+/// `group`), `group` (a name or a gid, overriding the user's primary group), or with
+/// `from_env` the numbers in `$UID` and `$GID` (envuidgid's convention). Ok(None) when
+/// nothing was asked; Err carries the exit code and the message.
+pub fn identity(
+    user: Option<&str>,
+    group: Option<&str>,
+    from_env: bool,
+) -> Result<Option<Ids>, (i32, String)> {
+    let usage = |msg: String| Err((exit::USAGE, msg));
+    if from_env {
+        if user.is_some() || group.is_some() {
+            return usage("-U excludes -u and -g".into());
+        }
+        let var = |name: &str| {
+            let v = std::env::var(name).unwrap_or_default();
+            v.parse::<libc::uid_t>()
+                .map_err(|_| (exit::USAGE, format!("-U: ${name} is not a number: {v:?}")))
+        };
+        return Ok(Some(Ids {
+            uid: var("UID")?,
+            gid: var("GID")?,
+        }));
+    }
+    let gid = match group {
+        None => None,
+        Some(g) => Some(match g.parse::<libc::gid_t>() {
+            Ok(gid) => gid,
+            Err(_) => match self::group(g) {
+                Ok(Some(gid)) => gid,
+                Ok(None) => return usage(format!("-g: no such group: {g}")),
+                Err(e) => {
+                    return Err((
+                        exit::TEMP,
+                        format!("unable to look up group {g}: {}", sys::strerror(&e)),
+                    ))
+                }
+            },
+        }),
+    };
+    let Some(u) = user else {
+        return match gid {
+            Some(_) => usage("-g needs -u".into()),
+            None => Ok(None),
+        };
+    };
+    let ids = match u.parse::<libc::uid_t>() {
+        Ok(uid) => match gid {
+            Some(gid) => Ids { uid, gid },
+            None => return usage("-u with a numeric uid needs -g".into()),
+        },
+        Err(_) => match self::user(u) {
+            Ok(Some(ids)) => ids,
+            Ok(None) => return usage(format!("-u: no such user: {u}")),
+            Err(e) => {
+                return Err((
+                    exit::TEMP,
+                    format!("unable to look up user {u}: {}", sys::strerror(&e)),
+                ))
+            }
+        },
+    };
+    Ok(Some(Ids {
+        gid: gid.unwrap_or(ids.gid),
+        ..ids
+    }))
+}
+
 /// Becomes `ids` for good: supplementary groups reduced to the one gid, then gid, then
 /// uid. Any failure is returned, and the caller must not go on with the old identity.
 pub fn drop_to(ids: Ids) -> Result<(), (&'static str, io::Error)> {
@@ -96,4 +164,41 @@ pub fn drop_to(ids: Ids) -> Result<(), (&'static str, io::Error)> {
         return Err(("verify", io::Error::from_raw_os_error(libc::EPERM)));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_from_options() {
+        assert_eq!(identity(None, None, false), Ok(None));
+        assert_eq!(
+            identity(Some("65534"), Some("65533"), false),
+            Ok(Some(Ids {
+                uid: 65534,
+                gid: 65533
+            }))
+        );
+        // root is in every password and group database.
+        assert_eq!(
+            identity(Some("root"), None, false),
+            Ok(Some(Ids { uid: 0, gid: 0 }))
+        );
+        assert_eq!(
+            identity(Some("root"), Some("7"), false),
+            Ok(Some(Ids { uid: 0, gid: 7 }))
+        );
+        assert_eq!(identity(Some("0"), None, false).map_err(|e| e.0), Err(100));
+        assert_eq!(identity(None, Some("0"), false).map_err(|e| e.0), Err(100));
+        assert_eq!(identity(Some("0"), None, true).map_err(|e| e.0), Err(100));
+        assert_eq!(
+            identity(Some("no-such-user-here"), None, false).map_err(|e| e.0),
+            Err(100)
+        );
+        assert_eq!(
+            identity(Some("0"), Some("no-such-group-here"), false).map_err(|e| e.0),
+            Err(100)
+        );
+    }
 }

@@ -175,6 +175,8 @@ struct Dir {
     /// not "this fd cannot be spliced".
     spliced_in: bool,
     spliced_out: bool,
+    /// The pipe size to grow to at the first burst; 0 once tried.
+    grow_to: usize,
     bytes: u64,
 }
 
@@ -223,6 +225,7 @@ impl Dir {
             stuck_dst: false,
             spliced_in: false,
             spliced_out: false,
+            grow_to: cfg.pipe_size,
             bytes: 0,
         };
         if cfg.copy_only {
@@ -230,8 +233,11 @@ impl Dir {
         } else if src_kind == FdKind::Pipe || dst_kind == FdKind::Pipe {
             d.path = Path::Direct;
         } else {
+            // Start at the kernel's default size and grow when a burst fills half of
+            // it (see `grow_pipe`): idle and interactive connections then cost the
+            // user's pipe budget 64 KiB a direction, not the full size.
             let (r, w) = sys::pipe_nonblocking()?;
-            let cap = sys::pipe_resize(w, cfg.pipe_size);
+            let cap = sys::pipe_size(w);
             if cap < MIN_PIPE {
                 sys::close(r);
                 sys::close(w);
@@ -268,6 +274,20 @@ impl Dir {
             sys::close(w);
         }
         self.path = Path::Copy;
+    }
+
+    /// A burst filled half the pipe: this is a bulk direction, so ask once for the
+    /// full size (fewer, larger splices). Over the user's pipe budget the kernel
+    /// refuses, and the pipe keeps its size.
+    fn grow_pipe(&mut self) {
+        if self.grow_to == 0 {
+            return;
+        }
+        if let Path::Piped { w, ref mut cap, .. } = self.path {
+            let got = sys::pipe_resize(w, self.grow_to);
+            *cap = (*cap).max(got);
+        }
+        self.grow_to = 0;
     }
 
     fn pending(&self) -> bool {
@@ -488,6 +508,9 @@ impl Dir {
                                 self.spliced_in = true;
                                 progress = true;
                                 read_any = true;
+                                if n >= cap / 2 {
+                                    self.grow_pipe();
+                                }
                             }
                             Err(e) if is_again(&e) => {
                                 if self.in_pipe > 0 {
@@ -519,19 +542,22 @@ impl Dir {
         Ok(moved)
     }
 
-    /// Ends the write side once everything read has been delivered.
-    fn finish_if_drained(&mut self, shared_with_other: bool) {
+    /// Ends the write side once everything read has been delivered. Returns true when
+    /// the caller must close `dst` (not a socket, not used by the other direction);
+    /// the caller closes it, after putting back the flags it shares with others.
+    fn finish_if_drained(&mut self, shared_with_other: bool) -> bool {
         if self.done || !self.eof || self.pending() {
-            return;
-        }
-        if self.dst_kind == FdKind::Socket {
-            // ENOTCONN: the peer is already gone; nothing more to tell it.
-            let _ = sys::shutdown(self.dst, libc::SHUT_WR);
-        } else if !shared_with_other {
-            sys::close(self.dst);
+            return false;
         }
         self.done = true;
         self.release_pipe();
+        if self.dst_kind == FdKind::Socket {
+            // ENOTCONN: the peer is already gone; nothing more to tell it.
+            let _ = sys::shutdown(self.dst, libc::SHUT_WR);
+            false
+        } else {
+            !shared_with_other
+        }
     }
 
     fn release_pipe(&mut self) {
@@ -558,6 +584,16 @@ fn abort_peer(fd: RawFd, kind: FdKind) {
 /// with the shell that started us.
 struct FlagGuard {
     saved: Vec<(RawFd, libc::c_int)>,
+}
+
+impl FlagGuard {
+    /// Puts back the flags of `fd` now, before it is closed.
+    fn restore(&mut self, fd: RawFd) {
+        if let Some(i) = self.saved.iter().position(|&(f, _)| f == fd) {
+            let (_, flags) = self.saved.swap_remove(i);
+            let _ = sys::set_fl(fd, flags);
+        }
+    }
 }
 
 impl Drop for FlagGuard {
@@ -634,7 +670,10 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
         for i in 0..2 {
             let other = &dirs[1 - i];
             let shared = dirs[i].dst == other.src || dirs[i].dst == other.dst;
-            dirs[i].finish_if_drained(shared);
+            if dirs[i].finish_if_drained(shared) {
+                guard.restore(dirs[i].dst);
+                sys::close(dirs[i].dst);
+            }
         }
         if dirs.iter().all(|d| d.done) {
             break if deadline.is_some() {

@@ -182,6 +182,14 @@ impl Rule {
     }
 }
 
+impl std::str::FromStr for Rule {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Rule, String> {
+        Rule::parse(s)
+    }
+}
+
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ports = match self.ports {
@@ -504,6 +512,7 @@ mod tests {
         };
         assert!(p.check(&sa("127.0.0.1:1")).is_err());
         assert_eq!(parse_list(" 10.0.0.0/8  *:443 ").unwrap().len(), 2);
+        assert_eq!("*:443".parse::<Rule>(), Ok(r("*:443")));
         assert!(parse_list("10.0.0.0/8 bogus").is_err());
     }
 }

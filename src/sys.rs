@@ -154,9 +154,14 @@ pub fn pipe_nonblocking() -> io::Result<(RawFd, RawFd)> {
 /// its current size, which is what this returns.
 pub fn pipe_resize(fd: RawFd, size: usize) -> usize {
     let want = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
-    // SAFETY: F_SETPIPE_SZ/F_GETPIPE_SZ take an int.
+    // SAFETY: F_SETPIPE_SZ takes an int.
     unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, want) };
-    // SAFETY: as above.
+    pipe_size(fd)
+}
+
+/// The current size of a pipe (0 if `fd` is not a pipe).
+pub fn pipe_size(fd: RawFd) -> usize {
+    // SAFETY: F_GETPIPE_SZ takes no argument.
     let got = unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) };
     usize::try_from(got).unwrap_or(0)
 }
@@ -371,6 +376,17 @@ pub fn signal_ignore(sig: libc::c_int, ignore: bool) {
     let handler = if ignore { libc::SIG_IGN } else { libc::SIG_DFL };
     // SAFETY: SIG_IGN and SIG_DFL are valid dispositions; no Rust handler is installed.
     unsafe { libc::signal(sig, handler) };
+}
+
+/// Empties the signal mask of the calling thread.
+pub fn unblock_all_signals() {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t we own; no old-set pointer.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
 }
 
 /// The text of errno `e`, for messages: strerror without the "(os error N)" suffix

@@ -36,6 +36,14 @@ impl Users {
         let data = std::fs::read(path)
             .map_err(|e| format!("unable to read {shown}: {}", crate::sys::strerror(&e)))?;
         let data = Secret::new(data);
+        if let Ok(meta) = std::fs::metadata(path) {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.permissions().mode() & 0o004 != 0 {
+                crate::diag::warn(&format!(
+                    "{shown} is readable by every user: its hashes can be guessed offline (chmod o-r)"
+                ));
+            }
+        }
         let text =
             std::str::from_utf8(data.as_bytes()).map_err(|_| format!("{shown}: not UTF-8 text"))?;
         Users::parse(text).map_err(|(line, why)| format!("{shown} line {line}: {why}"))
@@ -62,7 +70,8 @@ impl Users {
                     "bad user name (1 to 255 printable ASCII bytes, no colon)".into(),
                 ));
             }
-            let hash = StoredHash::parse(hash).map_err(|why| (n, format!("user {name}: {why}")))?;
+            let hash =
+                StoredHash::parse(hash.trim()).map_err(|why| (n, format!("user {name}: {why}")))?;
             let rules = match fields.next() {
                 None => None,
                 Some(r) => Some(parse_rules(r).map_err(|why| (n, format!("user {name}: {why}")))?),

@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 
 use tcpsplice::listen::{self, Config};
-use tcpsplice::privdrop::{self, Ids};
+use tcpsplice::privdrop;
 use tcpsplice::{args, diag, exit, listensock, sys};
 
 const USAGE: &str = "tcpsplice-listen [-1Dhq] [-b backlog] [-c max] [-C max_per_ip] \
@@ -46,7 +46,13 @@ fn main() {
     let backlog = num("b", 128, 1, 65535) as i32;
     let max_conns = num("c", 100, 1, 100_000);
     let max_per_ip = m.opt_present("C").then(|| num("C", 0, 1, 100_000));
-    let ids = identity(&m);
+    // Looked up before binding, so that a typo fails before anything happens.
+    let ids = privdrop::identity(
+        m.opt_str("u").as_deref(),
+        m.opt_str("g").as_deref(),
+        m.opt_present("U"),
+    )
+    .unwrap_or_else(|(code, msg)| diag::die(code, &msg));
     let (host, port) = (m.free[0].as_str(), m.free[1].as_str());
     // PROG... is the tail of the command line, kept as given (it need not be UTF-8).
     let prog: Vec<OsString> = argv[argv.len() - (m.free.len() - 2)..].to_vec();
@@ -81,12 +87,6 @@ fn main() {
             Err(e) => diag::die_sys(exit::TEMP, "get the bound address", &e),
         }
     }
-    if m.opt_present("1") {
-        let text: String = bound.iter().map(|a| format!("{}\n", a.port())).collect();
-        if let Err(e) = sys::write_all(1, text.as_bytes()) {
-            diag::die_sys(exit::TEMP, "print the bound port", &e);
-        }
-    }
     if let Some(ids) = ids {
         if let Err((step, e)) = privdrop::drop_to(ids) {
             let code = if e.raw_os_error() == Some(libc::EPERM) {
@@ -111,60 +111,24 @@ fn main() {
         quiet: m.opt_present("q"),
         prog,
     };
-    if !cfg.quiet {
-        let addrs: Vec<String> = bound.iter().map(|a| a.to_string()).collect();
-        diag::info(&format!(
-            "listening on {} max={}{}",
-            addrs.join(" "),
-            cfg.max_conns,
-            cfg.max_per_ip
-                .map(|n| format!(" max_per_ip={n}"))
-                .unwrap_or_default()
-        ));
-    }
-    listen::serve(listeners, &cfg)
-}
-
-/// The identity from -u/-g or -U, looked up before binding so a typo fails early.
-fn identity(m: &getopts::Matches) -> Option<Ids> {
-    let (u, g) = (m.opt_str("u"), m.opt_str("g"));
-    if m.opt_present("U") {
-        if u.is_some() || g.is_some() {
-            diag::usage("-U excludes -u and -g");
+    let print_port = m.opt_present("1");
+    listen::serve(listeners, &cfg, || {
+        if print_port {
+            let text: String = bound.iter().map(|a| format!("{}\n", a.port())).collect();
+            if let Err(e) = sys::write_all(1, text.as_bytes()) {
+                diag::die_sys(exit::TEMP, "print the bound port", &e);
+            }
         }
-        let var = |name: &str| {
-            let v = std::env::var(name).unwrap_or_default();
-            v.parse::<u32>()
-                .unwrap_or_else(|_| diag::usage(&format!("-U: ${name} is not a number: {v:?}")))
-        };
-        return Some(Ids {
-            uid: var("UID"),
-            gid: var("GID"),
-        });
-    }
-    let group = g.map(|g| match g.parse::<u32>() {
-        Ok(gid) => gid,
-        Err(_) => match privdrop::group(&g) {
-            Ok(Some(gid)) => gid,
-            Ok(None) => diag::usage(&format!("-g: no such group: {g}")),
-            Err(e) => diag::die_sys(exit::TEMP, &format!("look up group {g}"), &e),
-        },
-    });
-    let user = u.map(|u| match u.parse::<u32>() {
-        Ok(uid) => Ids {
-            uid,
-            gid: group.unwrap_or_else(|| diag::usage("-u with a numeric uid needs -g")),
-        },
-        Err(_) => match privdrop::user(&u) {
-            Ok(Some(ids)) => ids,
-            Ok(None) => diag::usage(&format!("-u: no such user: {u}")),
-            Err(e) => diag::die_sys(exit::TEMP, &format!("look up user {u}"), &e),
-        },
-    });
-    match (user, group) {
-        (Some(ids), Some(gid)) => Some(Ids { gid, ..ids }),
-        (Some(ids), None) => Some(ids),
-        (None, Some(_)) => diag::usage("-g needs -u"),
-        (None, None) => None,
-    }
+        if !cfg.quiet {
+            let addrs: Vec<String> = bound.iter().map(|a| a.to_string()).collect();
+            diag::info(&format!(
+                "listening on {} max={}{}",
+                addrs.join(" "),
+                cfg.max_conns,
+                cfg.max_per_ip
+                    .map(|n| format!(" max_per_ip={n}"))
+                    .unwrap_or_default()
+            ));
+        }
+    })
 }

@@ -3,4 +3,7 @@
 
 mod util;
 
+mod auth;
+mod dial;
+mod listen;
 mod splice;

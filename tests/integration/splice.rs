@@ -1,1 +1,762 @@
+//! tcpsplice, the splicer: integrity, half-close, resets, timeouts, signals, odd
+//! descriptors and the per-user pipe budget, over real loopback TCP and pipes.
 
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::Duration;
+
+use crate::util::{self, Ran};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tcpsplice");
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A descriptor number high enough not to collide with what the child sets up.
+fn high_dup(fd: RawFd) -> OwnedFd {
+    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor we then own.
+    let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100) };
+    assert!(n >= 0, "dup: {}", std::io::Error::last_os_error());
+    // SAFETY: n is a fresh descriptor owned by nobody else.
+    unsafe { OwnedFd::from_raw_fd(n) }
+}
+
+/// Gives the child `fd` as its fds 6 and 7.
+fn target_fds(cmd: &mut Command, fd: OwnedFd) {
+    let raw = fd.as_raw_fd();
+    // SAFETY: between fork and exec we only call dup2, which is async-signal-safe. The
+    // parent keeps `fd` open until spawn returns (the closure owns it).
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep = &fd;
+            for to in [6, 7] {
+                if libc::dup2(raw, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A running relay between a client socket and a target socket, both ends of which
+/// the test holds.
+struct Relay {
+    child: Child,
+    client: TcpStream,
+    target: TcpStream,
+    desc: String,
+}
+
+impl Relay {
+    fn start(args: &[&str]) -> Relay {
+        Relay::start_with(args, |_| {})
+    }
+
+    fn start_with(args: &[&str], tweak: impl FnOnce(&mut Command)) -> Relay {
+        let (client, client_peer) = util::tcp_pair();
+        let (target, target_peer) = util::tcp_pair();
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env("TCPSPLICE_LOG", "stderr")
+            .env("TCPREMOTEIP", "192.0.2.7")
+            .env("TCPREMOTEPORT", "4711")
+            .stdin(Stdio::from(OwnedFd::from(client_peer.try_clone().unwrap())))
+            .stdout(Stdio::from(OwnedFd::from(client_peer)))
+            .stderr(Stdio::piped());
+        target_fds(&mut cmd, high_dup(target_peer.as_raw_fd()));
+        tweak(&mut cmd);
+        let desc = format!("{cmd:?}");
+        let child = cmd.spawn().expect("spawn tcpsplice");
+        // The test must not hold the relay's ends, or FIN and RST would never travel.
+        drop(cmd);
+        drop(target_peer);
+        Relay {
+            child,
+            client,
+            target,
+            desc,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn finish(self) -> Ran {
+        let Relay {
+            child,
+            client,
+            target,
+            desc,
+        } = self;
+        let ran = util::finish(child, &desc, LIMIT);
+        drop((client, target));
+        ran
+    }
+}
+
+/// CPU time (user + system) of a process so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Sends `up` bytes client→target and `down` bytes target→client at the same time,
+/// each side half-closing when done, and checks both arrive whole.
+fn both_ways(up: u64, down: u64) {
+    let r = Relay::start(&[]);
+    let mut c_w = r.client.try_clone().unwrap();
+    let mut t_w = r.target.try_clone().unwrap();
+    let mut c_r = r.client.try_clone().unwrap();
+    let mut t_r = r.target.try_clone().unwrap();
+    let send_up = thread::spawn(move || {
+        let h = util::send_pattern(&mut c_w, 1, up).unwrap();
+        c_w.shutdown(Shutdown::Write).unwrap();
+        h
+    });
+    let send_down = thread::spawn(move || {
+        let h = util::send_pattern(&mut t_w, 2, down).unwrap();
+        t_w.shutdown(Shutdown::Write).unwrap();
+        h
+    });
+    let recv_up = thread::spawn(move || util::recv_hash(&mut t_r).unwrap());
+    let recv_down = thread::spawn(move || util::recv_hash(&mut c_r).unwrap());
+    let (su, sd) = (send_up.join().unwrap(), send_down.join().unwrap());
+    let (ru, rd) = (recv_up.join().unwrap(), recv_down.join().unwrap());
+    let ran = r.finish();
+    ran.expect_code(0);
+    assert_eq!(su, ru, "client→target stream differs{}", ran.show());
+    assert_eq!(sd, rd, "target→client stream differs{}", ran.show());
+    let log = ran.stderr_text();
+    assert!(
+        log.contains(&format!("up={up} down={down}")) && log.contains("how=eof"),
+        "log line lacks the byte counts or the ending{}",
+        ran.show()
+    );
+}
+
+#[test]
+fn empty_streams_end_cleanly() {
+    both_ways(0, 0);
+}
+
+#[test]
+fn one_byte_each_way() {
+    both_ways(1, 1);
+}
+
+#[test]
+fn around_64k() {
+    both_ways(65535, 65537);
+    both_ways(65536, 65536);
+}
+
+#[test]
+fn a_mebibyte_and_seven() {
+    both_ways((1 << 20) + 7, (1 << 20) + 7);
+}
+
+#[test]
+fn two_hundred_mib_both_ways_at_once() {
+    both_ways(200 << 20, (200 << 20) + 3);
+}
+
+#[test]
+fn client_half_closes_first_and_the_reply_arrives_whole() {
+    let mut r = Relay::start(&[]);
+    let req = util::pattern(3, 100_000);
+    r.client.write_all(&req).unwrap();
+    r.client.shutdown(Shutdown::Write).unwrap();
+    // The target reads the whole request up to EOF, and only then answers.
+    let mut got = Vec::new();
+    r.target.read_to_end(&mut got).unwrap();
+    assert_eq!(util::hash_of(&got), util::hash_of(&req), "request damaged");
+    let reply = util::pattern(4, (1 << 20) + 7);
+    r.target.write_all(&reply).unwrap();
+    r.target.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    r.client.read_to_end(&mut back).unwrap();
+    assert_eq!(util::hash_of(&back), util::hash_of(&reply), "reply damaged");
+    r.finish().expect_code(0);
+}
+
+#[test]
+fn target_half_closes_first_and_the_client_keeps_sending() {
+    let mut r = Relay::start(&[]);
+    let banner = b"220 hello, then nothing more from me\r\n";
+    r.target.write_all(banner).unwrap();
+    r.target.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    r.client.read_to_end(&mut got).unwrap();
+    assert_eq!(&got[..], &banner[..]);
+    // The client hears EOF and keeps talking; all of it must still arrive.
+    let mut c = r.client.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        let h = util::send_pattern(&mut c, 5, 3 << 20).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        h
+    });
+    let recv = util::recv_hash(&mut r.target).unwrap();
+    assert_eq!(sender.join().unwrap(), recv);
+    r.finish().expect_code(0);
+}
+
+#[test]
+fn pipes_on_0_and_1_as_in_a_shell_pipeline() {
+    let (target, target_peer) = util::tcp_pair();
+    // Our own pipe as fd 1, whose write end we keep too: the relay must put back the
+    // O_NONBLOCK flag it sets on this shared open file description.
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two descriptors we then own.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: fresh descriptors from pipe().
+    let (out_r, out_w) = unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let mut cmd = Command::new(BIN);
+    cmd.env("TCPSPLICE_LOG", "stderr")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::from(out_w.try_clone().unwrap()))
+        .stderr(Stdio::piped());
+    target_fds(&mut cmd, high_dup(target_peer.as_raw_fd()));
+    let mut child = cmd.spawn().unwrap();
+    drop(cmd);
+    drop(target_peer);
+    let mut stdin = child.stdin.take().unwrap();
+    let input = util::pattern(6, 5 << 20);
+    let inp = input.clone();
+    let feeder = thread::spawn(move || {
+        stdin.write_all(&inp).unwrap();
+        // dropping stdin closes the pipe: EOF for the relay
+    });
+    let mut t = target.try_clone().unwrap();
+    let reply = util::pattern(7, 3 << 20);
+    let rep = reply.clone();
+    let answer = thread::spawn(move || {
+        t.write_all(&rep).unwrap();
+        t.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut out_r = out_r;
+    let reader = thread::spawn(move || {
+        let mut v = Vec::new();
+        out_r.read_to_end(&mut v).unwrap();
+        v
+    });
+    let mut got = Vec::new();
+    (&target).read_to_end(&mut got).unwrap();
+    feeder.join().unwrap();
+    answer.join().unwrap();
+    let ran = util::finish(child, "tcpsplice (pipes on 0/1)", LIMIT);
+    // SAFETY: F_GETFL on a descriptor we own.
+    let flags = unsafe { libc::fcntl(out_w.as_raw_fd(), libc::F_GETFL) };
+    drop(out_w);
+    let back = reader.join().unwrap();
+    ran.expect_code(0);
+    assert_eq!(
+        util::hash_of(&got),
+        util::hash_of(&input),
+        "stdin→target damaged"
+    );
+    assert_eq!(
+        util::hash_of(&back),
+        util::hash_of(&reply),
+        "target→stdout damaged"
+    );
+    assert_eq!(
+        flags & libc::O_NONBLOCK,
+        0,
+        "O_NONBLOCK left set on the shared pipe"
+    );
+    assert!(
+        ran.stderr_text()
+            .contains("path=splice-direct/splice-direct"),
+        "{}",
+        ran.show()
+    );
+}
+
+#[test]
+fn dev_null_and_regular_files_fall_back_to_copying() {
+    let dir = std::env::temp_dir().join(format!("tcpsplice-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("in");
+    let output = dir.join("out");
+    let data = util::pattern(8, (1 << 20) + 7);
+    std::fs::write(&input, &data).unwrap();
+    std::fs::write(&output, b"kept:").unwrap();
+    // fd 0 a regular file, fd 7 a file opened O_APPEND (splice refuses it), fd 6
+    // /dev/null (splice refuses it too), fd 1 /dev/null.
+    let out = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&output)
+        .unwrap();
+    let null = File::open("/dev/null").unwrap();
+    let out_fd = high_dup(out.as_raw_fd());
+    let null_fd = high_dup(null.as_raw_fd());
+    let (o, n) = (out_fd.as_raw_fd(), null_fd.as_raw_fd());
+    let mut cmd = Command::new(BIN);
+    cmd.env("TCPSPLICE_LOG", "stderr")
+        .stdin(File::open(&input).unwrap())
+        .stdout(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/null")
+                .unwrap(),
+        );
+    // SAFETY: only dup2 between fork and exec; the closure keeps the fds alive.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep = (&out_fd, &null_fd);
+            if libc::dup2(n, 6) < 0 || libc::dup2(o, 7) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let ran = util::run(&mut cmd, LIMIT);
+    ran.expect_code(0);
+    let got = std::fs::read(&output).unwrap();
+    assert_eq!(&got[..5], b"kept:");
+    assert_eq!(
+        util::hash_of(&got[5..]),
+        util::hash_of(&data),
+        "file copy damaged{}",
+        ran.show()
+    );
+    assert!(
+        ran.stderr_text().contains("path=copy/copy"),
+        "{}",
+        ran.show()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn dev_null_client_with_a_socket_target() {
+    let (target, target_peer) = util::tcp_pair();
+    let mut cmd = Command::new(BIN);
+    cmd.env("TCPSPLICE_LOG", "stderr")
+        .stdin(File::open("/dev/null").unwrap())
+        .stdout(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/null")
+                .unwrap(),
+        )
+        .stderr(Stdio::piped());
+    target_fds(&mut cmd, high_dup(target_peer.as_raw_fd()));
+    let child = cmd.spawn().unwrap();
+    drop(cmd);
+    drop(target_peer);
+    // The target hears EOF at once, answers, and its answer is swallowed by /dev/null.
+    let mut got = Vec::new();
+    (&target).read_to_end(&mut got).unwrap();
+    assert!(got.is_empty());
+    let answer = util::pattern(9, 1 << 20);
+    (&target).write_all(&answer).unwrap();
+    target.shutdown(Shutdown::Write).unwrap();
+    let ran = util::finish(child, "tcpsplice </dev/null >/dev/null", LIMIT);
+    ran.expect_code(0);
+    assert!(
+        ran.stderr_text()
+            .contains(&format!("up=0 down={}", 1 << 20)),
+        "{}",
+        ran.show()
+    );
+}
+
+/// Closes a socket with a reset instead of a FIN.
+fn reset(s: TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid linger struct and its size, on a socket we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    drop(s);
+}
+
+/// Reads until EOF or error, and returns the error kind at the end (None for a FIN).
+fn read_until_end(s: &mut TcpStream) -> Option<std::io::ErrorKind> {
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return None,
+            Ok(_) => continue,
+            Err(e) => return Some(e.kind()),
+        }
+    }
+}
+
+#[test]
+fn a_client_reset_reaches_the_target_as_a_reset() {
+    let Relay {
+        child,
+        client,
+        mut target,
+        desc,
+    } = Relay::start(&[]);
+    (&client).write_all(b"some data first").unwrap();
+    let mut buf = [0u8; 15];
+    target.read_exact(&mut buf).unwrap();
+    reset(client);
+    let end = read_until_end(&mut target);
+    let ran = util::finish(child, &desc, LIMIT);
+    assert_eq!(
+        end,
+        Some(std::io::ErrorKind::ConnectionReset),
+        "{}",
+        ran.show()
+    );
+    ran.expect_code(1);
+    assert!(
+        ran.stderr_text().contains("how=reset-by-client"),
+        "{}",
+        ran.show()
+    );
+}
+
+#[test]
+fn a_target_reset_reaches_the_client_as_a_reset() {
+    let Relay {
+        child,
+        mut client,
+        target,
+        desc,
+    } = Relay::start(&[]);
+    (&target).write_all(b"hello").unwrap();
+    let mut buf = [0u8; 5];
+    client.read_exact(&mut buf).unwrap();
+    reset(target);
+    let end = read_until_end(&mut client);
+    let ran = util::finish(child, &desc, LIMIT);
+    assert_eq!(
+        end,
+        Some(std::io::ErrorKind::ConnectionReset),
+        "{}",
+        ran.show()
+    );
+    ran.expect_code(1);
+    assert!(
+        ran.stderr_text().contains("how=reset-by-target"),
+        "{}",
+        ran.show()
+    );
+}
+
+#[test]
+fn idle_timeout_ends_the_relay_and_both_peers_hear_the_end() {
+    let mut r = Relay::start(&["-t", "0.3"]);
+    // Traffic keeps it alive past the timeout...
+    for _ in 0..4 {
+        r.client.write_all(b"ping").unwrap();
+        let mut b = [0u8; 4];
+        r.target.read_exact(&mut b).unwrap();
+        thread::sleep(Duration::from_millis(150));
+    }
+    assert!(
+        r.child.try_wait().unwrap().is_none(),
+        "ended while traffic flowed"
+    );
+    // ...silence ends it.
+    let c = read_until_end(&mut r.client);
+    let t = read_until_end(&mut r.target);
+    let ran = r.finish();
+    ran.expect_code(1);
+    assert_eq!(
+        (c, t),
+        (None, None),
+        "peers should see a clean end{}",
+        ran.show()
+    );
+    assert!(
+        ran.stderr_text().contains("how=idle-timeout"),
+        "{}",
+        ran.show()
+    );
+}
+
+#[test]
+fn sigterm_delivers_what_is_in_flight_then_ends() {
+    // A target that reads nothing yet: what the client sends piles up in the relay's
+    // pipe. After SIGTERM the relay stops reading, drains its pipe, sends FIN, exits 1.
+    let mut r = Relay::start(&["-g", "20"]);
+    let mut c = r.client.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        // Blocks once every buffer is full; ends with an error when the relay is gone.
+        let _ = util::send_pattern(&mut c, 10, 64 << 20);
+    });
+    thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill with a pid we spawned.
+    assert_eq!(unsafe { libc::kill(r.pid() as i32, libc::SIGTERM) }, 0);
+    let mut got = Vec::new();
+    r.target
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    r.target.read_to_end(&mut got).unwrap();
+    let ran = r.finish();
+    drop(sender);
+    ran.expect_code(1);
+    assert!(!got.is_empty(), "nothing arrived");
+    assert_eq!(
+        util::hash_of(&got),
+        util::hash_of(&util::pattern(10, got.len())),
+        "what arrived is not the start of what was sent{}",
+        ran.show()
+    );
+    let log = ran.stderr_text();
+    assert!(
+        log.contains("how=signal-15") && !log.contains("undrained"),
+        "{}",
+        ran.show()
+    );
+    assert!(
+        log.contains(&format!("up={} ", got.len())),
+        "relay delivered a different count{}",
+        ran.show()
+    );
+}
+
+#[test]
+fn an_idle_relay_uses_no_cpu() {
+    let r = Relay::start(&[]);
+    thread::sleep(Duration::from_millis(200));
+    let before = cpu_ticks(r.pid());
+    thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(r.pid()) - before;
+    // 10 ms ticks: a spinning relay burns ~100 a second; an idle one none.
+    assert!(used <= 2, "idle relay used {used} ticks in 1 s");
+    r.client.shutdown(Shutdown::Write).unwrap();
+    r.target.shutdown(Shutdown::Write).unwrap();
+    r.finish().expect_code(0);
+}
+
+#[test]
+fn urgent_data_neither_spins_nor_stalls_nor_is_lost() {
+    let mut r = Relay::start(&[]);
+    (&r.client).write_all(b"before").unwrap();
+    // SAFETY: send one byte flagged MSG_OOB on a socket we own.
+    let n = unsafe { libc::send(r.client.as_raw_fd(), b"!".as_ptr().cast(), 1, libc::MSG_OOB) };
+    assert_eq!(n, 1);
+    let mut got = vec![0u8; 7];
+    r.target
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    r.target
+        .read_exact(&mut got)
+        .expect("bytes up to the urgent byte must arrive");
+    let before = cpu_ticks(r.pid());
+    (&r.client).write_all(b"after").unwrap();
+    r.client.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    r.target.read_to_end(&mut rest).unwrap();
+    thread::sleep(Duration::from_millis(500));
+    let used = cpu_ticks(r.pid()) - before;
+    r.target.shutdown(Shutdown::Write).unwrap();
+    let ran = r.finish();
+    ran.expect_code(0);
+    got.extend_from_slice(&rest);
+    assert_eq!(
+        &got[..],
+        b"before!after",
+        "urgent byte kept inline, order kept"
+    );
+    assert!(
+        used <= 10,
+        "relay spun on urgent data: {used} ticks{}",
+        ran.show()
+    );
+}
+
+/// The per-user pipe budget (fs.pipe-user-pages-soft) is exhausted by another process
+/// of the same user: the relay must notice the tiny pipes it gets and copy instead.
+#[test]
+fn exhausted_pipe_budget_falls_back_to_copying() {
+    let uid = if util::is_root() {
+        65534
+    } else {
+        unsafe_getuid()
+    };
+    // Control: the same user without the hog splices.
+    let ran = budget_run(uid);
+    ran.expect_code(0);
+    assert!(
+        ran.stderr_text().contains("path=splice/splice"),
+        "control run{}",
+        ran.show()
+    );
+
+    let hog_py = r#"
+import fcntl, os, sys
+if os.getuid() == 0:
+    os.setgroups([]); os.setgid(int(sys.argv[1])); os.setuid(int(sys.argv[1]))
+pipes = []
+while True:
+    r, w = os.pipe()
+    pipes.append((r, w))
+    try:
+        fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ
+    except OSError:
+        break
+print(len(pipes), flush=True)
+sys.stdin.read()
+"#;
+    let mut hog = Command::new("python3")
+        .args(["-c", hog_py, &uid.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 is needed for the pipe-budget test");
+    let mut line = String::new();
+    let mut out = hog.stdout.take().unwrap();
+    let mut b = [0u8; 1];
+    while out.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+        line.push(b[0] as char);
+    }
+    assert!(
+        line.trim().parse::<u32>().is_ok(),
+        "hog did not start: {line:?}"
+    );
+    let ran = budget_run(uid);
+    drop(hog.stdin.take());
+    let _ = hog.wait();
+    ran.expect_code(0);
+    assert!(
+        ran.stderr_text().contains("path=copy/copy"),
+        "{}",
+        ran.show()
+    );
+}
+
+fn unsafe_getuid() -> u32 {
+    // SAFETY: getuid cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// 8 MiB each way through a relay running as `uid`.
+fn budget_run(uid: u32) -> Ran {
+    let r = Relay::start_with(&[], |cmd| {
+        if util::is_root() {
+            cmd.uid(uid).gid(uid);
+        }
+    });
+    let mut c_w = r.client.try_clone().unwrap();
+    let mut t_w = r.target.try_clone().unwrap();
+    let mut c_r = r.client.try_clone().unwrap();
+    let mut t_r = r.target.try_clone().unwrap();
+    let a = thread::spawn(move || {
+        let h = util::send_pattern(&mut c_w, 11, 8 << 20).unwrap();
+        c_w.shutdown(Shutdown::Write).unwrap();
+        h
+    });
+    let b = thread::spawn(move || {
+        let h = util::send_pattern(&mut t_w, 12, 8 << 20).unwrap();
+        t_w.shutdown(Shutdown::Write).unwrap();
+        h
+    });
+    let ru = util::recv_hash(&mut t_r).unwrap();
+    let rd = util::recv_hash(&mut c_r).unwrap();
+    assert_eq!(a.join().unwrap(), ru);
+    assert_eq!(b.join().unwrap(), rd);
+    r.finish()
+}
+
+#[test]
+fn bad_usage_exits_100_and_help_exits_0() {
+    let ran = util::run(Command::new(BIN).arg("-x"), LIMIT);
+    ran.expect_code(100);
+    assert!(
+        ran.stderr_text().contains("tcpsplice: usage:"),
+        "{}",
+        ran.show()
+    );
+    util::run(Command::new(BIN).args(["-t", "soon"]), LIMIT).expect_code(100);
+    util::run(Command::new(BIN).arg("extra"), LIMIT).expect_code(100);
+    let ran = util::run(Command::new(BIN).arg("-h"), LIMIT);
+    ran.expect_code(0);
+    assert!(String::from_utf8_lossy(&ran.stdout).contains("usage: tcpsplice"));
+    // fd 6 closed: a configuration error, not a crash.
+    let ran = util::run(Command::new(BIN).env("TCPSPLICE_LOG", "stderr"), LIMIT);
+    ran.expect_code(100);
+    assert!(
+        ran.stderr_text().contains("fatal: unable to use fd 6"),
+        "{}",
+        ran.show()
+    );
+}
+
+#[test]
+fn one_socket_on_fd_6_for_both_directions() {
+    // ucspi-proxy style: -r 6 -w 6.
+    let mut r = Relay::start(&["-w", "6"]);
+    r.client.write_all(b"question").unwrap();
+    r.client.shutdown(Shutdown::Write).unwrap();
+    let mut q = Vec::new();
+    r.target.read_to_end(&mut q).unwrap();
+    assert_eq!(q, b"question");
+    r.target.write_all(b"answer").unwrap();
+    r.target.shutdown(Shutdown::Write).unwrap();
+    let mut a = Vec::new();
+    r.client.read_to_end(&mut a).unwrap();
+    assert_eq!(a, b"answer");
+    let ran = r.finish();
+    ran.expect_code(0);
+    assert!(
+        ran.stderr_text().contains("client=192.0.2.7:4711"),
+        "{}",
+        ran.show()
+    );
+}
+
+#[test]
+fn a_vanished_stdout_reader_is_an_error_not_a_sigpipe_death() {
+    let (target, target_peer) = util::tcp_pair();
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two descriptors we then own.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: fresh descriptors from pipe(); the read end is closed at once.
+    let out_w = unsafe {
+        libc::close(fds[0]);
+        OwnedFd::from_raw_fd(fds[1])
+    };
+    let mut cmd = Command::new(BIN);
+    cmd.env("TCPSPLICE_LOG", "stderr")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::from(out_w))
+        .stderr(Stdio::piped());
+    target_fds(&mut cmd, high_dup(target_peer.as_raw_fd()));
+    let child = cmd.spawn().unwrap();
+    drop(cmd);
+    drop(target_peer);
+    (&target).write_all(b"nobody will read this").unwrap();
+    let mut t = target.try_clone().unwrap();
+    let end = read_until_end(&mut t);
+    let ran = util::finish(child, "tcpsplice >closed-pipe", LIMIT);
+    ran.expect_code(1);
+    assert!(
+        ran.stderr_text().contains("how=reset-by-client"),
+        "{}",
+        ran.show()
+    );
+    assert_eq!(
+        end,
+        Some(std::io::ErrorKind::ConnectionReset),
+        "{}",
+        ran.show()
+    );
+}

@@ -1,0 +1,287 @@
+//! Connecting: name lookup with a bound, this host's addresses, and Happy Eyeballs over
+//! every address of a target with non-blocking connects that poll bounds.
+
+use std::io;
+use std::mem::size_of;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::io::RawFd;
+use std::time::{Duration, Instant};
+
+use crate::sys;
+
+/// How each connection is made.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Bounds each attempt.
+    pub timeout: Duration,
+    pub nodelay: bool,
+    pub keepalive: bool,
+    /// Bind to this address first (port 0 = any port).
+    pub source: Option<SocketAddr>,
+}
+
+/// Resolves `host` with getaddrinfo, bounded by `limit`: the lookup runs on a thread so
+/// that a stuck resolver cannot hold the client past the connect timeout.
+pub fn resolve(host: &str, port: u16, limit: Duration) -> io::Result<Vec<SocketAddr>> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let name = host.to_string();
+    std::thread::Builder::new().spawn(move || {
+        let r = (name.as_str(), port)
+            .to_socket_addrs()
+            .map(|it| it.collect::<Vec<_>>());
+        let _ = tx.send(r);
+    })?;
+    match rx.recv_timeout(limit) {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the name lookup timed out",
+        )),
+    }
+}
+
+/// This host's addresses, from getifaddrs(3): a client-chosen target must not be the
+/// proxy itself under one of its public addresses.
+pub fn own_addresses() -> io::Result<Vec<IpAddr>> {
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a pointer to a list it allocated into `ifap`.
+    sys::cvt(unsafe { libc::getifaddrs(&mut ifap) })?;
+    let mut out = Vec::new();
+    let mut p = ifap;
+    while !p.is_null() {
+        // SAFETY: p is a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*p };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points to a sockaddr whose family field is valid.
+            let family = libc::c_int::from(unsafe { (*ifa.ifa_addr).sa_family });
+            let len = match family {
+                libc::AF_INET => size_of::<libc::sockaddr_in>(),
+                libc::AF_INET6 => size_of::<libc::sockaddr_in6>(),
+                _ => 0,
+            };
+            if len > 0 {
+                // SAFETY: all-zero is a valid sockaddr_storage.
+                let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+                // SAFETY: the family says ifa_addr holds `len` bytes, and
+                // sockaddr_storage is larger than either sockaddr.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        ifa.ifa_addr.cast::<u8>(),
+                        (&mut ss as *mut libc::sockaddr_storage).cast::<u8>(),
+                        len,
+                    )
+                };
+                if let Some(a) = sys::sockaddr_to_std(&ss) {
+                    out.push(a.ip());
+                }
+            }
+        }
+        p = ifa.ifa_next;
+    }
+    // SAFETY: ifap came from getifaddrs and is freed once; no reference into it remains.
+    unsafe { libc::freeifaddrs(ifap) };
+    Ok(out)
+}
+
+fn socket(addr: &SocketAddr) -> io::Result<OwnedFd> {
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let ty = libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+    // SAFETY: socket takes three integers.
+    let fd = sys::cvt(unsafe { libc::socket(domain, ty, 0) })?;
+    // SAFETY: fd is a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn bind(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
+    let (ss, len) = sys::std_to_sockaddr(addr);
+    // SAFETY: we pass a sockaddr we own and its length.
+    sys::cvt(unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) })
+        .map(drop)
+}
+
+fn connect_start(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
+    let (ss, len) = sys::std_to_sockaddr(addr);
+    // SAFETY: we pass a sockaddr we own and its length.
+    sys::cvt(unsafe { libc::connect(fd, (&ss as *const libc::sockaddr_storage).cast(), len) })
+        .map(drop)
+}
+
+/// How long an attempt has alone before the next address is tried beside it (RFC 8305's
+/// "Connection Attempt Delay"): an address that silently drops SYNs (a broken IPv6
+/// route) then costs a quarter second, not the whole timeout.
+const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
+/// Starts a non-blocking connection to `addr`: Ok(true) connected at once, Ok(false) in
+/// progress.
+fn start(opts: &Options, addr: &SocketAddr) -> io::Result<(OwnedFd, bool)> {
+    let sock = socket(addr)?;
+    let fd = sock.as_raw_fd();
+    if opts.nodelay {
+        sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
+    }
+    if opts.keepalive {
+        sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    }
+    if let Some(src) = opts.source {
+        if src.port() == 0 {
+            // Choose the port at connect time, not bind time, so that many connections
+            // from one source address do not run out of ports. Best effort: old kernels.
+            let _ = sys::setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1);
+        } else {
+            sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+        }
+        bind(fd, &src)?;
+    }
+    match connect_start(fd, addr) {
+        Ok(()) => Ok((sock, true)),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok((sock, false)),
+        Err(e) => Err(e),
+    }
+}
+
+/// The addresses in the order to try them: families alternating, starting with the
+/// family of the resolver's first choice (RFC 8305, section 4), each family in the
+/// resolver's order.
+fn interleave(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+    let Some(first) = addrs.first() else {
+        return Vec::new();
+    };
+    let (mut a, mut b): (Vec<SocketAddr>, Vec<SocketAddr>) =
+        addrs.iter().partition(|x| x.is_ipv4() == first.is_ipv4());
+    a.reverse();
+    b.reverse();
+    let mut out = Vec::with_capacity(addrs.len());
+    while !a.is_empty() || !b.is_empty() {
+        out.extend(a.pop());
+        out.extend(b.pop());
+    }
+    out
+}
+
+struct Attempt {
+    sock: OwnedFd,
+    addr: SocketAddr,
+    deadline: Instant,
+}
+
+/// Connects to the first of `addrs` that answers, Happy Eyeballs style: attempts start
+/// `ATTEMPT_DELAY` apart (at once when the previous one failed) and run side by side,
+/// each bounded by `opts.timeout`. Returns the connected socket, in blocking mode for the
+/// programs after us, and every failed attempt in the order they failed; or, when none
+/// connected, only the failures (never empty).
+#[allow(clippy::type_complexity)]
+pub fn connect_any(
+    opts: &Options,
+    addrs: &[SocketAddr],
+) -> (Option<(OwnedFd, SocketAddr)>, Vec<(SocketAddr, io::Error)>) {
+    let order = interleave(addrs);
+    let mut next = 0;
+    let mut pending: Vec<Attempt> = Vec::new();
+    let mut failed = Vec::new();
+    let mut next_start = Instant::now();
+    loop {
+        let now = Instant::now();
+        if next < order.len() && (pending.is_empty() || now >= next_start) {
+            let addr = order[next];
+            next += 1;
+            match start(opts, &addr) {
+                Ok((sock, true)) => return (Some((sock, addr)), failed),
+                Ok((sock, false)) => {
+                    pending.push(Attempt {
+                        sock,
+                        addr,
+                        deadline: now + opts.timeout,
+                    });
+                    next_start = now + ATTEMPT_DELAY;
+                }
+                Err(e) => failed.push((addr, e)),
+            }
+            continue;
+        }
+        if pending.is_empty() {
+            if failed.is_empty() {
+                failed.push((
+                    SocketAddr::from(([0, 0, 0, 0], 0)),
+                    io::Error::from_raw_os_error(libc::EHOSTUNREACH),
+                ));
+            }
+            return (None, failed);
+        }
+        let mut wake = pending.iter().map(|p| p.deadline).min().unwrap_or(now);
+        if next < order.len() {
+            wake = wake.min(next_start);
+        }
+        let mut fds: Vec<libc::pollfd> = pending
+            .iter()
+            .map(|p| libc::pollfd {
+                fd: p.sock.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            })
+            .collect();
+        if let Err(e) = sys::poll(&mut fds, Some(wake.saturating_duration_since(now))) {
+            for p in pending.drain(..) {
+                failed.push((p.addr, io::Error::new(e.kind(), e.to_string())));
+            }
+            continue;
+        }
+        let now = Instant::now();
+        let mut i = 0;
+        let mut freed = false;
+        for pfd in &fds {
+            let ready = pfd.revents != 0;
+            let result = if ready {
+                match sys::socket_error(pfd.fd) {
+                    None => Ok(()),
+                    Some(e) => Err(e),
+                }
+            } else if now >= pending[i].deadline {
+                Err(io::Error::from_raw_os_error(libc::ETIMEDOUT))
+            } else {
+                i += 1;
+                continue;
+            };
+            let p = pending.remove(i);
+            match result {
+                Ok(()) => match sys::set_nonblocking(p.sock.as_raw_fd(), false) {
+                    Ok(_) => return (Some((p.sock, p.addr)), failed),
+                    Err(e) => failed.push((p.addr, e)),
+                },
+                Err(e) => {
+                    failed.push((p.addr, e));
+                    freed = true;
+                }
+            }
+        }
+        if freed {
+            // A failure frees the slot: the next address need not wait out the delay.
+            next_start = now;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alternates_families() {
+        let a: Vec<SocketAddr> = ["[::1]:1", "[::2]:1", "[::3]:1", "1.0.0.1:1", "1.0.0.2:1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let order: Vec<String> = interleave(&a).iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            order,
+            ["[::1]:1", "1.0.0.1:1", "[::2]:1", "1.0.0.2:1", "[::3]:1"]
+        );
+    }
+}

@@ -1,0 +1,1636 @@
+//! tcpsplice-auth: the handshakes of SOCKS5, SOCKS4/4a and HTTP CONNECT over a real
+//! loopback socket and over pipes, the environment handed to the next program, the
+//! bytes pipelined behind a request reaching it intact, credentials checked against real
+//! hashes made by mkpasswd, htpasswd and argon2, weak formats refused at load, and
+//! delegation to a checkpassword program.
+//!
+//! The next program is a shell that prints its environment on stderr and then `cat`s:
+//! whatever it echoes is exactly what tcpsplice-auth left unread.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::util::{self, Ran};
+
+const AUTH: &str = env!("CARGO_BIN_EXE_tcpsplice-auth");
+const LIMIT: Duration = Duration::from_secs(30);
+const PW: &str = "s3cret pass:word";
+
+/// The next program: prints the environment it got, then echoes its input.
+const SHOW_ENV: &[&str] = &[
+    "sh",
+    "-c",
+    "printf 'ENV[%s|%s|%s|%s|%s|%s]\\n' \"$TCPSPLICE_TARGET\" \"${TCPSPLICE_USER-unset}\" \
+     \"$TCPSPLICE_REPLY\" \"${TCPSPLICE_RULES-unset}\" \"${LISTEN_FDS-unset}\" \
+     \"${TCPREMOTEIP-unset}\" >&2; exec cat",
+];
+
+fn env_line(r: &Ran) -> Option<String> {
+    let e = r.stderr_text();
+    let start = e.find("ENV[")?;
+    let end = e[start..].find("]\n")?;
+    Some(e[start + 4..start + end].to_string())
+}
+
+fn auth_cmd(opts: &[&str]) -> Command {
+    let mut c = Command::new(AUTH);
+    c.args(opts).args(SHOW_ENV).env("TCPSPLICE_LOG", "stderr");
+    c
+}
+
+/// Runs tcpsplice-auth with fds 0/1 on a loopback socket; writes `input` in one write,
+/// half-closes, and returns everything the client got back, and the run.
+fn over_socket(mut cmd: Command, input: &[u8]) -> (Vec<u8>, Ran) {
+    let (client, server) = util::tcp_pair();
+    let so = server.try_clone().expect("clone");
+    cmd.stdin(Stdio::from(OwnedFd::from(server)))
+        .stdout(Stdio::from(OwnedFd::from(so)))
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().expect("spawn tcpsplice-auth");
+    let desc = format!("{cmd:?}");
+    drop(cmd);
+    let got = talk(client, input);
+    let ran = util::finish(child, &desc, LIMIT);
+    (got, ran)
+}
+
+fn talk(mut client: TcpStream, input: &[u8]) -> Vec<u8> {
+    client.set_read_timeout(Some(LIMIT)).expect("read timeout");
+    let mut w = client.try_clone().expect("clone");
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(&input);
+        let _ = w.shutdown(std::net::Shutdown::Write);
+    });
+    let mut got = Vec::new();
+    let _ = client.read_to_end(&mut got);
+    let _ = writer.join();
+    got
+}
+
+/// The same with fds 0/1 on pipes.
+fn over_pipes(mut cmd: Command, input: &[u8]) -> (Vec<u8>, Ran) {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn tcpsplice-auth");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let ran = util::finish(child, &format!("{cmd:?}"), LIMIT);
+    let _ = writer.join();
+    (ran.stdout.clone(), ran)
+}
+
+/// A scratch directory of the test's own.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tcpsplice-auth-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+fn write_users(name: &str, text: &str) -> PathBuf {
+    let p = scratch(name).join("users");
+    std::fs::write(&p, text).expect("write users");
+    p
+}
+
+fn tool(cmd: &str, args: &[&str], input: &str) -> String {
+    let mut c = Command::new(cmd);
+    c.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd} is needed (scripts/deps/test.txt): {e}"));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{cmd} {args:?} failed: {out:?}");
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_string()
+}
+
+/// Real hashes of PW, as the tools people use make them.
+fn mkpasswd(method: &str) -> String {
+    tool("mkpasswd", &["-m", method, "-s"], PW)
+}
+
+fn htpasswd(flags: &[&str], user: &str) -> String {
+    let mut a = vec!["-n", "-b"];
+    a.extend_from_slice(flags);
+    a.extend_from_slice(&[user, PW]);
+    tool("htpasswd", &a, "")
+}
+
+fn argon2id() -> String {
+    tool(
+        "argon2",
+        &[
+            "tcpsplicesalt16",
+            "-id",
+            "-t",
+            "2",
+            "-m",
+            "15",
+            "-p",
+            "1",
+            "-e",
+        ],
+        PW,
+    )
+}
+
+fn sha512_users(name: &str) -> PathBuf {
+    write_users(
+        name,
+        &format!("# test users\n\nalice:{}\n", mkpasswd("sha-512")),
+    )
+}
+
+fn socks5_userpass(user: &str, pw: &str) -> Vec<u8> {
+    let mut v = vec![0x01, user.len() as u8];
+    v.extend_from_slice(user.as_bytes());
+    v.push(pw.len() as u8);
+    v.extend_from_slice(pw.as_bytes());
+    v
+}
+
+fn socks5_domain(name: &str, port: u16) -> Vec<u8> {
+    let mut v = vec![0x05, 0x01, 0x00, 0x03, name.len() as u8];
+    v.extend_from_slice(name.as_bytes());
+    v.extend_from_slice(&port.to_be_bytes());
+    v
+}
+
+fn basic(user: &str, pw: &str) -> String {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = format!("{user}:{pw}").into_bytes();
+    let mut s = String::new();
+    for c in b.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                s.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
+
+fn http_connect(target: &str, auth: Option<(&str, &str)>) -> Vec<u8> {
+    let mut s = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: test\r\n");
+    if let Some((u, p)) = auth {
+        // PySocks sends the scheme in lower case.
+        s.push_str(&format!("Proxy-Authorization: basic {}\r\n", basic(u, p)));
+    }
+    s.push_str("\r\n");
+    s.into_bytes()
+}
+
+/// Payload a client pipelines behind its request; it holds CRLF CRLF and SOCKS-like
+/// bytes so that reading too far, or parsing it, would show.
+fn payload() -> Vec<u8> {
+    let mut p = b"\r\n\r\nGET / HTTP/1.1\r\n\r\n\x05\x01\x00".to_vec();
+    p.extend_from_slice(&util::pattern(7, 64 * 1024));
+    p
+}
+
+fn expect_echo(got: &[u8], prefix: &[u8], payload: &[u8], r: &Ran) {
+    assert!(
+        got.len() >= prefix.len() && &got[..prefix.len()] == prefix,
+        "reply {:02x?} is not {prefix:02x?}{}",
+        &got[..got.len().min(40)],
+        r.show()
+    );
+    assert_eq!(
+        util::hash_of(&got[prefix.len()..]),
+        util::hash_of(payload),
+        "pipelined bytes did not reach the next program intact{}",
+        r.show()
+    );
+}
+
+fn cat(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+// ---------------------------------------------------------------- SOCKS5
+
+#[test]
+fn socks5_no_auth_pipelined_over_socket() {
+    let p = payload();
+    let input = cat(&[b"\x05\x02\x00\x01", &socks5_domain("example.com", 443), &p]);
+    let (got, r) = over_socket(auth_cmd(&["-n"]), &input);
+    r.expect_code(0);
+    expect_echo(&got, b"\x05\x00", &p, &r);
+    assert_eq!(
+        env_line(&r).as_deref(),
+        Some("example.com:443|unset|socks5|unset|unset|127.0.0.1"),
+        "{}",
+        r.show()
+    );
+}
+
+#[test]
+fn socks5_user_password_yescrypt_from_mkpasswd() {
+    let users = write_users("s5yes", &format!("alice:{}\n", mkpasswd("yescrypt")));
+    let p = payload();
+    let input = cat(&[
+        b"\x05\x02\x00\x02",
+        &socks5_userpass("alice", PW),
+        b"\x05\x01\x00\x01\xc0\x00\x02\x07\x00\x50",
+        &p,
+    ]);
+    let (got, r) = over_socket(auth_cmd(&["-f", users.to_str().unwrap()]), &input);
+    r.expect_code(0);
+    expect_echo(&got, b"\x05\x02\x01\x00", &p, &r);
+    assert_eq!(
+        env_line(&r).as_deref(),
+        Some("192.0.2.7:80|alice|socks5|unset|unset|127.0.0.1"),
+        "{}",
+        r.show()
+    );
+}
+
+#[test]
+fn socks5_ipv6_target_over_pipes() {
+    let mut req = vec![0x05, 0x01, 0x00, 0x04];
+    req.extend_from_slice(
+        &"2001:db8::1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    req.extend_from_slice(&8443u16.to_be_bytes());
+    let p = payload();
+    let (got, r) = over_pipes(auth_cmd(&["-n"]), &cat(&[b"\x05\x01\x00", &req, &p]));
+    r.expect_code(0);
+    expect_echo(&got, b"\x05\x00", &p, &r);
+    assert_eq!(
+        env_line(&r).as_deref(),
+        Some("[2001:db8::1]:8443|unset|socks5|unset|unset|unset"),
+        "{}",
+        r.show()
+    );
+}
+
+#[test]
+fn socks5_wrong_password_and_unknown_user_look_the_same() {
+    let users = sha512_users("s5bad");
+    let mut replies = Vec::new();
+    for (u, pw) in [("alice", "wrong"), ("mallory", PW), ("", "")] {
+        let input = cat(&[
+            b"\x05\x01\x02",
+            &socks5_userpass(u, pw),
+            &socks5_domain("example.com", 80),
+        ]);
+        let (got, r) = over_socket(
+            auth_cmd(&["-d", "0.1", "-f", users.to_str().unwrap()]),
+            &input,
+        );
+        r.expect_code(1);
+        assert!(env_line(&r).is_none(), "next program ran{}", r.show());
+        assert!(r.stderr_text().contains("auth failed"), "{}", r.show());
+        assert!(
+            !r.stderr_text().contains("wrong"),
+            "password logged{}",
+            r.show()
+        );
+        replies.push(got);
+    }
+    assert_eq!(replies[0], b"\x05\x02\x01\x01");
+    assert_eq!(replies[0], replies[1]);
+    assert_eq!(replies[0], replies[2]);
+}
+
+#[test]
+fn socks5_no_auth_refused_unless_asked_for() {
+    let users = sha512_users("s5noauth");
+    let input = cat(&[b"\x05\x01\x00", &socks5_domain("example.com", 80)]);
+    let (got, r) = over_socket(auth_cmd(&["-f", users.to_str().unwrap()]), &input);
+    r.expect_code(1);
+    assert_eq!(got, b"\x05\xff", "{}", r.show());
+    // With -n as well, the same client goes through without a user.
+    let (got, r) = over_socket(auth_cmd(&["-n", "-f", users.to_str().unwrap()]), &input);
+    r.expect_code(0);
+    assert_eq!(got, b"\x05\x00", "{}", r.show());
+    assert_eq!(
+        env_line(&r).as_deref(),
+        Some("example.com:80|unset|socks5|unset|unset|127.0.0.1")
+    );
+}
+
+#[test]
+fn socks5_refusals_use_the_protocol_codes() {
+    let cases: &[(&[u8], &[u8])] = &[
+        // BIND: command not supported.
+        (
+            b"\x05\x01\x00\x05\x02\x00\x01\x7f\x00\x00\x01\x00\x50",
+            b"\x05\x00\x05\x07\x00\x01\x00\x00\x00\x00\x00\x00",
+        ),
+        // ATYP 9: address type not supported.
+        (
+            b"\x05\x01\x00\x05\x01\x00\x09\x7f\x00\x00\x01\x00\x50",
+            b"\x05\x00\x05\x08\x00\x01\x00\x00\x00\x00\x00\x00",
+        ),
+        // A bad request version.
+        (
+            b"\x05\x01\x00\x04\x01\x00\x01\x7f\x00\x00\x01\x00\x50",
+            b"\x05\x00\x05\x01\x00\x01\x00\x00\x00\x00\x00\x00",
+        ),
+        // A host name with a NUL and a space.
+        (
+            b"\x05\x01\x00\x05\x01\x00\x03\x03a\x00b\x00\x50",
+            b"\x05\x00\x05\x01\x00\x01\x00\x00\x00\x00\x00\x00",
+        ),
+        // Only GSSAPI offered; and no method at all.
+        (b"\x05\x01\x01", b"\x05\xff"),
+        (b"\x05\x00", b"\x05\xff"),
+    ];
+    for (input, want) in cases {
+        let (got, r) = over_socket(auth_cmd(&["-n"]), input);
+        r.expect_code(1);
+        assert_eq!(&got, want, "for input {input:02x?}{}", r.show());
+        assert!(env_line(&r).is_none(), "{}", r.show());
+    }
+}
+
+#[test]
+fn socks5_truncated_handshakes_end_without_running_the_next_program() {
+    let users = sha512_users("s5trunc");
+    let full = cat(&[
+        b"\x05\x01\x02",
+        &socks5_userpass("alice", PW),
+        &socks5_domain("example.com", 80),
+    ]);
+    for n in 0..full.len() {
+        let (_, r) = over_pipes(
+            auth_cmd(&["-d", "0", "-t", "5", "-f", users.to_str().unwrap()]),
+            &full[..n],
+        );
+        r.expect_code(1);
+        assert!(env_line(&r).is_none(), "prefix {n}{}", r.show());
+    }
+}
+
+#[test]
+fn socks5_slow_client_times_out() {
+    let (mut client, server) = util::tcp_pair();
+    let so = server.try_clone().unwrap();
+    let mut cmd = auth_cmd(&["-n", "-t", "1"]);
+    cmd.stdin(Stdio::from(OwnedFd::from(server)))
+        .stdout(Stdio::from(OwnedFd::from(so)))
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    // Half a greeting, then nothing, with the connection kept open.
+    client.write_all(b"\x05\x02\x00").unwrap();
+    let r = util::finish(child, &format!("{cmd:?}"), LIMIT);
+    r.expect_code(1);
+    assert!(r.stderr_text().contains("timed out"), "{}", r.show());
+    drop(client);
+}
+
+#[test]
+fn protocols_can_be_restricted() {
+    let (got, r) = over_socket(
+        auth_cmd(&["-n", "-p", "http"]),
+        &cat(&[b"\x05\x01\x00", &socks5_domain("a.example", 1)]),
+    );
+    r.expect_code(1);
+    assert_eq!(got, b"\x05\xff", "{}", r.show());
+    let (got, r) = over_socket(
+        auth_cmd(&["-n", "-p", "socks5"]),
+        &http_connect("a.example:1", None),
+    );
+    r.expect_code(1);
+    assert!(got.starts_with(b"HTTP/1.1 403 "), "{}", r.show());
+    let (got, r) = over_socket(
+        auth_cmd(&["-n", "-p", "socks5,http"]),
+        b"\x04\x01\x00\x50\x01\x02\x03\x04\x00",
+    );
+    r.expect_code(1);
+    assert_eq!(got, b"\x00\x5b\0\0\0\0\0\0", "{}", r.show());
+}
+
+#[test]
+fn unknown_protocol_is_closed() {
+    let (got, r) = over_socket(auth_cmd(&["-n"]), b"\x16\x03\x01\x00\x10hello");
+    r.expect_code(1);
+    assert!(got.is_empty(), "{}", r.show());
+    assert!(r.stderr_text().contains("unknown protocol"), "{}", r.show());
+}
+
+// ---------------------------------------------------------------- SOCKS4
+
+#[test]
+fn socks4_and_socks4a_with_no_auth() {
+    let p = payload();
+    let (got, r) = over_socket(
+        auth_cmd(&["-n"]),
+        &cat(&[b"\x04\x01\x1f\x90\xc6\x33\x64\x05user\x00", &p]),
+    );
+    r.expect_code(0);
+    expect_echo(&got, b"", &p, &r);
+    assert_eq!(
+        env_line(&r).as_deref(),
+        Some("198.51.100.5:8080|unset|socks4|unset|unset|127.0.0.1")
+    );
+    let (got, r) = over_pipes(
+        auth_cmd(&["-n"]),
+        &cat(&[
+            b"\x04\x01\x00\x50\x00\x00\x00\x01\x00www.example.org\x00",
+            &p,
+        ]),
+    );
+    r.expect_code(0);
+    expect_echo(&got, b"", &p, &r);
+    assert_eq!(
+        env_line(&r).as_deref(),
+        Some("www.example.org:80|unset|socks4|unset|unset|unset")
+    );
+}
+
+#[test]
+fn socks4_refused_when_credentials_are_required_or_malformed() {
+    let users = sha512_users("s4");
+    let cases: &[(&[&str], &[u8])] = &[
+        (&["-f"], b"\x04\x01\x00\x50\x01\x02\x03\x04alice\x00"),
+        (&["-n"], b"\x04\x02\x00\x50\x01\x02\x03\x04\x00"),
+        (&["-n"], b"\x04\x01\x00\x50\x00\x00\x00\x01\x00bad host\x00"),
+        (&["-n"], b"\x04\x01\x00\x50\x01\x02"),
+        (
+            &["-n"],
+            b"\x04\x01\x00\x50\x00\x00\x00\x01\x00truncated.example",
+        ),
+    ];
+    for (opts, input) in cases {
+        let mut o: Vec<&str> = opts.to_vec();
+        if o == ["-f"] {
+            o.push(users.to_str().unwrap());
+        }
+        let (got, r) = over_socket(auth_cmd(&o), input);
+        r.expect_code(1);
+        assert_eq!(got, b"\x00\x5b\0\0\0\0\0\0", "{input:02x?}{}", r.show());
+        assert!(env_line(&r).is_none(), "{}", r.show());
+    }
+}
+
+// ---------------------------------------------------------------- HTTP CONNECT
+
+#[test]
+fn http_connect_basic_over_socket_and_pipes() {
+    let users = sha512_users("http");
+    let p = payload();
+    let input = cat(&[&http_connect("example.com:443", Some(("alice", PW))), &p]);
+    let (got, r) = over_socket(auth_cmd(&["-f", users.to_str().unwrap()]), &input);
+    r.expect_code(0);
+    expect_echo(&got, b"", &p, &r);
+    assert_eq!(
+        env_line(&r).as_deref(),
+        Some("example.com:443|alice|http|unset|unset|127.0.0.1")
+    );
+    let (got, r) = over_pipes(auth_cmd(&["-f", users.to_str().unwrap()]), &input);
+    r.expect_code(0);
+    expect_echo(&got, b"", &p, &r);
+    assert!(!r.stderr_text().contains(PW), "password logged{}", r.show());
+}
+
+#[test]
+fn http_head_in_slow_pieces_is_read_exactly() {
+    // The head arrives in pieces, the last one splitting CRLF CRLF, and the payload
+    // follows in the same write as the final LF: the peek path must stop right there.
+    let (mut client, server) = util::tcp_pair();
+    let so = server.try_clone().unwrap();
+    let mut cmd = auth_cmd(&["-n"]);
+    cmd.stdin(Stdio::from(OwnedFd::from(server)))
+        .stdout(Stdio::from(OwnedFd::from(so)))
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let p = payload();
+    for piece in [
+        &b"CONN"[..],
+        b"ECT [2001:db8::7]:22 HTTP/1.0\r\n",
+        b"X-A: b\r\n\r",
+    ] {
+        client.write_all(piece).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let got = talk(client, &cat(&[b"\n", &p]));
+    let r = util::finish(child, &format!("{cmd:?}"), LIMIT);
+    r.expect_code(0);
+    expect_echo(&got, b"", &p, &r);
+    assert_eq!(
+        env_line(&r).as_deref(),
+        Some("[2001:db8::7]:22|unset|http|unset|unset|127.0.0.1")
+    );
+}
+
+#[test]
+fn http_refusals() {
+    let users = sha512_users("http-bad");
+    let f = users.to_str().unwrap();
+    let big = format!(
+        "CONNECT a.example:1 HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "x".repeat(9000)
+    );
+    let cases: Vec<(Vec<u8>, &str, i32)> = vec![
+        (http_connect("a.example:443", None), "407 ", 1),
+        (
+            http_connect("a.example:443", Some(("alice", "nope"))),
+            "407 ",
+            1,
+        ),
+        (http_connect("a.example:443", Some(("bob", PW))), "407 ", 1),
+        (
+            b"CONNECT a.example:443 HTTP/1.1\r\nProxy-Authorization: Digest x\r\n\r\n".to_vec(),
+            "407 ",
+            1,
+        ),
+        (
+            b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n".to_vec(),
+            "405 ",
+            1,
+        ),
+        (b"CONNECT a.example HTTP/1.1\r\n\r\n".to_vec(), "400 ", 1),
+        (b"CONNECT a.example:0 HTTP/1.1\r\n\r\n".to_vec(), "400 ", 1),
+        (b"CONNECT a b:1 HTTP/1.1\r\n\r\n".to_vec(), "400 ", 1),
+        (
+            b"CONNECT a.example:1 HTTP/1.1\r\nno colon\r\n\r\n".to_vec(),
+            "400 ",
+            1,
+        ),
+        (b"hello\r\n\r\n".to_vec(), "400 ", 1),
+        (big.into_bytes(), "431 ", 1),
+    ];
+    for (input, status, code) in cases {
+        let (got, r) = over_socket(auth_cmd(&["-d", "0.1", "-f", f]), &input);
+        r.expect_code(code);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {status}")),
+            "for {:?}: got {text:?}{}",
+            String::from_utf8_lossy(&input[..input.len().min(60)]),
+            r.show()
+        );
+        if status == "407 " {
+            assert!(
+                text.contains("\r\nProxy-Authenticate: Basic realm=\"tcpsplice\"\r\n"),
+                "{text:?}"
+            );
+        }
+        if status == "405 " {
+            assert!(text.contains("\r\nAllow: CONNECT\r\n"), "{text:?}");
+        }
+        assert!(env_line(&r).is_none(), "{}", r.show());
+    }
+}
+
+#[test]
+fn http_truncated_and_slow_heads() {
+    let full = http_connect("example.com:443", None);
+    for n in [1, 5, 20, full.len() - 1] {
+        let (_, r) = over_pipes(auth_cmd(&["-n"]), &full[..n]);
+        r.expect_code(1);
+        assert!(env_line(&r).is_none(), "prefix {n}{}", r.show());
+    }
+    // A client that never finishes its head gets 408 when the timeout ends.
+    let (mut client, server) = util::tcp_pair();
+    let so = server.try_clone().unwrap();
+    let mut cmd = auth_cmd(&["-n", "-t", "1"]);
+    cmd.stdin(Stdio::from(OwnedFd::from(server)))
+        .stdout(Stdio::from(OwnedFd::from(so)))
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    client.write_all(&full[..full.len() - 2]).unwrap();
+    client.set_read_timeout(Some(LIMIT)).unwrap();
+    let r = util::finish(child, &format!("{cmd:?}"), LIMIT);
+    r.expect_code(1);
+    let mut got = Vec::new();
+    let _ = client.read_to_end(&mut got);
+    assert!(
+        got.starts_with(b"HTTP/1.1 408 "),
+        "{:?}{}",
+        String::from_utf8_lossy(&got),
+        r.show()
+    );
+}
+
+// ---------------------------------------------------------------- users file and hashes
+
+fn login_http(users: &std::path::Path, user: &str, pw: &str) -> Ran {
+    let (_, r) = over_pipes(
+        auth_cmd(&["-d", "0", "-f", users.to_str().unwrap()]),
+        &http_connect("example.com:443", Some((user, pw))),
+    );
+    r
+}
+
+#[test]
+fn real_hashes_from_the_usual_tools() {
+    let bcrypt = htpasswd(&["-B", "-C", "12"], "bcuser");
+    assert!(bcrypt.starts_with("bcuser:$2y$12$"), "{bcrypt}");
+    let text = format!(
+        "yes:{}\nsha512:{}\nsha256:{}\n{bcrypt}\nargon:{}\n",
+        mkpasswd("yescrypt"),
+        mkpasswd("sha-512"),
+        mkpasswd("sha-256"),
+        argon2id()
+    );
+    let users = write_users("real", &text);
+    for user in ["yes", "sha512", "sha256", "bcuser", "argon"] {
+        let r = login_http(&users, user, PW);
+        r.expect_code(0);
+        assert_eq!(
+            env_line(&r),
+            Some(format!("example.com:443|{user}|http|unset|unset|unset")),
+            "{}",
+            r.show()
+        );
+        let r = login_http(&users, user, "s3cret pass:wore");
+        r.expect_code(1);
+        assert!(env_line(&r).is_none(), "{}", r.show());
+    }
+}
+
+#[test]
+fn hash_option_makes_a_hash_that_logs_in() {
+    let mut c = Command::new(AUTH);
+    c.arg("-H").stdin(Stdio::piped());
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{PW}\n").as_bytes())
+        .unwrap();
+    let r = util::finish(child, "tcpsplice-auth -H", LIMIT);
+    r.expect_code(0);
+    let hash = String::from_utf8(r.stdout.clone()).unwrap();
+    assert!(hash.starts_with("$y$"), "{}", r.show());
+    let users = write_users("hashopt", &format!("carol:{}", hash.trim()));
+    login_http(&users, "carol", PW).expect_code(0);
+    login_http(&users, "carol", "x").expect_code(1);
+}
+
+#[test]
+fn weak_and_unknown_hashes_are_refused_at_load() {
+    let cases = [
+        htpasswd(&["-m"], "u"),
+        htpasswd(&["-d"], "u"),
+        htpasswd(&["-s"], "u"),
+        htpasswd(&["-B"], "u"),
+        format!("u:{}", mkpasswd("md5crypt")),
+        format!(
+            "u:{}",
+            tool("mkpasswd", &["-m", "sha-512", "-R", "1000", "-s"], PW)
+        ),
+        "u:plaintext".to_string(),
+        "u:$argon2id$v=19$m=1024,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA".to_string(),
+        "u:$7$C6..../....SodiumChloride$kBGj9fHznVYFQMEn/qDCfrDevf9YDtcDdKvEqHJLV8D".to_string(),
+        "nohashfield".to_string(),
+    ];
+    for (i, bad) in cases.iter().enumerate() {
+        let text = format!("# users\n\nok:{}\n{bad}\n", mkpasswd("sha-512"));
+        let users = write_users(&format!("weak{i}"), &text);
+        let (_, r) = over_pipes(
+            auth_cmd(&["-f", users.to_str().unwrap()]),
+            &http_connect("example.com:443", Some(("ok", PW))),
+        );
+        r.expect_code(100);
+        let want = format!("{} line 4:", users.display());
+        assert!(
+            r.stderr_text().contains(&want),
+            "for {bad:?}: no {want:?}{}",
+            r.show()
+        );
+        assert!(env_line(&r).is_none(), "{}", r.show());
+    }
+}
+
+#[test]
+fn per_user_rules_are_exported_and_checked() {
+    let h = mkpasswd("sha-512");
+    let users = write_users(
+        "rules",
+        &format!("alice:{h}:10.0.0.0/8, 192.0.2.1/32:443 [2001:db8::/32]:22\nbob:{h}:\n"),
+    );
+    let r = login_http(&users, "alice", PW);
+    r.expect_code(0);
+    assert_eq!(
+        env_line(&r).as_deref(),
+        Some(
+            "example.com:443|alice|http|10.0.0.0/8 192.0.2.1/32:443 [2001:db8::/32]:22|unset|unset"
+        )
+    );
+    let mut cmd = auth_cmd(&["-d", "0", "-f", users.to_str().unwrap()]);
+    cmd.env("TCPSPLICE_RULES", "*")
+        .env("TCPSPLICE_USER", "root");
+    cmd.env("LISTEN_FDS", "1").env("LISTEN_PID", "1");
+    let (_, r) = over_pipes(cmd, &http_connect("example.com:443", Some(("bob", PW))));
+    r.expect_code(0);
+    assert_eq!(
+        env_line(&r).as_deref(),
+        Some("example.com:443|bob|http|unset|unset|unset"),
+        "inherited variables must not pass for ours{}",
+        r.show()
+    );
+    std::fs::set_permissions(&users, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let r = login_http(&users, "alice", PW);
+    r.expect_code(0);
+    assert!(
+        r.stderr_text().contains("readable by every user"),
+        "{}",
+        r.show()
+    );
+    std::fs::set_permissions(&users, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let r = login_http(&users, "alice", PW);
+    assert!(
+        !r.stderr_text().contains("readable by every user"),
+        "{}",
+        r.show()
+    );
+    let bad = write_users("badrule", &format!("\nalice:{h}:10.0.0.0/33\n"));
+    let r = login_http(&bad, "alice", PW);
+    r.expect_code(100);
+    assert!(r.stderr_text().contains("line 2:"), "{}", r.show());
+}
+
+#[test]
+fn inherited_user_is_removed_for_no_auth() {
+    let mut cmd = auth_cmd(&["-n"]);
+    cmd.env("TCPSPLICE_USER", "root").env("LISTEN_FDNAMES", "x");
+    let (_, r) = over_pipes(
+        cmd,
+        &cat(&[b"\x05\x01\x00", &socks5_domain("h.example", 9)]),
+    );
+    r.expect_code(0);
+    assert_eq!(
+        env_line(&r).as_deref(),
+        Some("h.example:9|unset|socks5|unset|unset|unset")
+    );
+}
+
+#[test]
+fn usage_errors() {
+    let r = util::run(Command::new(AUTH).arg("cat"), LIMIT);
+    r.expect_code(100);
+    assert!(r.stderr_text().contains("usage"), "{}", r.show());
+    let r = util::run(Command::new(AUTH).args(["-n"]), LIMIT);
+    r.expect_code(100);
+    let r = util::run(
+        Command::new(AUTH).args(["-n", "-f", "/nonexistent/users", "cat"]),
+        LIMIT,
+    );
+    r.expect_code(100);
+    assert!(
+        r.stderr_text().contains("/nonexistent/users"),
+        "{}",
+        r.show()
+    );
+    let r = util::run(
+        Command::new(AUTH).args(["-n", "-p", "gopher", "cat"]),
+        LIMIT,
+    );
+    r.expect_code(100);
+    // The next program is missing: 127, after a successful handshake.
+    let mut cmd = Command::new(AUTH);
+    cmd.args(["-n", "/nonexistent/prog"])
+        .env("TCPSPLICE_LOG", "stderr");
+    let (_, r) = over_pipes(
+        cmd,
+        &cat(&[b"\x05\x01\x00", &socks5_domain("h.example", 9)]),
+    );
+    r.expect_code(127);
+}
+
+// ---------------------------------------------------------------- checkpassword
+
+fn checkpassword_script(name: &str, body: &str) -> PathBuf {
+    let p = scratch(name).join("checkpassword");
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    let mut perm = std::fs::metadata(&p).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(&p, perm).unwrap();
+    p
+}
+
+#[test]
+fn checkpassword_delegation() {
+    // Reads user and password from fd 3 as the interface says, then runs its argument.
+    let cp = checkpassword_script(
+        "cp",
+        "tr '\\000' '\\n' <&3 | { read -r u; read -r p; read -r t; \
+         [ \"$u\" = dave ] && [ \"$p\" = 's3cret pass:word' ] && [ -n \"$t\" ]; } || exit 1\n\
+         exec \"$@\"",
+    );
+    let cp = cp.to_str().unwrap();
+    let p = payload();
+    let ok = cat(&[
+        b"\x05\x01\x02",
+        &socks5_userpass("dave", PW),
+        &socks5_domain("example.net", 25),
+        &p,
+    ]);
+    let (got, r) = over_socket(auth_cmd(&["-c", cp]), &ok);
+    r.expect_code(0);
+    expect_echo(&got, b"\x05\x02\x01\x00", &p, &r);
+    assert_eq!(
+        env_line(&r).as_deref(),
+        Some("example.net:25|dave|socks5|unset|unset|127.0.0.1")
+    );
+    let bad = cat(&[
+        b"\x05\x01\x02",
+        &socks5_userpass("dave", "nope"),
+        &socks5_domain("example.net", 25),
+    ]);
+    let (got, r) = over_socket(auth_cmd(&["-d", "0", "-c", cp]), &bad);
+    r.expect_code(1);
+    assert_eq!(got, b"\x05\x02\x01\x01", "{}", r.show());
+    // A temporary failure of the checker is ours: 111, and a 503 for HTTP.
+    let temp = checkpassword_script("cp111", "cat <&3 >/dev/null; exit 111");
+    let (got, r) = over_socket(
+        auth_cmd(&["-c", temp.to_str().unwrap()]),
+        &http_connect("example.net:25", Some(("dave", PW))),
+    );
+    r.expect_code(111);
+    assert!(got.starts_with(b"HTTP/1.1 503 "), "{}", r.show());
+    // A checker that hangs is killed when its time is up.
+    let slow = checkpassword_script("cpslow", "exec sleep 30");
+    let (got, r) = over_socket(auth_cmd(&["-T", "0.5", "-c", slow.to_str().unwrap()]), &bad);
+    r.expect_code(111);
+    assert_eq!(got, b"\x05\x02\x01\x01", "{}", r.show());
+    assert!(r.stderr_text().contains("did not answer"), "{}", r.show());
+}
+
+// ---------------------------------------------------------------- the whole chain
+
+const LISTEN: &str = env!("CARGO_BIN_EXE_tcpsplice-listen");
+const DIAL: &str = env!("CARGO_BIN_EXE_tcpsplice-dial");
+const SPLICE: &str = env!("CARGO_BIN_EXE_tcpsplice");
+
+/// A target on loopback: answers `GET` with a 200 and a pattern body, echoes anything
+/// else back. Runs until the test process ends.
+struct Target {
+    port: u16,
+    body: Vec<u8>,
+}
+
+fn target() -> Target {
+    let (l, a) = util::listener();
+    let body = util::pattern(42, 256 * 1024);
+    let b = body.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let b = b.clone();
+            std::thread::spawn(move || serve(s, &b));
+        }
+    });
+    Target {
+        port: a.port(),
+        body,
+    }
+}
+
+fn serve(mut s: TcpStream, body: &[u8]) {
+    let _ = s.set_read_timeout(Some(LIMIT));
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    while got.len() < 4 {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    if got.starts_with(b"GET ") {
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") && !got.windows(2).any(|w| w == b"\n\n") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let head = format!(
+            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = s.write_all(head.as_bytes());
+        let _ = s.write_all(body);
+    } else {
+        let _ = s.write_all(&got);
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let _ = s.shutdown(std::net::Shutdown::Write);
+}
+
+/// tcpsplice-listen running the chain on an ephemeral port; killed when dropped.
+struct Proxy {
+    child: Option<std::process::Child>,
+    port: u16,
+    log: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Proxy {
+    fn start(auth_opts: &[&str], dial_rules: &[String]) -> Proxy {
+        let mut cmd = Command::new(LISTEN);
+        cmd.args(["-1", "127.0.0.1", "0", AUTH, "-d", "0.2"])
+            .args(auth_opts)
+            .arg(DIAL);
+        for r in dial_rules {
+            cmd.args(["-a", r]);
+        }
+        cmd.arg(SPLICE)
+            .env("TCPSPLICE_LOG", "stderr")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn tcpsplice-listen");
+        let mut err = child.stderr.take().expect("stderr");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let l2 = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                l2.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        let mut out = child.stdout.take().expect("stdout");
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while out.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+            line.push(b[0]);
+        }
+        let port = String::from_utf8_lossy(&line)
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!(
+                    "tcpsplice-listen printed no port: {:?}; log: {}",
+                    String::from_utf8_lossy(&line),
+                    String::from_utf8_lossy(&log.lock().unwrap())
+                )
+            });
+        Proxy {
+            child: Some(child),
+            port,
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn client(cmd: &str, args: &[String], input: &[u8]) -> Ran {
+    let mut c = Command::new(cmd);
+    c.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd} is needed (scripts/deps/test.txt): {e}"));
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_vec();
+    let w = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let r = util::finish(child, &format!("{c:?}"), LIMIT);
+    let _ = w.join();
+    r
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// The body of an HTTP response (after the blank line).
+fn http_body(out: &[u8]) -> &[u8] {
+    match out.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(i) => &out[i + 4..],
+        None => b"",
+    }
+}
+
+fn chain_users(name: &str, t: &Target) -> PathBuf {
+    let h = mkpasswd("sha-512");
+    write_users(
+        name,
+        &format!(
+            "alice:{h}\n# only port 1 of loopback: the target's port is refused\nlimited:{h}:127.0.0.1/32:1\ntarget:{h}:127.0.0.1/32:{}\n",
+            t.port
+        ),
+    )
+}
+
+#[test]
+fn chain_curl_socks5_socks5h_and_http_with_credentials() {
+    let t = target();
+    let users = chain_users("chain-curl", &t);
+    let p = Proxy::start(
+        &["-f", users.to_str().unwrap()],
+        &[format!("127.0.0.1/32:{}", t.port)],
+    );
+    let pw = PW.replace(' ', "%20").replace(':', "%3A");
+    for (proxy, url, user) in [
+        (
+            format!("socks5h://alice:{pw}@127.0.0.1:{}", p.port),
+            format!("http://localhost:{}/", t.port),
+            "alice",
+        ),
+        (
+            format!("socks5://alice:{pw}@127.0.0.1:{}", p.port),
+            format!("http://127.0.0.1:{}/", t.port),
+            "alice",
+        ),
+        (
+            format!("http://alice:{pw}@127.0.0.1:{}", p.port),
+            format!("http://127.0.0.1:{}/", t.port),
+            "alice",
+        ),
+        (
+            format!("socks5h://target:{pw}@127.0.0.1:{}", p.port),
+            format!("http://127.0.0.1:{}/", t.port),
+            "target",
+        ),
+    ] {
+        let r = client(
+            "curl",
+            &strings(&["-sS", "--max-time", "20", "-p", "-x", &proxy, &url]),
+            b"",
+        );
+        r.expect_code(0);
+        assert_eq!(
+            util::hash_of(&r.stdout),
+            util::hash_of(&t.body),
+            "body through {proxy}{}{}",
+            r.show(),
+            p.log()
+        );
+        assert!(p.log().contains(&format!("user={user} ")), "{}", p.log());
+    }
+    // A wrong password: curl reports the SOCKS5 rejection; HTTP gets 407.
+    let r = client(
+        "curl",
+        &strings(&[
+            "-sS",
+            "--max-time",
+            "20",
+            "-x",
+            &format!("socks5h://alice:wrong@127.0.0.1:{}", p.port),
+            &format!("http://localhost:{}/", t.port),
+        ]),
+        b"",
+    );
+    r.expect_code(97);
+    assert!(
+        r.stderr_text().contains("User was rejected"),
+        "{}",
+        r.show()
+    );
+    let r = client(
+        "curl",
+        &strings(&[
+            "-sS",
+            "--max-time",
+            "20",
+            "-p",
+            "-x",
+            &format!("http://alice:wrong@127.0.0.1:{}", p.port),
+            &format!("http://localhost:{}/", t.port),
+        ]),
+        b"",
+    );
+    r.expect_code(56);
+    assert!(r.stderr_text().contains("407"), "{}", r.show());
+    // SOCKS4a has no authentication: refused when credentials are required.
+    let r = client(
+        "curl",
+        &strings(&[
+            "-sS",
+            "--max-time",
+            "20",
+            "-x",
+            &format!("socks4a://127.0.0.1:{}", p.port),
+            &format!("http://localhost:{}/", t.port),
+        ]),
+        b"",
+    );
+    r.expect_code(97);
+}
+
+#[test]
+fn chain_targets_refused_by_rules_get_the_right_codes() {
+    let t = target();
+    let users = chain_users("chain-rules", &t);
+    let p = Proxy::start(
+        &["-f", users.to_str().unwrap()],
+        &[format!("127.0.0.1/32:{}", t.port)],
+    );
+    let mut req = cat(&[b"\x05\x01\x02", &socks5_userpass("limited", PW)]);
+    req.extend_from_slice(b"\x05\x01\x00\x01\x7f\x00\x00\x01");
+    req.extend_from_slice(&t.port.to_be_bytes());
+    let c = TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+    let got = talk(c, &req);
+    assert!(
+        got.len() >= 6 && got[..4] == *b"\x05\x02\x01\x00" && got[4] == 5 && got[5] == 0x02,
+        "user rules must refuse with REP 02: {got:02x?}{}",
+        p.log()
+    );
+    // Not allowed by the dialer's -a: another loopback port.
+    let (l, a) = util::listener();
+    let mut req = cat(&[b"\x05\x01\x02", &socks5_userpass("alice", PW)]);
+    req.extend_from_slice(b"\x05\x01\x00\x01\x7f\x00\x00\x01");
+    req.extend_from_slice(&a.port().to_be_bytes());
+    let c = TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+    let got = talk(c, &req);
+    assert!(
+        got.len() >= 6 && got[4] == 5 && got[5] == 0x02,
+        "the dialer's rules must refuse with REP 02: {got:02x?}{}",
+        p.log()
+    );
+    drop(l);
+    let c = TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+    let got = talk(
+        c,
+        &http_connect(&format!("127.0.0.1:{}", a.port()), Some(("limited", PW))),
+    );
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 403 "), "{text:?}{}", p.log());
+}
+
+#[test]
+fn chain_pipelined_request_and_payload_in_one_write() {
+    let t = target();
+    let users = chain_users("chain-pipe", &t);
+    let p = Proxy::start(
+        &["-f", users.to_str().unwrap()],
+        &[format!("127.0.0.1/32:{}", t.port)],
+    );
+    let payload = util::pattern(9, 1 << 20);
+    // SOCKS5: greeting, credentials, request and 1 MiB of payload in one write.
+    let mut req = cat(&[b"\x05\x01\x02", &socks5_userpass("alice", PW)]);
+    req.extend_from_slice(b"\x05\x01\x00\x01\x7f\x00\x00\x01");
+    req.extend_from_slice(&t.port.to_be_bytes());
+    let c = TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+    let got = talk(c, &cat(&[&req, b"ECHO", &payload]));
+    assert!(
+        got.len() >= 14 && got[..4] == *b"\x05\x02\x01\x00" && got[4..6] == *b"\x05\x00",
+        "{:02x?}{}",
+        &got[..got.len().min(20)],
+        p.log()
+    );
+    assert_eq!(
+        util::hash_of(&got[14..]),
+        util::hash_of(&cat(&[b"ECHO", &payload])),
+        "{}",
+        p.log()
+    );
+    // HTTP CONNECT: request head and payload in one write.
+    let c = TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+    let head = http_connect(&format!("127.0.0.1:{}", t.port), Some(("alice", PW)));
+    let got = talk(c, &cat(&[&head, b"ECHO", &payload]));
+    let text = String::from_utf8_lossy(&got[..got.len().min(100)]).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text:?}{}", p.log());
+    assert_eq!(
+        util::hash_of(http_body(&got)),
+        util::hash_of(&cat(&[b"ECHO", &payload])),
+        "{}",
+        p.log()
+    );
+}
+
+#[test]
+fn chain_netcat_ncat_and_curl_socks4a_clients() {
+    let t = target();
+    let users = chain_users("chain-nc", &t);
+    let rules = [format!("127.0.0.1/32:{}", t.port)];
+    let auth = Proxy::start(&["-f", users.to_str().unwrap()], &rules);
+    let anon = Proxy::start(&["-n"], &rules);
+    let get = b"GET / HTTP/1.0\r\n\r\n";
+    let tp = t.port.to_string();
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        (
+            "nc",
+            strings(&[
+                "-X",
+                "5",
+                "-x",
+                &format!("127.0.0.1:{}", anon.port),
+                "localhost",
+                &tp,
+            ]),
+        ),
+        (
+            "nc",
+            strings(&[
+                "-X",
+                "4",
+                "-x",
+                &format!("127.0.0.1:{}", anon.port),
+                "127.0.0.1",
+                &tp,
+            ]),
+        ),
+        (
+            "nc",
+            strings(&[
+                "-X",
+                "connect",
+                "-x",
+                &format!("127.0.0.1:{}", anon.port),
+                "localhost",
+                &tp,
+            ]),
+        ),
+        (
+            "ncat",
+            strings(&[
+                "--proxy",
+                &format!("127.0.0.1:{}", auth.port),
+                "--proxy-type",
+                "socks5",
+                "--proxy-auth",
+                &format!("alice:{PW}"),
+                "--proxy-dns",
+                "remote",
+                "localhost",
+                &tp,
+            ]),
+        ),
+        (
+            "ncat",
+            strings(&[
+                "--proxy",
+                &format!("127.0.0.1:{}", auth.port),
+                "--proxy-type",
+                "http",
+                "--proxy-auth",
+                &format!("alice:{PW}"),
+                "localhost",
+                &tp,
+            ]),
+        ),
+    ];
+    for (prog, args) in cases {
+        let r = client(prog, &args, get);
+        r.expect_code(0);
+        assert_eq!(
+            util::hash_of(http_body(&r.stdout)),
+            util::hash_of(&t.body),
+            "{}{}{}",
+            r.show(),
+            auth.log(),
+            anon.log()
+        );
+    }
+    let r = client(
+        "curl",
+        &strings(&[
+            "-sS",
+            "--max-time",
+            "20",
+            "-x",
+            &format!("socks4a://127.0.0.1:{}", anon.port),
+            &format!("http://localhost:{}/", t.port),
+        ]),
+        b"",
+    );
+    r.expect_code(0);
+    assert_eq!(
+        util::hash_of(&r.stdout),
+        util::hash_of(&t.body),
+        "{}",
+        r.show()
+    );
+    // nc -P asks for the password on its terminal: give it one with script(1). It tries
+    // without credentials first, gets 407, and comes back with Basic.
+    let sh = format!(
+        "(sleep 1; printf '%s\\n' '{PW}'; sleep 1; printf 'GET / HTTP/1.0\\n\\n'; sleep 3) | \
+         script -qc 'nc -X connect -x 127.0.0.1:{} -P alice localhost {}' /dev/null",
+        auth.port, t.port
+    );
+    let r = client("sh", &strings(&["-c", &sh]), b"");
+    assert!(
+        r.stdout.windows(15).any(|w| w == b"HTTP/1.0 200 OK"),
+        "{}{}",
+        r.show(),
+        auth.log()
+    );
+    assert!(auth.log().contains("user=alice "), "{}", auth.log());
+}
+
+#[test]
+fn readme_proxy_script_serves_curl() {
+    let t = target();
+    let state = scratch("proxy-script");
+    // A free port for the script, which takes a number.
+    let port = util::listener().1.port();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/proxy");
+    let bin = std::path::Path::new(AUTH).parent().unwrap();
+    let mut cmd = Command::new(script);
+    cmd.args([
+        "-p",
+        &port.to_string(),
+        "-a",
+        &format!("127.0.0.1/32:{}", t.port),
+    ])
+    .env("TCPSPLICE_BIN", bin)
+    .env("XDG_STATE_HOME", &state)
+    .env("TCPSPLICE_LOG", "stderr")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("scripts/proxy");
+    let mut err = child.stderr.take().unwrap();
+    let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let o2 = out.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = err.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            o2.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    // The printed curl line, with the printed password, is what a reader pastes.
+    let mut line = None;
+    for _ in 0..400 {
+        let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+        if let Some(l) = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("curl -x socks5h://"))
+        {
+            line = Some(l.trim().to_string());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let Some(line) = line else {
+        let _ = child.kill();
+        panic!(
+            "no curl line: {}",
+            String::from_utf8_lossy(&out.lock().unwrap())
+        );
+    };
+    let proxy = line.split_whitespace().nth(2).unwrap().to_string();
+    let mut result = None;
+    for _ in 0..100 {
+        let r = client(
+            "curl",
+            &strings(&[
+                "-sS",
+                "--max-time",
+                "20",
+                "-x",
+                &proxy,
+                &format!("http://localhost:{}/", t.port),
+            ]),
+            b"",
+        );
+        if r.status.code() != Some(7) {
+            result = Some(r);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50)); // not listening yet
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let r = result.expect("the proxy never listened");
+    r.expect_code(0);
+    assert_eq!(
+        util::hash_of(&r.stdout),
+        util::hash_of(&t.body),
+        "{}",
+        r.show()
+    );
+    let users = std::fs::read_to_string(state.join("tcpsplice/users")).unwrap();
+    assert!(users.contains("\ndemo:$y$"), "{users}");
+}
+
+/// The README's text for a supervisor, with the installed paths replaced by the built
+/// programs and the test's users file, and the dialer allowed to reach the test target.
+fn readme_snippet(t: &Target, users: &std::path::Path, text: &str) -> String {
+    let rule = format!("{DIAL} -a 127.0.0.1/32:{}", t.port);
+    let mut out = text.to_string();
+    for (from, to) in [
+        ("/usr/local/bin/tcpsplice-auth", AUTH),
+        ("/usr/local/bin/tcpsplice-dial", "@DIAL@"),
+        ("/usr/local/bin/tcpsplice", SPLICE),
+        ("@DIAL@", &rule),
+        ("/etc/tcpsplice/users", users.to_str().unwrap()),
+    ] {
+        assert!(out.contains(from), "README snippet has no {from:?}: {out}");
+        out = out.replace(from, to);
+    }
+    out
+}
+
+fn readme() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md")
+}
+
+/// curl through a supervisor on `port` until it listens; the body must arrive whole.
+fn curl_until_listening(port: u16, t: &Target, child: &mut std::process::Child) {
+    let mut result = None;
+    for _ in 0..200 {
+        let r = client(
+            "curl",
+            &strings(&[
+                "-sS",
+                "--max-time",
+                "20",
+                "-x",
+                &format!(
+                    "socks5h://alice:{}@127.0.0.1:{port}",
+                    PW.replace(' ', "%20")
+                ),
+                &format!("http://localhost:{}/", t.port),
+            ]),
+            b"",
+        );
+        if r.status.code() != Some(7) {
+            result = Some(r);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let r = result.expect("the supervisor never listened");
+    r.expect_code(0);
+    assert_eq!(
+        util::hash_of(&r.stdout),
+        util::hash_of(&t.body),
+        "{}",
+        r.show()
+    );
+}
+
+#[test]
+fn readme_systemd_units_work() {
+    // The ExecStart= of the README's unit, under systemd's helper for Accept=yes with
+    // StandardInput=socket (--inetd).
+    let t = target();
+    let users = chain_users("readme-systemd", &t);
+    let text = readme();
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("ExecStart=/usr/local/bin/tcpsplice-auth"))
+        .expect("README has the service's ExecStart=");
+    let exec = readme_snippet(&t, &users, line.trim_start_matches("ExecStart="));
+    let port = util::listener().1.port();
+    let mut child = Command::new("systemd-socket-activate")
+        .args(["--inetd", "-a", "-l", &format!("127.0.0.1:{port}")])
+        .args(["-E", "TCPSPLICE_LOG=stderr"])
+        .args(exec.split_whitespace())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("systemd-socket-activate (package systemd) is needed");
+    curl_until_listening(port, &t, &mut child);
+}
+
+#[test]
+fn readme_xinetd_service_works() {
+    let t = target();
+    let users = chain_users("readme-xinetd", &t);
+    let text = readme();
+    let start = text
+        .find("    service tcpsplice-proxy")
+        .expect("README has the xinetd service");
+    let end = start + text[start..].find("    }\n").expect("end of the service") + 6;
+    let port = util::listener().1.port();
+    let conf = readme_snippet(&t, &users, &text[start..end])
+        .replace(
+            "port        = 1080",
+            &format!("port = {port}\n    env = TCPSPLICE_LOG=stderr"),
+        )
+        .replace("user        = tcpsplice", "user = root");
+    let dir = scratch("readme-xinetd-conf");
+    let path = dir.join("xinetd.conf");
+    std::fs::write(&path, conf).unwrap();
+    let mut child = Command::new("xinetd")
+        .arg("-dontfork")
+        .arg("-f")
+        .arg(&path)
+        .arg("-filelog")
+        .arg(dir.join("log"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("xinetd is needed (scripts/deps/test.txt)");
+    curl_until_listening(port, &t, &mut child);
+}
+
+#[test]
+fn no_auth_and_users_together() {
+    // With -n and -f, credentials are used when given (so the user's name and rules
+    // apply), and clients without any are let through anonymously.
+    let users = sha512_users("both");
+    let f = users.to_str().unwrap();
+    let (_, r) = over_pipes(
+        auth_cmd(&["-n", "-f", f]),
+        &http_connect("example.com:443", None),
+    );
+    r.expect_code(0);
+    assert_eq!(
+        env_line(&r).as_deref(),
+        Some("example.com:443|unset|http|unset|unset|unset")
+    );
+    let (_, r) = over_pipes(
+        auth_cmd(&["-n", "-f", f]),
+        &http_connect("example.com:443", Some(("alice", PW))),
+    );
+    r.expect_code(0);
+    assert_eq!(
+        env_line(&r).as_deref(),
+        Some("example.com:443|alice|http|unset|unset|unset")
+    );
+    // Wrong credentials are not turned into no-auth.
+    let (got, r) = over_pipes(
+        auth_cmd(&["-d", "0", "-n", "-f", f]),
+        &http_connect("example.com:443", Some(("alice", "x"))),
+    );
+    r.expect_code(1);
+    assert!(got.starts_with(b"HTTP/1.1 407 "), "{}", r.show());
+    let input = cat(&[
+        b"\x05\x02\x00\x02",
+        &socks5_userpass("alice", PW),
+        &socks5_domain("example.com", 80),
+    ]);
+    let (got, r) = over_pipes(auth_cmd(&["-n", "-f", f]), &input);
+    r.expect_code(0);
+    assert_eq!(got, b"\x05\x02\x01\x00", "{}", r.show());
+    assert_eq!(
+        env_line(&r).as_deref(),
+        Some("example.com:80|alice|socks5|unset|unset|unset")
+    );
+}
+
+#[test]
+fn man_page_documents_every_option() {
+    let r = util::run(Command::new(AUTH).arg("-h"), LIMIT);
+    r.expect_code(0);
+    let usage = String::from_utf8_lossy(&r.stdout).into_owned();
+    let man = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/man/tcpsplice-auth.1"))
+        .expect("man page");
+    let mut seen = 0;
+    for word in usage.split(|c: char| c.is_whitespace() || c == '[' || c == ']') {
+        let Some(letter) = word.strip_prefix('-').filter(|l| l.len() == 1) else {
+            continue;
+        };
+        seen += 1;
+        assert!(
+            man.contains(&format!(".BI \\-{letter} "))
+                || man.contains(&format!(".B \\-{letter}\n")),
+            "-{letter} is in the usage but has no entry in the man page"
+        );
+    }
+    assert!(seen >= 9, "usage lists too few options: {usage}");
+}
