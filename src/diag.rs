@@ -8,13 +8,16 @@
 
 use std::ffi::CString;
 use std::io;
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
 use crate::exit;
 use crate::sys;
 
-static PROG: OnceLock<&'static str> = OnceLock::new();
-static SINKS: OnceLock<Sinks> = OnceLock::new();
+static PROG: Mutex<&'static str> = Mutex::new("tcpsplice");
+// Worked out at the first message, from the descriptors as they are then; forgotten by
+// `init`, because a sibling program continuing in this process (chain::exec) has other
+// descriptors and another name.
+static SINKS: Mutex<Option<Sinks>> = Mutex::new(None);
 
 #[derive(Clone, Copy, Debug)]
 struct Sinks {
@@ -24,12 +27,13 @@ struct Sinks {
 
 /// Names the program for every message. Call first thing in `main`.
 pub fn init(prog: &'static str) {
-    let _ = PROG.set(prog);
+    *PROG.lock().unwrap_or_else(|e| e.into_inner()) = prog;
+    *SINKS.lock().unwrap_or_else(|e| e.into_inner()) = None;
 }
 
 /// The program name given to [`init`].
 pub fn prog() -> &'static str {
-    PROG.get().copied().unwrap_or("tcpsplice")
+    *PROG.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Whether fd 2 may be written to: not a TCP socket, not the same file as a data
@@ -50,7 +54,8 @@ pub fn stderr_is_safe() -> bool {
 }
 
 fn sinks() -> Sinks {
-    *SINKS.get_or_init(|| {
+    let mut cached = SINKS.lock().unwrap_or_else(|e| e.into_inner());
+    *cached.get_or_insert_with(|| {
         let have_syslog = std::path::Path::new("/dev/log").exists();
         let mode = std::env::var("TCPSPLICE_LOG").unwrap_or_default();
         let (syslog, stderr) = match mode.as_str() {

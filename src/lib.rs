@@ -1,7 +1,8 @@
 //! tcpsplice: small programs that make an authenticating TCP proxy when a supervisor
 //! chains them per connection (see DESIGN.md in the shared notes and README.md).
 //!
-//! Each program in `src/bin` is a thin `main` over these modules:
+//! Each program in `src/bin` is a thin `main` calling its [`cli`] module, over these
+//! modules:
 //! - [`exit`]: the one exit-code table of the suite;
 //! - [`diag`]: `prog: fatal: unable to ...` messages and the per-connection log line,
 //!   sent to syslog or to stderr but never onto the data stream;
@@ -23,6 +24,7 @@
 pub mod args;
 pub mod chain;
 pub mod checkpassword;
+pub mod cli;
 pub mod connect;
 pub mod conninfo;
 pub mod diag;

@@ -379,15 +379,6 @@ impl Supervisor<'_> {
 
     /// In the child: the socket onto 0 and 1, the environment, default signals, exec.
     fn child(&self, fd: RawFd, client: SocketAddr) -> ! {
-        // The signalfd works by blocking its signals; a program that inherited the mask
-        // would never see SIGTERM or SIGCHLD.
-        // SAFETY: sigset_t is plain data, initialised by sigemptyset; SETMASK to the
-        // empty set unblocks everything.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-        }
         if let Err(e) = sys::fd_copy(0, fd).and_then(|()| sys::fd_copy(1, fd)) {
             diag::die_sys(exit::TEMP, "move the connection to fds 0 and 1", &e);
         }
@@ -406,6 +397,8 @@ impl Supervisor<'_> {
             Ok(None) => diag::die(exit::TEMP, "connection is not an IP socket"),
             Err(e) => diag::die_sys(exit::TEMP, "get the local address", &e),
         }
+        // chain::exec unblocks the signals the signalfd blocked: a program that
+        // inherited the mask would never see SIGTERM or SIGCHLD.
         chain::exec(&self.cfg.prog)
     }
 }

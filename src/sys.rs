@@ -378,6 +378,53 @@ pub fn signal_ignore(sig: libc::c_int, ignore: bool) {
     unsafe { libc::signal(sig, handler) };
 }
 
+/// Closes every descriptor marked close-on-exec, as an exec would. Reads /proc/self/fd
+/// with getdents64 into a stack buffer: after a fork every page the child writes costs a
+/// copy-on-write fault, so this path allocates nothing.
+pub fn close_cloexec_fds() {
+    // SAFETY: a constant NUL-terminated path.
+    let dir = unsafe {
+        libc::open(
+            c"/proc/self/fd".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if dir < 0 {
+        return;
+    }
+    let mut buf = [0u8; 2048];
+    loop {
+        // SAFETY: the kernel writes at most buf.len() bytes of dirent64 records.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, dir, buf.as_mut_ptr(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        let mut off = 0usize;
+        while off + 19 < n as usize {
+            // linux_dirent64: u64 ino, i64 off, u16 reclen, u8 type, then the name.
+            let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
+            if reclen == 0 {
+                break;
+            }
+            let name = &buf[off + 19..(off + reclen).min(n as usize)];
+            let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+            let fd = std::str::from_utf8(&name[..end])
+                .ok()
+                .and_then(|t| t.parse::<RawFd>().ok());
+            // /proc lists descriptors by number, so closing one while reading is safe.
+            if let Some(fd) = fd.filter(|&fd| fd != dir) {
+                // SAFETY: F_GETFD only reads the descriptor table.
+                let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+                if flags >= 0 && flags & libc::FD_CLOEXEC != 0 {
+                    close(fd);
+                }
+            }
+            off += reclen;
+        }
+    }
+    close(dir);
+}
+
 /// Empties the signal mask of the calling thread.
 pub fn unblock_all_signals() {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it.

@@ -4,6 +4,7 @@
 mod util;
 
 mod auth;
+mod chain;
 mod dial;
 mod listen;
 mod splice;

@@ -1,0 +1,107 @@
+//! tcpsplice-dial: connects to the target, puts the connection on fds 6 and 7 and execs
+//! the rest of its command line. See man/tcpsplice-dial.1.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::dial::{self, Config, Family, Source};
+use crate::rules::Rule;
+use crate::{args, chain, diag, sys};
+
+const USAGE: &str = "tcpsplice-dial [-46Dk] [-a rule]... [-t seconds] [-s addr|auto] [-p 1|2] \
+                     host port prog... (or prog... with TCPSPLICE_TARGET set)";
+
+fn parse_source(s: &str) -> Option<Source> {
+    if s == "auto" {
+        return Some(Source::Auto);
+    }
+    if let Ok(ip) = dial::parse_host(s).and_then(|h| h.parse().map_err(|_| String::new())) {
+        return Some(Source::Addr(SocketAddr::new(ip, 0)));
+    }
+    s.parse::<SocketAddr>().ok().map(Source::Addr)
+}
+
+/// The program: `argv` is its command line without the program name.
+pub fn main(argv: Vec<OsString>) -> ! {
+    diag::init("tcpsplice-dial");
+    // Nothing here is secret: the next link may continue in this process.
+    chain::allow_in_process(true);
+    sys::signal_ignore(libc::SIGPIPE, true);
+    let mut o = getopts::Options::new();
+    o.parsing_style(getopts::ParsingStyle::StopAtFirstFree);
+    o.optflag("h", "", "help");
+    o.optflag("4", "", "IPv4 only");
+    o.optflag("6", "", "IPv6 only");
+    o.optflag("D", "", "TCP_NODELAY");
+    o.optflag("k", "", "SO_KEEPALIVE");
+    o.optmulti("a", "", "allow client-chosen targets matching RULE", "RULE");
+    o.optopt("t", "", "connect timeout", "SECONDS");
+    o.optopt("s", "", "source address", "ADDR");
+    o.optopt("p", "", "send a PROXY protocol header", "1|2");
+    let m = match o.parse(&argv) {
+        Ok(m) => m,
+        Err(e) => diag::usage(&format!("{e}: {USAGE}")),
+    };
+    if m.opt_present("h") {
+        diag::help(&format!("usage: {USAGE}\n"));
+    }
+    let family = match (m.opt_present("4"), m.opt_present("6")) {
+        (true, true) => diag::usage("-4 and -6 exclude each other"),
+        (true, false) => Family::V4,
+        (false, true) => Family::V6,
+        _ => Family::Any,
+    };
+    let allow: Vec<Rule> = m
+        .opt_strs("a")
+        .iter()
+        .map(|r| Rule::parse(r).unwrap_or_else(|e| diag::usage(&format!("-a: {e}"))))
+        .collect();
+    let timeout = match m.opt_str("t") {
+        None => Duration::from_secs(10),
+        Some(s) => args::seconds(&s)
+            .filter(|d| !d.is_zero())
+            .unwrap_or_else(|| diag::usage(&format!("-t: not a number of seconds above 0: {s}"))),
+    };
+    let source = match m.opt_str("s") {
+        None => Source::Kernel,
+        Some(s) => parse_source(&s).unwrap_or_else(|| {
+            diag::usage(&format!("-s: not an address, address:port or auto: {s}"))
+        }),
+    };
+    let proxy = match m.opt_str("p").as_deref() {
+        None => None,
+        Some("1") => Some(1),
+        Some("2") => Some(2),
+        Some(s) => diag::usage(&format!("-p: PROXY protocol version must be 1 or 2: {s}")),
+    };
+    let (nodelay, keepalive) = (m.opt_present("D"), m.opt_present("k"));
+    let mut free = m.free;
+    let fixed = if std::env::var_os(dial::TARGET_VAR).is_some_and(|v| !v.is_empty()) {
+        None
+    } else {
+        if free.len() < 3 {
+            diag::usage(USAGE);
+        }
+        let rest = free.split_off(2);
+        let host = dial::parse_host(&free[0]).unwrap_or_else(|e| diag::usage(&e));
+        let port = dial::parse_port(&free[1])
+            .unwrap_or_else(|| diag::usage(&format!("not a port from 1 to 65535: {}", free[1])));
+        free = rest;
+        Some((host, port))
+    };
+    if free.is_empty() {
+        diag::usage(USAGE);
+    }
+    dial::run(&Config {
+        fixed,
+        allow,
+        family,
+        timeout,
+        source,
+        nodelay,
+        keepalive,
+        proxy,
+        prog: free.into_iter().map(OsString::from).collect(),
+    })
+}

@@ -1,0 +1,138 @@
+//! tcpsplice-listen: accepts TCP connections and runs PROG... for each one with the
+//! connection on fds 0 and 1. See man/tcpsplice-listen.1.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+
+use crate::listen::{self, Config};
+use crate::privdrop;
+use crate::{args, chain, diag, exit, listensock, sys};
+
+const USAGE: &str = "tcpsplice-listen [-1Dhq] [-b backlog] [-c max] [-C max_per_ip] \
+                     [-u user] [-g group] [-U] HOST PORT PROG...";
+
+/// The program: `argv` is its command line without the program name.
+pub fn main(argv: Vec<OsString>) -> ! {
+    diag::init("tcpsplice-listen");
+    // A forked child holds nothing secret: the first link may continue in it.
+    chain::allow_in_process(true);
+    listen::ensure_std_fds();
+    let mut o = getopts::Options::new();
+    o.parsing_style(getopts::ParsingStyle::StopAtFirstFree);
+    o.optflag("h", "", "help");
+    o.optflag("1", "", "print the bound port on stdout");
+    o.optflag("D", "", "set TCP_NODELAY on every connection");
+    o.optflag("q", "", "no per-connection log lines");
+    o.optopt("b", "", "listen backlog", "N");
+    o.optopt("c", "", "most connections at once", "N");
+    o.optopt("C", "", "most connections at once per client IP", "N");
+    o.optopt("u", "", "run as this user (name or uid)", "USER");
+    o.optopt("g", "", "run as this group (name or gid)", "GROUP");
+    o.optflag("U", "", "run as $UID and $GID");
+    let m = match o.parse(&argv) {
+        Ok(m) => m,
+        Err(e) => diag::usage(&format!("{e}: {USAGE}")),
+    };
+    if m.opt_present("h") {
+        diag::help(&format!("usage: {USAGE}\n"));
+    }
+    if m.free.len() < 3 {
+        diag::usage(USAGE);
+    }
+    let num = |name: &str, default: usize, min: usize, max: usize| match m.opt_str(name) {
+        None => default,
+        Some(s) => args::number(&s, min, max).unwrap_or_else(|| {
+            diag::usage(&format!("-{name}: not a number from {min} to {max}: {s}"))
+        }),
+    };
+    let backlog = num("b", 128, 1, 65535) as i32;
+    let max_conns = num("c", 100, 1, 100_000);
+    let max_per_ip = m.opt_present("C").then(|| num("C", 0, 1, 100_000));
+    // Looked up before binding, so that a typo fails before anything happens.
+    let ids = privdrop::identity(
+        m.opt_str("u").as_deref(),
+        m.opt_str("g").as_deref(),
+        m.opt_present("U"),
+    )
+    .unwrap_or_else(|(code, msg)| diag::die(code, &msg));
+    let (host, port) = (m.free[0].as_str(), m.free[1].as_str());
+    // PROG... is the tail of the command line, kept as given (it need not be UTF-8).
+    let prog: Vec<OsString> = argv[argv.len() - (m.free.len() - 2)..].to_vec();
+    // Decided once here rather than in every forked child.
+    chain::resolve_ahead(&prog);
+
+    let listeners = if host == "-" && port == "-" {
+        listensock::from_systemd()
+    } else if host == "-" || port == "-" {
+        diag::usage(&format!(
+            "HOST and PORT must both be - for socket activation: {USAGE}"
+        ))
+    } else {
+        let port: u16 = args::number(port, 0, 65535)
+            .unwrap_or_else(|| diag::usage(&format!("not a port number: {port}")));
+        let passed = listensock::close_activation_fds();
+        if passed > 0 {
+            diag::warn(&format!(
+                "closed {passed} sockets passed by systemd: HOST PORT were given, not - -"
+            ));
+        }
+        listensock::resolve(host)
+            .and_then(|ip| listensock::bind(&SocketAddr::new(ip, port), backlog))
+            .map(|fd| vec![fd])
+    };
+    let listeners = listeners.unwrap_or_else(|f| diag::die(f.code, &f.msg));
+    listen::clean_environment();
+
+    let mut bound = Vec::new();
+    for &fd in &listeners {
+        match sys::local_addr(fd) {
+            Ok(Some(a)) => bound.push(a),
+            Ok(None) => diag::die(exit::USAGE, &format!("fd {fd} is not a TCP/IP socket")),
+            Err(e) => diag::die_sys(exit::TEMP, "get the bound address", &e),
+        }
+    }
+    if let Some(ids) = ids {
+        if let Err((step, e)) = privdrop::drop_to(ids) {
+            let code = if e.raw_os_error() == Some(libc::EPERM) {
+                exit::USAGE
+            } else {
+                exit::TEMP
+            };
+            diag::die_sys(
+                code,
+                &format!(
+                    "drop privileges to uid {} gid {} ({step})",
+                    ids.uid, ids.gid
+                ),
+                &e,
+            );
+        }
+    }
+    let cfg = Config {
+        max_conns,
+        max_per_ip,
+        nodelay: m.opt_present("D"),
+        quiet: m.opt_present("q"),
+        prog,
+    };
+    let print_port = m.opt_present("1");
+    listen::serve(listeners, &cfg, || {
+        if print_port {
+            let text: String = bound.iter().map(|a| format!("{}\n", a.port())).collect();
+            if let Err(e) = sys::write_all(1, text.as_bytes()) {
+                diag::die_sys(exit::TEMP, "print the bound port", &e);
+            }
+        }
+        if !cfg.quiet {
+            let addrs: Vec<String> = bound.iter().map(|a| a.to_string()).collect();
+            diag::info(&format!(
+                "listening on {} max={}{}",
+                addrs.join(" "),
+                cfg.max_conns,
+                cfg.max_per_ip
+                    .map(|n| format!(" max_per_ip={n}"))
+                    .unwrap_or_default()
+            ));
+        }
+    })
+}
