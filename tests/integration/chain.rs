@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::util;
@@ -29,41 +29,63 @@ fn socket_inodes(pid: u32) -> Vec<String> {
     v
 }
 
+/// Starts tcpsplice-listen on an ephemeral loopback port running `prog` per connection;
+/// returns it with the port it printed.
+fn start_listen(prog: &[&str], env: &[(&str, &str)]) -> (Child, u16) {
+    let mut listen = Command::new(LISTEN)
+        .args(["-1", "127.0.0.1", "0"])
+        .args(prog)
+        .env("TCPSPLICE_LOG", "stderr")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tcpsplice-listen");
+    let mut line = String::new();
+    BufReader::new(listen.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (listen, line.trim().parse().expect("bound port"))
+}
+
+/// The pid of the listener's (only) connection process.
+fn relay_of(listen: &Child) -> u32 {
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", listen.id())).unwrap();
+    children
+        .split_whitespace()
+        .next()
+        .expect("a child")
+        .parse()
+        .unwrap()
+}
+
+/// Ends the listener with SIGTERM and waits for it.
+fn stop(listen: Child) -> util::Ran {
+    // SAFETY: kill with a pid we spawned.
+    unsafe { libc::kill(listen.id() as i32, libc::SIGTERM) };
+    util::finish(listen, "tcpsplice-listen", Duration::from_secs(20))
+}
+
 /// Runs listen → dial → splice for one connection and returns what /proc says of the
 /// relay process while the connection is open: (comm, exe, its sockets), plus the
 /// listener's sockets.
 fn inspect_relay(exec_always: bool) -> (String, String, Vec<String>, Vec<String>) {
     let (target_l, target_a) = util::listener();
-    let mut cmd = Command::new(LISTEN);
-    cmd.args(["-1", "127.0.0.1", "0", DIAL, "127.0.0.1"])
-        .arg(target_a.port().to_string())
-        .arg(SPLICE)
-        .env("TCPSPLICE_LOG", "stderr")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if exec_always {
-        cmd.env("TCPSPLICE_EXEC", "always");
-    }
-    let mut listen = cmd.spawn().expect("spawn tcpsplice-listen");
-    let mut line = String::new();
-    BufReader::new(listen.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port: u16 = line.trim().parse().expect("bound port");
+    let tport = target_a.port().to_string();
+    let env: &[(&str, &str)] = if exec_always {
+        &[("TCPSPLICE_EXEC", "always")]
+    } else {
+        &[]
+    };
+    let (listen, port) = start_listen(&[DIAL, "127.0.0.1", &tport, SPLICE], env);
     let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut target = util::accept_timeout(&target_l, Duration::from_secs(10));
     // The connection is up through the relay: find it among the listener's children.
     client.write_all(b"ping").unwrap();
     let mut b = [0u8; 4];
     target.read_exact(&mut b).unwrap();
-    let children =
-        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", listen.id())).unwrap();
-    let relay: u32 = children
-        .split_whitespace()
-        .next()
-        .expect("a child")
-        .parse()
-        .unwrap();
+    let relay = relay_of(&listen);
     let comm = std::fs::read_to_string(format!("/proc/{relay}/comm")).unwrap();
     let exe = std::fs::read_link(format!("/proc/{relay}/exe")).unwrap();
     let relay_socks = socket_inodes(relay);
@@ -72,9 +94,7 @@ fn inspect_relay(exec_always: bool) -> (String, String, Vec<String>, Vec<String>
     target.shutdown(Shutdown::Write).unwrap();
     let mut rest = Vec::new();
     client.read_to_end(&mut rest).unwrap();
-    // SAFETY: kill with a pid we spawned.
-    unsafe { libc::kill(listen.id() as i32, libc::SIGTERM) };
-    let ran = util::finish(listen, "tcpsplice-listen", Duration::from_secs(20));
+    let ran = stop(listen);
     ran.expect_code(0);
     assert!(
         ran.stderr_text()
@@ -136,28 +156,7 @@ fn the_authenticator_always_execs_for_real() {
     const AUTH: &str = env!("CARGO_BIN_EXE_tcpsplice-auth");
     let (target_l, target_a) = util::listener();
     let rule = format!("127.0.0.1/32:{}", target_a.port());
-    let mut listen = Command::new(LISTEN)
-        .args([
-            "-1",
-            "127.0.0.1",
-            "0",
-            AUTH,
-            "-n",
-            DIAL,
-            "-a",
-            &rule,
-            SPLICE,
-        ])
-        .env("TCPSPLICE_LOG", "stderr")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn tcpsplice-listen");
-    let mut line = String::new();
-    BufReader::new(listen.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port: u16 = line.trim().parse().expect("bound port");
+    let (listen, port) = start_listen(&[AUTH, "-n", DIAL, "-a", &rule, SPLICE], &[]);
     let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
     client
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -177,19 +176,10 @@ fn the_authenticator_always_execs_for_real() {
     client.write_all(b"ping").unwrap();
     let mut b = [0u8; 4];
     target.read_exact(&mut b).unwrap();
-    let children =
-        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", listen.id())).unwrap();
-    let relay: u32 = children
-        .split_whitespace()
-        .next()
-        .expect("a child")
-        .parse()
-        .unwrap();
+    let relay = relay_of(&listen);
     let exe = std::fs::read_link(format!("/proc/{relay}/exe")).unwrap();
     drop((client, target));
-    // SAFETY: kill with a pid we spawned.
-    unsafe { libc::kill(listen.id() as i32, libc::SIGTERM) };
-    let ran = util::finish(listen, "tcpsplice-listen", Duration::from_secs(20));
+    let ran = stop(listen);
     // The dialer was exec'd (a fresh image, nothing of the authenticator's memory), and
     // the splicer continued in the dialer's process.
     assert!(
