@@ -50,7 +50,12 @@ pub fn stderr_is_safe() -> bool {
     if sys::is_inet_socket(2) {
         return false;
     }
-    ![0, 1, 6, 7].iter().any(|&fd| sys::same_file(2, fd))
+    let Ok((_, err)) = sys::fd_identity(2) else {
+        return false;
+    };
+    ![0, 1, 6, 7]
+        .iter()
+        .any(|&fd| sys::fd_identity(fd).is_ok_and(|(_, id)| id == err))
 }
 
 fn sinks() -> Sinks {

@@ -197,14 +197,12 @@ fn cannot_splice(e: &io::Error) -> bool {
 
 impl Dir {
     fn new(
-        src: RawFd,
-        dst: RawFd,
+        (src, src_kind): (RawFd, FdKind),
+        (dst, dst_kind): (RawFd, FdKind),
         src_side: Side,
         dst_side: Side,
         cfg: &Config,
     ) -> io::Result<Dir> {
-        let src_kind = sys::fd_kind(src)?;
-        let dst_kind = sys::fd_kind(dst)?;
         let mut d = Dir {
             src,
             dst,
@@ -604,19 +602,25 @@ impl Drop for FlagGuard {
     }
 }
 
-fn prepare_fd(fd: RawFd, guard: &mut FlagGuard) -> io::Result<()> {
-    let kind = sys::fd_kind(fd)?;
+/// Makes `fd` ready for the loop and returns its kind. O_NONBLOCK belongs to the open
+/// file description, which two fds on one file need not share, so it is checked per fd
+/// (set_nonblocking skips F_SETFL when the flag is there already). Socket options
+/// belong to the socket: `seen` holds those already set, as fds 0/1 and 6/7 are usually
+/// one socket each.
+fn prepare_fd(fd: RawFd, guard: &mut FlagGuard, seen: &mut Vec<(u64, u64)>) -> io::Result<FdKind> {
+    let (kind, id) = sys::fd_identity(fd)?;
     if kind != FdKind::Regular && !guard.saved.iter().any(|&(f, _)| f == fd) {
         let old = sys::set_nonblocking(fd, true)?;
         guard.saved.push((fd, old));
     }
-    if kind == FdKind::Socket {
+    if kind == FdKind::Socket && !seen.contains(&id) {
+        seen.push(id);
         // Urgent data stays in the stream (nothing is lost), and our own writes add no
         // Nagle delay to what the peer sent. Neither matters enough to fail for.
         let _ = sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_OOBINLINE, 1);
         let _ = sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
     }
-    Ok(())
+    Ok(kind)
 }
 
 /// Adds `fd` with `events` to the poll set (merging with an entry for the same fd) and
@@ -639,21 +643,24 @@ fn watch(set: &mut Vec<libc::pollfd>, fd: RawFd, events: i16) -> usize {
 pub fn run(cfg: &Config) -> io::Result<Outcome> {
     let start = Instant::now();
     let mut guard = FlagGuard { saved: Vec::new() };
-    for fd in [cfg.client_in, cfg.client_out, cfg.target_in, cfg.target_out] {
-        prepare_fd(fd, &mut guard)?;
+    let mut seen = Vec::with_capacity(4);
+    let mut kind = [FdKind::Other; 4];
+    let fds = [cfg.client_in, cfg.client_out, cfg.target_in, cfg.target_out];
+    for (k, &fd) in kind.iter_mut().zip(&fds) {
+        *k = prepare_fd(fd, &mut guard, &mut seen)?;
     }
     let signals = sys::SignalFd::new(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
     let mut dirs = [
         Dir::new(
-            cfg.client_in,
-            cfg.target_out,
+            (cfg.client_in, kind[0]),
+            (cfg.target_out, kind[3]),
             Side::Client,
             Side::Target,
             cfg,
         )?,
         Dir::new(
-            cfg.target_in,
-            cfg.client_out,
+            (cfg.target_in, kind[2]),
+            (cfg.client_out, kind[1]),
             Side::Target,
             Side::Client,
             cfg,

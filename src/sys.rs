@@ -46,13 +46,20 @@ pub enum FdKind {
 
 /// The kind of file behind `fd`, or an error if `fd` is not open.
 pub fn fd_kind(fd: RawFd) -> io::Result<FdKind> {
+    fd_identity(fd).map(|(kind, _)| kind)
+}
+
+/// The kind of file behind `fd` and its identity (device, inode): two descriptors with
+/// the same identity are the same socket, pipe or file.
+pub fn fd_identity(fd: RawFd) -> io::Result<(FdKind, (u64, u64))> {
     let st = fstat(fd)?;
-    Ok(match st.st_mode & libc::S_IFMT {
+    let kind = match st.st_mode & libc::S_IFMT {
         libc::S_IFSOCK => FdKind::Socket,
         libc::S_IFIFO => FdKind::Pipe,
         libc::S_IFREG => FdKind::Regular,
         _ => FdKind::Other,
-    })
+    };
+    Ok((kind, (st.st_dev, st.st_ino)))
 }
 
 /// Whether `fd` is open at all.
