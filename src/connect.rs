@@ -4,8 +4,7 @@
 use std::io;
 use std::mem::size_of;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::io::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use crate::sys;
@@ -63,21 +62,9 @@ pub fn own_addresses() -> io::Result<Vec<IpAddr>> {
                 libc::AF_INET6 => size_of::<libc::sockaddr_in6>(),
                 _ => 0,
             };
-            if len > 0 {
-                // SAFETY: all-zero is a valid sockaddr_storage.
-                let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-                // SAFETY: the family says ifa_addr holds `len` bytes, and
-                // sockaddr_storage is larger than either sockaddr.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        ifa.ifa_addr.cast::<u8>(),
-                        (&mut ss as *mut libc::sockaddr_storage).cast::<u8>(),
-                        len,
-                    )
-                };
-                if let Some(a) = sys::sockaddr_to_std(&ss) {
-                    out.push(a.ip());
-                }
+            // SAFETY: the family says ifa_addr holds `len` bytes.
+            if let Some(a) = unsafe { sys::sockaddr_from_raw(ifa.ifa_addr, len) } {
+                out.push(a.ip());
             }
         }
         p = ifa.ifa_next;
@@ -85,33 +72,6 @@ pub fn own_addresses() -> io::Result<Vec<IpAddr>> {
     // SAFETY: ifap came from getifaddrs and is freed once; no reference into it remains.
     unsafe { libc::freeifaddrs(ifap) };
     Ok(out)
-}
-
-fn socket(addr: &SocketAddr) -> io::Result<OwnedFd> {
-    let domain = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    let ty = libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
-    // SAFETY: socket takes three integers.
-    let fd = sys::cvt(unsafe { libc::socket(domain, ty, 0) })?;
-    // SAFETY: fd is a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn bind(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
-    let (ss, len) = sys::std_to_sockaddr(addr);
-    // SAFETY: we pass a sockaddr we own and its length.
-    sys::cvt(unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) })
-        .map(drop)
-}
-
-fn connect_start(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
-    let (ss, len) = sys::std_to_sockaddr(addr);
-    // SAFETY: we pass a sockaddr we own and its length.
-    sys::cvt(unsafe { libc::connect(fd, (&ss as *const libc::sockaddr_storage).cast(), len) })
-        .map(drop)
 }
 
 /// How long an attempt has alone before the next address is tried beside it (RFC 8305's
@@ -122,7 +82,7 @@ const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 /// Starts a non-blocking connection to `addr`: Ok(true) connected at once, Ok(false) in
 /// progress.
 fn start(opts: &Options, addr: &SocketAddr) -> io::Result<(OwnedFd, bool)> {
-    let sock = socket(addr)?;
+    let sock = sys::tcp_socket(addr)?;
     let fd = sock.as_raw_fd();
     if opts.nodelay {
         sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
@@ -138,9 +98,9 @@ fn start(opts: &Options, addr: &SocketAddr) -> io::Result<(OwnedFd, bool)> {
         } else {
             sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
         }
-        bind(fd, &src)?;
+        sys::bind(fd, &src)?;
     }
-    match connect_start(fd, addr) {
+    match sys::connect(fd, addr) {
         Ok(()) => Ok((sock, true)),
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok((sock, false)),
         Err(e) => Err(e),

@@ -7,7 +7,7 @@ use std::ffi::{CStr, CString};
 use std::io;
 use std::mem::size_of;
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::io::RawFd;
+use std::os::unix::io::{IntoRawFd, RawFd};
 
 use crate::{exit, sys};
 
@@ -79,20 +79,9 @@ pub fn resolve(host: &str) -> Result<IpAddr, Failure> {
     while !cur.is_null() && found.is_none() {
         // SAFETY: `cur` is a non-null node of the list getaddrinfo returned.
         let ai = unsafe { &*cur };
-        let len = ai.ai_addrlen as usize;
-        if !ai.ai_addr.is_null() && len <= size_of::<libc::sockaddr_storage>() {
-            // SAFETY: all-zero is a valid sockaddr_storage.
-            let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-            // SAFETY: ai_addr points to ai_addrlen bytes, which fit in `ss` (checked).
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    ai.ai_addr.cast::<u8>(),
-                    (&mut ss as *mut libc::sockaddr_storage).cast::<u8>(),
-                    len,
-                )
-            };
-            found = sys::sockaddr_to_std(&ss).map(|a| a.ip());
-        }
+        // SAFETY: ai_addr points to ai_addrlen bytes of a sockaddr (or is null).
+        found =
+            unsafe { sys::sockaddr_from_raw(ai.ai_addr, ai.ai_addrlen as usize) }.map(|a| a.ip());
         cur = ai.ai_next;
     }
     // SAFETY: `res` came from a successful getaddrinfo and is freed once.
@@ -104,10 +93,6 @@ pub fn resolve(host: &str) -> Result<IpAddr, Failure> {
 /// for old connections in TIME_WAIT). A port already in use or a shortage of resources
 /// may go away: 111; a forbidden port or an address that is not ours will not: 100.
 pub fn bind(addr: &SocketAddr, backlog: i32) -> Result<RawFd, Failure> {
-    let family = match addr {
-        SocketAddr::V4(_) => libc::AF_INET,
-        SocketAddr::V6(_) => libc::AF_INET6,
-    };
     let fail = |what: &str, e: io::Error| {
         let code = match e.raw_os_error() {
             Some(libc::EACCES | libc::EPERM | libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT) => {
@@ -120,22 +105,13 @@ pub fn bind(addr: &SocketAddr, backlog: i32) -> Result<RawFd, Failure> {
             format!("unable to {what} {addr}: {}", sys::strerror(&e)),
         )
     };
-    // SAFETY: socket takes integers only.
-    let fd = sys::cvt(unsafe {
-        libc::socket(
-            family,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    })
-    .map_err(|e| fail("create a socket for", e))?;
+    let fd = sys::tcp_socket(addr)
+        .map_err(|e| fail("create a socket for", e))?
+        .into_raw_fd();
     let done = (|| {
         sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)
             .map_err(|e| fail("set SO_REUSEADDR on", e))?;
-        let (ss, len) = sys::std_to_sockaddr(addr);
-        // SAFETY: `ss` holds a sockaddr of `len` bytes that we own.
-        sys::cvt(unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) })
-            .map_err(|e| fail("bind to", e))?;
+        sys::bind(fd, addr).map_err(|e| fail("bind to", e))?;
         // SAFETY: listen takes integers only.
         sys::cvt(unsafe { libc::listen(fd, backlog) }).map_err(|e| fail("listen on", e))?;
         Ok(())

@@ -349,6 +349,57 @@ pub fn std_to_sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::sock
     }
 }
 
+/// Reads a sockaddr the C library handed us (getaddrinfo, getifaddrs) as a SocketAddr;
+/// None for other families or a length that does not fit.
+///
+/// # Safety
+/// `addr` must be null or point to at least `len` readable bytes of a sockaddr.
+pub unsafe fn sockaddr_from_raw(addr: *const libc::sockaddr, len: usize) -> Option<SocketAddr> {
+    if addr.is_null() || len > size_of::<libc::sockaddr_storage>() {
+        return None;
+    }
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    // SAFETY: the caller promises `len` readable bytes; they fit in `ss` (checked).
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            addr.cast::<u8>(),
+            (&mut ss as *mut libc::sockaddr_storage).cast::<u8>(),
+            len,
+        )
+    };
+    sockaddr_to_std(&ss)
+}
+
+/// A new TCP socket of `addr`'s family, non-blocking and close-on-exec.
+pub fn tcp_socket(addr: &SocketAddr) -> io::Result<std::os::unix::io::OwnedFd> {
+    use std::os::unix::io::FromRawFd;
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let ty = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+    // SAFETY: socket takes three integers.
+    let fd = cvt(unsafe { libc::socket(family, ty, 0) })?;
+    // SAFETY: fd is a new descriptor that nothing else owns.
+    Ok(unsafe { std::os::unix::io::OwnedFd::from_raw_fd(fd) })
+}
+
+/// bind(2) to `addr`.
+pub fn bind(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
+    let (ss, len) = std_to_sockaddr(addr);
+    // SAFETY: we pass a sockaddr we own and its length.
+    cvt(unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) }).map(drop)
+}
+
+/// connect(2) to `addr`; on a non-blocking socket EINPROGRESS comes back as an error.
+pub fn connect(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
+    let (ss, len) = std_to_sockaddr(addr);
+    // SAFETY: we pass a sockaddr we own and its length.
+    cvt(unsafe { libc::connect(fd, (&ss as *const libc::sockaddr_storage).cast(), len) }).map(drop)
+}
+
 fn sock_name(
     fd: RawFd,
     f: unsafe extern "C" fn(libc::c_int, *mut libc::sockaddr, *mut libc::socklen_t) -> libc::c_int,
