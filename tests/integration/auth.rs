@@ -1041,6 +1041,16 @@ fn client(cmd: &str, args: &[String], input: &[u8]) -> Ran {
     r
 }
 
+/// curl through `proxy` (with `-p`, an HTTP proxy tunnels with CONNECT), bounded to 20 s.
+fn curl(tunnel: bool, proxy: &str, url: &str) -> Ran {
+    let mut args = strings(&["-sS", "--max-time", "20"]);
+    if tunnel {
+        args.push("-p".into());
+    }
+    args.extend(strings(&["-x", proxy, url]));
+    client("curl", &args, b"")
+}
+
 fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
@@ -1095,11 +1105,7 @@ fn chain_curl_socks5_socks5h_and_http_with_credentials() {
             "target",
         ),
     ] {
-        let r = client(
-            "curl",
-            &strings(&["-sS", "--max-time", "20", "-p", "-x", &proxy, &url]),
-            b"",
-        );
+        let r = curl(true, &proxy, &url);
         r.expect_code(0);
         assert_eq!(
             util::hash_of(&r.stdout),
@@ -1111,17 +1117,10 @@ fn chain_curl_socks5_socks5h_and_http_with_credentials() {
         assert!(p.log().contains(&format!("user={user} ")), "{}", p.log());
     }
     // A wrong password: curl reports the SOCKS5 rejection; HTTP gets 407.
-    let r = client(
-        "curl",
-        &strings(&[
-            "-sS",
-            "--max-time",
-            "20",
-            "-x",
-            &format!("socks5h://alice:wrong@127.0.0.1:{}", p.port),
-            &format!("http://localhost:{}/", t.port),
-        ]),
-        b"",
+    let r = curl(
+        false,
+        &format!("socks5h://alice:wrong@127.0.0.1:{}", p.port),
+        &format!("http://localhost:{}/", t.port),
     );
     r.expect_code(97);
     assert!(
@@ -1129,33 +1128,18 @@ fn chain_curl_socks5_socks5h_and_http_with_credentials() {
         "{}",
         r.show()
     );
-    let r = client(
-        "curl",
-        &strings(&[
-            "-sS",
-            "--max-time",
-            "20",
-            "-p",
-            "-x",
-            &format!("http://alice:wrong@127.0.0.1:{}", p.port),
-            &format!("http://localhost:{}/", t.port),
-        ]),
-        b"",
+    let r = curl(
+        true,
+        &format!("http://alice:wrong@127.0.0.1:{}", p.port),
+        &format!("http://localhost:{}/", t.port),
     );
     r.expect_code(56);
     assert!(r.stderr_text().contains("407"), "{}", r.show());
     // SOCKS4a has no authentication: refused when credentials are required.
-    let r = client(
-        "curl",
-        &strings(&[
-            "-sS",
-            "--max-time",
-            "20",
-            "-x",
-            &format!("socks4a://127.0.0.1:{}", p.port),
-            &format!("http://localhost:{}/", t.port),
-        ]),
-        b"",
+    let r = curl(
+        false,
+        &format!("socks4a://127.0.0.1:{}", p.port),
+        &format!("http://localhost:{}/", t.port),
     );
     r.expect_code(97);
 }
@@ -1325,17 +1309,10 @@ fn chain_netcat_ncat_and_curl_socks4a_clients() {
             anon.log()
         );
     }
-    let r = client(
-        "curl",
-        &strings(&[
-            "-sS",
-            "--max-time",
-            "20",
-            "-x",
-            &format!("socks4a://127.0.0.1:{}", anon.port),
-            &format!("http://localhost:{}/", t.port),
-        ]),
-        b"",
+    let r = curl(
+        false,
+        &format!("socks4a://127.0.0.1:{}", anon.port),
+        &format!("http://localhost:{}/", t.port),
     );
     r.expect_code(0);
     assert_eq!(
@@ -1418,18 +1395,7 @@ fn readme_proxy_script_serves_curl() {
     let proxy = line.split_whitespace().nth(2).unwrap().to_string();
     let mut result = None;
     for _ in 0..100 {
-        let r = client(
-            "curl",
-            &strings(&[
-                "-sS",
-                "--max-time",
-                "20",
-                "-x",
-                &proxy,
-                &format!("http://localhost:{}/", t.port),
-            ]),
-            b"",
-        );
+        let r = curl(false, &proxy, &format!("http://localhost:{}/", t.port));
         if r.status.code() != Some(7) {
             result = Some(r);
             break;
@@ -1476,20 +1442,13 @@ fn readme() -> String {
 fn curl_until_listening(port: u16, t: &Target, child: &mut std::process::Child) {
     let mut result = None;
     for _ in 0..200 {
-        let r = client(
-            "curl",
-            &strings(&[
-                "-sS",
-                "--max-time",
-                "20",
-                "-x",
-                &format!(
-                    "socks5h://alice:{}@127.0.0.1:{port}",
-                    PW.replace(' ', "%20")
-                ),
-                &format!("http://localhost:{}/", t.port),
-            ]),
-            b"",
+        let r = curl(
+            false,
+            &format!(
+                "socks5h://alice:{}@127.0.0.1:{port}",
+                PW.replace(' ', "%20")
+            ),
+            &format!("http://localhost:{}/", t.port),
         );
         if r.status.code() != Some(7) {
             result = Some(r);
