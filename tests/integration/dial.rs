@@ -111,6 +111,15 @@ fn down_hash() -> (u64, u64) {
     util::hash_of(&util::pattern(2, DOWN as usize))
 }
 
+/// Runs tcpsplice-dial with `args` and stdin on /dev/null, and checks its exit code.
+fn run_dial<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>, code: i32) -> Ran {
+    let mut cmd = dial();
+    cmd.args(args).stdin(Stdio::null());
+    let ran = util::run(&mut cmd, LIMIT);
+    ran.expect_code(code);
+    ran
+}
+
 #[test]
 fn pipeline_with_pipes_moves_both_ways_with_half_close() {
     let (addr, seen) = target();
@@ -292,11 +301,7 @@ fn source_address_and_family_options() {
     let (env, seen, _, _, ran) = env_after_dial(&[], &["-4", "-D", "-k", "-s", "127.0.0.2"]);
     assert_eq!(seen.peer.ip().to_string(), "127.0.0.2", "{}", ran.show());
     assert!(has(&env, "TCPLOCALIP=127.0.0.2"), "{env:#?}");
-    let mut cmd = dial();
-    cmd.args(["-6", "127.0.0.1", "1", "true"])
-        .stdin(Stdio::null());
-    let ran = util::run(&mut cmd, LIMIT);
-    ran.expect_code(111);
+    let ran = run_dial(["-6", "127.0.0.1", "1", "true"], 111);
     assert!(
         ran.stderr_text().contains("no IPv6 address"),
         "{}",
@@ -794,11 +799,7 @@ fn every_address_is_tried_when_the_first_refuses() {
         let mut s = util::accept_timeout(&l, LIMIT);
         s.write_all(b"reached").expect("write");
     });
-    let mut cmd = dial();
-    cmd.args([&name, &port.to_string(), SPLICE])
-        .stdin(Stdio::null());
-    let ran = util::run(&mut cmd, LIMIT);
-    ran.expect_code(0);
+    let ran = run_dial([&name, &port.to_string(), SPLICE], 0);
     h.join().expect("listener");
     assert_eq!(ran.stdout, b"reached", "{}", ran.show());
     let refused = format!("unable to connect to {}", SocketAddr::new(first.ip(), port));
@@ -849,11 +850,7 @@ fn a_silent_first_address_does_not_hold_up_the_next() {
         let mut s = util::accept_timeout(&good, LIMIT);
         s.write_all(b"reached").expect("write");
     });
-    let mut cmd = dial();
-    cmd.args(["-t", "5", &name, &port.to_string(), SPLICE])
-        .stdin(Stdio::null());
-    let ran = util::run(&mut cmd, LIMIT);
-    ran.expect_code(0);
+    let ran = run_dial(["-t", "5", &name, &port.to_string(), SPLICE], 0);
     h.join().expect("listener");
     assert_eq!(ran.stdout, b"reached", "{}", ran.show());
     // Tried in turn, the first address would have timed out before the second was tried.
@@ -1102,10 +1099,10 @@ fn proxy_headers_without_a_known_client() {
         ),
     ] {
         let (addr, seen) = target();
-        let mut cmd = dial();
-        cmd.args(["-p", version, "127.0.0.1", &addr.port().to_string(), SPLICE])
-            .stdin(Stdio::null());
-        util::run(&mut cmd, LIMIT).expect_code(0);
+        run_dial(
+            ["-p", version, "127.0.0.1", &addr.port().to_string(), SPLICE],
+            0,
+        );
         assert_eq!(seen.join().expect("target").data, want, "-p {version}");
     }
 }
@@ -1119,10 +1116,7 @@ fn usage_errors_exit_100() {
         &["-p", "3", "127.0.0.1", "1", "true"],
         &["-t", "0", "127.0.0.1", "1", "true"],
     ] {
-        let mut cmd = dial();
-        cmd.args(args).stdin(Stdio::null());
-        let ran = util::run(&mut cmd, LIMIT);
-        ran.expect_code(100);
+        let ran = run_dial(args, 100);
         assert!(
             ran.stderr_text().contains("tcpsplice-dial: "),
             "{}",
@@ -1134,10 +1128,9 @@ fn usage_errors_exit_100() {
 #[test]
 fn exec_failure_exits_127() {
     let (l, addr) = util::listener();
-    let mut cmd = dial();
-    cmd.args(["127.0.0.1", &addr.port().to_string(), "/nonexistent/prog"])
-        .stdin(Stdio::null());
-    let ran = util::run(&mut cmd, LIMIT);
-    ran.expect_code(127);
+    run_dial(
+        ["127.0.0.1", &addr.port().to_string(), "/nonexistent/prog"],
+        127,
+    );
     assert!(has_connection(&l), "exec was tried before connecting");
 }
