@@ -1,8 +1,31 @@
 //! Parsing of option values shared by the programs. Every parse error is a usage error
 //! (exit 100) reported by the caller with the option's name.
 
+use std::ffi::OsString;
 use std::os::unix::io::RawFd;
 use std::time::Duration;
+
+/// An option table in the suite's style: options stop at the first non-option argument,
+/// so the next program's options pass through untouched, and `-h` asks for the usage.
+pub fn options() -> getopts::Options {
+    let mut o = getopts::Options::new();
+    o.parsing_style(getopts::ParsingStyle::StopAtFirstFree);
+    o.optflag("h", "", "help");
+    o
+}
+
+/// Parses `argv` with `o`: a bad option exits 100 with the usage, `-h` prints it and
+/// exits 0.
+pub fn parse(o: &getopts::Options, argv: &[OsString], usage: &str) -> getopts::Matches {
+    let m = match o.parse(argv) {
+        Ok(m) => m,
+        Err(e) => crate::diag::usage(&format!("{e}: {usage}")),
+    };
+    if m.opt_present("h") {
+        crate::diag::help(&format!("usage: {usage}\n"));
+    }
+    m
+}
 
 /// Seconds, fractions allowed (`2`, `0.5`, `1.25`): a timeout. Zero means "off" to the
 /// callers that allow it.

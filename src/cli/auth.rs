@@ -21,9 +21,7 @@ pub fn main(argv: Vec<OsString>) -> ! {
     // The users file and the handshake must not outlive us: always exec for real.
     chain::allow_in_process(false);
     sys::signal_ignore(libc::SIGPIPE, true);
-    let mut o = getopts::Options::new();
-    o.parsing_style(getopts::ParsingStyle::StopAtFirstFree);
-    o.optflag("h", "", "help");
+    let mut o = args::options();
     o.optflag("H", "", "print a hash of the password read on stdin");
     o.optflag("n", "", "allow clients without credentials");
     o.optopt("f", "", "users file", "FILE");
@@ -33,13 +31,7 @@ pub fn main(argv: Vec<OsString>) -> ! {
     o.optopt("d", "", "delay before a failed login's answer", "SECONDS");
     o.optopt("T", "", "checkpassword timeout", "SECONDS");
     o.optopt("m", "", "largest HTTP request head", "BYTES");
-    let m = match o.parse(&argv) {
-        Ok(m) => m,
-        Err(e) => diag::usage(&format!("{e}: {USAGE}")),
-    };
-    if m.opt_present("h") {
-        diag::help(&format!("usage: {USAGE}\n"));
-    }
+    let m = args::parse(&o, &argv, USAGE);
     if m.opt_present("H") {
         print_hash();
     }

@@ -28,9 +28,7 @@ pub fn main(argv: Vec<OsString>) -> ! {
     // Nothing here is secret: the next link may continue in this process.
     chain::allow_in_process(true);
     sys::signal_ignore(libc::SIGPIPE, true);
-    let mut o = getopts::Options::new();
-    o.parsing_style(getopts::ParsingStyle::StopAtFirstFree);
-    o.optflag("h", "", "help");
+    let mut o = args::options();
     o.optflag("4", "", "IPv4 only");
     o.optflag("6", "", "IPv6 only");
     o.optflag("D", "", "TCP_NODELAY");
@@ -39,13 +37,7 @@ pub fn main(argv: Vec<OsString>) -> ! {
     o.optopt("t", "", "connect timeout", "SECONDS");
     o.optopt("s", "", "source address", "ADDR");
     o.optopt("p", "", "send a PROXY protocol header", "1|2");
-    let m = match o.parse(&argv) {
-        Ok(m) => m,
-        Err(e) => diag::usage(&format!("{e}: {USAGE}")),
-    };
-    if m.opt_present("h") {
-        diag::help(&format!("usage: {USAGE}\n"));
-    }
+    let m = args::parse(&o, &argv, USAGE);
     let family = match (m.opt_present("4"), m.opt_present("6")) {
         (true, true) => diag::usage("-4 and -6 exclude each other"),
         (true, false) => Family::V4,

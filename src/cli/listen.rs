@@ -17,9 +17,7 @@ pub fn main(argv: Vec<OsString>) -> ! {
     // A forked child holds nothing secret: the first link may continue in it.
     chain::allow_in_process(true);
     listen::ensure_std_fds();
-    let mut o = getopts::Options::new();
-    o.parsing_style(getopts::ParsingStyle::StopAtFirstFree);
-    o.optflag("h", "", "help");
+    let mut o = args::options();
     o.optflag("1", "", "print the bound port on stdout");
     o.optflag("D", "", "set TCP_NODELAY on every connection");
     o.optflag("q", "", "no per-connection log lines");
@@ -29,13 +27,7 @@ pub fn main(argv: Vec<OsString>) -> ! {
     o.optopt("u", "", "run as this user (name or uid)", "USER");
     o.optopt("g", "", "run as this group (name or gid)", "GROUP");
     o.optflag("U", "", "run as $UID and $GID");
-    let m = match o.parse(&argv) {
-        Ok(m) => m,
-        Err(e) => diag::usage(&format!("{e}: {USAGE}")),
-    };
-    if m.opt_present("h") {
-        diag::help(&format!("usage: {USAGE}\n"));
-    }
+    let m = args::parse(&o, &argv, USAGE);
     if m.free.len() < 3 {
         diag::usage(USAGE);
     }

@@ -12,9 +12,7 @@ const USAGE: &str =
 pub fn main(argv: Vec<OsString>) -> ! {
     diag::init("tcpsplice");
     sys::signal_ignore(libc::SIGPIPE, true);
-    let mut o = getopts::Options::new();
-    o.parsing_style(getopts::ParsingStyle::StopAtFirstFree);
-    o.optflag("h", "", "help");
+    let mut o = args::options();
     o.optflag("c", "", "copy through user space, never splice");
     o.optflag("q", "", "no log line at the end");
     o.optopt("t", "", "idle timeout", "SECONDS");
@@ -24,13 +22,7 @@ pub fn main(argv: Vec<OsString>) -> ! {
     o.optopt("W", "", "write to the client on FD", "FD");
     o.optopt("r", "", "read the target from FD", "FD");
     o.optopt("w", "", "write to the target on FD", "FD");
-    let m = match o.parse(&argv) {
-        Ok(m) => m,
-        Err(e) => diag::usage(&format!("{e}: {USAGE}")),
-    };
-    if m.opt_present("h") {
-        diag::help(&format!("usage: {USAGE}\n"));
-    }
+    let m = args::parse(&o, &argv, USAGE);
     if !m.free.is_empty() {
         diag::usage(USAGE);
     }
