@@ -402,6 +402,9 @@ impl Dir {
             return Ok(moved);
         }
         let mut read_any = false;
+        // A read that came back short (or EAGAIN) drained the source for now: asking
+        // again before poll says more has come would only earn an EAGAIN.
+        let mut src_dry = false;
         for _ in 0..MAX_ROUNDS {
             let mut progress = self.flush_buf()?;
             if self.bend > self.bstart {
@@ -409,7 +412,7 @@ impl Dir {
             }
             match self.path {
                 Path::Copy => {
-                    if !self.eof {
+                    if !self.eof && !src_dry {
                         if self.buf.len() < COPY_BUF {
                             self.buf.resize(COPY_BUF, 0);
                         }
@@ -422,15 +425,16 @@ impl Dir {
                                 self.bstart = 0;
                                 self.bend = n;
                                 progress = true;
+                                src_dry = n < self.buf.len();
                             }
-                            Err(e) if is_again(&e) => {}
+                            Err(e) if is_again(&e) => src_dry = true,
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
                             Err(e) => return Err(self.read_err(e)),
                         }
                     }
                 }
                 Path::Direct => {
-                    if !self.eof {
+                    if !self.eof && !src_dry {
                         match sys::splice(self.src, self.dst, DIRECT_CHUNK) {
                             Ok(0) => {
                                 self.eof = true;
@@ -442,8 +446,10 @@ impl Dir {
                                 progress = true;
                                 read_any = true;
                                 self.wait_dst = false;
+                                src_dry = n < DIRECT_CHUNK;
                             }
                             Err(e) if is_again(&e) => {
+                                src_dry = true;
                                 if !read_any {
                                     self.stuck_src |= src_ready;
                                     self.stuck_dst |= dst_ready;
@@ -495,13 +501,15 @@ impl Dir {
                             Err(e) => return Err(self.write_err(e)),
                         }
                     }
-                    if !self.eof && self.in_pipe < cap {
-                        match sys::splice(self.src, w, cap - self.in_pipe) {
+                    if !self.eof && !src_dry && self.in_pipe < cap {
+                        let want = cap - self.in_pipe;
+                        match sys::splice(self.src, w, want) {
                             Ok(0) => {
                                 self.eof = true;
                                 progress = true;
                             }
                             Ok(n) => {
+                                src_dry = n < want;
                                 self.in_pipe += n;
                                 self.spliced_in = true;
                                 progress = true;
@@ -511,6 +519,7 @@ impl Dir {
                                 }
                             }
                             Err(e) if is_again(&e) => {
+                                src_dry = true;
                                 if self.in_pipe > 0 {
                                     self.src_blocked = true;
                                 } else if src_ready && !read_any {

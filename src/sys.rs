@@ -68,15 +68,6 @@ pub fn fd_is_open(fd: RawFd) -> bool {
     unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
 }
 
-/// Whether two fds refer to the same file (the same socket, pipe or tty), whether or not
-/// they share an open file description.
-pub fn same_file(a: RawFd, b: RawFd) -> bool {
-    match (fstat(a), fstat(b)) {
-        (Ok(x), Ok(y)) => x.st_dev == y.st_dev && x.st_ino == y.st_ino,
-        _ => false,
-    }
-}
-
 /// The file status flags of `fd` (O_NONBLOCK, O_APPEND, ...).
 pub fn get_fl(fd: RawFd) -> io::Result<libc::c_int> {
     // SAFETY: F_GETFL takes no pointer.
