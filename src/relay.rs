@@ -125,6 +125,9 @@ pub struct Outcome {
     /// The path each direction ended on: "splice", "copy", ...
     pub up_path: &'static str,
     pub down_path: &'static str,
+    /// The largest pipe each direction had (0: none of its own).
+    pub up_pipe: usize,
+    pub down_pipe: usize,
     pub elapsed: Duration,
 }
 
@@ -177,6 +180,8 @@ struct Dir {
     spliced_out: bool,
     /// The pipe size to grow to at the first burst; 0 once tried.
     grow_to: usize,
+    /// The largest size our pipe had, for the log line.
+    pipe_seen: usize,
     bytes: u64,
 }
 
@@ -224,6 +229,7 @@ impl Dir {
             spliced_in: false,
             spliced_out: false,
             grow_to: cfg.pipe_size,
+            pipe_seen: 0,
             bytes: 0,
         };
         if cfg.copy_only {
@@ -242,6 +248,7 @@ impl Dir {
                 d.fall_back_to_copy();
             } else {
                 d.path = Path::Piped { r, w, cap };
+                d.pipe_seen = cap;
             }
         }
         Ok(d)
@@ -284,6 +291,7 @@ impl Dir {
         if let Path::Piped { w, ref mut cap, .. } = self.path {
             let got = sys::pipe_resize(w, self.grow_to);
             *cap = (*cap).max(got);
+            self.pipe_seen = *cap;
         }
         self.grow_to = 0;
     }
@@ -873,6 +881,8 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
         down: dirs[1].bytes,
         up_path: dirs[0].path_name_final(),
         down_path: dirs[1].path_name_final(),
+        up_pipe: dirs[0].pipe_seen,
+        down_pipe: dirs[1].pipe_seen,
         elapsed: start.elapsed(),
         end,
     })

@@ -69,7 +69,7 @@ pub fn main(argv: Vec<OsString>) -> ! {
     if !m.opt_present("q") {
         let user = std::env::var("TCPSPLICE_USER").unwrap_or_else(|_| "-".into());
         diag::info(&format!(
-            "end client={} user={} target={} up={} down={} secs={:.3} path={}/{} how={}",
+            "end client={} user={} target={} up={} down={} secs={:.3} path={}/{} pipes={}/{} how={}",
             conninfo::client().unwrap_or_else(|| "-".into()),
             user,
             conninfo::target().unwrap_or_else(|| "-".into()),
@@ -78,6 +78,8 @@ pub fn main(argv: Vec<OsString>) -> ! {
             out.elapsed.as_secs_f64(),
             out.up_path,
             out.down_path,
+            out.up_pipe,
+            out.down_pipe,
             out.end.describe(),
         ));
     }

@@ -747,3 +747,31 @@ fn a_vanished_stdout_reader_is_an_error_not_a_sigpipe_death() {
         ran.show()
     );
 }
+
+#[test]
+fn a_bulk_direction_grows_its_pipe_and_a_quiet_one_keeps_the_default() {
+    let r = Relay::start(&[]);
+    let mut c_w = r.client.try_clone().unwrap();
+    let mut t_w = r.target.try_clone().unwrap();
+    let mut c_r = r.client.try_clone().unwrap();
+    let mut t_r = r.target.try_clone().unwrap();
+    let bulk = thread::spawn(move || {
+        let h = util::send_pattern(&mut c_w, 13, 16 << 20).unwrap();
+        c_w.shutdown(Shutdown::Write).unwrap();
+        h
+    });
+    let got = util::recv_hash(&mut t_r).unwrap();
+    t_w.write_all(b"ok").unwrap();
+    t_w.shutdown(Shutdown::Write).unwrap();
+    let back = util::recv_hash(&mut c_r).unwrap();
+    assert_eq!(bulk.join().unwrap(), got);
+    assert_eq!(back, util::hash_of(b"ok"));
+    let ran = r.finish();
+    ran.expect_code(0);
+    // 1 MiB is the default -p; 64 KiB the kernel's default pipe, never grown for 2 bytes.
+    assert!(
+        ran.stderr_text().contains("pipes=1048576/65536"),
+        "{}",
+        ran.show()
+    );
+}
