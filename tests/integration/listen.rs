@@ -130,23 +130,17 @@ impl Server {
     }
 
     /// Waits (bounded) for the listener to exit.
+    /// Waits (bounded) for the listener to exit, then for its log to be read whole.
     fn wait(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("already waited");
-        match util::wait_timeout(&mut child, LIMIT) {
+        let status = match util::wait_timeout(&mut child, LIMIT) {
             Some(s) => s,
             None => {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!("listener did not exit{}", self.show());
             }
-        }
-    }
-
-    /// SIGTERM, then the exit status, which must be 0, and the whole log.
-    fn stop(mut self) -> String {
-        self.signal(libc::SIGTERM);
-        let st = self.wait();
-        assert_eq!(st.code(), Some(0), "exit status {st:?}{}", self.show());
+        };
         // Every line is in the pipe once the server is gone; wait (bounded) until the
         // reader has it all, i.e. until end of file unless a child still holds stderr.
         if let Some(h) = self.log_reader.take() {
@@ -155,6 +149,14 @@ impl Server {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
+        status
+    }
+
+    /// SIGTERM, then the exit status, which must be 0, and the whole log.
+    fn stop(mut self) -> String {
+        self.signal(libc::SIGTERM);
+        let st = self.wait();
+        assert_eq!(st.code(), Some(0), "exit status {st:?}{}", self.show());
         self.log()
     }
 }
