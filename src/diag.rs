@@ -74,14 +74,26 @@ fn sinks() -> Sinks {
         };
         let stderr = stderr && stderr_is_safe();
         if syslog {
-            // openlog keeps the pointer: the ident must live for the whole process.
-            let ident = CString::new(prog()).unwrap_or_default();
-            let ident: &'static CString = Box::leak(Box::new(ident));
+            let ident = syslog_ident(prog());
             // SAFETY: ident is a leaked, NUL-terminated string that outlives every call.
             unsafe { libc::openlog(ident.as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
         }
         Sinks { syslog, stderr }
     })
+}
+
+/// openlog keeps the pointer it is given, so the ident must live for the whole process;
+/// one per program name, since a reused connection process names itself again for every
+/// connection.
+fn syslog_ident(prog: &'static str) -> &'static CString {
+    static IDENTS: Mutex<Vec<(&'static str, &'static CString)>> = Mutex::new(Vec::new());
+    let mut idents = IDENTS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(&(_, ident)) = idents.iter().find(|(p, _)| *p == prog) {
+        return ident;
+    }
+    let ident: &'static CString = Box::leak(Box::new(CString::new(prog).unwrap_or_default()));
+    idents.push((prog, ident));
+    ident
 }
 
 fn emit(priority: libc::c_int, kind: &str, msg: &str) {
