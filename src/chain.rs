@@ -9,9 +9,14 @@
 //! and the connection is spared the exec. On a VM where a page fault costs ~9 µs, the
 //! exec of a small dynamically linked program costs ~0.7 ms of CPU, more than
 //! everything else a short connection does. `TCPSPLICE_EXEC=always` turns this off.
+//!
+//! A sibling run in-process returns its exit status to the caller of [`exec`] at a
+//! normal end, which lets tcpsplice-listen's connection process serve the next
+//! connection (see `worker`).
 
 use std::ffi::{CString, OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -28,7 +33,27 @@ pub fn allow_in_process(on: bool) {
     IN_PROCESS.store(on, Ordering::Relaxed);
 }
 
-type Entry = fn(Vec<OsString>) -> !;
+/// Descriptors of the process that runs the chain, which a sibling continuing in it
+/// must neither inherit nor close (tcpsplice-listen's channel to its connection process).
+static RESERVED: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+
+/// Reserves `fds` for the process that runs the chain: [`exec`] keeps them open for a
+/// sibling continuing in-process (a real exec closes them, they are close-on-exec), and
+/// [`is_reserved`] tells the sibling they are not its own.
+pub fn reserve_fds(fds: &[RawFd]) {
+    *RESERVED.lock().unwrap_or_else(|e| e.into_inner()) = fds.to_vec();
+}
+
+/// Whether `fd` belongs to the process running the chain rather than to the program:
+/// a program told to use it must treat it as not open, as it would be after an exec.
+pub fn is_reserved(fd: RawFd) -> bool {
+    RESERVED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&fd)
+}
+
+type Entry = fn(Vec<OsString>) -> i32;
 type Sibling = Option<(&'static str, Entry)>;
 
 /// What [`sibling`] found for each program name asked about. tcpsplice-listen fills it
@@ -43,22 +68,33 @@ pub fn resolve_ahead(argv: &[OsString]) {
     }
 }
 
+/// Whether [`exec`] of `prog` would continue in this process and could come back: not
+/// for tcpsplice-auth, which always execs its successor for real.
+pub fn may_return(prog: &OsStr) -> bool {
+    IN_PROCESS.load(Ordering::Relaxed)
+        && !exec_always()
+        && sibling(prog).is_some_and(|(name, _)| name != "tcpsplice-auth")
+}
+
+fn exec_always() -> bool {
+    matches!(std::env::var_os("TCPSPLICE_EXEC"), Some(v) if v == "always")
+}
+
 /// Execs `argv` (searching PATH for `argv[0]`) with SIGPIPE back at its default and no
 /// signal blocked, as the next program expects to inherit them (a signal mask survives
-/// exec, and a signalfd user blocks what it reads). Never returns: a failure exits 127
-/// when the program was not found and 126 otherwise.
-pub fn exec(argv: &[OsString]) -> ! {
+/// exec, and a signalfd user blocks what it reads). A failure exits 127 when the program
+/// was not found and 126 otherwise. Returns only when a sibling ran in this process and
+/// ended normally: with the exit status it asks for.
+pub fn exec(argv: &[OsString]) -> i32 {
     let Some(first) = argv.first() else {
         diag::die(exit::USAGE, "no program to run");
     };
     sys::signal_ignore(libc::SIGPIPE, false);
     sys::unblock_all_signals();
-    if IN_PROCESS.load(Ordering::Relaxed)
-        && !matches!(std::env::var_os("TCPSPLICE_EXEC"), Some(v) if v == "always")
-    {
+    if IN_PROCESS.load(Ordering::Relaxed) && !exec_always() {
         if let Some((name, entry)) = sibling(first) {
             become_sibling(name);
-            entry(argv[1..].to_vec());
+            return entry(argv[1..].to_vec());
         }
     }
     let cargs: Result<Vec<CString>, _> = argv
@@ -136,10 +172,10 @@ fn is_executable(p: &Path) -> bool {
 /// Leaves the process as an exec would have: descriptors marked close-on-exec closed
 /// (a listening socket, a signalfd), and the new name in ps and top.
 fn become_sibling(name: &'static str) {
-    sys::close_cloexec_fds();
+    let reserved = RESERVED.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    sys::close_cloexec_fds(&reserved);
     if let Ok(c) = CString::new(name) {
-        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
-        unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr()) };
+        sys::set_process_name(&c);
     }
     diag::init(name);
 }

@@ -400,7 +400,7 @@ impl Dial<'_> {
         peer: SocketAddr,
         client: Option<SocketAddr>,
         client_local: Option<SocketAddr>,
-    ) -> ! {
+    ) -> i32 {
         let fd = sock.as_raw_fd();
         if let Some(v) = self.cfg.proxy {
             let header = if v == 1 {
@@ -455,8 +455,8 @@ impl Dial<'_> {
     }
 }
 
-/// Does the whole job and execs `cfg.prog`; never returns.
-pub fn run(cfg: &Config) -> ! {
+/// Does the whole job and execs `cfg.prog`; returns only what [`chain::exec`] returns.
+pub fn run(cfg: &Config) -> i32 {
     let style = match Style::parse(&std::env::var(REPLY_VAR).unwrap_or_default()) {
         Ok(s) => s,
         Err(e) => diag::die(exit::USAGE, &e),

@@ -18,8 +18,9 @@
 //! - tcpsplice-auth's: [`handshake`] (protocol detection, the request, the environment),
 //!   [`socks5`], [`socks4`], [`httpconnect`], [`users`] (the users file), [`password`]
 //!   (hash formats, verification) and [`checkpassword`] (delegating the check);
-//! - [`listen`], [`listensock`], [`privdrop`]: tcpsplice-listen's supervisor loop, its
-//!   listening sockets (bound or from systemd) and its drop of privileges.
+//! - [`listen`], [`worker`], [`listensock`], [`privdrop`]: tcpsplice-listen's supervisor
+//!   loop, its reused connection processes, its listening sockets (bound or from
+//!   systemd) and its drop of privileges.
 
 pub mod args;
 pub mod chain;
@@ -44,3 +45,4 @@ pub mod socks4;
 pub mod socks5;
 pub mod sys;
 pub mod users;
+pub mod worker;

@@ -6,6 +6,11 @@
 //! global limit new clients wait in the kernel's backlog instead of being accepted and
 //! dropped. Between accept and exec the parent only forks and closes; the child does
 //! the rest (descriptors, environment, signal mask) and execs.
+//!
+//! When PROG... continues in the forked process (our own chain, see `chain`), that
+//! process is reused for up to `-r` connections, one after another (see `worker`): the
+//! supervisor hands an accepted socket to an idle one if it has one, and forks only
+//! when it has none. Limits count connections, not processes.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -14,7 +19,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::unix::io::RawFd;
 use std::time::{Duration, Instant};
 
-use crate::{chain, conninfo, diag, exit, listensock, sys};
+use crate::{chain, conninfo, diag, exit, listensock, sys, worker};
 
 /// How long accepting pauses after the process or system ran out of descriptors or
 /// memory, or could not fork: long enough not to spin, short enough to catch up.
@@ -22,6 +27,10 @@ const PAUSE: Duration = Duration::from_millis(100);
 
 /// The longest a poll waits: a safety net for reaping, not a deadline.
 const TICK: Duration = Duration::from_secs(1);
+
+/// How long a connection process may wait for its next connection before it is let go:
+/// a burst leaves no crowd of idle processes behind for long.
+const IDLE_MAX: Duration = Duration::from_secs(10);
 
 /// Most connections accepted from one listener per wakeup, so signals and the other
 /// listeners get their turn under a flood.
@@ -50,6 +59,9 @@ pub struct Config {
     pub nodelay: bool,
     /// No per-connection log lines (`-q`).
     pub quiet: bool,
+    /// Most connections one process serves one after another (`-r`), when PROG... runs
+    /// in it without an exec; 1 forks a process for every connection.
+    pub max_use: usize,
     /// The program to run per connection and its arguments.
     pub prog: Vec<OsString>,
 }
@@ -60,11 +72,36 @@ struct Conn {
     start: Instant,
 }
 
+/// A connection process.
+struct Child {
+    /// The connection it serves; None while it waits for the next one.
+    conn: Option<Conn>,
+    /// Our end of its socketpair while it may be given connections (reuse only).
+    chan: Option<RawFd>,
+    /// Our copy of the socket handed to it over the socketpair, kept until it says it
+    /// took it: if it dies first, the connection goes to another process.
+    pending: Option<RawFd>,
+    /// When it last finished a connection.
+    idle_since: Instant,
+}
+
+/// The shared pipe on which reused connection processes report ended connections.
+struct Done {
+    read: RawFd,
+    write: RawFd,
+}
+
 struct Supervisor<'a> {
     cfg: &'a Config,
     listeners: Vec<RawFd>,
     signals: sys::SignalFd,
-    children: HashMap<libc::pid_t, Conn>,
+    children: HashMap<libc::pid_t, Child>,
+    /// Connections being served (children with a connection).
+    busy: usize,
+    /// Children waiting for a connection, the longest waiting first.
+    idle: Vec<libc::pid_t>,
+    /// Set when connection processes are reused.
+    done: Option<Done>,
     per_ip: HashMap<IpAddr, usize>,
     /// Accepting is paused until then (out of fds, memory or processes).
     paused_until: Option<Instant>,
@@ -106,10 +143,29 @@ fn show(addr: &SocketAddr) -> String {
     conninfo::join_host_port(&conninfo::ip_text(addr.ip()), &addr.port().to_string())
 }
 
+/// Whether connection processes can be reused: PROG... must continue in the forked
+/// process and be able to come back to it, as our own forwarding chain does.
+fn reusable(cfg: &Config) -> bool {
+    cfg.max_use > 1 && cfg.prog.first().is_some_and(|p| chain::may_return(p))
+}
+
+fn done_pipe() -> io::Result<Done> {
+    let mut fds = [-1; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we own.
+    sys::cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // Only our end is non-blocking: a child reporting to a full pipe waits its turn.
+    sys::set_nonblocking(fds[0], true)?;
+    Ok(Done {
+        read: fds[0],
+        write: fds[1],
+    })
+}
+
 /// Serves connections on `listeners` until stopped by signals; exits the process.
-/// `ready` runs once everything is set up, just before the first poll: whoever waits for
+/// `ready` runs once everything is set up, just before the first poll, with the number
+/// of connections a process serves (1 when processes are not reused): whoever waits for
 /// the port it prints may then count on a complete supervisor.
-pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce()) -> ! {
+pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce(usize)) -> ! {
     // A client that vanishes must not kill the supervisor; children get SIGPIPE back
     // (chain::exec restores it).
     sys::signal_ignore(libc::SIGPIPE, true);
@@ -118,17 +174,29 @@ pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce()) -> ! {
             Ok(s) => s,
             Err(e) => diag::die_sys(exit::TEMP, "create a signalfd", &e),
         };
+    let done = if reusable(cfg) {
+        match done_pipe() {
+            Ok(d) => Some(d),
+            Err(e) => diag::die_sys(exit::TEMP, "create a pipe", &e),
+        }
+    } else {
+        None
+    };
+    let max_use = if done.is_some() { cfg.max_use } else { 1 };
     let mut sup = Supervisor {
         cfg,
         listeners,
         signals,
         children: HashMap::new(),
+        busy: 0,
+        idle: Vec::new(),
+        done,
         per_ip: HashMap::new(),
         paused_until: None,
         shortage_warned: false,
         stopping: false,
     };
-    ready();
+    ready(max_use);
     sup.run()
 }
 
@@ -146,12 +214,18 @@ impl Supervisor<'_> {
             if self.paused_until.is_some_and(|t| now >= t) {
                 self.paused_until = None;
             }
-            let accepting = !self.stopping
-                && self.paused_until.is_none()
-                && self.children.len() < self.cfg.max_conns;
+            let accepting =
+                !self.stopping && self.paused_until.is_none() && self.busy < self.cfg.max_conns;
             pfds.clear();
             pfds.push(libc::pollfd {
                 fd: self.signals.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            // Polled always, with a placeholder (-1, ignored by poll) when unused, so
+            // the listeners start at index 2.
+            pfds.push(libc::pollfd {
+                fd: self.done.as_ref().map_or(-1, |d| d.read),
                 events: libc::POLLIN,
                 revents: 0,
             });
@@ -172,10 +246,15 @@ impl Supervisor<'_> {
             if pfds[0].revents != 0 {
                 self.take_signals();
             }
+            // Before reaping: a child reports an end before it can exit.
+            if pfds[1].revents != 0 {
+                self.take_done();
+            }
             // Reaping on every wakeup costs one waitpid and makes a lost SIGCHLD harmless.
             self.reap();
+            self.let_go_idle(Instant::now());
             if accepting && !self.stopping {
-                for p in &pfds[1..] {
+                for p in &pfds[2..] {
                     if p.revents != 0 {
                         self.accept_from(p.fd);
                     }
@@ -202,10 +281,13 @@ impl Supervisor<'_> {
         for fd in self.listeners.drain(..) {
             sys::close(fd);
         }
+        for pid in std::mem::take(&mut self.idle) {
+            self.let_go(pid);
+        }
         if !self.cfg.quiet {
             diag::info(&format!(
                 "stopping: no longer accepting, waiting for {} connections",
-                self.children.len()
+                self.busy
             ));
         }
     }
@@ -224,7 +306,7 @@ impl Supervisor<'_> {
         if !self.cfg.quiet {
             diag::info(&format!(
                 "terminating: sent SIGTERM to {} connections",
-                self.children.len()
+                self.busy
             ));
         }
         std::process::exit(exit::OK)
@@ -240,32 +322,141 @@ impl Supervisor<'_> {
                 // fine to leave to the next wakeup.
                 return;
             }
-            let Some(conn) = self.children.remove(&pid) else {
+            // What it wrote before it exited is in the pipe by now: read it first, so
+            // a connection it took is not taken for one it never took.
+            if self.children.get(&pid).is_some_and(|c| c.pending.is_some()) {
+                self.take_done();
+            }
+            let Some(child) = self.children.remove(&pid) else {
                 continue;
             };
-            if let Some(n) = self.per_ip.get_mut(&conn.ip) {
-                *n -= 1;
-                if *n == 0 {
-                    self.per_ip.remove(&conn.ip);
+            if let Some(chan) = child.chan {
+                sys::close(chan);
+                self.idle.retain(|&p| p != pid);
+            }
+            let Some(conn) = child.conn else {
+                continue;
+            };
+            let how = if libc::WIFEXITED(status) {
+                format!("status={}", libc::WEXITSTATUS(status))
+            } else if libc::WIFSIGNALED(status) {
+                format!("signal={}", libc::WTERMSIG(status))
+            } else {
+                format!("wait={status}")
+            };
+            if let Some(fd) = child.pending {
+                diag::warn(&format!(
+                    "connection process pid={pid} ended ({how}) before it took client={}; \
+                     handing the connection on",
+                    show(&conn.client)
+                ));
+                if let Some(next) = self.dispatch(fd, conn.client) {
+                    self.log_accept(next, &conn.client);
+                    if let Some(c) = self.children.get_mut(&next) {
+                        c.conn = Some(conn);
+                    }
+                    continue;
                 }
             }
-            if !self.cfg.quiet {
-                let how = if libc::WIFEXITED(status) {
-                    format!("status={}", libc::WEXITSTATUS(status))
-                } else if libc::WIFSIGNALED(status) {
-                    format!("signal={}", libc::WTERMSIG(status))
-                } else {
-                    format!("wait={status}")
-                };
-                diag::info(&format!(
-                    "end pid={pid} client={} {how} secs={:.3} count={}/{}",
-                    show(&conn.client),
-                    conn.start.elapsed().as_secs_f64(),
-                    self.children.len(),
-                    self.cfg.max_conns
-                ));
+            self.ended(pid, conn, &how);
+        }
+    }
+
+    /// Books the end of the connection `pid` served, and logs it.
+    fn ended(&mut self, pid: libc::pid_t, conn: Conn, how: &str) {
+        self.busy -= 1;
+        if let Some(n) = self.per_ip.get_mut(&conn.ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&conn.ip);
             }
         }
+        if !self.cfg.quiet {
+            diag::info(&format!(
+                "end pid={pid} client={} {how} secs={:.3} count={}/{}",
+                show(&conn.client),
+                conn.start.elapsed().as_secs_f64(),
+                self.busy,
+                self.cfg.max_conns
+            ));
+        }
+    }
+
+    /// Reads the ends reported by reused children; each becomes idle.
+    fn take_done(&mut self) {
+        let Some(fd) = self.done.as_ref().map(|d| d.read) else {
+            return;
+        };
+        let mut buf = [0u8; 64 * worker::DONE_SIZE];
+        loop {
+            // Every report is one atomic write of DONE_SIZE bytes, so a read returns
+            // whole reports.
+            let n = match sys::read(fd, &mut buf) {
+                Ok(n) if n > 0 => n,
+                _ => return,
+            };
+            let now = Instant::now();
+            for m in buf[..n].chunks_exact(worker::DONE_SIZE) {
+                let Some((pid, code)) = worker::parse_done(m) else {
+                    continue;
+                };
+                let Some(child) = self.children.get_mut(&pid) else {
+                    continue;
+                };
+                if let Some(fd) = child.pending.take() {
+                    sys::close(fd);
+                }
+                if code == worker::TOOK {
+                    continue;
+                }
+                let Some(conn) = child.conn.take() else {
+                    continue;
+                };
+                self.ended(pid, conn, &format!("status={code}"));
+                if self.stopping {
+                    self.let_go(pid);
+                } else if let Some(c) = self.children.get_mut(&pid) {
+                    c.idle_since = now;
+                    self.idle.push(pid);
+                }
+            }
+        }
+    }
+
+    /// Closes our end of the socketpair of child `pid`, which then exits (it sees end of
+    /// file) unless it is serving a connection: then it exits after it.
+    fn let_go(&mut self, pid: libc::pid_t) {
+        if let Some(chan) = self.children.get_mut(&pid).and_then(|c| c.chan.take()) {
+            sys::close(chan);
+        }
+    }
+
+    /// Lets go of the children idle for longer than IDLE_MAX.
+    fn let_go_idle(&mut self, now: Instant) {
+        while let Some(&pid) = self.idle.first() {
+            let since = self.children.get(&pid).map(|c| c.idle_since);
+            if since.is_some_and(|t| now.duration_since(t) < IDLE_MAX) {
+                return;
+            }
+            self.idle.remove(0);
+            self.let_go(pid);
+        }
+    }
+
+    /// Gives the connection to the child that finished last, if any is idle; returns it.
+    fn hand_to_idle(&mut self, fd: RawFd, client: &SocketAddr) -> Option<libc::pid_t> {
+        let text = client.to_string();
+        while let Some(pid) = self.idle.pop() {
+            let Some(chan) = self.children.get(&pid).and_then(|c| c.chan) else {
+                continue;
+            };
+            match sys::send_fd(chan, fd, text.as_bytes()) {
+                Ok(()) => return Some(pid),
+                // Gone (not reaped yet) or not listening: not to be used again.
+                Err(_) => self.let_go(pid),
+            }
+        }
+        None
     }
 
     fn pause(&mut self, what: &str, e: &io::Error) {
@@ -282,7 +473,7 @@ impl Supervisor<'_> {
 
     fn accept_from(&mut self, lfd: RawFd) {
         for _ in 0..BATCH {
-            if self.children.len() >= self.cfg.max_conns || self.paused_until.is_some() {
+            if self.busy >= self.cfg.max_conns || self.paused_until.is_some() {
                 return;
             }
             match listensock::accept(lfd) {
@@ -346,39 +537,111 @@ impl Supervisor<'_> {
                 return;
             }
         }
-        // SAFETY: the supervisor is single-threaded, so the child is a complete copy
-        // and may run ordinary code until it execs.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            self.child(fd, client)
-        }
-        sys::close(fd);
-        if pid < 0 {
-            let e = io::Error::last_os_error();
-            self.pause("fork", &e);
+        let Some(pid) = self.dispatch(fd, client) else {
             return;
-        }
-        self.children.insert(
-            pid,
-            Conn {
+        };
+        if let Some(c) = self.children.get_mut(&pid) {
+            c.conn = Some(Conn {
                 client,
                 ip,
                 start: Instant::now(),
-            },
-        );
+            });
+        }
+        self.busy += 1;
         *self.per_ip.entry(ip).or_insert(0) += 1;
+        self.log_accept(pid, &client);
+    }
+
+    fn log_accept(&self, pid: libc::pid_t, client: &SocketAddr) {
         if !self.cfg.quiet {
             diag::info(&format!(
                 "accept pid={pid} client={} count={}/{}",
-                show(&client),
-                self.children.len(),
+                show(client),
+                self.busy,
                 self.cfg.max_conns
             ));
         }
     }
 
+    /// Gives the connection on `fd` to an idle child, or else to a new one; returns the
+    /// child, or None when none could be had (the connection is closed, accepting pauses).
+    fn dispatch(&mut self, fd: RawFd, client: SocketAddr) -> Option<libc::pid_t> {
+        if let Some(pid) = self.hand_to_idle(fd, &client) {
+            if let Some(c) = self.children.get_mut(&pid) {
+                c.pending = Some(fd);
+            }
+            return Some(pid);
+        }
+        match self.fork_child(fd, client) {
+            Ok(pid) => Some(pid),
+            Err((what, e)) => {
+                self.pause(what, &e);
+                None
+            }
+        }
+    }
+
+    /// Forks a child for the connection on `fd` (which is closed here) and books it
+    /// without a connection; the caller books the connection.
+    fn fork_child(
+        &mut self,
+        fd: RawFd,
+        client: SocketAddr,
+    ) -> Result<libc::pid_t, (&'static str, io::Error)> {
+        let pair = match &self.done {
+            Some(_) => match sys::seqpacket_pair() {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    sys::close(fd);
+                    return Err(("create a socketpair", e));
+                }
+            },
+            None => None,
+        };
+        // SAFETY: the supervisor is single-threaded, so the child is a complete copy
+        // and may run ordinary code until it execs.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            match (pair, &self.done) {
+                (Some((ours, theirs)), Some(done)) => {
+                    sys::close(ours);
+                    worker::run(
+                        theirs,
+                        done.write,
+                        self.cfg.max_use,
+                        (fd, client),
+                        |fd, c| self.serve_one(fd, c),
+                    )
+                }
+                _ => std::process::exit(self.serve_one(fd, client)),
+            }
+        }
+        sys::close(fd);
+        if let Some((_, theirs)) = pair {
+            sys::close(theirs);
+        }
+        if pid < 0 {
+            let e = io::Error::last_os_error();
+            if let Some((ours, _)) = pair {
+                sys::close(ours);
+            }
+            return Err(("fork", e));
+        }
+        self.children.insert(
+            pid,
+            Child {
+                conn: None,
+                chan: pair.map(|(ours, _)| ours),
+                pending: None,
+                idle_since: Instant::now(),
+            },
+        );
+        Ok(pid)
+    }
+
     /// In the child: the socket onto 0 and 1, the environment, default signals, exec.
-    fn child(&self, fd: RawFd, client: SocketAddr) -> ! {
+    /// Returns only when PROG... ran in this process and ended normally.
+    fn serve_one(&self, fd: RawFd, client: SocketAddr) -> i32 {
         if let Err(e) = sys::fd_copy(0, fd).and_then(|()| sys::fd_copy(1, fd)) {
             diag::die_sys(exit::TEMP, "move the connection to fds 0 and 1", &e);
         }

@@ -427,10 +427,11 @@ pub fn signal_ignore(sig: libc::c_int, ignore: bool) {
     unsafe { libc::signal(sig, handler) };
 }
 
-/// Closes every descriptor marked close-on-exec, as an exec would. Reads /proc/self/fd
-/// with getdents64 into a stack buffer: after a fork every page the child writes costs a
-/// copy-on-write fault, so this path allocates nothing.
-pub fn close_cloexec_fds() {
+/// Calls `f` with every open descriptor of this process, by reading /proc/self/fd with
+/// getdents64 into a stack buffer: after a fork every page the child writes costs a
+/// copy-on-write fault, so this path allocates nothing. `f` may close the descriptor it
+/// is given: /proc lists descriptors by number, so the listing goes on undisturbed.
+fn for_each_open_fd(mut f: impl FnMut(RawFd)) {
     // SAFETY: a constant NUL-terminated path.
     let dir = unsafe {
         libc::open(
@@ -460,18 +461,158 @@ pub fn close_cloexec_fds() {
             let fd = std::str::from_utf8(&name[..end])
                 .ok()
                 .and_then(|t| t.parse::<RawFd>().ok());
-            // /proc lists descriptors by number, so closing one while reading is safe.
             if let Some(fd) = fd.filter(|&fd| fd != dir) {
-                // SAFETY: F_GETFD only reads the descriptor table.
-                let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-                if flags >= 0 && flags & libc::FD_CLOEXEC != 0 {
-                    close(fd);
-                }
+                f(fd);
             }
             off += reclen;
         }
     }
     close(dir);
+}
+
+fn is_cloexec(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only reads the descriptor table.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    flags >= 0 && flags & libc::FD_CLOEXEC != 0
+}
+
+/// Closes every descriptor marked close-on-exec, as an exec would, except those in `keep`.
+pub fn close_cloexec_fds(keep: &[RawFd]) {
+    for_each_open_fd(|fd| {
+        if !keep.contains(&fd) && is_cloexec(fd) {
+            close(fd);
+        }
+    });
+}
+
+/// Closes every descriptor from `min` up, except those in `keep`.
+pub fn close_fds_from(min: RawFd, keep: &[RawFd]) {
+    for_each_open_fd(|fd| {
+        if fd >= min && !keep.contains(&fd) {
+            close(fd);
+        }
+    });
+}
+
+/// The descriptors from `min` up that an exec would pass on (close-on-exec clear).
+pub fn inherited_fds(min: RawFd) -> Vec<RawFd> {
+    let mut found = Vec::new();
+    for_each_open_fd(|fd| {
+        if fd >= min && !is_cloexec(fd) {
+            found.push(fd);
+        }
+    });
+    found
+}
+
+/// A copy of `fd` at the lowest free number from `min` up, close-on-exec; `fd` is closed.
+pub fn fd_move_up(fd: RawFd, min: RawFd) -> io::Result<RawFd> {
+    // SAFETY: F_DUPFD_CLOEXEC takes an int and returns a new descriptor.
+    let new = cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) })?;
+    close(fd);
+    Ok(new)
+}
+
+/// A connected pair of AF_UNIX SOCK_SEQPACKET sockets, both close-on-exec: messages keep
+/// their bounds, and a peer that is gone shows as end of file or EPIPE.
+pub fn seqpacket_pair() -> io::Result<(RawFd, RawFd)> {
+    let mut fds = [-1; 2];
+    // SAFETY: socketpair writes two descriptors into the array we own.
+    cvt(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    Ok((fds[0], fds[1]))
+}
+
+/// Sends `data` with a copy of descriptor `fd` attached (SCM_RIGHTS) on the unix socket
+/// `sock`, without waiting: a peer that does not take it at once is not served.
+pub fn send_fd(sock: RawFd, fd: RawFd, data: &[u8]) -> io::Result<()> {
+    // u64 words keep the control buffer aligned for cmsghdr.
+    let mut control = [0u64; 4];
+    // SAFETY: CMSG_SPACE is arithmetic.
+    let space = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain data; the fields we need are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: msg_control points at `space` <= 32 aligned bytes we own, so the first
+    // header fits, and CMSG_DATA points inside it with room for one int.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+    }
+    // SAFETY: every pointer in msg refers to memory that lives across the call.
+    retry(|| cvt(unsafe { libc::sendmsg(sock, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) }))
+        .map(drop)
+}
+
+/// Waits for a message on the unix socket `sock` that carries a descriptor, as
+/// [`send_fd`] sends; returns the descriptor (close-on-exec) and the length of the data
+/// put in `buf`, or None at end of file.
+pub fn recv_fd(sock: RawFd, buf: &mut [u8]) -> io::Result<Option<(RawFd, usize)>> {
+    let mut control = [0u64; 4];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; the fields we need are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = size_of::<[u64; 4]>();
+    // SAFETY: the kernel writes at most iov_len bytes into buf and msg_controllen bytes
+    // into control, both ours.
+    let n = retry(|| cvt(unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) }))?;
+    let mut got = None;
+    // SAFETY: the kernel filled msg_control with msg_controllen bytes of well-formed
+    // headers; CMSG_FIRSTHDR/CMSG_NXTHDR stay inside them.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let count = ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / size_of::<RawFd>();
+                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                for i in 0..count {
+                    let fd = std::ptr::read_unaligned(data.add(i));
+                    if got.is_none() {
+                        got = Some(fd);
+                    } else {
+                        close(fd);
+                    }
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    match got {
+        Some(fd) => Ok(Some((fd, n as usize))),
+        None if n == 0 => Ok(None),
+        None => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a message without a descriptor",
+        )),
+    }
+}
+
+/// Sets the name ps and top show for this process (at most 15 bytes are kept).
+pub fn set_process_name(name: &CStr) {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
 }
 
 /// Empties the signal mask of the calling thread.

@@ -3,5 +3,7 @@
 //! command line (normally tcpsplice-dial). See man/tcpsplice-auth.1.
 
 fn main() {
-    tcpsplice::cli::auth::main(std::env::args_os().skip(1).collect())
+    std::process::exit(tcpsplice::cli::auth::main(
+        std::env::args_os().skip(1).collect(),
+    ))
 }

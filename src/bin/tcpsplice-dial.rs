@@ -2,5 +2,7 @@
 //! the rest of its command line. See man/tcpsplice-dial.1.
 
 fn main() {
-    tcpsplice::cli::dial::main(std::env::args_os().skip(1).collect())
+    std::process::exit(tcpsplice::cli::dial::main(
+        std::env::args_os().skip(1).collect(),
+    ))
 }

@@ -2,5 +2,7 @@
 //! have ended. See man/tcpsplice.1.
 
 fn main() {
-    tcpsplice::cli::splice::main(std::env::args_os().skip(1).collect())
+    std::process::exit(tcpsplice::cli::splice::main(
+        std::env::args_os().skip(1).collect(),
+    ))
 }

@@ -16,7 +16,7 @@ const USAGE: &str = "tcpsplice-auth [-n] [-f users | -c checkpassword] [-p socks
        tcpsplice-auth -H  (reads a password on stdin, prints its hash)";
 
 /// The program: `argv` is its command line without the program name.
-pub fn main(argv: Vec<OsString>) -> ! {
+pub fn main(argv: Vec<OsString>) -> i32 {
     diag::init("tcpsplice-auth");
     // The users file and the handshake must not outlive us: always exec for real.
     chain::allow_in_process(false);

@@ -22,8 +22,9 @@ fn parse_source(s: &str) -> Option<Source> {
     s.parse::<SocketAddr>().ok().map(Source::Addr)
 }
 
-/// The program: `argv` is its command line without the program name.
-pub fn main(argv: Vec<OsString>) -> ! {
+/// The program: `argv` is its command line without the program name. Returns only
+/// when the next program ran in this process and ended normally (see `chain`).
+pub fn main(argv: Vec<OsString>) -> i32 {
     diag::init("tcpsplice-dial");
     // Nothing here is secret: the next link may continue in this process.
     chain::allow_in_process(true);

@@ -9,7 +9,7 @@ use crate::privdrop;
 use crate::{args, chain, diag, exit, listensock, sys};
 
 const USAGE: &str = "tcpsplice-listen [-1Dhq] [-b backlog] [-c max] [-C max_per_ip] \
-                     [-u user] [-g group] [-U] HOST PORT PROG...";
+                     [-r max_use] [-u user] [-g group] [-U] HOST PORT PROG...";
 
 /// The program: `argv` is its command line without the program name.
 pub fn main(argv: Vec<OsString>) -> ! {
@@ -24,6 +24,7 @@ pub fn main(argv: Vec<OsString>) -> ! {
     o.optopt("b", "", "listen backlog", "N");
     o.optopt("c", "", "most connections at once", "N");
     o.optopt("C", "", "most connections at once per client IP", "N");
+    o.optopt("r", "", "most connections one process serves in turn", "N");
     o.optopt("u", "", "run as this user (name or uid)", "USER");
     o.optopt("g", "", "run as this group (name or gid)", "GROUP");
     o.optflag("U", "", "run as $UID and $GID");
@@ -40,6 +41,7 @@ pub fn main(argv: Vec<OsString>) -> ! {
     let backlog = num("b", 128, 1, 65535) as i32;
     let max_conns = num("c", 100, 1, 100_000);
     let max_per_ip = m.opt_present("C").then(|| num("C", 0, 1, 100_000));
+    let max_use = num("r", 100, 1, 1_000_000);
     // Looked up before binding, so that a typo fails before anything happens.
     let ids = privdrop::identity(
         m.opt_str("u").as_deref(),
@@ -105,10 +107,11 @@ pub fn main(argv: Vec<OsString>) -> ! {
         max_per_ip,
         nodelay: m.opt_present("D"),
         quiet: m.opt_present("q"),
+        max_use,
         prog,
     };
     let print_port = m.opt_present("1");
-    listen::serve(listeners, &cfg, || {
+    listen::serve(listeners, &cfg, |max_use| {
         if print_port {
             let text: String = bound.iter().map(|a| format!("{}\n", a.port())).collect();
             if let Err(e) = sys::write_all(1, text.as_bytes()) {
@@ -118,7 +121,7 @@ pub fn main(argv: Vec<OsString>) -> ! {
         if !cfg.quiet {
             let addrs: Vec<String> = bound.iter().map(|a| a.to_string()).collect();
             diag::info(&format!(
-                "listening on {} max={}{}",
+                "listening on {} max={}{} reuse={max_use}",
                 addrs.join(" "),
                 cfg.max_conns,
                 cfg.max_per_ip

@@ -1,15 +1,17 @@
 //! tcpsplice: moves bytes between two descriptor pairs with splice(2) until both streams
 //! have ended. See man/tcpsplice.1.
 
+use crate::relay::End;
 use crate::relay::{self, Config};
-use crate::{args, conninfo, diag, exit, sys};
+use crate::{args, chain, conninfo, diag, exit, sys};
 use std::ffi::OsString;
 
 const USAGE: &str =
     "tcpsplice [-cq] [-t idle] [-g grace] [-p pipesize] [-R fd] [-W fd] [-r fd] [-w fd]";
 
-/// The program: `argv` is its command line without the program name.
-pub fn main(argv: Vec<OsString>) -> ! {
+/// The program: `argv` is its command line without the program name. Returns the exit
+/// status at a normal end (see `chain`); a failure or a signal exits at once.
+pub fn main(argv: Vec<OsString>) -> i32 {
     diag::init("tcpsplice");
     sys::signal_ignore(libc::SIGPIPE, true);
     let mut o = args::options();
@@ -55,7 +57,7 @@ pub fn main(argv: Vec<OsString>) -> ! {
         copy_only: m.opt_present("c"),
     };
     for f in [cfg.client_in, cfg.client_out, cfg.target_in, cfg.target_out] {
-        if !sys::fd_is_open(f) {
+        if !sys::fd_is_open(f) || chain::is_reserved(f) {
             diag::die(
                 exit::USAGE,
                 &format!("unable to use fd {f}: it is not open"),
@@ -83,5 +85,9 @@ pub fn main(argv: Vec<OsString>) -> ! {
             out.end.describe(),
         ));
     }
-    std::process::exit(out.end.exit_code());
+    match out.end {
+        // Told to stop, or broken here: this process must not go on to other work.
+        End::Signal { .. } | End::Failed { .. } => std::process::exit(out.end.exit_code()),
+        _ => out.end.exit_code(),
+    }
 }

@@ -1,10 +1,13 @@
 //! The chain as a whole: a sibling program continues in the same process instead of
-//! being exec'd (chain::exec), and must then look exactly as if it had been exec'd.
+//! being exec'd (chain::exec), and must then look exactly as if it had been exec'd; and
+//! tcpsplice-listen reuses such a process for the next connection (worker), which must
+//! then find it exactly as a fresh fork would be.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::util;
 
@@ -29,10 +32,45 @@ fn socket_inodes(pid: u32) -> Vec<String> {
     v
 }
 
+/// The inodes of the TCP sockets the kernel lists, to tell them from unix sockets.
+fn tcp_socket_inodes() -> Vec<String> {
+    let mut v = Vec::new();
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        if let Ok(text) = std::fs::read_to_string(f) {
+            for line in text.lines().skip(1) {
+                if let Some(inode) = line.split_whitespace().nth(9) {
+                    v.push(format!("socket:[{inode}]"));
+                }
+            }
+        }
+    }
+    v
+}
+
+/// The TCP sockets among `pid`'s descriptors.
+fn tcp_sockets_of(pid: u32) -> Vec<String> {
+    let tcp = tcp_socket_inodes();
+    socket_inodes(pid)
+        .into_iter()
+        .filter(|s| tcp.contains(s))
+        .collect()
+}
+
 /// Starts tcpsplice-listen on an ephemeral loopback port running `prog` per connection;
 /// returns it with the port it printed.
 fn start_listen(prog: &[&str], env: &[(&str, &str)]) -> (Child, u16) {
-    let mut listen = Command::new(LISTEN)
+    start_listen_with(&[], prog, env, Command::new(LISTEN))
+}
+
+/// As [`start_listen`], with options before HOST PORT, from a prepared command.
+fn start_listen_with(
+    opts: &[&str],
+    prog: &[&str],
+    env: &[(&str, &str)],
+    mut cmd: Command,
+) -> (Child, u16) {
+    let mut listen = cmd
+        .args(opts)
         .args(["-1", "127.0.0.1", "0"])
         .args(prog)
         .env("TCPSPLICE_LOG", "stderr")
@@ -60,6 +98,32 @@ fn relay_of(listen: &Child) -> u32 {
         .unwrap()
 }
 
+/// The listener's one live connection process (a process that served its last
+/// connection may linger as a zombie for a moment).
+fn live_relay_of(listen: &Child) -> u32 {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", listen.id()))
+            .unwrap_or_default();
+        let live: Vec<u32> = children
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .is_ok_and(|st| st.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
+            })
+            .collect();
+        if live.len() == 1 {
+            return live[0];
+        }
+        assert!(
+            Instant::now() < end,
+            "live children of the listener: {live:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Ends the listener with SIGTERM and waits for it.
 fn stop(listen: Child) -> util::Ran {
     // SAFETY: kill with a pid we spawned.
@@ -69,8 +133,9 @@ fn stop(listen: Child) -> util::Ran {
 
 /// Runs listen → dial → splice for one connection and returns what /proc says of the
 /// relay process while the connection is open: (comm, exe, its sockets), plus the
-/// listener's sockets.
-fn inspect_relay(exec_always: bool) -> (String, String, Vec<String>, Vec<String>) {
+/// listener's sockets and all TCP sockets of the system then.
+#[allow(clippy::type_complexity)]
+fn inspect_relay(exec_always: bool) -> (String, String, Vec<String>, Vec<String>, Vec<String>) {
     let (target_l, target_a) = util::listener();
     let tport = target_a.port().to_string();
     let env: &[(&str, &str)] = if exec_always {
@@ -90,6 +155,7 @@ fn inspect_relay(exec_always: bool) -> (String, String, Vec<String>, Vec<String>
     let exe = std::fs::read_link(format!("/proc/{relay}/exe")).unwrap();
     let relay_socks = socket_inodes(relay);
     let listen_socks = socket_inodes(listen.id());
+    let tcp = tcp_socket_inodes();
     client.shutdown(Shutdown::Write).unwrap();
     target.shutdown(Shutdown::Write).unwrap();
     let mut rest = Vec::new();
@@ -107,12 +173,13 @@ fn inspect_relay(exec_always: bool) -> (String, String, Vec<String>, Vec<String>
         exe.to_string_lossy().into_owned(),
         relay_socks,
         listen_socks,
+        tcp,
     )
 }
 
 #[test]
 fn a_sibling_continues_in_process_as_if_exec_had_run() {
-    let (comm, exe, relay_socks, listen_socks) = inspect_relay(false);
+    let (comm, exe, relay_socks, listen_socks, tcp) = inspect_relay(false);
     assert_eq!(
         comm, "tcpsplice",
         "the relay is named after the program it runs"
@@ -128,16 +195,19 @@ fn a_sibling_continues_in_process_as_if_exec_had_run() {
             "relay holds the listening socket {s}"
         );
     }
-    // Exactly two sockets: the client's (fds 0/1) and the target's (fds 6/7).
+    // Two TCP sockets: the client's (fds 0/1) and the target's (fds 6/7); beside them
+    // only the unix socket on which the listener hands over the next connection.
     let mut uniq = relay_socks.clone();
     uniq.sort();
     uniq.dedup();
-    assert_eq!(uniq.len(), 2, "relay sockets: {relay_socks:?}");
+    let (tcp_socks, other): (Vec<_>, Vec<_>) = uniq.iter().partition(|s| tcp.contains(s));
+    assert_eq!(tcp_socks.len(), 2, "relay sockets: {relay_socks:?}");
+    assert!(other.len() <= 1, "relay sockets: {relay_socks:?}");
 }
 
 #[test]
 fn tcpsplice_exec_always_forces_real_execs() {
-    let (comm, exe, relay_socks, listen_socks) = inspect_relay(true);
+    let (comm, exe, relay_socks, listen_socks, _) = inspect_relay(true);
     assert_eq!(comm, "tcpsplice");
     assert!(
         exe.ends_with("/tcpsplice"),
@@ -187,4 +257,342 @@ fn the_authenticator_always_execs_for_real() {
         "relay image {exe:?}{}",
         ran.show()
     );
+}
+
+// ---------------------------------------------------------------- reused processes
+
+/// A target that serves connections one after another: reads everything, answers with
+/// what it read reversed, closes. Returns how many it served when the listener closes.
+fn reversing_target(l: TcpListener, count: usize) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let mut served = 0;
+        for _ in 0..count {
+            let mut s = util::accept_timeout(&l, Duration::from_secs(20));
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut got = Vec::new();
+            if s.read_to_end(&mut got).is_err() {
+                continue;
+            }
+            got.reverse();
+            if s.write_all(&got).is_ok() {
+                served += 1;
+            }
+        }
+        served
+    })
+}
+
+/// One whole connection through the chain: sends `data`, half-closes, returns what came
+/// back and the client's own port.
+fn round_trip(port: u16, data: &[u8]) -> (Vec<u8>, u16) {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let me = c.local_addr().unwrap().port();
+    c.write_all(data).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    (back, me)
+}
+
+fn reversed(data: &[u8]) -> Vec<u8> {
+    data.iter().rev().copied().collect()
+}
+
+/// The pid named by each `accept pid=` line of the listener's log, in order.
+fn accepting_pids(log: &str) -> Vec<u32> {
+    log.lines()
+        .filter_map(|l| l.split("info: accept pid=").nth(1))
+        .filter_map(|r| r.split_whitespace().next())
+        .map(|p| p.parse().expect("pid"))
+        .collect()
+}
+
+/// The descriptors from 3 up that `pid` would pass on through an exec.
+fn inherited_fds(pid: u32) -> Vec<String> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let info = std::fs::read_to_string(e.path()).unwrap_or_default();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            .unwrap_or(0);
+        if name.parse::<u32>().is_ok_and(|n| n >= 3) && flags & 0o2000000 == 0 {
+            v.push(name);
+        }
+    }
+    v
+}
+
+/// Waits until `pid` holds no TCP socket (a reused process between connections).
+fn wait_no_tcp(pid: u32) {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let held = tcp_sockets_of(pid);
+        if held.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < end, "pid {pid} still holds {held:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_process_serves_up_to_r_connections_and_each_finds_a_fresh_fork() {
+    let (target_l, target_a) = util::listener();
+    let target = reversing_target(target_l, 5);
+    let tport = target_a.port().to_string();
+    let (listen, port) = start_listen_with(
+        &["-r", "3"],
+        &[DIAL, "127.0.0.1", &tport, SPLICE],
+        &[],
+        Command::new(LISTEN),
+    );
+    let mut ports = Vec::new();
+    for i in 0..5u64 {
+        let data = util::pattern(i, 1000 + i as usize * 4099);
+        let (back, me) = round_trip(port, &data);
+        assert_eq!(
+            util::hash_of(&back),
+            util::hash_of(&reversed(&data)),
+            "connection {i}"
+        );
+        ports.push(me);
+        if i == 2 {
+            // Its third: that process exits rather than wait for a fourth.
+            continue;
+        }
+        // Between connections the process holds neither the client's socket nor the
+        // target's: both peers have seen the connection end for good.
+        let relay = live_relay_of(&listen);
+        wait_no_tcp(relay);
+        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{relay}/fd"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        // 0-2, what the listener was given, and the three the process keeps for itself
+        // (its channel, the report pipe, /dev/null); nothing a connection opened.
+        let given = inherited_fds(listen.id());
+        assert_eq!(
+            fds.len(),
+            6 + given.len(),
+            "fds of an idle process: {fds:?}, given {given:?}"
+        );
+        let comm = std::fs::read_to_string(format!("/proc/{relay}/comm")).unwrap();
+        assert_eq!(
+            comm.trim(),
+            "tcpsplice-liste",
+            "an idle process is the listener's again"
+        );
+    }
+    assert_eq!(target.join().unwrap(), 5);
+    let ran = stop(listen);
+    ran.expect_code(0);
+    let log = ran.stderr_text();
+    assert!(log.contains(" reuse=3"), "{}", ran.show());
+    let pids = accepting_pids(&log);
+    assert_eq!(pids.len(), 5, "{}", ran.show());
+    assert!(
+        pids[0] == pids[1] && pids[1] == pids[2],
+        "three in one process{}",
+        ran.show()
+    );
+    assert!(
+        pids[3] != pids[2] && pids[3] == pids[4],
+        "then a new one{}",
+        ran.show()
+    );
+    // The environment is the fork's again: each connection's log names its own client
+    // (tcpsplice-dial keeps a TCPSPLICE_CLIENT it finds set).
+    for p in &ports {
+        assert!(
+            log.contains(&format!("tcpsplice: info: end client=127.0.0.1:{p} ")),
+            "client port {p} in the relay's log{}",
+            ran.show()
+        );
+    }
+    assert_eq!(log.matches(" status=0 ").count(), 5, "{}", ran.show());
+    assert!(
+        log.contains("stopped: all connections ended"),
+        "{}",
+        ran.show()
+    );
+}
+
+#[test]
+fn r1_or_exec_always_fork_a_process_per_connection() {
+    for (opts, env) in [
+        (&["-r", "1"][..], &[][..]),
+        (&[][..], &[("TCPSPLICE_EXEC", "always")][..]),
+    ] {
+        let (target_l, target_a) = util::listener();
+        let target = reversing_target(target_l, 2);
+        let tport = target_a.port().to_string();
+        let (listen, port) = start_listen_with(
+            opts,
+            &[DIAL, "127.0.0.1", &tport, SPLICE],
+            env,
+            Command::new(LISTEN),
+        );
+        for i in 0..2u64 {
+            let data = util::pattern(i, 777);
+            assert_eq!(round_trip(port, &data).0, reversed(&data));
+        }
+        assert_eq!(target.join().unwrap(), 2);
+        let ran = stop(listen);
+        ran.expect_code(0);
+        let pids = accepting_pids(&ran.stderr_text());
+        assert!(ran.stderr_text().contains(" reuse=1"), "{}", ran.show());
+        assert!(pids.len() == 2 && pids[0] != pids[1], "{}", ran.show());
+    }
+}
+
+#[test]
+fn a_killed_idle_process_is_replaced_and_no_connection_is_lost() {
+    let (target_l, target_a) = util::listener();
+    let tport = target_a.port().to_string();
+    let (listen, port) = start_listen(&[DIAL, "127.0.0.1", &tport, SPLICE], &[]);
+    let target = reversing_target(target_l, 2);
+    let data = util::pattern(1, 5000);
+    assert_eq!(round_trip(port, &data).0, reversed(&data));
+    let first = live_relay_of(&listen);
+    wait_no_tcp(first);
+    // Killed while it waits for its next connection: the next one must still be served,
+    // whether the listener has reaped it yet or not.
+    // SAFETY: kill with a pid we found among the listener's children.
+    unsafe { libc::kill(first as i32, libc::SIGKILL) };
+    assert_eq!(round_trip(port, &data).0, reversed(&data));
+    assert_eq!(target.join().unwrap(), 2);
+    let ran = stop(listen);
+    ran.expect_code(0);
+    // Either the listener reaped it first and forked, or it handed the connection to the
+    // dead process, saw it die without taking it, and handed it on (a third accept line).
+    let pids = accepting_pids(&ran.stderr_text());
+    assert!(
+        (2..=3).contains(&pids.len()) && pids[0] == first && pids[pids.len() - 1] != first,
+        "{}",
+        ran.show()
+    );
+    assert!(
+        ran.stderr_text().contains(&format!("end pid={first} ")),
+        "{}",
+        ran.show()
+    );
+}
+
+#[test]
+fn a_process_ended_by_a_signal_is_not_reused() {
+    let (target_l, target_a) = util::listener();
+    let tport = target_a.port().to_string();
+    let (listen, port) = start_listen(&[DIAL, "127.0.0.1", &tport, SPLICE], &[]);
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut t = util::accept_timeout(&target_l, Duration::from_secs(10));
+    client.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    t.read_exact(&mut b).unwrap();
+    let relay = relay_of(&listen);
+    // SAFETY: kill with a pid we found among the listener's children.
+    unsafe { libc::kill(relay as i32, libc::SIGTERM) };
+    let mut rest = Vec::new();
+    let _ = client.read_to_end(&mut rest);
+    drop((client, t));
+    let target = reversing_target(target_l, 1);
+    let data = util::pattern(2, 3000);
+    assert_eq!(round_trip(port, &data).0, reversed(&data));
+    assert_eq!(target.join().unwrap(), 1);
+    let ran = stop(listen);
+    ran.expect_code(0);
+    let log = ran.stderr_text();
+    let pids = accepting_pids(&log);
+    assert!(pids.len() == 2 && pids[0] != pids[1], "{}", ran.show());
+    assert!(log.contains("how=signal-15"), "{}", ran.show());
+    assert!(log.contains(&format!("end pid={relay} ")), "{}", ran.show());
+}
+
+/// Starts the listener with a pipe's write end inherited (not close-on-exec) on `fd`;
+/// returns the listener, its port and the pipe's read end.
+fn listen_with_inherited_fd(fd: i32, prog: &[&str]) -> (Child, u16, std::fs::File) {
+    let mut p = [0; 2];
+    // SAFETY: pipe writes two descriptors into the array.
+    assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let (r, w) = (p[0], p[1]);
+    let mut cmd = Command::new(LISTEN);
+    // SAFETY: dup2 and fcntl are async-signal-safe; they run in the child between fork
+    // and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto itself would leave close-on-exec set: clear it instead.
+            let rc = if w == fd {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(w, fd)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (listen, port) = start_listen_with(&[], prog, &[], cmd);
+    // SAFETY: w is ours; the listener has its own copy.
+    unsafe { libc::close(w) };
+    // SAFETY: r is an open descriptor we own from here on.
+    let read = unsafe { <std::fs::File as std::os::unix::io::FromRawFd>::from_raw_fd(r) };
+    (listen, port, read)
+}
+
+#[test]
+fn a_descriptor_inherited_by_the_listener_is_passed_on_to_every_connection() {
+    let (target_l, target_a) = util::listener();
+    let target = reversing_target(target_l, 3);
+    let tport = target_a.port().to_string();
+    let (listen, port, _pipe) = listen_with_inherited_fd(9, &[DIAL, "127.0.0.1", &tport, SPLICE]);
+    let mut seen = Vec::new();
+    for i in 0..3u64 {
+        let data = util::pattern(i, 100);
+        assert_eq!(round_trip(port, &data).0, reversed(&data));
+        let relay = live_relay_of(&listen);
+        wait_no_tcp(relay);
+        seen.push(std::fs::read_link(format!("/proc/{relay}/fd/9")).expect("fd 9 kept"));
+    }
+    assert!(seen
+        .iter()
+        .all(|l| l == &seen[0] && l.to_string_lossy().starts_with("pipe:")));
+    assert_eq!(target.join().unwrap(), 3);
+    let ran = stop(listen);
+    ran.expect_code(0);
+    let pids = accepting_pids(&ran.stderr_text());
+    assert!(
+        pids.len() == 3 && pids.iter().all(|&p| p == pids[0]),
+        "{}",
+        ran.show()
+    );
+}
+
+#[test]
+fn a_process_whose_inherited_descriptor_was_replaced_is_not_reused() {
+    // tcpsplice-dial puts the target's socket on fd 6, over the inherited pipe: the
+    // process cannot give the next connection what a fork would, so it exits.
+    let (target_l, target_a) = util::listener();
+    let target = reversing_target(target_l, 2);
+    let tport = target_a.port().to_string();
+    let (listen, port, _pipe) = listen_with_inherited_fd(6, &[DIAL, "127.0.0.1", &tport, SPLICE]);
+    for i in 0..2u64 {
+        let data = util::pattern(i, 100);
+        assert_eq!(round_trip(port, &data).0, reversed(&data));
+    }
+    assert_eq!(target.join().unwrap(), 2);
+    let ran = stop(listen);
+    ran.expect_code(0);
+    let pids = accepting_pids(&ran.stderr_text());
+    assert!(pids.len() == 2 && pids[0] != pids[1], "{}", ran.show());
 }

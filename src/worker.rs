@@ -1,0 +1,207 @@
+//! tcpsplice-listen's connection process when it is reused: after a connection has
+//! ended normally it puts itself back as a fresh fork would be and waits for the next
+//! connection from the supervisor, up to `-r` connections (postfix's `max_use`).
+//!
+//! Why: when PROG... is our own chain, it runs in the forked process without an exec
+//! (see `chain`), and what a short connection then costs is mostly the fork, the
+//! copy-on-write faults that follow it and the teardown at exit. A reused process pays
+//! them once per `-r` connections.
+//!
+//! One connection at a time, as before: a process holds one client, and what the chain
+//! left behind is undone before the next one: every descriptor the process did not have
+//! at the fork is closed, fds 0 and 1 go back to /dev/null, the environment is put back
+//! as it was at the fork, the signal mask is emptied, the process name and the message
+//! prefix are the supervisor's again. A process ended by a signal, by a failure (any
+//! `die`), by a real exec, or in which fd 2 or a descriptor inherited from the
+//! supervisor's parent was closed or replaced, is not reused: it exits as before.
+//!
+//! The wire: the supervisor passes each accepted socket over a SOCK_SEQPACKET socketpair
+//! (SCM_RIGHTS) with the client's address as text; the process reports that it took the
+//! connection, and later its end, as 8 bytes (pid, [`TOOK`] or the exit status) on a pipe
+//! shared by all connection processes, where a write that small is atomic. The process waits for its next
+//! connection until the supervisor closes its end of the socketpair (idle too long,
+//! stopping, or gone), which it sees as end of file.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::os::unix::io::RawFd;
+
+use crate::{chain, diag, exit, sys};
+
+/// Reserved descriptors go this high, out of the way of the fixed numbers a chain uses
+/// (0, 1, 2, 6, 7) and of the low numbers its sockets and pipes get.
+const RESERVED_MIN: RawFd = 10;
+
+/// A report on the shared pipe: (pid, status) of an ended connection, or (pid, TOOK).
+pub const DONE_SIZE: usize = 8;
+
+/// The status word of the report that a connection sent over the socketpair was taken:
+/// until then the supervisor keeps its copy, to hand the connection to another process
+/// should this one die first (killed while idle, say). Exit statuses are 0 to 255.
+pub const TOOK: i32 = -1;
+
+/// Encodes the report that process `pid` ended a connection with status `code`.
+pub fn done_message(pid: libc::pid_t, code: i32) -> [u8; DONE_SIZE] {
+    let mut m = [0u8; DONE_SIZE];
+    m[..4].copy_from_slice(&pid.to_ne_bytes());
+    m[4..].copy_from_slice(&code.to_ne_bytes());
+    m
+}
+
+/// Decodes a report made by [`done_message`].
+pub fn parse_done(m: &[u8]) -> Option<(libc::pid_t, i32)> {
+    let pid = libc::pid_t::from_ne_bytes(m.get(..4)?.try_into().ok()?);
+    let code = i32::from_ne_bytes(m.get(4..8)?.try_into().ok()?);
+    Some((pid, code))
+}
+
+/// What a fresh fork had, to put back between connections.
+struct Fresh {
+    env: HashMap<OsString, OsString>,
+    /// fd 2 and the descriptors passed on to PROG... from the supervisor's parent, with
+    /// what they referred to.
+    fds: Vec<(RawFd, Option<(u64, u64)>)>,
+}
+
+struct Channel {
+    /// This process's end of the socketpair: next connections arrive here.
+    conns: RawFd,
+    /// The write end of the shared pipe: ends are reported here.
+    done: RawFd,
+    devnull: RawFd,
+}
+
+/// Serves `first` and then, while the connections end normally and fewer than
+/// `max_use` were served, the connections the supervisor sends on `conns`. `serve`
+/// handles one connection (socket, client) and returns the exit status at a normal end.
+/// Never returns. Runs in the forked child; `conns` is its end of the socketpair, `done`
+/// the write end of the shared pipe; every other close-on-exec descriptor inherited from
+/// the supervisor (listeners, the other processes' channels) is closed here.
+pub fn run(
+    conns: RawFd,
+    done: RawFd,
+    max_use: usize,
+    first: (RawFd, SocketAddr),
+    serve: impl Fn(RawFd, SocketAddr) -> i32,
+) -> ! {
+    let ch = match reserve(conns, done, first.0) {
+        Ok(ch) => ch,
+        Err(e) => diag::die_sys(exit::TEMP, "set up the connection process", &e),
+    };
+    let identity = |fd| sys::fd_identity(fd).ok().map(|(_, id)| id);
+    let mut fds = vec![(2, identity(2))];
+    fds.extend(
+        sys::inherited_fds(3)
+            .into_iter()
+            .map(|fd| (fd, identity(fd))),
+    );
+    let fresh = Fresh {
+        env: std::env::vars_os().collect(),
+        fds,
+    };
+    // SAFETY: getpid cannot fail.
+    let pid = unsafe { libc::getpid() };
+    let (mut fd, mut client) = first;
+    let mut served = 0;
+    loop {
+        let code = serve(fd, client);
+        served += 1;
+        if served >= max_use || !restore(&ch, &fresh) {
+            std::process::exit(code);
+        }
+        // A supervisor that is gone cannot hand out more work: EPIPE ends us.
+        if sys::write_all(ch.done, &done_message(pid, code)).is_err() {
+            std::process::exit(code);
+        }
+        let mut buf = [0u8; 64];
+        match sys::recv_fd(ch.conns, &mut buf) {
+            Ok(Some((next, n))) => {
+                // If the supervisor is gone, serving the client is still the best.
+                let _ = sys::write_all(ch.done, &done_message(pid, TOOK));
+                let addr = std::str::from_utf8(&buf[..n])
+                    .ok()
+                    .and_then(|t| t.parse().ok());
+                let Some(addr) = addr else {
+                    diag::die(
+                        exit::TEMP,
+                        "the supervisor sent a connection without an address",
+                    );
+                };
+                (fd, client) = (next, addr);
+            }
+            Ok(None) => std::process::exit(exit::OK),
+            Err(e) => diag::die_sys(exit::TEMP, "receive the next connection", &e),
+        }
+    }
+}
+
+/// Moves the process's own descriptors out of the chain's way and closes what it must
+/// not hold: the listeners, and the other connection processes' channels, which would
+/// keep them from seeing the supervisor go. `client` is the first connection's socket.
+fn reserve(conns: RawFd, done: RawFd, client: RawFd) -> std::io::Result<Channel> {
+    let conns = sys::fd_move_up(conns, RESERVED_MIN)?;
+    let done = sys::fd_move_up(done, RESERVED_MIN)?;
+    // SAFETY: a constant NUL-terminated path.
+    let devnull =
+        sys::cvt(unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })?;
+    let devnull = sys::fd_move_up(devnull, RESERVED_MIN)?;
+    let keep = [conns, done, devnull];
+    sys::close_cloexec_fds(&[conns, done, devnull, client]);
+    chain::reserve_fds(&keep);
+    Ok(Channel {
+        conns,
+        done,
+        devnull,
+    })
+}
+
+/// Puts the process back as the fork left it; false when that cannot be done and the
+/// process must exit instead.
+fn restore(ch: &Channel, fresh: &Fresh) -> bool {
+    let mut keep = vec![ch.conns, ch.done, ch.devnull];
+    keep.extend(fresh.fds.iter().map(|&(fd, _)| fd));
+    sys::close_fds_from(3, &keep);
+    // The client's socket leaves 0 and 1 here, so the client sees the end now.
+    if sys::fd_copy(0, ch.devnull)
+        .and_then(|()| sys::fd_copy(1, ch.devnull))
+        .is_err()
+    {
+        return false;
+    }
+    let changed = |&(fd, id): &(RawFd, Option<(u64, u64)>)| {
+        sys::fd_identity(fd).ok().map(|(_, now)| now) != id
+    };
+    if fresh.fds.iter().any(changed) {
+        return false;
+    }
+    let now: HashMap<OsString, OsString> = std::env::vars_os().collect();
+    for k in now.keys() {
+        if !fresh.env.contains_key(k) {
+            std::env::remove_var(k);
+        }
+    }
+    for (k, v) in &fresh.env {
+        if now.get(k) != Some(v) {
+            std::env::set_var(k, v);
+        }
+    }
+    sys::unblock_all_signals();
+    sys::signal_ignore(libc::SIGPIPE, true);
+    sys::set_process_name(c"tcpsplice-listen");
+    diag::init("tcpsplice-listen");
+    chain::allow_in_process(true);
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn done_messages_round_trip() {
+        assert_eq!(parse_done(&done_message(4242, 1)), Some((4242, 1)));
+        assert_eq!(parse_done(&done_message(-1, -7)), Some((-1, -7)));
+        assert_eq!(parse_done(&[0u8; 5]), None);
+    }
+}
