@@ -37,6 +37,17 @@ pub fn allow_in_process(on: bool) {
 /// must neither inherit nor close (tcpsplice-listen's channel to its connection process).
 static RESERVED: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
 
+/// Set when the process holds no close-on-exec descriptor but the reserved ones, so the
+/// next in-process continuation need not look for any. Cleared by that continuation.
+static NOTHING_TO_CLOSE: AtomicBool = AtomicBool::new(false);
+
+/// Says that this process holds no close-on-exec descriptor but the reserved ones (a
+/// reused connection process has just closed everything else), so the next sibling that
+/// continues in it need not scan the descriptor table.
+pub fn nothing_to_close() {
+    NOTHING_TO_CLOSE.store(true, Ordering::Relaxed);
+}
+
 /// Reserves `fds` for the process that runs the chain: [`exec`] keeps them open for a
 /// sibling continuing in-process (a real exec closes them, they are close-on-exec), and
 /// [`is_reserved`] tells the sibling they are not its own.
@@ -172,8 +183,13 @@ fn is_executable(p: &Path) -> bool {
 /// Leaves the process as an exec would have: descriptors marked close-on-exec closed
 /// (a listening socket, a signalfd), and the new name in ps and top.
 fn become_sibling(name: &'static str) {
-    let reserved = RESERVED.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    sys::close_cloexec_fds(&reserved);
+    // The C library's syslog socket is close-on-exec too: closed behind its back, its
+    // number could be reused by a connection, and the next message sent into it.
+    diag::forget_syslog();
+    if !NOTHING_TO_CLOSE.swap(false, Ordering::Relaxed) {
+        let reserved = RESERVED.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        sys::close_cloexec_fds(&reserved);
+    }
     if let Ok(c) = CString::new(name) {
         sys::set_process_name(&c);
     }

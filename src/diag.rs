@@ -61,15 +61,16 @@ pub fn stderr_is_safe() -> bool {
 fn sinks() -> Sinks {
     let mut cached = SINKS.lock().unwrap_or_else(|e| e.into_inner());
     *cached.get_or_insert_with(|| {
-        let have_syslog = std::path::Path::new("/dev/log").exists();
         let mode = std::env::var("TCPSPLICE_LOG").unwrap_or_default();
         let (syslog, stderr) = match mode.as_str() {
             "syslog" => (true, false),
             "stderr" => (false, true),
             "both" => (true, true),
             "none" => (false, false),
-            // SAFETY: isatty only inspects the descriptor.
-            _ if have_syslog => (true, unsafe { libc::isatty(2) } == 1),
+            _ if std::path::Path::new("/dev/log").exists() => {
+                // SAFETY: isatty only inspects the descriptor.
+                (true, unsafe { libc::isatty(2) } == 1)
+            }
             _ => (false, true),
         };
         let stderr = stderr && stderr_is_safe();
@@ -80,6 +81,15 @@ fn sinks() -> Sinks {
         }
         Sinks { syslog, stderr }
     })
+}
+
+/// Closes the C library's connection to syslog, as an exec would (it is close-on-exec);
+/// the next message opens a new one. Call before closing descriptors wholesale: a
+/// number closed behind syslog's back and reused by a connection would receive the
+/// next message.
+pub fn forget_syslog() {
+    // SAFETY: closelog takes no arguments and only closes the C library's own socket.
+    unsafe { libc::closelog() };
 }
 
 /// openlog keeps the pointer it is given, so the ident must live for the whole process;

@@ -105,6 +105,9 @@ pub fn run(
     let (mut fd, mut client) = first;
     let mut served = 0;
     loop {
+        // Beside the reserved descriptors, only `fd` is close-on-exec, and serving moves
+        // it to 0 and 1 before the chain goes on: no need to look for others.
+        chain::nothing_to_close();
         let code = serve(fd, client);
         served += 1;
         if served >= max_use || !restore(&ch, &fresh) {
@@ -161,6 +164,7 @@ fn reserve(conns: RawFd, done: RawFd, client: RawFd) -> std::io::Result<Channel>
 fn restore(ch: &Channel, fresh: &Fresh) -> bool {
     let mut keep = vec![ch.conns, ch.done, ch.devnull];
     keep.extend(fresh.fds.iter().map(|&(fd, _)| fd));
+    diag::forget_syslog();
     sys::close_fds_from(3, &keep);
     // The client's socket leaves 0 and 1 here, so the client sees the end now.
     if sys::fd_copy(0, ch.devnull)
