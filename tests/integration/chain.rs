@@ -596,3 +596,81 @@ fn a_process_whose_inherited_descriptor_was_replaced_is_not_reused() {
     let pids = accepting_pids(&ran.stderr_text());
     assert!(pids.len() == 2 && pids[0] != pids[1], "{}", ran.show());
 }
+
+#[test]
+fn reused_processes_keep_the_connection_limit_under_concurrent_clients() {
+    const CLIENTS: u64 = 8;
+    let (target_l, target_a) = util::listener();
+    let target = reversing_target(target_l, CLIENTS as usize);
+    let tport = target_a.port().to_string();
+    let (listen, port) = start_listen_with(
+        &["-c", "2", "-r", "3"],
+        &[DIAL, "127.0.0.1", &tport, SPLICE],
+        &[],
+        Command::new(LISTEN),
+    );
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let data = util::pattern(100 + i, 200_000 + i as usize);
+                let (back, _) = round_trip(port, &data);
+                util::hash_of(&back) == util::hash_of(&reversed(&data))
+            })
+        })
+        .collect();
+    for c in clients {
+        assert!(c.join().unwrap(), "a client got other bytes back");
+    }
+    assert_eq!(target.join().unwrap(), CLIENTS as usize);
+    let ran = stop(listen);
+    ran.expect_code(0);
+    let log = ran.stderr_text();
+    let pids = accepting_pids(&log);
+    assert_eq!(pids.len(), CLIENTS as usize, "{}", ran.show());
+    let mut distinct = pids.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    // Eight connections, three per process at most: three processes at least; and
+    // fewer than eight, or nothing was reused.
+    assert!((3..8).contains(&distinct.len()), "{}", ran.show());
+    for line in log.lines().filter(|l| l.contains("info: accept pid=")) {
+        assert!(
+            line.ends_with("count=1/2") || line.ends_with("count=2/2"),
+            "over the limit: {line}{}",
+            ran.show()
+        );
+    }
+    assert_eq!(
+        log.matches(" status=0 ").count(),
+        CLIENTS as usize,
+        "{}",
+        ran.show()
+    );
+}
+
+#[test]
+fn an_idle_process_is_let_go_and_the_listener_serves_on() {
+    let (target_l, target_a) = util::listener();
+    let target = reversing_target(target_l, 2);
+    let tport = target_a.port().to_string();
+    let (listen, port) = start_listen(&[DIAL, "127.0.0.1", &tport, SPLICE], &[]);
+    let data = util::pattern(7, 1000);
+    assert_eq!(round_trip(port, &data).0, reversed(&data));
+    let idle = live_relay_of(&listen);
+    // Let go after 10 s of waiting (listen::IDLE_MAX): it exits and is reaped.
+    let end = Instant::now() + Duration::from_secs(30);
+    while std::path::Path::new(&format!("/proc/{idle}")).exists() {
+        assert!(Instant::now() < end, "idle process {idle} still there");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(round_trip(port, &data).0, reversed(&data));
+    assert_eq!(target.join().unwrap(), 2);
+    let ran = stop(listen);
+    ran.expect_code(0);
+    let pids = accepting_pids(&ran.stderr_text());
+    assert!(
+        pids.len() == 2 && pids[0] == idle && pids[1] != idle,
+        "{}",
+        ran.show()
+    );
+}
