@@ -282,6 +282,39 @@ fn reversing_target(l: TcpListener, count: usize) -> std::thread::JoinHandle<usi
     })
 }
 
+/// A port forwarder, tcpsplice-listen (`opts`, `env`, started from `cmd`) →
+/// tcpsplice-dial → tcpsplice, in front of a reversing target that serves `count`
+/// connections.
+struct Forwarder {
+    listen: Child,
+    port: u16,
+    target: std::thread::JoinHandle<usize>,
+}
+
+fn forwarder(opts: &[&str], env: &[(&str, &str)], cmd: Command, count: usize) -> Forwarder {
+    let (target_l, target_a) = util::listener();
+    let target = reversing_target(target_l, count);
+    let tport = target_a.port().to_string();
+    let (listen, port) = start_listen_with(opts, &[DIAL, "127.0.0.1", &tport, SPLICE], env, cmd);
+    Forwarder {
+        listen,
+        port,
+        target,
+    }
+}
+
+impl Forwarder {
+    /// Checks that the target served `served` connections, stops the listener, checks it
+    /// exited 0, and returns its run with the pid of each `accept` line.
+    fn finish(self, served: usize) -> (util::Ran, Vec<u32>) {
+        assert_eq!(self.target.join().unwrap(), served, "connections served");
+        let ran = stop(self.listen);
+        ran.expect_code(0);
+        let pids = accepting_pids(&ran.stderr_text());
+        (ran, pids)
+    }
+}
+
 /// One whole connection through the chain: sends `data`, half-closes, returns what came
 /// back and the client's own port.
 fn round_trip(port: u16, data: &[u8]) -> (Vec<u8>, u16) {
@@ -344,15 +377,8 @@ fn wait_no_tcp(pid: u32) {
 
 #[test]
 fn a_process_serves_up_to_r_connections_and_each_finds_a_fresh_fork() {
-    let (target_l, target_a) = util::listener();
-    let target = reversing_target(target_l, 5);
-    let tport = target_a.port().to_string();
-    let (listen, port) = start_listen_with(
-        &["-r", "3"],
-        &[DIAL, "127.0.0.1", &tport, SPLICE],
-        &[],
-        Command::new(LISTEN),
-    );
+    let fw = forwarder(&["-r", "3"], &[], Command::new(LISTEN), 5);
+    let (listen, port) = (&fw.listen, fw.port);
     let mut ports = Vec::new();
     for i in 0..5u64 {
         let data = util::pattern(i, 1000 + i as usize * 4099);
@@ -369,7 +395,7 @@ fn a_process_serves_up_to_r_connections_and_each_finds_a_fresh_fork() {
         }
         // Between connections the process holds neither the client's socket nor the
         // target's: both peers have seen the connection end for good.
-        let relay = live_relay_of(&listen);
+        let relay = live_relay_of(listen);
         wait_no_tcp(relay);
         let fds: Vec<String> = std::fs::read_dir(format!("/proc/{relay}/fd"))
             .unwrap()
@@ -391,12 +417,9 @@ fn a_process_serves_up_to_r_connections_and_each_finds_a_fresh_fork() {
             "an idle process is the listener's again"
         );
     }
-    assert_eq!(target.join().unwrap(), 5);
-    let ran = stop(listen);
-    ran.expect_code(0);
+    let (ran, pids) = fw.finish(5);
     let log = ran.stderr_text();
     assert!(log.contains(" reuse=3"), "{}", ran.show());
-    let pids = accepting_pids(&log);
     assert_eq!(pids.len(), 5, "{}", ran.show());
     assert!(
         pids[0] == pids[1] && pids[1] == pids[2],
@@ -431,23 +454,12 @@ fn r1_or_exec_always_fork_a_process_per_connection() {
         (&["-r", "1"][..], &[][..]),
         (&[][..], &[("TCPSPLICE_EXEC", "always")][..]),
     ] {
-        let (target_l, target_a) = util::listener();
-        let target = reversing_target(target_l, 2);
-        let tport = target_a.port().to_string();
-        let (listen, port) = start_listen_with(
-            opts,
-            &[DIAL, "127.0.0.1", &tport, SPLICE],
-            env,
-            Command::new(LISTEN),
-        );
+        let fw = forwarder(opts, env, Command::new(LISTEN), 2);
         for i in 0..2u64 {
             let data = util::pattern(i, 777);
-            assert_eq!(round_trip(port, &data).0, reversed(&data));
+            assert_eq!(round_trip(fw.port, &data).0, reversed(&data));
         }
-        assert_eq!(target.join().unwrap(), 2);
-        let ran = stop(listen);
-        ran.expect_code(0);
-        let pids = accepting_pids(&ran.stderr_text());
+        let (ran, pids) = fw.finish(2);
         assert!(ran.stderr_text().contains(" reuse=1"), "{}", ran.show());
         assert!(pids.len() == 2 && pids[0] != pids[1], "{}", ran.show());
     }
@@ -455,25 +467,19 @@ fn r1_or_exec_always_fork_a_process_per_connection() {
 
 #[test]
 fn a_killed_idle_process_is_replaced_and_no_connection_is_lost() {
-    let (target_l, target_a) = util::listener();
-    let tport = target_a.port().to_string();
-    let (listen, port) = start_listen(&[DIAL, "127.0.0.1", &tport, SPLICE], &[]);
-    let target = reversing_target(target_l, 2);
+    let fw = forwarder(&[], &[], Command::new(LISTEN), 2);
     let data = util::pattern(1, 5000);
-    assert_eq!(round_trip(port, &data).0, reversed(&data));
-    let first = live_relay_of(&listen);
+    assert_eq!(round_trip(fw.port, &data).0, reversed(&data));
+    let first = live_relay_of(&fw.listen);
     wait_no_tcp(first);
     // Killed while it waits for its next connection: the next one must still be served,
     // whether the listener has reaped it yet or not.
     // SAFETY: kill with a pid we found among the listener's children.
     unsafe { libc::kill(first as i32, libc::SIGKILL) };
-    assert_eq!(round_trip(port, &data).0, reversed(&data));
-    assert_eq!(target.join().unwrap(), 2);
-    let ran = stop(listen);
-    ran.expect_code(0);
+    assert_eq!(round_trip(fw.port, &data).0, reversed(&data));
+    let (ran, pids) = fw.finish(2);
     // Either the listener reaped it first and forked, or it handed the connection to the
     // dead process, saw it die without taking it, and handed it on (a third accept line).
-    let pids = accepting_pids(&ran.stderr_text());
     assert!(
         (2..=3).contains(&pids.len()) && pids[0] == first && pids[pids.len() - 1] != first,
         "{}",
@@ -518,13 +524,14 @@ fn a_process_ended_by_a_signal_is_not_reused() {
     assert!(log.contains(&format!("end pid={relay} ")), "{}", ran.show());
 }
 
-/// Starts the listener with a pipe's write end inherited (not close-on-exec) on `fd`;
-/// returns the listener, its port and the pipe's read end.
-fn listen_with_inherited_fd(fd: i32, prog: &[&str]) -> (Child, u16, std::fs::File) {
+/// A tcpsplice-listen command that passes a pipe's write end on `fd` (not close-on-exec)
+/// to the listener; the pipe's two ends are returned too, to keep it open.
+fn listen_with_inherited_fd(fd: i32) -> (Command, [std::fs::File; 2]) {
+    use std::os::unix::io::FromRawFd;
     let mut p = [0; 2];
     // SAFETY: pipe writes two descriptors into the array.
     assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    let (r, w) = (p[0], p[1]);
+    let w = p[1];
     let mut cmd = Command::new(LISTEN);
     // SAFETY: dup2 and fcntl are async-signal-safe; they run in the child between fork
     // and exec.
@@ -542,35 +549,32 @@ fn listen_with_inherited_fd(fd: i32, prog: &[&str]) -> (Child, u16, std::fs::Fil
             Ok(())
         });
     }
-    let (listen, port) = start_listen_with(&[], prog, &[], cmd);
-    // SAFETY: w is ours; the listener has its own copy.
-    unsafe { libc::close(w) };
-    // SAFETY: r is an open descriptor we own from here on.
-    let read = unsafe { <std::fs::File as std::os::unix::io::FromRawFd>::from_raw_fd(r) };
-    (listen, port, read)
+    // SAFETY: both descriptors are open and ours from here on.
+    let ends = unsafe {
+        [
+            std::fs::File::from_raw_fd(p[0]),
+            std::fs::File::from_raw_fd(w),
+        ]
+    };
+    (cmd, ends)
 }
 
 #[test]
 fn a_descriptor_inherited_by_the_listener_is_passed_on_to_every_connection() {
-    let (target_l, target_a) = util::listener();
-    let target = reversing_target(target_l, 3);
-    let tport = target_a.port().to_string();
-    let (listen, port, _pipe) = listen_with_inherited_fd(9, &[DIAL, "127.0.0.1", &tport, SPLICE]);
+    let (cmd, _pipe) = listen_with_inherited_fd(9);
+    let fw = forwarder(&[], &[], cmd, 3);
     let mut seen = Vec::new();
     for i in 0..3u64 {
         let data = util::pattern(i, 100);
-        assert_eq!(round_trip(port, &data).0, reversed(&data));
-        let relay = live_relay_of(&listen);
+        assert_eq!(round_trip(fw.port, &data).0, reversed(&data));
+        let relay = live_relay_of(&fw.listen);
         wait_no_tcp(relay);
         seen.push(std::fs::read_link(format!("/proc/{relay}/fd/9")).expect("fd 9 kept"));
     }
     assert!(seen
         .iter()
         .all(|l| l == &seen[0] && l.to_string_lossy().starts_with("pipe:")));
-    assert_eq!(target.join().unwrap(), 3);
-    let ran = stop(listen);
-    ran.expect_code(0);
-    let pids = accepting_pids(&ran.stderr_text());
+    let (ran, pids) = fw.finish(3);
     assert!(
         pids.len() == 3 && pids.iter().all(|&p| p == pids[0]),
         "{}",
@@ -582,33 +586,26 @@ fn a_descriptor_inherited_by_the_listener_is_passed_on_to_every_connection() {
 fn a_process_whose_inherited_descriptor_was_replaced_is_not_reused() {
     // tcpsplice-dial puts the target's socket on fd 6, over the inherited pipe: the
     // process cannot give the next connection what a fork would, so it exits.
-    let (target_l, target_a) = util::listener();
-    let target = reversing_target(target_l, 2);
-    let tport = target_a.port().to_string();
-    let (listen, port, _pipe) = listen_with_inherited_fd(6, &[DIAL, "127.0.0.1", &tport, SPLICE]);
+    let (cmd, _pipe) = listen_with_inherited_fd(6);
+    let fw = forwarder(&[], &[], cmd, 2);
     for i in 0..2u64 {
         let data = util::pattern(i, 100);
-        assert_eq!(round_trip(port, &data).0, reversed(&data));
+        assert_eq!(round_trip(fw.port, &data).0, reversed(&data));
     }
-    assert_eq!(target.join().unwrap(), 2);
-    let ran = stop(listen);
-    ran.expect_code(0);
-    let pids = accepting_pids(&ran.stderr_text());
+    let (ran, pids) = fw.finish(2);
     assert!(pids.len() == 2 && pids[0] != pids[1], "{}", ran.show());
 }
 
 #[test]
 fn reused_processes_keep_the_connection_limit_under_concurrent_clients() {
     const CLIENTS: u64 = 8;
-    let (target_l, target_a) = util::listener();
-    let target = reversing_target(target_l, CLIENTS as usize);
-    let tport = target_a.port().to_string();
-    let (listen, port) = start_listen_with(
+    let fw = forwarder(
         &["-c", "2", "-r", "3"],
-        &[DIAL, "127.0.0.1", &tport, SPLICE],
         &[],
         Command::new(LISTEN),
+        CLIENTS as usize,
     );
+    let port = fw.port;
     let clients: Vec<_> = (0..CLIENTS)
         .map(|i| {
             std::thread::spawn(move || {
@@ -621,11 +618,8 @@ fn reused_processes_keep_the_connection_limit_under_concurrent_clients() {
     for c in clients {
         assert!(c.join().unwrap(), "a client got other bytes back");
     }
-    assert_eq!(target.join().unwrap(), CLIENTS as usize);
-    let ran = stop(listen);
-    ran.expect_code(0);
+    let (ran, pids) = fw.finish(CLIENTS as usize);
     let log = ran.stderr_text();
-    let pids = accepting_pids(&log);
     assert_eq!(pids.len(), CLIENTS as usize, "{}", ran.show());
     let mut distinct = pids.clone();
     distinct.sort_unstable();
@@ -650,24 +644,18 @@ fn reused_processes_keep_the_connection_limit_under_concurrent_clients() {
 
 #[test]
 fn an_idle_process_is_let_go_and_the_listener_serves_on() {
-    let (target_l, target_a) = util::listener();
-    let target = reversing_target(target_l, 2);
-    let tport = target_a.port().to_string();
-    let (listen, port) = start_listen(&[DIAL, "127.0.0.1", &tport, SPLICE], &[]);
+    let fw = forwarder(&[], &[], Command::new(LISTEN), 2);
     let data = util::pattern(7, 1000);
-    assert_eq!(round_trip(port, &data).0, reversed(&data));
-    let idle = live_relay_of(&listen);
+    assert_eq!(round_trip(fw.port, &data).0, reversed(&data));
+    let idle = live_relay_of(&fw.listen);
     // Let go after 10 s of waiting (listen::IDLE_MAX): it exits and is reaped.
     let end = Instant::now() + Duration::from_secs(30);
     while std::path::Path::new(&format!("/proc/{idle}")).exists() {
         assert!(Instant::now() < end, "idle process {idle} still there");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(round_trip(port, &data).0, reversed(&data));
-    assert_eq!(target.join().unwrap(), 2);
-    let ran = stop(listen);
-    ran.expect_code(0);
-    let pids = accepting_pids(&ran.stderr_text());
+    assert_eq!(round_trip(fw.port, &data).0, reversed(&data));
+    let (ran, pids) = fw.finish(2);
     assert!(
         pids.len() == 2 && pids[0] == idle && pids[1] != idle,
         "{}",
