@@ -323,10 +323,9 @@ impl Supervisor<'_> {
                 return;
             }
             // What it wrote before it exited is in the pipe by now: read it first, so
-            // a connection it took is not taken for one it never took.
-            if self.children.get(&pid).is_some_and(|c| c.pending.is_some()) {
-                self.take_done();
-            }
+            // that a connection it took is not taken for one it never took, nor one it
+            // ended booked by how it died, nor its report left for a later pid.
+            self.take_done();
             let Some(child) = self.children.remove(&pid) else {
                 continue;
             };
@@ -487,6 +486,10 @@ impl Supervisor<'_> {
                     Some(libc::EAGAIN) => return,
                     Some(libc::EINTR | libc::ECONNABORTED) => continue,
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                        // Each idle child holds a descriptor of ours: give them back.
+                        for pid in std::mem::take(&mut self.idle) {
+                            self.let_go(pid);
+                        }
                         self.pause("accept", &e);
                         return;
                     }
@@ -588,20 +591,15 @@ impl Supervisor<'_> {
         fd: RawFd,
         client: SocketAddr,
     ) -> Result<libc::pid_t, (&'static str, io::Error)> {
-        let pair = match &self.done {
-            Some(_) => match sys::seqpacket_pair() {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    sys::close(fd);
-                    return Err(("create a socketpair", e));
-                }
-            },
-            None => None,
-        };
+        // Out of descriptors, the child is forked without a channel: it serves this
+        // connection only, as with -r 1, rather than the client being dropped.
+        let pair = self.done.as_ref().and_then(|_| sys::seqpacket_pair().ok());
         // SAFETY: the supervisor is single-threaded, so the child is a complete copy
         // and may run ordinary code until it execs.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
+            // Ours first: forked with a full descriptor table, the child needs room.
+            self.close_own_fds();
             match (pair, &self.done) {
                 (Some((ours, theirs)), Some(done)) => {
                     sys::close(ours);
@@ -637,6 +635,23 @@ impl Supervisor<'_> {
             },
         );
         Ok(pid)
+    }
+
+    /// In a forked child: closes the supervisor's descriptors (they are close-on-exec,
+    /// but a child that is reused needs the room before it would exec).
+    fn close_own_fds(&self) {
+        for &fd in &self.listeners {
+            sys::close(fd);
+        }
+        sys::close(self.signals.fd());
+        if let Some(d) = &self.done {
+            sys::close(d.read);
+        }
+        for c in self.children.values() {
+            for fd in c.chan.iter().chain(c.pending.iter()) {
+                sys::close(*fd);
+            }
+        }
     }
 
     /// In the child: the socket onto 0 and 1, the environment, default signals, exec.

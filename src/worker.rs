@@ -87,7 +87,8 @@ pub fn run(
 ) -> ! {
     let ch = match reserve(conns, done, first.0) {
         Ok(ch) => ch,
-        Err(e) => diag::die_sys(exit::TEMP, "set up the connection process", &e),
+        // Out of descriptors, say: serve this connection without reuse.
+        Err(_) => std::process::exit(serve(first.0, first.1)),
     };
     let identity = |fd| sys::fd_identity(fd).ok().map(|(_, id)| id);
     let mut fds = vec![(2, identity(2))];
