@@ -248,22 +248,6 @@ fn zombies_of(pid: i32) -> Vec<String> {
     z
 }
 
-/// Sets the soft RLIMIT_NOFILE of `pid`, keeping its hard limit (raising a hard limit
-/// needs CAP_SYS_RESOURCE, which a container may lack even for root).
-fn set_nofile(pid: i32, n: u64) {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: prlimit writes the old limits into the struct we own.
-    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut lim) };
-    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
-    lim.rlim_cur = n.min(lim.rlim_max);
-    // SAFETY: prlimit reads the struct we own and writes no old value.
-    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &lim, std::ptr::null_mut()) };
-    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
-}
-
 #[test]
 fn echo_keeps_data_intact_through_half_close() {
     let srv = Server::start(&["127.0.0.1", "0", "cat"]);
@@ -594,7 +578,7 @@ fn out_of_descriptors_pauses_without_spinning_and_recovers() {
         .collect();
     let lowest_free = (0..).find(|n| !open.contains(n)).unwrap();
     // accept takes the lowest free descriptor, which is now over the limit: EMFILE.
-    set_nofile(srv.pid, lowest_free);
+    util::set_nofile(srv.pid, lowest_free);
     let mut clients: Vec<TcpStream> = (0..4).map(|_| srv.connect()).collect();
     for c in &mut clients {
         c.write_all(b"x").unwrap();
@@ -615,7 +599,7 @@ fn out_of_descriptors_pauses_without_spinning_and_recovers() {
         "{}",
         srv.show()
     );
-    set_nofile(srv.pid, 1024);
+    util::set_nofile(srv.pid, 1024);
     for c in &mut clients {
         let mut b = [0u8; 1];
         c.read_exact(&mut b)

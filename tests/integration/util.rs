@@ -280,3 +280,19 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// Sets the soft RLIMIT_NOFILE of `pid`, keeping its hard limit (raising a hard limit
+/// needs CAP_SYS_RESOURCE, which a container may lack even for root).
+pub fn set_nofile(pid: i32, n: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit writes the old limits into the struct we own.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut lim) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    lim.rlim_cur = n.min(lim.rlim_max);
+    // SAFETY: prlimit reads the struct we own and writes no old value.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &lim, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
