@@ -41,7 +41,7 @@ pub fn main(argv: Vec<OsString>) -> ! {
     let backlog = num("b", 128, 1, 65535) as i32;
     let max_conns = num("c", 100, 1, 100_000);
     let max_per_ip = m.opt_present("C").then(|| num("C", 0, 1, 100_000));
-    let max_use = num("r", 100, 1, 1_000_000);
+    let max_use = num("r", 100, 1, 10_000);
     // Looked up before binding, so that a typo fails before anything happens.
     let ids = privdrop::identity(
         m.opt_str("u").as_deref(),

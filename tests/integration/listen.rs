@@ -660,6 +660,8 @@ fn usage_and_bind_errors() {
     };
     run(&["127.0.0.1", "0"]).expect_code(100);
     run(&["-c", "0", "127.0.0.1", "0", "cat"]).expect_code(100);
+    run(&["-r", "0", "127.0.0.1", "0", "cat"]).expect_code(100);
+    run(&["-r", "10001", "127.0.0.1", "0", "cat"]).expect_code(100);
     run(&["127.0.0.1", "70000", "cat"]).expect_code(100);
     run(&["-", "0", "cat"]).expect_code(100);
     run(&["-g", "65534", "127.0.0.1", "0", "cat"]).expect_code(100);
