@@ -170,6 +170,11 @@ struct Dir {
     src_blocked: bool,
     /// Direct: the last EAGAIN came with src readable, so wait for dst.
     wait_dst: bool,
+    /// dst reported a hang-up without an error while we had nothing for it: its peer
+    /// closed (a Unix-domain socket says so at once, TCP at the next write). Not a
+    /// reset: what the peer sent may still be read from it. No longer watched; a write
+    /// to it will say EPIPE.
+    dst_hup: bool,
     /// Readiness seen in rounds that moved nothing, to recognise a splice stuck at an
     /// urgent mark: poll says ready, splice says EAGAIN, for ever.
     stuck_src: bool,
@@ -223,6 +228,7 @@ impl Dir {
             eof: false,
             done: false,
             src_blocked: false,
+            dst_hup: false,
             wait_dst: false,
             stuck_src: false,
             stuck_dst: false,
@@ -596,24 +602,29 @@ fn abort_peer(fd: RawFd, kind: FdKind) {
 }
 
 /// Puts back the O_NONBLOCK state we found on each descriptor: a tty or pipe shares it
-/// with the shell that started us.
+/// with the shell that started us. Each entry: the fd, its flags as found before any fd
+/// was changed, the file's identity.
 struct FlagGuard {
-    saved: Vec<(RawFd, libc::c_int)>,
+    saved: Vec<(RawFd, libc::c_int, (u64, u64))>,
 }
 
 impl FlagGuard {
-    /// Puts back the flags of `fd` now, before it is closed.
+    /// Puts back the flags of `fd` now, before it is closed; unless another fd still in
+    /// use is the same file (a terminal on 0 and 1 is one open file, whose flag the
+    /// other fd still needs): that one puts them back at the end.
     fn restore(&mut self, fd: RawFd) {
-        if let Some(i) = self.saved.iter().position(|&(f, _)| f == fd) {
-            let (_, flags) = self.saved.swap_remove(i);
-            let _ = sys::set_fl(fd, flags);
+        if let Some(i) = self.saved.iter().position(|&(f, _, _)| f == fd) {
+            let (_, flags, id) = self.saved.remove(i);
+            if !self.saved.iter().any(|&(_, _, other)| other == id) {
+                let _ = sys::set_fl(fd, flags);
+            }
         }
     }
 }
 
 impl Drop for FlagGuard {
     fn drop(&mut self) {
-        for &(fd, flags) in &self.saved {
+        for &(fd, flags, _) in &self.saved {
             let _ = sys::set_fl(fd, flags);
         }
     }
@@ -624,11 +635,16 @@ impl Drop for FlagGuard {
 /// (set_nonblocking skips F_SETFL when the flag is there already). Socket options
 /// belong to the socket: `seen` holds those already set, as fds 0/1 and 6/7 are usually
 /// one socket each.
-fn prepare_fd(fd: RawFd, guard: &mut FlagGuard, seen: &mut Vec<(u64, u64)>) -> io::Result<FdKind> {
+fn prepare_fd(
+    fd: RawFd,
+    found: libc::c_int,
+    guard: &mut FlagGuard,
+    seen: &mut Vec<(u64, u64)>,
+) -> io::Result<FdKind> {
     let (kind, id) = sys::fd_identity(fd)?;
-    if kind != FdKind::Regular && !guard.saved.iter().any(|&(f, _)| f == fd) {
-        let old = sys::set_nonblocking(fd, true)?;
-        guard.saved.push((fd, old));
+    if kind != FdKind::Regular && !guard.saved.iter().any(|&(f, _, _)| f == fd) {
+        sys::set_nonblocking(fd, true)?;
+        guard.saved.push((fd, found, id));
     }
     if kind == FdKind::Socket && !seen.contains(&id) {
         seen.push(id);
@@ -663,8 +679,14 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
     let mut seen = Vec::with_capacity(4);
     let mut kind = [FdKind::Other; 4];
     let fds = [cfg.client_in, cfg.client_out, cfg.target_in, cfg.target_out];
-    for (k, &fd) in kind.iter_mut().zip(&fds) {
-        *k = prepare_fd(fd, &mut guard, &mut seen)?;
+    // All read before any is changed: two of them may be one open file (a terminal on
+    // 0 and 1), and the second would otherwise be found with our O_NONBLOCK.
+    let found = fds
+        .iter()
+        .map(|&fd| sys::get_fl(fd))
+        .collect::<io::Result<Vec<_>>>()?;
+    for ((k, &fd), &flags) in kind.iter_mut().zip(&fds).zip(&found) {
+        *k = prepare_fd(fd, flags, &mut guard, &mut seen)?;
     }
     let signals = sys::SignalFd::new(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
     let mut dirs = [
@@ -717,7 +739,15 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
             if d.done {
                 continue;
             }
-            let (se, de) = d.interest();
+            let (mut se, mut de) = d.interest();
+            if d.dst_hup && !d.pending() {
+                // Waiting for room at a dst that hung up would spin: read instead, and
+                // learn at the write.
+                de = 0;
+                if !d.eof {
+                    se = libc::POLLIN;
+                }
+            }
             // A dst socket is watched even with no events, so that a reset of a peer we
             // are not writing to is seen at once (poll always reports POLLERR/POLLHUP).
             // A src is not: a half-closed socket reports POLLHUP for ever, which would
@@ -727,7 +757,7 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
             } else {
                 usize::MAX
             };
-            let t = if de != 0 || d.dst_kind == FdKind::Socket {
+            let t = if de != 0 || (d.dst_kind == FdKind::Socket && !d.dst_hup) {
                 watch(&mut set, d.dst, de)
             } else {
                 usize::MAX
@@ -801,11 +831,21 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
             {
                 let err = if d.dst_kind == FdKind::Socket {
                     sys::socket_error(d.dst)
-                        .unwrap_or_else(|| io::Error::from_raw_os_error(libc::ECONNRESET))
                 } else {
-                    io::Error::from_raw_os_error(libc::EPIPE)
+                    None
                 };
-                failure = Some(d.write_err(err));
+                if err.is_none() && drev & bad == 0 {
+                    d.dst_hup = true;
+                    continue;
+                }
+                let fallback = if d.dst_kind == FdKind::Socket {
+                    libc::ECONNRESET
+                } else {
+                    libc::EPIPE
+                };
+                failure = Some(
+                    d.write_err(err.unwrap_or_else(|| io::Error::from_raw_os_error(fallback))),
+                );
                 break;
             }
             let src_ready = srev & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;

@@ -775,3 +775,116 @@ fn a_bulk_direction_grows_its_pipe_and_a_quiet_one_keeps_the_default() {
         ran.show()
     );
 }
+
+/// Starts the relay with the client on fds 0/1 and the target on fds 6/7 given as
+/// descriptors (any kind of socket); the test keeps the other ends.
+fn spawn_between(client: OwnedFd, target: OwnedFd) -> (Child, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.env("TCPSPLICE_LOG", "stderr")
+        .stdin(Stdio::from(client.try_clone().unwrap()))
+        .stdout(Stdio::from(client))
+        .stderr(Stdio::piped());
+    target_fds(&mut cmd, high_dup(target.as_raw_fd()));
+    let child = cmd.spawn().expect("spawn tcpsplice");
+    let desc = format!("{cmd:?}");
+    drop(cmd);
+    drop(target);
+    (child, desc)
+}
+
+#[test]
+fn a_unix_socket_target_that_answers_and_closes_is_not_a_reset() {
+    // As s6-ipcclient or unixclient would give it: a Unix-domain socket on 6/7. Its
+    // close shows as POLLHUP on our end at once, which TCP never does.
+    use std::os::unix::net::UnixStream;
+    let (mut client, client_peer) = util::tcp_pair();
+    let (mut target, target_peer) = UnixStream::pair().unwrap();
+    let (child, desc) = spawn_between(OwnedFd::from(client_peer), OwnedFd::from(target_peer));
+    let reply = util::pattern(8, 100_000);
+    target.write_all(&reply).unwrap();
+    drop(target);
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut back = Vec::new();
+    client
+        .read_to_end(&mut back)
+        .expect("a clean end, not a reset");
+    assert_eq!(util::hash_of(&back), util::hash_of(&reply));
+    client.shutdown(Shutdown::Write).unwrap();
+    let ran = util::finish(child, &desc, LIMIT);
+    ran.expect_code(0);
+    assert!(ran.stderr_text().contains("how=eof"), "{}", ran.show());
+}
+
+#[test]
+fn a_unix_socket_client_that_sends_and_closes_is_not_a_reset() {
+    // As a systemd Accept=yes unit on a ListenStream= path would give it.
+    use std::os::unix::net::UnixStream;
+    let (mut client, client_peer) = UnixStream::pair().unwrap();
+    let (mut target, target_peer) = util::tcp_pair();
+    let (child, desc) = spawn_between(OwnedFd::from(client_peer), OwnedFd::from(target_peer));
+    let request = util::pattern(9, 3 << 20);
+    let req = request.clone();
+    let sender = thread::spawn(move || {
+        client.write_all(&req).unwrap();
+        // Closed whole, not half-closed.
+    });
+    target
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut got = Vec::new();
+    target
+        .read_to_end(&mut got)
+        .expect("a clean end, not a reset");
+    sender.join().unwrap();
+    assert_eq!(util::hash_of(&got), util::hash_of(&request));
+    target.shutdown(Shutdown::Write).unwrap();
+    let ran = util::finish(child, &desc, LIMIT);
+    ran.expect_code(0);
+}
+
+#[test]
+fn a_terminal_on_0_and_1_gets_its_flags_back_after_an_idle_end() {
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors; the other pointers may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: fresh descriptors from openpty, owned from here on.
+    let (_master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let (_target, target_peer) = util::tcp_pair();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["-t", "0.3"])
+        .env("TCPSPLICE_LOG", "stderr")
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::piped());
+    target_fds(&mut cmd, high_dup(target_peer.as_raw_fd()));
+    let child = cmd.spawn().unwrap();
+    drop(cmd);
+    drop(target_peer);
+    let ran = util::finish(child, "tcpsplice -t 0.3 on a pty", LIMIT);
+    ran.expect_code(1);
+    assert!(
+        ran.stderr_text().contains("how=idle-timeout"),
+        "{}",
+        ran.show()
+    );
+    // The child's 0 and 1 were dups of our slave: one open file, whose flags the
+    // shell would find again.
+    // SAFETY: F_GETFL on a descriptor we own.
+    let flags = unsafe { libc::fcntl(slave.as_raw_fd(), libc::F_GETFL) };
+    assert_eq!(
+        flags & libc::O_NONBLOCK,
+        0,
+        "the terminal was left non-blocking"
+    );
+}
