@@ -302,7 +302,11 @@ pub fn authenticate(
     let Some(checker) = policy.checker else {
         return Err(Ok(()));
     };
-    let verdict = if user_name_ok(user) {
+    let verdict = if !password_ok(password.as_bytes()) {
+        // Not worth a hash: a long password costs sha-crypt more than linearly (minutes
+        // of CPU for hundreds of KiB), and a NUL would cut a checkpassword field short.
+        Verdict::Reject
+    } else if user_name_ok(user) {
         checker.check(user, password)
     } else {
         checker.waste_time(password);
@@ -317,6 +321,14 @@ pub fn authenticate(
         Verdict::Temporary(why) => Err(Err(why)),
     }
 }
+
+/// A password worth checking: at most MAX_PASSWORD bytes, no NUL.
+pub fn password_ok(password: &[u8]) -> bool {
+    password.len() <= MAX_PASSWORD && !password.contains(&0)
+}
+
+/// The longest password checked; `tcpsplice-auth -H` hashes no longer one.
+pub const MAX_PASSWORD: usize = 4096;
 
 /// A user name we are willing to put in the environment and in logs: printable, no `:`
 /// (the users file's separator), 1 to 255 bytes.

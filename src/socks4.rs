@@ -62,6 +62,9 @@ pub fn handshake(c: &mut Client, policy: &Policy) -> Result<Request, Failure> {
             format!("command 0x{cd:02x} not supported"),
         ));
     }
+    if port == 0 {
+        return Err(fail(exit::POLICY, "target port 0"));
+    }
     Ok(Request {
         target: handshake::target_text(&host, port),
         user: None,

@@ -176,7 +176,11 @@ fn read_request(c: &mut Client) -> Result<String, Failure> {
     };
     let mut p = [0u8; 2];
     c.read_exact(&mut p).map_err(trunc)?;
-    Ok(handshake::target_text(&host, u16::from_be_bytes(p)))
+    let port = u16::from_be_bytes(p);
+    if port == 0 {
+        return Err(fail(&general, exit::POLICY, "target port 0"));
+    }
+    Ok(handshake::target_text(&host, port))
 }
 
 fn hex(b: &[u8]) -> String {

@@ -143,7 +143,7 @@ fn print_hash() -> ! {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => diag::die_sys(exit::TEMP, "read the password", &e),
         }
-        if pw.as_bytes().len() > 4096 {
+        if pw.as_bytes().len() > handshake::MAX_PASSWORD {
             diag::die(
                 exit::USAGE,
                 "unable to hash: the password is longer than 4096 bytes",

@@ -882,6 +882,69 @@ fn checkpassword_delegation() {
     assert!(r.stderr_text().contains("did not answer"), "{}", r.show());
 }
 
+#[test]
+fn over_long_or_nul_passwords_are_refused_without_a_check() {
+    // A checker that leaves a mark when it is run at all.
+    let dir = scratch("cpmark");
+    let mark = dir.join("ran");
+    let cp = checkpassword_script(
+        "cpmark",
+        &format!(
+            "touch '{}'; cat <&3 >/dev/null; exec \"$@\"",
+            mark.display()
+        ),
+    );
+    let cp = cp.to_str().unwrap();
+    // Over 4096 bytes, in an HTTP head made big enough to carry it.
+    let long = "x".repeat(5000);
+    let (got, r) = over_socket(
+        auth_cmd(&["-d", "0", "-m", "64k", "-c", cp]),
+        &http_connect("example.net:25", Some(("dave", &long))),
+    );
+    r.expect_code(1);
+    assert!(got.starts_with(b"HTTP/1.1 407 "), "{}", r.show());
+    // A NUL would shift the checker's fields: refused the same way.
+    let nul = cat(&[
+        b"\x05\x01\x02",
+        &socks5_userpass("dave", "pw\0garbage"),
+        &socks5_domain("example.net", 25),
+    ]);
+    let (got, r) = over_socket(auth_cmd(&["-d", "0", "-c", cp]), &nul);
+    r.expect_code(1);
+    assert_eq!(got, b"\x05\x02\x01\x01", "{}", r.show());
+    assert!(!mark.exists(), "the checker ran");
+    // And a normal password does reach it (the mark can appear).
+    let ok = cat(&[
+        b"\x05\x01\x02",
+        &socks5_userpass("dave", PW),
+        &socks5_domain("example.net", 25),
+    ]);
+    let (_, r) = over_socket(auth_cmd(&["-c", cp]), &ok);
+    r.expect_code(0);
+    assert!(mark.exists(), "the checker never ran{}", r.show());
+}
+
+#[test]
+fn target_port_0_is_refused_by_socks5_and_socks4() {
+    let cases: &[(&[u8], &[u8])] = &[
+        (
+            b"\x05\x01\x00\x05\x01\x00\x01\x08\x08\x08\x08\x00\x00",
+            b"\x05\x00\x05\x01\x00\x01\x00\x00\x00\x00\x00\x00",
+        ),
+        (
+            b"\x04\x01\x00\x00\x08\x08\x08\x08\x00",
+            b"\x00\x5b\x00\x00\x00\x00\x00\x00",
+        ),
+    ];
+    for (input, want) in cases {
+        let (got, r) = over_socket(auth_cmd(&["-n"]), input);
+        r.expect_code(1);
+        assert_eq!(&got, want, "for input {input:02x?}{}", r.show());
+        assert!(r.stderr_text().contains("target port 0"), "{}", r.show());
+        assert!(env_line(&r).is_none(), "{}", r.show());
+    }
+}
+
 // ---------------------------------------------------------------- the whole chain
 
 const LISTEN: &str = env!("CARGO_BIN_EXE_tcpsplice-listen");
