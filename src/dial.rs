@@ -265,6 +265,37 @@ impl Dial<'_> {
         (user, own)
     }
 
+    /// Refuses a connection that reached this host through a local route its interface
+    /// list does not show (`ip route add local 203.0.113.0/24 dev lo`, an address added
+    /// since): the kernel then picks the target's address as ours. Judged as one of
+    /// this host's own addresses, so an `-a` rule can still lift it.
+    fn refuse_own_route(&self, t: &Target, sock: &OwnedFd, peer: SocketAddr) {
+        let Ok(Some(local)) = sys::local_addr(sock.as_raw_fd()) else {
+            return;
+        };
+        let ip = rules::canonical(peer.ip());
+        if rules::canonical(local.ip()) != ip {
+            return;
+        }
+        let (user, _) = self.policy_inputs();
+        let policy = Policy {
+            allow: &self.cfg.allow,
+            user: user.as_deref(),
+            own: &[ip],
+        };
+        if let Err(why) = policy.check(&peer) {
+            self.fail(
+                Failure::NotAllowed,
+                exit::POLICY,
+                &format!(
+                    "unable to connect to {}: target not allowed: {why} (reached through a \
+                     local route)",
+                    t.shown
+                ),
+            );
+        }
+    }
+
     /// The addresses to try: resolved, of the wanted family, and for a client-chosen
     /// target allowed by the policy. Exits when none is left.
     fn candidates(&self, t: &Target, source: Option<SocketAddr>) -> Vec<SocketAddr> {
@@ -471,6 +502,9 @@ pub fn run(cfg: &Config) -> i32 {
     let source = d.source(client_local);
     let addrs = d.candidates(&target, source);
     let (sock, peer) = d.connect(&target, &addrs, source);
+    if !target.trusted {
+        d.refuse_own_route(&target, &sock, peer);
+    }
     d.hand_over(sock, peer, client, client_local)
 }
 

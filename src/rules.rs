@@ -180,6 +180,23 @@ impl Rule {
             Net::V4(_, len) | Net::V6(_, len) => len > 0,
         }
     }
+
+    /// Whether a match of this rule lifts the deny list for `ip`. Beyond
+    /// [`lifts_deny_list`](Self::lifts_deny_list): for an address that carries an IPv4
+    /// address (NAT64, 6to4), a rule covering the whole carrying prefix is, for the
+    /// IPv4 addresses inside, a rule for the whole IPv4 space: `-a 64:ff9b::/96` allows
+    /// the internet through NAT64, not 10.0.0.1 or 127.0.0.1 through it.
+    pub fn lifts_deny_for(&self, ip: IpAddr) -> bool {
+        if !self.lifts_deny_list() {
+            return false;
+        }
+        match (self.net, canonical(ip)) {
+            (Net::V6(_, len), IpAddr::V6(a)) => {
+                carrier_prefix(a).map_or(true, |carrier_len| len > carrier_len)
+            }
+            _ => true,
+        }
+    }
 }
 
 impl std::str::FromStr for Rule {
@@ -252,6 +269,20 @@ fn deny_class_v4(a: Ipv4Addr) -> Option<&'static str> {
         .map(|(_, _, class)| *class)
 }
 
+/// The length of the prefix under which `a` carries an IPv4 address (NAT64's well-known
+/// 64:ff9b::/96 and local-use 64:ff9b:1::/48, 6to4's 2002::/16), if it does.
+fn carrier_prefix(a: Ipv6Addr) -> Option<u8> {
+    if in_v6(a, Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96) {
+        Some(96)
+    } else if in_v6(a, Ipv6Addr::new(0x64, 0xff9b, 1, 0, 0, 0, 0, 0), 48) {
+        Some(48)
+    } else if a.segments()[0] == 0x2002 {
+        Some(16)
+    } else {
+        None
+    }
+}
+
 fn deny_class_v6(a: Ipv6Addr) -> Option<&'static str> {
     let seg = a.segments();
     let embedded =
@@ -263,14 +294,13 @@ fn deny_class_v6(a: Ipv6Addr) -> Option<&'static str> {
         return Some("loopback");
     }
     // Addresses that carry an IPv4 address reach it: judge them by the one they carry.
-    let carried = if in_v6(a, Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96)
-        || in_v6(a, Ipv6Addr::new(0x64, 0xff9b, 1, 0, 0, 0, 0, 0), 48)
-    {
-        Some(embedded(seg[6], seg[7]))
-    } else if seg[0] == 0x2002 {
-        Some(embedded(seg[1], seg[2]))
-    } else {
-        None
+    let carried = match carrier_prefix(a) {
+        Some(96) => Some(embedded(seg[6], seg[7])),
+        // Where the IPv4 address sits under a local-use prefix depends on the length
+        // the translator was given (RFC 6052: /48 to /96): it cannot be judged here.
+        Some(48) => return Some("local-use NAT64 (64:ff9b:1::/48)"),
+        Some(_) => Some(embedded(seg[1], seg[2])),
+        None => None,
     };
     if let Some(v4) = carried {
         return deny_class_v4(v4);
@@ -332,7 +362,7 @@ impl Policy<'_> {
         } else if !self
             .allow
             .iter()
-            .any(|r| r.matches(&addr) && (denied.is_none() || r.lifts_deny_list()))
+            .any(|r| r.matches(&addr) && (denied.is_none() || r.lifts_deny_for(ip)))
         {
             return Err(match denied {
                 Some(class) => {
@@ -414,6 +444,13 @@ mod tests {
         // The mapped space is the whole IPv4 space, and like 0.0.0.0/0 it lifts nothing.
         assert!(r("::ffff:0:0/96").matches(&sa("127.0.0.1:5")));
         assert!(!r("::ffff:0:0/96").lifts_deny_list());
+        // Likewise a rule for a whole prefix that carries IPv4 addresses, for what it
+        // carries; a narrower one names the IPv4 addresses it means.
+        let nat64_loop: IpAddr = "64:ff9b::7f00:1".parse().unwrap();
+        assert!(!r("64:ff9b::/96").lifts_deny_for(nat64_loop));
+        assert!(!r("2002::/16").lifts_deny_for("2002:a00:1::".parse().unwrap()));
+        assert!(r("64:ff9b::7f00:0/120").lifts_deny_for(nat64_loop));
+        assert!(r("fd00::/8").lifts_deny_for("fd00::2".parse().unwrap()));
         assert!(r("[2001:db8::/32]:443").matches(&sa("[2001:db8:1::5]:443")));
         assert!(!r("[2001:db8::/32]:443").matches(&sa("[2001:db9::5]:443")));
         assert!(!r("10.0.0.0/8").matches(&sa("[2001:db8::1]:1")));
@@ -442,6 +479,7 @@ mod tests {
             "fe80::1",
             "ff02::1",
             "64:ff9b::7f00:1",
+            "64:ff9b:1:a00:0:100:808:808",
             "2002:a00:1::",
             "::7f00:1",
         ] {
@@ -491,6 +529,17 @@ mod tests {
             .unwrap_err()
             .contains("loopback"));
         assert!(p.check(&sa("127.0.0.1:23")).is_err());
+
+        // The internet through NAT64, not the private network behind the translator.
+        let allow = [r("64:ff9b::/96")];
+        let p = Policy {
+            allow: &allow,
+            user: None,
+            own: &own,
+        };
+        assert!(p.check(&sa("[64:ff9b::808:808]:443")).is_ok());
+        assert!(p.check(&sa("[64:ff9b::a00:1]:443")).is_err());
+        assert!(p.check(&sa("[64:ff9b::a9fe:a9fe]:80")).is_err());
 
         let user = [r("8.8.8.0/24")];
         let p = Policy {

@@ -1134,3 +1134,39 @@ fn exec_failure_exits_127() {
     );
     assert!(has_connection(&l), "exec was tried before connecting");
 }
+
+#[test]
+fn an_address_reached_through_a_local_route_is_this_hosts_own() {
+    // A local route makes a whole prefix this host's without an interface address for
+    // getifaddrs to show (AnyIP). Needs a network namespace of our own: root.
+    if !util::is_root() {
+        eprintln!("skipped: needs root for a network namespace");
+        return;
+    }
+    const LISTEN: &str = env!("CARGO_BIN_EXE_tcpsplice-listen");
+    let script = format!(
+        "ip link set lo up && ip route add local 45.10.20.0/24 dev lo || exit 99\n\
+         '{LISTEN}' -q 45.10.20.7 5555 echo SELF & l=$!\n\
+         sleep 0.3\n\
+         TCPSPLICE_TARGET=45.10.20.7:5555 '{DIAL}' sh -c 'head -c 4 <&6; echo'; r1=$?\n\
+         TCPSPLICE_TARGET=45.10.20.7:5555 '{DIAL}' -a 45.10.20.7 sh -c 'head -c 4 <&6; echo'; r2=$?\n\
+         kill $l; echo \"rc=$r1,$r2\""
+    );
+    let ran = util::run(
+        Command::new("unshare")
+            .args(["-n", "sh", "-c", &script])
+            .env("TCPSPLICE_LOG", "stderr")
+            .env_remove("TCPSPLICE_RULES"),
+        LIMIT,
+    );
+    ran.expect_code(0);
+    let out = String::from_utf8_lossy(&ran.stdout);
+    // Refused without a rule; with one naming it, reached (the listener says SELF).
+    assert!(out.contains("rc=1,0"), "{}", ran.show());
+    assert_eq!(out.matches("SELF").count(), 1, "{}", ran.show());
+    assert!(
+        ran.stderr_text().contains("through a local route"),
+        "{}",
+        ran.show()
+    );
+}
