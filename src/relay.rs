@@ -905,10 +905,16 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
     };
 
     if matches!(end, End::Idle | End::Signal { drained: false, .. }) {
-        // Let both peers see an end instead of hanging on a connection we dropped.
+        // Let both peers see an end instead of hanging on a connection we dropped. A
+        // peer whose bytes we are throwing away hears a reset: a FIN would pass the
+        // cut-off stream for a whole one.
         for d in &dirs {
             if d.dst_kind == FdKind::Socket && !d.done {
-                let _ = sys::shutdown(d.dst, libc::SHUT_RDWR);
+                if d.pending() {
+                    let _ = sys::reset_connection(d.dst);
+                } else {
+                    let _ = sys::shutdown(d.dst, libc::SHUT_RDWR);
+                }
             }
         }
     }

@@ -888,3 +888,36 @@ fn a_terminal_on_0_and_1_gets_its_flags_back_after_an_idle_end() {
         "the terminal was left non-blocking"
     );
 }
+
+#[test]
+fn an_idle_end_that_drops_bytes_resets_the_peer_they_were_for() {
+    // The client reads nothing while the target sends: our pipe fills, nothing moves,
+    // the idle timeout ends the relay with bytes for the client still in hand.
+    let mut r = Relay::start(&["-t", "0.5"]);
+    let mut t = r.target.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        let chunk = vec![7u8; 1 << 20];
+        for _ in 0..64 {
+            if t.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let status = util::wait_timeout(&mut r.child, LIMIT).expect("the relay ended");
+    assert_eq!(status.code(), Some(1));
+    // The client: a reset, not a clean end after a truncated stream. The target, owed
+    // nothing (the client sent nothing): a clean end.
+    assert_eq!(
+        read_until_end(&mut r.client),
+        Some(std::io::ErrorKind::ConnectionReset),
+        "the client must not take the cut-off stream for a whole one"
+    );
+    assert_eq!(read_until_end(&mut r.target), None);
+    drop(writer);
+    let ran = r.finish();
+    assert!(
+        ran.stderr_text().contains("how=idle-timeout"),
+        "{}",
+        ran.show()
+    );
+}
