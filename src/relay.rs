@@ -649,9 +649,12 @@ fn prepare_fd(
     if kind == FdKind::Socket && !seen.contains(&id) {
         seen.push(id);
         // Urgent data stays in the stream (nothing is lost), and our own writes add no
-        // Nagle delay to what the peer sent. Neither matters enough to fail for.
+        // Nagle delay to what the peer sent. Keepalive bounds the wait on a peer that
+        // vanished without a word (a machine gone, a NAT that forgot us), which -t,
+        // off by default, would not. None matters enough to fail for.
         let _ = sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_OOBINLINE, 1);
         let _ = sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+        let _ = sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
     }
     Ok(kind)
 }

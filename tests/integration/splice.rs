@@ -921,3 +921,41 @@ fn an_idle_end_that_drops_bytes_resets_the_peer_they_were_for() {
         ran.show()
     );
 }
+
+#[test]
+fn the_relay_sets_keepalive_on_both_sockets() {
+    let (mut client, client_peer) = util::tcp_pair();
+    let (mut target, target_peer) = util::tcp_pair();
+    // Our own handles on the relay's sockets, to read their options.
+    let (c_view, t_view) = (
+        client_peer.try_clone().unwrap(),
+        target_peer.try_clone().unwrap(),
+    );
+    let (child, desc) = spawn_between(OwnedFd::from(client_peer), OwnedFd::from(target_peer));
+    // A byte through shows the relay is past its setup.
+    client.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    target.read_exact(&mut b).unwrap();
+    let keepalive = |s: &TcpStream| {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes one int into `v` we own.
+        let rc = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_KEEPALIVE,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        v
+    };
+    assert_ne!(keepalive(&c_view), 0, "client socket without keepalive");
+    assert_ne!(keepalive(&t_view), 0, "target socket without keepalive");
+    drop((c_view, t_view));
+    client.shutdown(Shutdown::Write).unwrap();
+    target.shutdown(Shutdown::Write).unwrap();
+    util::finish(child, &desc, LIMIT).expect_code(0);
+}
