@@ -8,6 +8,7 @@
 
 use std::ffi::CString;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::exit;
@@ -25,9 +26,21 @@ struct Sinks {
     stderr: bool,
 }
 
+/// Whether fds 0 and 1 carry a connection's data, as they do for every link of a chain.
+static STDIO_IS_DATA: AtomicBool = AtomicBool::new(true);
+
 /// Names the program for every message. Call first thing in `main`.
 pub fn init(prog: &'static str) {
     *PROG.lock().unwrap_or_else(|e| e.into_inner()) = prog;
+    *SINKS.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    STDIO_IS_DATA.store(true, Ordering::Relaxed);
+}
+
+/// Says that this program's fds 0 and 1 carry no connection's data (tcpsplice-listen:
+/// its clients are on the sockets it accepts), so that fd 2 may be the same file as
+/// them, as `2>&1`, runit's and daemontools' `exec 2>&1` and nohup make it.
+pub fn stdio_is_not_data() {
+    STDIO_IS_DATA.store(false, Ordering::Relaxed);
     *SINKS.lock().unwrap_or_else(|e| e.into_inner()) = None;
 }
 
@@ -53,7 +66,12 @@ pub fn stderr_is_safe() -> bool {
     let Ok((_, err)) = sys::fd_identity(2) else {
         return false;
     };
-    ![0, 1, 6, 7]
+    let data: &[i32] = if STDIO_IS_DATA.load(Ordering::Relaxed) {
+        &[0, 1, 6, 7]
+    } else {
+        &[]
+    };
+    !data
         .iter()
         .any(|&fd| sys::fd_identity(fd).is_ok_and(|(_, id)| id == err))
 }

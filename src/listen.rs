@@ -169,6 +169,10 @@ pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce(usize)) -> 
     // A client that vanishes must not kill the supervisor; children get SIGPIPE back
     // (chain::exec restores it).
     sys::signal_ignore(libc::SIGPIPE, true);
+    // Inherited as ignored, SIGCHLD would have the kernel reap our children by itself:
+    // waitpid would never name one, no connection would ever end for the limits, and
+    // a stop would wait for ever. The programs run per connection inherit the default.
+    sys::signal_ignore(libc::SIGCHLD, false);
     let signals =
         match sys::SignalFd::new(&[libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP]) {
             Ok(s) => s,

@@ -14,6 +14,7 @@ const USAGE: &str = "tcpsplice-listen [-1Dhq] [-b backlog] [-c max] [-C max_per_
 /// The program: `argv` is its command line without the program name.
 pub fn main(argv: Vec<OsString>) -> ! {
     diag::init("tcpsplice-listen");
+    diag::stdio_is_not_data();
     // A forked child holds nothing secret: the first link may continue in it.
     chain::allow_in_process(true);
     listen::ensure_std_fds();
@@ -52,9 +53,6 @@ pub fn main(argv: Vec<OsString>) -> ! {
     let (host, port) = (m.free[0].as_str(), m.free[1].as_str());
     // PROG... is the tail of the command line, kept as given (it need not be UTF-8).
     let prog: Vec<OsString> = argv[argv.len() - (m.free.len() - 2)..].to_vec();
-    // Decided once here rather than in every forked child.
-    chain::resolve_ahead(&prog);
-
     let listeners = if host == "-" && port == "-" {
         listensock::from_systemd()
     } else if host == "-" || port == "-" {
@@ -102,6 +100,10 @@ pub fn main(argv: Vec<OsString>) -> ! {
             );
         }
     }
+    // Decided once here rather than in every forked child; after the privilege drop,
+    // so that a sibling the new user may not execute is exec'd, and refused, as an exec
+    // would be.
+    chain::resolve_ahead(&prog);
     let cfg = Config {
         max_conns,
         max_per_ip,

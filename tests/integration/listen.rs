@@ -879,3 +879,59 @@ fn man_page_documents_every_option() {
         );
     }
 }
+
+#[test]
+fn an_inherited_ignored_sigchld_does_not_wedge_the_limits_or_the_stop() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(BIN);
+    cmd.args(["-1", "-c", "1", "127.0.0.1", "0", "cat"]);
+    // SAFETY: signal is async-signal-safe; it runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGCHLD, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let srv = Server::start_cmd(&mut cmd);
+    // With SIGCHLD ignored the kernel would reap the first connection's process by
+    // itself, and the second, over -c 1, would never be accepted.
+    for msg in [&b"one"[..], b"two", b"three"] {
+        let mut c = TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
+        c.set_read_timeout(Some(LIMIT)).unwrap();
+        assert_eq!(roundtrip(&mut c, msg), msg, "{}", srv.show());
+    }
+    srv.wait_log("end pid=", 3);
+    srv.stop();
+}
+
+#[test]
+fn messages_reach_a_stderr_that_is_also_stdout() {
+    // `tcpsplice-listen ... >log 2>&1`, runit's `exec 2>&1`: the supervisor's own 0 and 1
+    // carry no client's data, so its messages must not be held back.
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two descriptors we then own.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: fresh descriptors from pipe().
+    let (mut r, w) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    let mut child = Command::new(BIN)
+        .args(["192.0.2.1", "0", "cat"])
+        .env("TCPSPLICE_LOG", "stderr")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(w.try_clone().unwrap()))
+        .stderr(Stdio::from(w))
+        .spawn()
+        .unwrap();
+    let status = util::wait_timeout(&mut child, LIMIT).expect("it exits");
+    let mut text = String::new();
+    r.read_to_string(&mut text).unwrap();
+    assert_eq!(status.code(), Some(100));
+    assert!(
+        text.contains("tcpsplice-listen: fatal: unable to bind"),
+        "got {text:?}"
+    );
+}
