@@ -103,7 +103,9 @@ pub fn exec(argv: &[OsString]) -> i32 {
     sys::signal_ignore(libc::SIGPIPE, false);
     sys::unblock_all_signals();
     if IN_PROCESS.load(Ordering::Relaxed) && !exec_always() {
-        if let Some((name, entry)) = sibling(first) {
+        // Asked again each time, as the answer about the sibling was kept from before:
+        // after an upgrade, the new programs are what must run.
+        if let Some((name, entry)) = sibling(first).filter(|_| !image_replaced()) {
             become_sibling(name);
             return entry(argv[1..].to_vec());
         }
@@ -147,18 +149,35 @@ fn sibling(prog: &OsStr) -> Sibling {
     found
 }
 
+/// Whether the running binary was replaced (or removed) since it started: a sibling
+/// must then be exec'd, so that the new one runs, not our old copy of it.
+fn image_replaced() -> bool {
+    std::fs::read_link("/proc/self/exe").map_or(true, |here| {
+        here.as_os_str().as_bytes().ends_with(b" (deleted)")
+    })
+}
+
 fn same_directory(prog: &OsStr) -> bool {
     let Ok(here) = std::fs::read_link("/proc/self/exe") else {
         return false;
     };
-    // A binary replaced since we started: run the new one, not our old copy.
-    if here.as_os_str().as_bytes().ends_with(b" (deleted)") {
+    if image_replaced() {
         return false;
     }
     let Some(there) = search_path(prog).and_then(|p| std::fs::canonicalize(p).ok()) else {
         return false;
     };
-    there.parent().is_some() && there.parent() == here.parent()
+    there.parent().is_some() && there.parent() == here.parent() && is_elf(&there)
+}
+
+/// Whether `p` is a compiled program: a wrapper script of the same name (one that adds
+/// options, say) must be exec'd, not skipped for the built-in program.
+fn is_elf(p: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    std::fs::File::open(p)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && magic == *b"\x7fELF"
 }
 
 /// Where execvp would find `prog`.

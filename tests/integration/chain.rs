@@ -307,9 +307,10 @@ fn reversing_target(
 /// tcpsplice-dial → tcpsplice, in front of a reversing target that serves `count`
 /// connections.
 struct Forwarder {
-    listen: Child,
+    /// Taken by [`Forwarder::finish`]; killed on drop when a test failed before it.
+    listen: Option<Child>,
     port: u16,
-    target: std::thread::JoinHandle<usize>,
+    target: Option<std::thread::JoinHandle<usize>>,
     peak: Peak,
 }
 
@@ -332,19 +333,33 @@ fn forwarder_holding(
     let tport = target_a.port().to_string();
     let (listen, port) = start_listen_with(opts, &[DIAL, "127.0.0.1", &tport, SPLICE], env, cmd);
     Forwarder {
-        listen,
+        listen: Some(listen),
         port,
-        target,
+        target: Some(target),
         peak,
     }
 }
 
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        if let Some(mut l) = self.listen.take() {
+            let _ = l.kill();
+            let _ = l.wait();
+        }
+    }
+}
+
 impl Forwarder {
+    fn listen(&self) -> &Child {
+        self.listen.as_ref().expect("not finished yet")
+    }
+
     /// Checks that the target served `served` connections, stops the listener, checks it
     /// exited 0, and returns its run with the pid of each `accept` line.
-    fn finish(self, served: usize) -> (util::Ran, Vec<u32>) {
-        assert_eq!(self.target.join().unwrap(), served, "connections served");
-        let ran = stop(self.listen);
+    fn finish(mut self, served: usize) -> (util::Ran, Vec<u32>) {
+        let target = self.target.take().expect("not finished yet");
+        assert_eq!(target.join().unwrap(), served, "connections served");
+        let ran = stop(self.listen.take().expect("not finished yet"));
         ran.expect_code(0);
         let pids = accepting_pids(&ran.stderr_text());
         (ran, pids)
@@ -424,7 +439,7 @@ fn wait_no_tcp(pid: u32) {
 #[test]
 fn a_process_serves_up_to_r_connections_and_each_finds_a_fresh_fork() {
     let fw = forwarder(&["-r", "3"], &[], Command::new(LISTEN), 5);
-    let (listen, port) = (&fw.listen, fw.port);
+    let (listen, port) = (fw.listen(), fw.port);
     let mut ports = Vec::new();
     for i in 0..5u64 {
         let data = util::pattern(i, 1000 + i as usize * 4099);
@@ -526,18 +541,18 @@ fn a_connection_handed_to_a_process_that_dies_before_taking_it_goes_to_another()
     let fw = forwarder(&[], &[], Command::new(LISTEN), 2);
     let data = util::pattern(1, 5000);
     assert_eq!(round_trip(fw.port, &data).0, reversed(&data));
-    let first = live_relay_of(&fw.listen);
+    let first = live_relay_of(fw.listen());
     wait_no_tcp(first);
     // Stopped, the idle process cannot take the next connection: the listener hands it
     // over anyway and keeps its own copy of the socket until told it was taken.
     // SAFETY: kill with a pid we found among the listener's children.
     unsafe { libc::kill(first as i32, libc::SIGSTOP) };
-    let held_before = tcp_sockets_of(fw.listen.id()).len();
+    let held_before = tcp_sockets_of(fw.listen().id()).len();
     let port = fw.port;
     let sent = data.clone();
     let client = std::thread::spawn(move || round_trip(port, &sent).0);
     let end = Instant::now() + Duration::from_secs(10);
-    while tcp_sockets_of(fw.listen.id()).len() <= held_before {
+    while tcp_sockets_of(fw.listen().id()).len() <= held_before {
         assert!(
             Instant::now() < end,
             "the listener never held the handed-over socket"
@@ -574,7 +589,7 @@ fn an_idle_process_is_killed_and_the_next_connection_still_served() {
     let fw = forwarder(&[], &[], Command::new(LISTEN), 2);
     let data = util::pattern(1, 5000);
     assert_eq!(round_trip(fw.port, &data).0, reversed(&data));
-    let first = live_relay_of(&fw.listen);
+    let first = live_relay_of(fw.listen());
     wait_no_tcp(first);
     // Whether the listener reaps it before the next connection or hands that one to
     // it and sees it die: the connection must be served.
@@ -664,7 +679,7 @@ fn a_descriptor_inherited_by_the_listener_is_passed_on_to_every_connection() {
     for i in 0..3u64 {
         let data = util::pattern(i, 100);
         assert_eq!(round_trip(fw.port, &data).0, reversed(&data));
-        let relay = live_relay_of(&fw.listen);
+        let relay = live_relay_of(fw.listen());
         wait_no_tcp(relay);
         seen.push(std::fs::read_link(format!("/proc/{relay}/fd/9")).expect("fd 9 kept"));
     }
@@ -746,7 +761,7 @@ fn an_idle_process_is_let_go_and_the_listener_serves_on() {
     let fw = forwarder(&[], &[], Command::new(LISTEN), 2);
     let data = util::pattern(7, 1000);
     assert_eq!(round_trip(fw.port, &data).0, reversed(&data));
-    let idle = live_relay_of(&fw.listen);
+    let idle = live_relay_of(fw.listen());
     // Let go after 10 s of waiting (listen::IDLE_MAX): it exits and is reaped.
     let end = Instant::now() + Duration::from_secs(30);
     while std::path::Path::new(&format!("/proc/{idle}")).exists() {
@@ -784,7 +799,7 @@ fn the_per_source_limit_counts_connections_of_reused_processes() {
     held.read_to_end(&mut back).unwrap();
     assert_eq!(back, b"tsrif");
     // Ended, it no longer counts: the next one is served, by the same process.
-    let relay = live_relay_of(&fw.listen);
+    let relay = live_relay_of(fw.listen());
     wait_no_tcp(relay);
     let data = util::pattern(3, 999);
     assert_eq!(round_trip(fw.port, &data).0, reversed(&data));
@@ -811,10 +826,10 @@ fn running_short_of_descriptors_drops_no_client() {
         CLIENTS,
         Duration::from_millis(300),
     );
-    let open = std::fs::read_dir(format!("/proc/{}/fd", fw.listen.id()))
+    let open = std::fs::read_dir(format!("/proc/{}/fd", fw.listen().id()))
         .unwrap()
         .count() as u64;
-    util::set_nofile(fw.listen.id() as i32, open + 10);
+    util::set_nofile(fw.listen().id() as i32, open + 10);
     let port = fw.port;
     let clients: Vec<_> = (0..CLIENTS as u64)
         .map(|i| {
@@ -837,4 +852,152 @@ fn running_short_of_descriptors_drops_no_client() {
     distinct.sort_unstable();
     distinct.dedup();
     assert!(distinct.len() > 10, "{}", ran.show());
+}
+
+// ---------------------------------------------------------------- an installation
+
+/// A directory of our own holding copies of the programs, as an installation would.
+fn install_copy(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tcpsplice-chain-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for bin in [LISTEN, DIAL, SPLICE] {
+        let to = dir.join(std::path::Path::new(bin).file_name().unwrap());
+        std::fs::copy(bin, to).unwrap();
+    }
+    dir
+}
+
+fn exe_of(pid: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn after_an_upgrade_connections_run_the_new_programs() {
+    let dir = install_copy("upgrade");
+    let bin = |n: &str| dir.join(n).to_string_lossy().into_owned();
+    let (target_l, target_a) = util::listener();
+    let target = reversing_target(target_l, 2, Duration::ZERO, Peak::default());
+    let tport = target_a.port().to_string();
+    let (listen, port) = start_listen_with(
+        &[],
+        &[
+            &bin("tcpsplice-dial"),
+            "127.0.0.1",
+            &tport,
+            &bin("tcpsplice"),
+        ],
+        &[],
+        Command::new(bin("tcpsplice-listen")),
+    );
+    let data = util::pattern(4, 2000);
+    assert_eq!(round_trip(port, &data).0, reversed(&data));
+    // Replaced the way package managers do it: a new file renamed over the old one.
+    for n in ["tcpsplice-listen", "tcpsplice-dial", "tcpsplice"] {
+        let new = dir.join(format!("{n}.new"));
+        std::fs::copy(dir.join(n), &new).unwrap();
+        std::fs::rename(&new, dir.join(n)).unwrap();
+    }
+    // The next connection, held open to look at it: the old image must not run it.
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(b"abc").unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    let relay_exe = loop {
+        let relay = live_relay_of(&listen);
+        let exe = exe_of(relay);
+        if !exe.contains("tcpsplice-listen") || Instant::now() > end {
+            break exe;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"cba");
+    assert_eq!(target.join().unwrap(), 2);
+    let ran = stop(listen);
+    ran.expect_code(0);
+    assert!(
+        relay_exe.ends_with("/tcpsplice-dial") && !relay_exe.contains("deleted"),
+        "the relay ran from {relay_exe}{}",
+        ran.show()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_wrapper_script_named_like_a_sibling_is_run_not_skipped() {
+    let dir = install_copy("wrapper");
+    let real_dial = dir.join("tcpsplice-dial.real");
+    std::fs::rename(dir.join("tcpsplice-dial"), &real_dial).unwrap();
+    let mark = dir.join("wrapper-ran");
+    let wrapper = dir.join("tcpsplice-dial");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ntouch '{}'\nexec '{}' \"$@\"\n",
+            mark.display(),
+            real_dial.display()
+        ),
+    )
+    .unwrap();
+    let mut perm = std::fs::metadata(&wrapper).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(&wrapper, perm).unwrap();
+    let bin = |n: &str| dir.join(n).to_string_lossy().into_owned();
+    let (target_l, target_a) = util::listener();
+    let target = reversing_target(target_l, 1, Duration::ZERO, Peak::default());
+    let tport = target_a.port().to_string();
+    let (listen, port) = start_listen_with(
+        &[],
+        &[&bin("tcpsplice-dial"), "127.0.0.1", &tport, SPLICE],
+        &[],
+        Command::new(bin("tcpsplice-listen")),
+    );
+    let data = util::pattern(5, 100);
+    assert_eq!(round_trip(port, &data).0, reversed(&data));
+    assert_eq!(target.join().unwrap(), 1);
+    let ran = stop(listen);
+    ran.expect_code(0);
+    assert!(mark.exists(), "the wrapper was skipped{}", ran.show());
+    assert!(ran.stderr_text().contains(" reuse=1"), "{}", ran.show());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_sibling_the_dropped_user_may_not_execute_is_refused_as_by_exec() {
+    if !util::is_root() {
+        eprintln!("skipped: needs root to drop privileges");
+        return;
+    }
+    let dir = install_copy("perm");
+    // The directory must be searchable by nobody; the dialer executable by root only.
+    let mut perm = std::fs::metadata(&dir).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(&dir, perm).unwrap();
+    let dial = dir.join("tcpsplice-dial");
+    let mut perm = std::fs::metadata(&dial).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o700);
+    std::fs::set_permissions(&dial, perm).unwrap();
+    let bin = |n: &str| dir.join(n).to_string_lossy().into_owned();
+    // Nothing listens there: the test needs no target, and the old mistake (the
+    // dialer running in-process anyway) shows as a refused connect, status 111.
+    let tport = util::listener().1.port().to_string();
+    let (listen, port) = start_listen_with(
+        &["-u", "nobody"],
+        &[&bin("tcpsplice-dial"), "127.0.0.1", &tport, SPLICE],
+        &[],
+        Command::new(bin("tcpsplice-listen")),
+    );
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+    let ran = stop(listen);
+    ran.expect_code(0);
+    assert!(ran.stderr_text().contains(" status=126 "), "{}", ran.show());
+    let _ = std::fs::remove_dir_all(&dir);
 }
