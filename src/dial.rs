@@ -333,7 +333,7 @@ impl Dial<'_> {
                 Family::V4 => a.is_ipv4(),
                 Family::V6 => a.is_ipv6(),
             };
-            let source_ok = source.map_or(true, |s| s.is_ipv4() == a.is_ipv4());
+            let source_ok = source.is_none_or(|s| s.is_ipv4() == a.is_ipv4());
             if !family_ok || !source_ok || out.contains(&a) {
                 continue;
             }

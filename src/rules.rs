@@ -192,7 +192,7 @@ impl Rule {
         }
         match (self.net, canonical(ip)) {
             (Net::V6(_, len), IpAddr::V6(a)) => {
-                carrier_prefix(a).map_or(true, |carrier_len| len > carrier_len)
+                carrier_prefix(a).is_none_or(|carrier_len| len > carrier_len)
             }
             _ => true,
         }

@@ -85,7 +85,9 @@ pub fn main(argv: Vec<OsString>) -> ! {
     }
     if let Some(ids) = ids {
         if let Err((step, e)) = privdrop::drop_to(ids) {
-            let code = if e.raw_os_error() == Some(libc::EPERM) {
+            // EINVAL: an id the kernel cannot take ((uid_t)-1, say), as permanent as
+            // EPERM.
+            let code = if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EINVAL)) {
                 exit::USAGE
             } else {
                 exit::TEMP

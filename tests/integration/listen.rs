@@ -662,6 +662,17 @@ fn usage_and_bind_errors() {
     run(&["-c", "0", "127.0.0.1", "0", "cat"]).expect_code(100);
     run(&["-r", "0", "127.0.0.1", "0", "cat"]).expect_code(100);
     run(&["-r", "10001", "127.0.0.1", "0", "cat"]).expect_code(100);
+    // An id the kernel cannot take ((uid_t)-1): as permanent as a bad name.
+    run(&[
+        "-u",
+        "4294967295",
+        "-g",
+        "4294967295",
+        "127.0.0.1",
+        "0",
+        "cat",
+    ])
+    .expect_code(100);
     run(&["127.0.0.1", "70000", "cat"]).expect_code(100);
     run(&["-", "0", "cat"]).expect_code(100);
     run(&["-g", "65534", "127.0.0.1", "0", "cat"]).expect_code(100);
