@@ -31,17 +31,18 @@ impl Failure {
     }
 }
 
-/// The address to bind for HOST: an IP literal as is (brackets allowed around IPv6), a
-/// name through getaddrinfo, whose first IP address wins.
-pub fn resolve(host: &str) -> Result<IpAddr, Failure> {
+/// The address to bind for HOST, port 0: an IP literal as is (brackets allowed around
+/// IPv6), a name through getaddrinfo, whose first IP address wins. A link-local IPv6
+/// literal with its zone (`fe80::1%eth0`) goes through getaddrinfo too, which keeps it.
+pub fn resolve(host: &str) -> Result<SocketAddr, Failure> {
     let literal = host
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
     if let Ok(ip) = literal.parse::<IpAddr>() {
-        return Ok(ip);
+        return Ok(SocketAddr::new(ip, 0));
     }
-    let Ok(name) = CString::new(host) else {
+    let Ok(name) = CString::new(literal) else {
         return Err(Failure::new(
             exit::USAGE,
             "unable to resolve a host name containing a NUL byte".into(),
@@ -80,8 +81,7 @@ pub fn resolve(host: &str) -> Result<IpAddr, Failure> {
         // SAFETY: `cur` is a non-null node of the list getaddrinfo returned.
         let ai = unsafe { &*cur };
         // SAFETY: ai_addr points to ai_addrlen bytes of a sockaddr (or is null).
-        found =
-            unsafe { sys::sockaddr_from_raw(ai.ai_addr, ai.ai_addrlen as usize) }.map(|a| a.ip());
+        found = unsafe { sys::sockaddr_from_raw(ai.ai_addr, ai.ai_addrlen as usize) };
         cur = ai.ai_next;
     }
     // SAFETY: `res` came from a successful getaddrinfo and is freed once.
@@ -95,9 +95,15 @@ pub fn resolve(host: &str) -> Result<IpAddr, Failure> {
 pub fn bind(addr: &SocketAddr, backlog: i32) -> Result<RawFd, Failure> {
     let fail = |what: &str, e: io::Error| {
         let code = match e.raw_os_error() {
-            Some(libc::EACCES | libc::EPERM | libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT) => {
-                exit::USAGE
-            }
+            // EINVAL: an address bind cannot take at all (a link-local one without its
+            // zone, say): as permanent as one that is not ours.
+            Some(
+                libc::EACCES
+                | libc::EPERM
+                | libc::EADDRNOTAVAIL
+                | libc::EAFNOSUPPORT
+                | libc::EINVAL,
+            ) => exit::USAGE,
             _ => exit::TEMP,
         };
         Failure::new(

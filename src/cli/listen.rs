@@ -2,7 +2,6 @@
 //! connection on fds 0 and 1. See man/tcpsplice-listen.1.
 
 use std::ffi::OsString;
-use std::net::SocketAddr;
 
 use crate::listen::{self, Config};
 use crate::privdrop;
@@ -69,7 +68,10 @@ pub fn main(argv: Vec<OsString>) -> ! {
             ));
         }
         listensock::resolve(host)
-            .and_then(|ip| listensock::bind(&SocketAddr::new(ip, port), backlog))
+            .and_then(|mut addr| {
+                addr.set_port(port);
+                listensock::bind(&addr, backlog)
+            })
             .map(|fd| vec![fd])
     };
     let listeners = listeners.unwrap_or_else(|f| diag::die(f.code, &f.msg));

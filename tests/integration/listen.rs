@@ -946,3 +946,37 @@ fn messages_reach_a_stderr_that_is_also_stdout() {
         "got {text:?}"
     );
 }
+
+#[test]
+fn a_link_local_address_with_its_zone_is_bound_and_without_it_refused() {
+    // A link-local address of our own: a network namespace (root).
+    if !util::is_root() {
+        eprintln!("skipped: needs root for a network namespace");
+        return;
+    }
+    let script = format!(
+        "ip link set lo up && ip -6 addr add fe80::1/64 dev lo nodad || exit 99\n\
+         '{BIN}' -1 'fe80::1%lo' 0 cat > port & l=$!\n\
+         i=0; while [ ! -s port ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done\n\
+         printf hello | timeout 10 python3 -c \"import socket,sys;\n\
+s=socket.create_connection(('fe80::1%lo',int(open('port').read())));\n\
+s.sendall(sys.stdin.buffer.read());s.shutdown(socket.SHUT_WR);\n\
+print(s.recv(100).decode())\"\n\
+         '{BIN}' fe80::1 0 cat; echo \"rc=$?\"; kill $l"
+    );
+    let dir = std::env::temp_dir().join(format!("tcpsplice-ll-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ran = util::run(
+        Command::new("unshare")
+            .args(["-n", "sh", "-c", &script])
+            .current_dir(&dir)
+            .env("TCPSPLICE_LOG", "stderr"),
+        LIMIT,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    ran.expect_code(0);
+    let out = String::from_utf8_lossy(&ran.stdout);
+    assert!(out.contains("hello"), "{}", ran.show());
+    // Without the zone bind says EINVAL: a configuration error, not a retry.
+    assert!(out.contains("rc=100"), "{}", ran.show());
+}
