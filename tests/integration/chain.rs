@@ -289,8 +289,10 @@ fn reversing_target(
                         got.reverse();
                         s.write_all(&got).is_ok()
                     };
-                    drop(s);
+                    // Counted out before the close, which is what lets the relay
+                    // end and the next connection in.
                     open.fetch_sub(1, SeqCst);
+                    drop(s);
                     ok
                 })
             })
