@@ -415,6 +415,15 @@ fn inherited_fds(pid: u32) -> Vec<String> {
     v
 }
 
+/// One connection through `fw` carrying `data`; returns the process that served it,
+/// once it waits for the next one (holding no TCP socket).
+fn serve_and_find_idle(fw: &Forwarder, data: &[u8]) -> u32 {
+    assert_eq!(round_trip(fw.port, data).0, reversed(data));
+    let idle = live_relay_of(fw.listen());
+    wait_no_tcp(idle);
+    idle
+}
+
 /// A signal set of `pid` from /proc/PID/status (`SigBlk:`, `SigIgn:`).
 fn signal_mask(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -542,9 +551,7 @@ fn r1_or_exec_always_fork_a_process_per_connection() {
 fn a_connection_handed_to_a_process_that_dies_before_taking_it_goes_to_another() {
     let fw = forwarder(&[], &[], Command::new(LISTEN), 2);
     let data = util::pattern(1, 5000);
-    assert_eq!(round_trip(fw.port, &data).0, reversed(&data));
-    let first = live_relay_of(fw.listen());
-    wait_no_tcp(first);
+    let first = serve_and_find_idle(&fw, &data);
     // Stopped, the idle process cannot take the next connection: the listener hands it
     // over anyway and keeps its own copy of the socket until told it was taken.
     // SAFETY: kill with a pid we found among the listener's children.
@@ -590,9 +597,7 @@ fn a_connection_handed_to_a_process_that_dies_before_taking_it_goes_to_another()
 fn an_idle_process_is_killed_and_the_next_connection_still_served() {
     let fw = forwarder(&[], &[], Command::new(LISTEN), 2);
     let data = util::pattern(1, 5000);
-    assert_eq!(round_trip(fw.port, &data).0, reversed(&data));
-    let first = live_relay_of(fw.listen());
-    wait_no_tcp(first);
+    let first = serve_and_find_idle(&fw, &data);
     // Whether the listener reaps it before the next connection or hands that one to
     // it and sees it die: the connection must be served.
     // SAFETY: kill with a pid we found among the listener's children.
@@ -762,8 +767,7 @@ fn reused_processes_keep_the_connection_limit_under_concurrent_clients() {
 fn an_idle_process_is_let_go_and_the_listener_serves_on() {
     let fw = forwarder(&[], &[], Command::new(LISTEN), 2);
     let data = util::pattern(7, 1000);
-    assert_eq!(round_trip(fw.port, &data).0, reversed(&data));
-    let idle = live_relay_of(fw.listen());
+    let idle = serve_and_find_idle(&fw, &data);
     // Let go after 10 s of waiting (listen::IDLE_MAX): it exits and is reaped.
     let end = Instant::now() + Duration::from_secs(30);
     while std::path::Path::new(&format!("/proc/{idle}")).exists() {
@@ -858,16 +862,35 @@ fn running_short_of_descriptors_drops_no_client() {
 
 // ---------------------------------------------------------------- an installation
 
-/// A directory of our own holding copies of the programs, as an installation would.
-fn install_copy(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("tcpsplice-chain-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    for bin in [LISTEN, DIAL, SPLICE] {
-        let to = dir.join(std::path::Path::new(bin).file_name().unwrap());
-        std::fs::copy(bin, to).unwrap();
+/// A directory of our own holding copies of the programs, as an installation would;
+/// removed when dropped.
+struct Install {
+    dir: std::path::PathBuf,
+}
+
+impl Install {
+    fn new(name: &str) -> Install {
+        let dir =
+            std::env::temp_dir().join(format!("tcpsplice-chain-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for bin in [LISTEN, DIAL, SPLICE] {
+            let to = dir.join(std::path::Path::new(bin).file_name().unwrap());
+            std::fs::copy(bin, to).unwrap();
+        }
+        Install { dir }
     }
-    dir
+
+    /// The path of program `name` in it, as text for a command line.
+    fn bin(&self, name: &str) -> String {
+        self.dir.join(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Install {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 fn exe_of(pid: u32) -> String {
@@ -878,8 +901,9 @@ fn exe_of(pid: u32) -> String {
 
 #[test]
 fn after_an_upgrade_connections_run_the_new_programs() {
-    let dir = install_copy("upgrade");
-    let bin = |n: &str| dir.join(n).to_string_lossy().into_owned();
+    let inst = Install::new("upgrade");
+    let dir = &inst.dir;
+    let bin = |n: &str| inst.bin(n);
     let (target_l, target_a) = util::listener();
     let target = reversing_target(target_l, 2, Duration::ZERO, Peak::default());
     let tport = target_a.port().to_string();
@@ -927,12 +951,12 @@ fn after_an_upgrade_connections_run_the_new_programs() {
         "the relay ran from {relay_exe}{}",
         ran.show()
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_wrapper_script_named_like_a_sibling_is_run_not_skipped() {
-    let dir = install_copy("wrapper");
+    let inst = Install::new("wrapper");
+    let dir = &inst.dir;
     let real_dial = dir.join("tcpsplice-dial.real");
     std::fs::rename(dir.join("tcpsplice-dial"), &real_dial).unwrap();
     let mark = dir.join("wrapper-ran");
@@ -949,7 +973,7 @@ fn a_wrapper_script_named_like_a_sibling_is_run_not_skipped() {
     let mut perm = std::fs::metadata(&wrapper).unwrap().permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
     std::fs::set_permissions(&wrapper, perm).unwrap();
-    let bin = |n: &str| dir.join(n).to_string_lossy().into_owned();
+    let bin = |n: &str| inst.bin(n);
     let (target_l, target_a) = util::listener();
     let target = reversing_target(target_l, 1, Duration::ZERO, Peak::default());
     let tport = target_a.port().to_string();
@@ -966,7 +990,6 @@ fn a_wrapper_script_named_like_a_sibling_is_run_not_skipped() {
     ran.expect_code(0);
     assert!(mark.exists(), "the wrapper was skipped{}", ran.show());
     assert!(ran.stderr_text().contains(" reuse=1"), "{}", ran.show());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -975,16 +998,17 @@ fn a_sibling_the_dropped_user_may_not_execute_is_refused_as_by_exec() {
         eprintln!("skipped: needs root to drop privileges");
         return;
     }
-    let dir = install_copy("perm");
+    let inst = Install::new("perm");
+    let dir = &inst.dir;
     // The directory must be searchable by nobody; the dialer executable by root only.
-    let mut perm = std::fs::metadata(&dir).unwrap().permissions();
+    let mut perm = std::fs::metadata(dir).unwrap().permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
-    std::fs::set_permissions(&dir, perm).unwrap();
+    std::fs::set_permissions(dir, perm).unwrap();
     let dial = dir.join("tcpsplice-dial");
     let mut perm = std::fs::metadata(&dial).unwrap().permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o700);
     std::fs::set_permissions(&dial, perm).unwrap();
-    let bin = |n: &str| dir.join(n).to_string_lossy().into_owned();
+    let bin = |n: &str| inst.bin(n);
     // Nothing listens there: the test needs no target, and the old mistake (the
     // dialer running in-process anyway) shows as a refused connect, status 111.
     let tport = util::listener().1.port().to_string();
@@ -1001,5 +1025,4 @@ fn a_sibling_the_dropped_user_may_not_execute_is_refused_as_by_exec() {
     let ran = stop(listen);
     ran.expect_code(0);
     assert!(ran.stderr_text().contains(" status=126 "), "{}", ran.show());
-    let _ = std::fs::remove_dir_all(&dir);
 }
