@@ -69,6 +69,7 @@ struct Channel {
     conns: RawFd,
     /// The write end of the shared pipe: ends are reported here.
     done: RawFd,
+    /// Put on fds 0 and 1 between connections.
     devnull: RawFd,
 }
 
