@@ -152,16 +152,18 @@ fn sibling(prog: &OsStr) -> Sibling {
 /// Whether the running binary was replaced (or removed) since it started: a sibling
 /// must then be exec'd, so that the new one runs, not our old copy of it.
 fn image_replaced() -> bool {
-    std::fs::read_link("/proc/self/exe").map_or(true, |here| {
-        here.as_os_str().as_bytes().ends_with(b" (deleted)")
-    })
+    std::fs::read_link("/proc/self/exe").map_or(true, |here| is_deleted(&here))
+}
+
+fn is_deleted(exe: &Path) -> bool {
+    exe.as_os_str().as_bytes().ends_with(b" (deleted)")
 }
 
 fn same_directory(prog: &OsStr) -> bool {
     let Ok(here) = std::fs::read_link("/proc/self/exe") else {
         return false;
     };
-    if image_replaced() {
+    if is_deleted(&here) {
         return false;
     }
     let Some(there) = search_path(prog).and_then(|p| std::fs::canonicalize(p).ok()) else {

@@ -243,15 +243,20 @@ impl Dial<'_> {
         }
     }
 
-    /// The user's rules and this host's addresses, for a client-chosen target.
-    fn policy_inputs(&self) -> (Option<Vec<Rule>>, Vec<IpAddr>) {
-        let user = match std::env::var(RULES_VAR) {
+    /// The user's rules (`TCPSPLICE_RULES`), if any.
+    fn user_rules(&self) -> Option<Vec<Rule>> {
+        match std::env::var(RULES_VAR) {
             Ok(s) if !s.trim().is_empty() => match rules::parse_list(&s) {
                 Ok(r) => Some(r),
                 Err(e) => self.usage_fail(&format!("unable to use {RULES_VAR}: {e}")),
             },
             _ => None,
-        };
+        }
+    }
+
+    /// The user's rules and this host's addresses, for a client-chosen target.
+    fn policy_inputs(&self) -> (Option<Vec<Rule>>, Vec<IpAddr>) {
+        let user = self.user_rules();
         let own = own_addresses().unwrap_or_else(|e| {
             self.fail(
                 Failure::General,
@@ -277,7 +282,8 @@ impl Dial<'_> {
         if rules::canonical(local.ip()) != ip {
             return;
         }
-        let (user, _) = self.policy_inputs();
+        // This address is the one own address that matters here: no interface list.
+        let user = self.user_rules();
         let policy = Policy {
             allow: &self.cfg.allow,
             user: user.as_deref(),
