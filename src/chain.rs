@@ -12,7 +12,7 @@
 //!
 //! A sibling run in-process returns its exit status to the caller of [`exec`] at a
 //! normal end, which lets tcpsplice-listen's connection process serve the next
-//! connection (see `worker`).
+//! connection (see `listen::worker`).
 
 use std::ffi::{CString, OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use crate::{cli, diag, exit, sys};
+use crate::{diag, exit, sys};
 
 static IN_PROCESS: AtomicBool = AtomicBool::new(false);
 
@@ -64,8 +64,20 @@ pub fn is_reserved(fd: RawFd) -> bool {
         .contains(&fd)
 }
 
-type Entry = fn(Vec<OsString>) -> i32;
-type Sibling = Option<(&'static str, Entry)>;
+/// A program's `main`: its command line without its name in, its exit status out.
+pub type Entry = fn(Vec<OsString>) -> i32;
+/// A sibling program: the name it is installed under and its `main`.
+pub type Program = (&'static str, Entry);
+type Sibling = Option<Program>;
+
+/// The programs of the installation, handed over by the binary's `main`
+/// (`tcpsplice::run`); none until then, so that every program is exec'd.
+static PROGRAMS: Mutex<&'static [Program]> = Mutex::new(&[]);
+
+/// Tells the chain which programs may continue in this process.
+pub fn set_siblings(programs: &'static [Program]) {
+    *PROGRAMS.lock().unwrap_or_else(|e| e.into_inner()) = programs;
+}
 
 /// What [`sibling`] found for each program name asked about. tcpsplice-listen fills it
 /// before it forks ([`resolve_ahead`]), so its children decide without a syscall.
@@ -134,12 +146,9 @@ pub fn exec(argv: &[OsString]) -> i32 {
 /// The sibling program `prog` names, if it is one: a known name that resolves (as
 /// execvp would resolve it) to a file in the directory of the running binary.
 fn sibling(prog: &OsStr) -> Sibling {
-    let (name, entry): (&'static str, Entry) = match Path::new(prog).file_name()?.as_bytes() {
-        b"tcpsplice" => ("tcpsplice", cli::splice::main),
-        b"tcpsplice-dial" => ("tcpsplice-dial", cli::dial::main),
-        b"tcpsplice-auth" => ("tcpsplice-auth", cli::auth::main),
-        _ => return None,
-    };
+    let base = Path::new(prog).file_name()?.as_bytes();
+    let programs: &[Program] = *PROGRAMS.lock().unwrap_or_else(|e| e.into_inner());
+    let (name, entry) = *programs.iter().find(|(n, _)| n.as_bytes() == base)?;
     let mut known = SIBLINGS.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, found)) = known.iter().find(|(p, _)| p == prog) {
         return *found;

@@ -1,48 +1,52 @@
 //! tcpsplice: small programs that make an authenticating TCP proxy when a supervisor
-//! chains them per connection (see DESIGN.md in the shared notes and README.md).
+//! chains them per connection (see ARCHITECTURE.md and README.md).
 //!
-//! Each program in `src/bin` is a thin `main` calling its [`cli`] module, over these
-//! modules:
-//! - [`exit`]: the one exit-code table of the suite;
+//! A folder per program, each holding its whole logic, its `mod.rs` being the program's
+//! `main` (parse the command line, do the one step, chain-load the rest):
+//! - [`listen`]: tcpsplice-listen, the supervisor: listening sockets, the accept loop,
+//!   reused connection processes, the drop of privileges;
+//! - [`auth`]: tcpsplice-auth: the SOCKS5, SOCKS4a and HTTP CONNECT handshakes, the
+//!   users file, password hashes, checkpassword;
+//! - [`dial`]: tcpsplice-dial: resolve, Happy Eyeballs connect, the answer a waiting
+//!   client gets, the PROXY header sent onward;
+//! - [`splice`]: tcpsplice, the relay's data path.
+//!
+//! and a few shared modules beside them:
+//! - [`chain`]: running the rest of the command line (exec, or a sibling in-process);
+//! - [`rules`]: which client-chosen targets may be reached (read by tcpsplice-auth in
+//!   the users file, enforced by tcpsplice-dial);
+//! - [`conninfo`]: who is on each end, from the UCSPI environment;
 //! - [`diag`]: `prog: fatal: unable to ...` messages and the per-connection log line,
 //!   sent to syslog or to stderr but never onto the data stream;
-//! - [`sys`]: the few syscall wrappers, with errno turned into `io::Error`;
-//! - [`chain`]: exec'ing the rest of the command line;
+//! - [`exit`]: the one exit-code table of the suite;
 //! - [`args`]: option values shared by the programs (durations, fds, sizes);
-//! - [`conninfo`]: who is on each end, from the UCSPI environment;
-//! - [`relay`]: the splicer's data path;
-//! - [`rules`]: which client-chosen targets may be reached (allow rules, deny list);
-//! - [`dial`], [`connect`], [`reply`], [`proxyproto`]: the dialer, its Happy Eyeballs
-//!   connect, the SOCKS/HTTP answer it sends a waiting client, and the PROXY protocol
-//!   header it can send the target;
-//! - tcpsplice-auth's: [`handshake`] (protocol detection, the request, the environment),
-//!   [`socks5`], [`socks4`], [`httpconnect`], [`users`] (the users file), [`password`]
-//!   (hash formats, verification) and [`checkpassword`] (delegating the check);
-//! - [`listen`], [`worker`], [`listensock`], [`privdrop`]: tcpsplice-listen's supervisor
-//!   loop, its reused connection processes, its listening sockets (bound or from
-//!   systemd) and its drop of privileges.
+//! - [`sys`]: the syscall layer, errno turned into `io::Error`.
 
 pub mod args;
+pub mod auth;
 pub mod chain;
-pub mod checkpassword;
-pub mod cli;
-pub mod connect;
 pub mod conninfo;
 pub mod diag;
 pub mod dial;
 pub mod exit;
-pub mod handshake;
-pub mod httpconnect;
 pub mod listen;
-pub mod listensock;
-pub mod password;
-pub mod privdrop;
-pub mod proxyproto;
-pub mod relay;
-pub mod reply;
 pub mod rules;
-pub mod socks4;
-pub mod socks5;
+pub mod splice;
 pub mod sys;
-pub mod users;
-pub mod worker;
+
+use std::ffi::OsString;
+
+/// The programs a link may continue with in its own process (see [`chain::exec`]): the
+/// one place that knows them all, handed to [`chain`] by [`run`].
+pub const SIBLINGS: &[chain::Program] = &[
+    ("tcpsplice", splice::main),
+    ("tcpsplice-dial", dial::main),
+    ("tcpsplice-auth", auth::main),
+];
+
+/// What every `src/bin` main does: tell [`chain`] about the sibling programs, then run
+/// `program` with the command line after its name, returning its exit status.
+pub fn run(program: fn(Vec<OsString>) -> i32) -> i32 {
+    chain::set_siblings(SIBLINGS);
+    program(std::env::args_os().skip(1).collect())
+}

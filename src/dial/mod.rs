@@ -5,9 +5,14 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::dial::{self, Config, Family, Source};
+pub mod connect;
+pub mod dialer;
+pub mod proxyproto;
+pub mod reply;
+
 use crate::rules::Rule;
 use crate::{args, chain, diag, sys};
+use dialer::{Config, Family, Source};
 
 const USAGE: &str = "tcpsplice-dial [-46Dk] [-a rule]... [-t seconds] [-s addr|auto] [-p 1|2] \
                      host port prog... (or prog... with TCPSPLICE_TARGET set)";
@@ -16,7 +21,7 @@ fn parse_source(s: &str) -> Option<Source> {
     if s == "auto" {
         return Some(Source::Auto);
     }
-    if let Ok(ip) = dial::parse_host(s).and_then(|h| h.parse().map_err(|_| String::new())) {
+    if let Ok(ip) = dialer::parse_host(s).and_then(|h| h.parse().map_err(|_| String::new())) {
         return Some(Source::Addr(SocketAddr::new(ip, 0)));
     }
     s.parse::<SocketAddr>().ok().map(Source::Addr)
@@ -70,15 +75,15 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     };
     let (nodelay, keepalive) = (m.opt_present("D"), m.opt_present("k"));
     let mut free = m.free;
-    let fixed = if std::env::var_os(dial::TARGET_VAR).is_some_and(|v| !v.is_empty()) {
+    let fixed = if std::env::var_os(dialer::TARGET_VAR).is_some_and(|v| !v.is_empty()) {
         None
     } else {
         if free.len() < 3 {
             diag::usage(USAGE);
         }
         let rest = free.split_off(2);
-        let host = dial::parse_host(&free[0]).unwrap_or_else(|e| diag::usage(&e));
-        let port = dial::parse_port(&free[1])
+        let host = dialer::parse_host(&free[0]).unwrap_or_else(|e| diag::usage(&e));
+        let port = dialer::parse_port(&free[1])
             .unwrap_or_else(|| diag::usage(&format!("not a port from 1 to 65535: {}", free[1])));
         free = rest;
         Some((host, port))
@@ -86,7 +91,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     if free.is_empty() {
         diag::usage(USAGE);
     }
-    dial::run(&Config {
+    dialer::run(&Config {
         fixed,
         allow,
         family,

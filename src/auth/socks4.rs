@@ -4,8 +4,8 @@
 
 use std::net::Ipv4Addr;
 
+use super::request::{self, Client, Failure, Policy, Request};
 use crate::exit;
-use crate::handshake::{self, Client, Failure, Policy, Request};
 
 /// The 8-byte "request rejected or failed" reply.
 pub const REJECTED: &[u8] = &[0x00, 0x5B, 0, 0, 0, 0, 0, 0];
@@ -16,7 +16,7 @@ fn fail(code: i32, why: impl Into<String>) -> Failure {
 
 /// Runs the handshake after the version byte 0x04 has been read.
 pub fn handshake(c: &mut Client, policy: &Policy) -> Result<Request, Failure> {
-    let trunc = |e: handshake::ReadError| e.fail("socks4", REJECTED);
+    let trunc = |e: request::ReadError| e.fail("socks4", REJECTED);
     let mut head = [0u8; 7];
     c.read_exact(&mut head).map_err(trunc)?;
     let cd = head[0];
@@ -30,13 +30,11 @@ pub fn handshake(c: &mut Client, policy: &Policy) -> Result<Request, Failure> {
     let o = ip.octets();
     let host = if o[0] == 0 && o[1] == 0 && o[2] == 0 && o[3] != 0 {
         match read_cstring(c).map_err(trunc)? {
-            Some(name) if handshake::valid_name(&name) => {
-                String::from_utf8_lossy(&name).into_owned()
-            }
+            Some(name) if request::valid_name(&name) => String::from_utf8_lossy(&name).into_owned(),
             Some(name) => {
                 return Err(fail(
                     exit::POLICY,
-                    format!("invalid host name {}", handshake::escape(&name)),
+                    format!("invalid host name {}", request::escape(&name)),
                 ))
             }
             None => return Err(fail(exit::POLICY, "host name longer than 255 bytes")),
@@ -52,7 +50,7 @@ pub fn handshake(c: &mut Client, policy: &Policy) -> Result<Request, Failure> {
             exit::POLICY,
             format!(
                 "socks4 has no authentication and no-auth is not allowed (userid {})",
-                handshake::escape(&userid)
+                request::escape(&userid)
             ),
         ));
     }
@@ -66,7 +64,7 @@ pub fn handshake(c: &mut Client, policy: &Policy) -> Result<Request, Failure> {
         return Err(fail(exit::POLICY, "target port 0"));
     }
     Ok(Request {
-        target: handshake::target_text(&host, port),
+        target: request::target_text(&host, port),
         user: None,
         rules: None,
         reply: "socks4",
@@ -74,7 +72,7 @@ pub fn handshake(c: &mut Client, policy: &Policy) -> Result<Request, Failure> {
 }
 
 /// Reads up to and including a NUL; None when no NUL comes within 256 bytes.
-fn read_cstring(c: &mut Client) -> Result<Option<Vec<u8>>, handshake::ReadError> {
+fn read_cstring(c: &mut Client) -> Result<Option<Vec<u8>>, request::ReadError> {
     let mut v = Vec::new();
     loop {
         let b = c.read_byte()?;

@@ -3,9 +3,14 @@
 
 use std::ffi::OsString;
 
-use crate::listen::{self, Config};
-use crate::privdrop;
-use crate::{args, chain, diag, exit, listensock, sys};
+pub mod privdrop;
+pub mod sockets;
+pub mod supervisor;
+pub mod worker;
+
+use supervisor::Config;
+
+use crate::{args, chain, diag, exit, sys};
 
 const USAGE: &str = "tcpsplice-listen [-1Dhq] [-b backlog] [-c max] [-C max_per_ip] \
                      [-r max_use] [-u user] [-g group] [-U] HOST PORT PROG...";
@@ -16,7 +21,7 @@ pub fn main(argv: Vec<OsString>) -> ! {
     diag::stdio_is_not_data();
     // A forked child holds nothing secret: the first link may continue in it.
     chain::allow_in_process(true);
-    listen::ensure_std_fds();
+    supervisor::ensure_std_fds();
     let mut o = args::options();
     o.optflag("1", "", "print the bound port on stdout");
     o.optflag("D", "", "set TCP_NODELAY on every connection");
@@ -53,7 +58,7 @@ pub fn main(argv: Vec<OsString>) -> ! {
     // PROG... is the tail of the command line, kept as given (it need not be UTF-8).
     let prog: Vec<OsString> = argv[argv.len() - (m.free.len() - 2)..].to_vec();
     let listeners = if host == "-" && port == "-" {
-        listensock::from_systemd()
+        sockets::from_systemd()
     } else if host == "-" || port == "-" {
         diag::usage(&format!(
             "HOST and PORT must both be - for socket activation: {USAGE}"
@@ -61,21 +66,21 @@ pub fn main(argv: Vec<OsString>) -> ! {
     } else {
         let port: u16 = args::number(port, 0, 65535)
             .unwrap_or_else(|| diag::usage(&format!("not a port number: {port}")));
-        let passed = listensock::close_activation_fds();
+        let passed = sockets::close_activation_fds();
         if passed > 0 {
             diag::warn(&format!(
                 "closed {passed} sockets passed by systemd: HOST PORT were given, not - -"
             ));
         }
-        listensock::resolve(host)
+        sockets::resolve(host)
             .and_then(|mut addr| {
                 addr.set_port(port);
-                listensock::bind(&addr, backlog)
+                sockets::bind(&addr, backlog)
             })
             .map(|fd| vec![fd])
     };
     let listeners = listeners.unwrap_or_else(|f| diag::die(f.code, &f.msg));
-    listen::clean_environment();
+    supervisor::clean_environment();
 
     let mut bound = Vec::new();
     for &fd in &listeners {
@@ -117,7 +122,7 @@ pub fn main(argv: Vec<OsString>) -> ! {
         prog,
     };
     let print_port = m.opt_present("1");
-    listen::serve(listeners, &cfg, |max_use| {
+    supervisor::serve(listeners, &cfg, |max_use| {
         if print_port {
             let text: String = bound.iter().map(|a| format!("{}\n", a.port())).collect();
             if let Err(e) = sys::write_all(1, text.as_bytes()) {

@@ -1,9 +1,11 @@
 //! tcpsplice: moves bytes between two descriptor pairs with splice(2) until both streams
 //! have ended. See man/tcpsplice.1.
 
-use crate::relay::End;
-use crate::relay::{self, Config};
+pub mod relay;
+
 use crate::{args, chain, conninfo, diag, exit, sys};
+use relay::Config;
+use relay::End;
 use std::ffi::OsString;
 
 const USAGE: &str =

@@ -19,7 +19,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::unix::io::RawFd;
 use std::time::{Duration, Instant};
 
-use crate::{chain, conninfo, diag, exit, listensock, sys, worker};
+use super::sockets;
+use super::worker;
+use crate::{chain, conninfo, diag, exit, sys};
 
 /// How long accepting pauses after the process or system ran out of descriptors or
 /// memory, or could not fork: long enough not to spin, short enough to catch up.
@@ -127,7 +129,7 @@ pub fn clean_environment() {
     for v in STALE_VARS {
         std::env::remove_var(v);
     }
-    listensock::unset_activation_env();
+    sockets::unset_activation_env();
 }
 
 /// An IPv4 client reached through an IPv6 socket (`::ffff:a.b.c.d`) is counted, logged
@@ -479,7 +481,7 @@ impl Supervisor<'_> {
             if self.busy >= self.cfg.max_conns || self.paused_until.is_some() {
                 return;
             }
-            match listensock::accept(lfd) {
+            match sockets::accept(lfd) {
                 Ok((fd, Some(peer))) => {
                     self.shortage_warned = false;
                     self.start(fd, peer);

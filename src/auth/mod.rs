@@ -5,11 +5,22 @@
 use std::ffi::OsString;
 use std::time::Duration;
 
-use crate::checkpassword::CheckPassword;
-use crate::handshake::{self, Checker, Client, Policy};
-use crate::password::{self, Secret};
-use crate::users::Users;
+pub mod checkpassword;
+pub mod handshake;
+pub mod httpconnect;
+pub mod password;
+pub mod request;
+pub mod socks4;
+pub mod socks5;
+pub mod users;
+
+use checkpassword::CheckPassword;
+use password::Secret;
+use request::MAX_PASSWORD;
+use request::{Checker, Client, Policy};
+
 use crate::{args, chain, conninfo, diag, exit, sys};
+use users::Users;
 
 const USAGE: &str = "tcpsplice-auth [-n] [-f users | -c checkpassword] [-p socks5,socks4,http] \
 [-t timeout] [-d faildelay] [-T checktimeout] [-m headsize] prog...
@@ -143,7 +154,7 @@ fn print_hash() -> ! {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => diag::die_sys(exit::TEMP, "read the password", &e),
         }
-        if pw.as_bytes().len() > handshake::MAX_PASSWORD {
+        if pw.as_bytes().len() > MAX_PASSWORD {
             diag::die(
                 exit::USAGE,
                 "unable to hash: the password is longer than 4096 bytes",

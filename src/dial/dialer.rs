@@ -9,10 +9,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use crate::connect::{self, connect_any, own_addresses, resolve};
-use crate::reply::{self, Failure, Style};
+use super::connect::{self, connect_any, own_addresses, resolve};
+use super::proxyproto;
+use super::reply::{self, Failure, Style};
 use crate::rules::{self, Policy, Rule};
-use crate::{chain, conninfo, diag, exit, proxyproto, sys};
+use crate::{chain, conninfo, diag, exit, sys};
 
 /// The variable naming a client-chosen target, `host:port` or `[v6addr]:port`.
 pub const TARGET_VAR: &str = "TCPSPLICE_TARGET";

@@ -9,8 +9,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::handshake::{Checker, Verdict};
-use crate::password::{Secret, StoredHash};
+use super::password::{Secret, StoredHash};
+use super::request::{Checker, Verdict};
 use crate::rules;
 
 /// Checked against when the user is unknown, so that an unknown user costs the time of
@@ -64,7 +64,7 @@ impl Users {
             let Some(hash) = fields.next() else {
                 return Err((n, "expected user:hash[:rules]".into()));
             };
-            if !crate::handshake::user_name_ok(name.as_bytes()) {
+            if !super::request::user_name_ok(name.as_bytes()) {
                 return Err((
                     n,
                     "bad user name (1 to 255 printable ASCII bytes, no colon)".into(),

@@ -4,9 +4,9 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use super::password::Secret;
+use super::request::{self, Client, Failure, Policy, Request};
 use crate::exit;
-use crate::handshake::{self, Client, Failure, Policy, Request};
-use crate::password::Secret;
 
 const NO_AUTH: u8 = 0x00;
 const USER_PASS: u8 = 0x02;
@@ -58,7 +58,7 @@ pub fn handshake(c: &mut Client, policy: &Policy) -> Result<Request, Failure> {
     let mut rules = None;
     if method == USER_PASS {
         let (name, password) = read_credentials(c)?;
-        match handshake::authenticate(policy, &name, &password) {
+        match request::authenticate(policy, &name, &password) {
             Ok(r) => {
                 rules = r;
                 user = Some(String::from_utf8_lossy(&name).into_owned());
@@ -67,7 +67,7 @@ pub fn handshake(c: &mut Client, policy: &Policy) -> Result<Request, Failure> {
                 return Err(fail(
                     AUTH_FAIL,
                     exit::POLICY,
-                    format!("auth failed user={}", handshake::escape(&name)),
+                    format!("auth failed user={}", request::escape(&name)),
                 ))
             }
             Err(Err(why)) => return Err(fail(AUTH_FAIL, exit::TEMP, why)),
@@ -98,7 +98,7 @@ fn send(c: &Client, bytes: &[u8]) -> Result<(), Failure> {
 
 /// RFC 1929: `01 ULEN UNAME PLEN PASSWD`.
 fn read_credentials(c: &mut Client) -> Result<(Vec<u8>, Secret), Failure> {
-    let trunc = |e: handshake::ReadError| e.fail("socks5", AUTH_FAIL);
+    let trunc = |e: request::ReadError| e.fail("socks5", AUTH_FAIL);
     let ver = c.read_byte().map_err(trunc)?;
     if ver != 0x01 {
         return Err(fail(
@@ -119,7 +119,7 @@ fn read_credentials(c: &mut Client) -> Result<(Vec<u8>, Secret), Failure> {
 /// `05 CMD 00 ATYP DST.ADDR DST.PORT` -> the target text.
 fn read_request(c: &mut Client) -> Result<String, Failure> {
     let general = reply(REP_GENERAL);
-    let trunc = |e: handshake::ReadError| e.fail("socks5", &general);
+    let trunc = |e: request::ReadError| e.fail("socks5", &general);
     let mut head = [0u8; 4];
     c.read_exact(&mut head).map_err(trunc)?;
     let [ver, cmd, _rsv, atyp] = head;
@@ -153,7 +153,7 @@ fn read_request(c: &mut Client) -> Result<String, Failure> {
             let mut name = vec![0u8; n as usize];
             c.read_exact(&mut name).map_err(trunc)?;
             let text = String::from_utf8_lossy(&name).into_owned();
-            if text.parse::<Ipv6Addr>().is_ok() || handshake::valid_name(&name) {
+            if text.parse::<Ipv6Addr>().is_ok() || request::valid_name(&name) {
                 text
             } else {
                 // Read the port too so the refusal is not lost to a reset.
@@ -162,7 +162,7 @@ fn read_request(c: &mut Client) -> Result<String, Failure> {
                 return Err(fail(
                     &general,
                     exit::POLICY,
-                    format!("invalid host name {}", handshake::escape(&name)),
+                    format!("invalid host name {}", request::escape(&name)),
                 ));
             }
         }
@@ -180,7 +180,7 @@ fn read_request(c: &mut Client) -> Result<String, Failure> {
     if port == 0 {
         return Err(fail(&general, exit::POLICY, "target port 0"));
     }
-    Ok(handshake::target_text(&host, port))
+    Ok(request::target_text(&host, port))
 }
 
 fn hex(b: &[u8]) -> String {

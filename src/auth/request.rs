@@ -1,19 +1,15 @@
-//! The proxy handshake on fds 0/1: which protocol the client speaks, reading its request
-//! without ever reading a byte past it, and what tcpsplice-auth tells the next program.
-//!
-//! The first byte decides: 0x05 SOCKS5, 0x04 SOCKS4/4a, an ASCII letter HTTP CONNECT. It
-//! is the first byte of the request in every protocol, so it is simply read. SOCKS
-//! messages have lengths that can be computed, so exactly their bytes are read; the HTTP
-//! head is found with `recv(MSG_PEEK)` on a socket, one byte at a time on anything else.
-//! Whatever the client pipelines behind its request stays in the kernel for the programs
-//! after the exec.
+//! What the three protocols share: the client's bytes read under one deadline
+//! ([`Client`]), what it asks for ([`Request`]), how a refusal is answered
+//! ([`Failure`]), what the handshake allows and who checks a login ([`Policy`],
+//! [`Checker`]), and the checks every protocol makes of names and passwords.
+//! The protocol modules and the dispatcher in `handshake` both build on it.
 
 use std::io;
 use std::os::unix::io::RawFd;
 use std::time::{Duration, Instant};
 
-use crate::password::Secret;
-use crate::{exit, httpconnect, socks4, socks5, sys};
+use super::password::Secret;
+use crate::{exit, sys};
 
 /// The answer of a credential check.
 pub enum Verdict {
@@ -238,27 +234,6 @@ impl Client {
     }
 }
 
-/// Reads the client's request and checks its credentials. Ok is the request to pass on;
-/// Err says what to answer before exiting. Replies of the handshake's middle steps are
-/// sent here; the final answer is tcpsplice-dial's.
-pub fn run(c: &mut Client, policy: &Policy) -> Result<Request, Failure> {
-    let first = match c.read_byte() {
-        Ok(b) => b,
-        Err(e) => return Err(e.fail("-", b"")),
-    };
-    match first {
-        0x05 => socks5::handshake(c, policy),
-        0x04 => socks4::handshake(c, policy),
-        b if b.is_ascii_alphabetic() => httpconnect::handshake(c, policy, b),
-        b => Err(Failure::new(
-            "-",
-            b"",
-            exit::POLICY,
-            format!("unknown protocol (first byte 0x{b:02x})"),
-        )),
-    }
-}
-
 /// Checks that a host name from a client is one a resolver may be asked about: 1 to 255
 /// bytes of letters, digits, `-`, `.` and `_` (an IPv4 literal is such a name).
 pub fn valid_name(name: &[u8]) -> bool {
@@ -336,26 +311,4 @@ pub fn user_name_ok(user: &[u8]) -> bool {
     !user.is_empty()
         && user.len() <= 255
         && user.iter().all(|&b| (0x20..0x7f).contains(&b) && b != b':')
-}
-
-/// Sets the environment the next programs read (DESIGN.md): `TCPSPLICE_TARGET`,
-/// `TCPSPLICE_REPLY`, `TCPSPLICE_USER` and `TCPSPLICE_RULES` (both removed when they do
-/// not apply, so nothing inherited can pass for them), the UCSPI names of the client
-/// when no supervisor set them, and systemd's socket-passing variables unset, as we
-/// consumed the socket.
-pub fn export(req: &Request) {
-    crate::conninfo::fill_from_socket(0);
-    std::env::set_var("TCPSPLICE_TARGET", &req.target);
-    std::env::set_var("TCPSPLICE_REPLY", req.reply);
-    match &req.user {
-        Some(u) => std::env::set_var("TCPSPLICE_USER", u),
-        None => std::env::remove_var("TCPSPLICE_USER"),
-    }
-    match &req.rules {
-        Some(r) => std::env::set_var("TCPSPLICE_RULES", r),
-        None => std::env::remove_var("TCPSPLICE_RULES"),
-    }
-    for v in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
-        std::env::remove_var(v);
-    }
 }

@@ -12,8 +12,8 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::handshake::{Checker, Verdict};
-use crate::password::Secret;
+use super::password::Secret;
+use super::request::{Checker, Verdict};
 use crate::{diag, sys};
 
 /// A checkpassword program and how long it may take.

@@ -7,9 +7,9 @@
 
 use std::net::Ipv6Addr;
 
+use super::password::Secret;
+use super::request::{self, Client, Failure, Policy, ReadError, Request};
 use crate::exit;
-use crate::handshake::{self, Client, Failure, Policy, ReadError, Request};
-use crate::password::Secret;
 
 pub const REALM: &str = "tcpsplice";
 
@@ -64,7 +64,7 @@ pub fn handshake(c: &mut Client, policy: &Policy, first: u8) -> Result<Request, 
     if parts.len() != 3 || !parts[2].starts_with("HTTP/1.") {
         return Err(bad_request(format!(
             "malformed request line {}",
-            handshake::escape(request_line.as_bytes())
+            request::escape(request_line.as_bytes())
         )));
     }
     if parts[0] != "CONNECT" {
@@ -74,14 +74,14 @@ pub fn handshake(c: &mut Client, policy: &Policy, first: u8) -> Result<Request, 
             exit::POLICY,
             format!(
                 "method {} not supported",
-                handshake::escape(parts[0].as_bytes())
+                request::escape(parts[0].as_bytes())
             ),
         ));
     }
     let target = parse_authority(parts[1]).ok_or_else(|| {
         bad_request(format!(
             "bad CONNECT target {}",
-            handshake::escape(parts[1].as_bytes())
+            request::escape(parts[1].as_bytes())
         ))
     })?;
     let mut authorization = None;
@@ -102,7 +102,7 @@ pub fn handshake(c: &mut Client, policy: &Policy, first: u8) -> Result<Request, 
         (true, Some(value)) => {
             let (name, password) = basic_credentials(value)
                 .ok_or_else(|| challenge("Proxy-Authorization is not valid Basic"))?;
-            match handshake::authenticate(policy, &name, &password) {
+            match request::authenticate(policy, &name, &password) {
                 Ok(r) => {
                     rules = r;
                     user = Some(String::from_utf8_lossy(&name).into_owned());
@@ -110,7 +110,7 @@ pub fn handshake(c: &mut Client, policy: &Policy, first: u8) -> Result<Request, 
                 Err(Ok(())) => {
                     return Err(challenge(format!(
                         "auth failed user={}",
-                        handshake::escape(&name)
+                        request::escape(&name)
                     )))
                 }
                 Err(Err(why)) => return Err(fail("503 Service Unavailable", "", exit::TEMP, why)),
@@ -186,7 +186,7 @@ fn parse_authority(a: &str) -> Option<String> {
         (h, p)
     } else {
         let (h, p) = a.rsplit_once(':')?;
-        if !handshake::valid_name(h.as_bytes()) {
+        if !request::valid_name(h.as_bytes()) {
             return None;
         }
         (h, p)
@@ -195,7 +195,7 @@ fn parse_authority(a: &str) -> Option<String> {
         return None;
     }
     let port: u16 = port.parse().ok().filter(|&p| p != 0)?;
-    Some(handshake::target_text(host, port))
+    Some(request::target_text(host, port))
 }
 
 /// `Basic base64(user:password)`, scheme matched case-insensitively, split at the first
