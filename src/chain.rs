@@ -91,12 +91,13 @@ pub fn resolve_ahead(argv: &[OsString]) {
     }
 }
 
-/// Whether [`exec`] of `prog` would continue in this process and could come back: not
-/// for tcpsplice-auth, which always execs its successor for real.
-pub fn may_return(prog: &OsStr) -> bool {
-    IN_PROCESS.load(Ordering::Relaxed)
-        && !exec_always()
-        && sibling(prog).is_some_and(|(name, _)| name != "tcpsplice-auth")
+/// The sibling that [`exec`] of `prog` would continue with in this process, and that
+/// could come back: None when it would be exec'd.
+pub fn continues_as(prog: &OsStr) -> Option<&'static str> {
+    if !IN_PROCESS.load(Ordering::Relaxed) || exec_always() {
+        return None;
+    }
+    sibling(prog).map(|(name, _)| name)
 }
 
 fn exec_always() -> bool {

@@ -20,7 +20,8 @@
 //!   sent to syslog or to stderr but never onto the data stream;
 //! - [`exit`]: the one exit-code table of the suite;
 //! - [`args`]: option values shared by the programs (durations, fds, sizes);
-//! - [`sys`]: the syscall layer, errno turned into `io::Error`.
+//! - [`sys`]: the syscall layer, errno turned into `io::Error`;
+//! - [`shm`]: memory shared by tcpsplice-listen's process tree (mapping, futex).
 
 pub mod args;
 pub mod auth;
@@ -31,6 +32,7 @@ pub mod dial;
 pub mod exit;
 pub mod listen;
 pub mod rules;
+pub mod shm;
 pub mod splice;
 pub mod sys;
 

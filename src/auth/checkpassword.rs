@@ -7,6 +7,7 @@
 //! Its stdin and stdout are /dev/null, never the client.
 
 use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::io::RawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -108,6 +109,10 @@ impl CheckPassword {
 }
 
 impl Checker for CheckPassword {
+    fn cache_key(&self, _user: &[u8]) -> Option<(Vec<u8>, Option<String>)> {
+        Some((self.prog.as_bytes().to_vec(), None))
+    }
+
     fn check(&self, user: &[u8], password: &Secret) -> Verdict {
         match self.run(user, password) {
             Ok(0) => Verdict::Accept { rules: None },

@@ -14,7 +14,13 @@ pub mod socks4;
 pub mod socks5;
 pub mod users;
 
+pub mod loginstate;
+
+use std::cell::Cell;
+use std::time::Instant;
+
 use checkpassword::CheckPassword;
+use loginstate::Gate;
 use password::Secret;
 use request::MAX_PASSWORD;
 use request::{Checker, Client, Policy};
@@ -26,11 +32,17 @@ const USAGE: &str = "tcpsplice-auth [-n] [-f users | -c checkpassword] [-p socks
 [-t timeout] [-d faildelay] [-T checktimeout] [-m headsize] prog...
        tcpsplice-auth -H  (reads a password on stdin, prints its hash)";
 
+/// Says how the user's login went (`cached` or `verified`) for the relay's log line;
+/// removed for no-auth.
+pub const LOGIN_VAR: &str = "TCPSPLICE_LOGIN";
+
 /// The program: `argv` is its command line without the program name.
 pub fn main(argv: Vec<OsString>) -> i32 {
     diag::init("tcpsplice-auth");
-    // The users file and the handshake must not outlive us: always exec for real.
-    chain::allow_in_process(false);
+    // Whether the next program may continue in this process is left as it was found:
+    // so only under tcpsplice-listen, whose connection process ran us in-process. The
+    // users file, the checker and the client's bytes are dropped (passwords wiped)
+    // before the chain goes on; what stays is the shared login state (loginstate).
     sys::signal_ignore(libc::SIGPIPE, true);
     let mut o = args::options();
     o.optflag("H", "", "print a hash of the password read on stdin");
@@ -42,6 +54,13 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     o.optopt("d", "", "delay before a failed login's answer", "SECONDS");
     o.optopt("T", "", "checkpassword timeout", "SECONDS");
     o.optopt("m", "", "largest HTTP request head", "BYTES");
+    o.optopt(
+        "K",
+        "",
+        "how long a verified login is remembered",
+        "SECONDS",
+    );
+    o.optopt("j", "", "most password checks at once", "N");
     let m = args::parse(&o, &argv, USAGE);
     if m.opt_present("H") {
         print_hash();
@@ -63,6 +82,16 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             .filter(|&n| (256..=1 << 20).contains(&n))
             .unwrap_or_else(|| diag::usage(&format!("-m: not a size from 256 to 1m: {s}"))),
     };
+    let cache_ttl = secs("K", 300.0);
+    let slots = match m.opt_str("j") {
+        None => std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8)),
+        Some(s) => args::number(&s, 1, loginstate::MAX_SLOTS).unwrap_or_else(|| {
+            diag::usage(&format!(
+                "-j: not a number from 1 to {}: {s}",
+                loginstate::MAX_SLOTS
+            ))
+        }),
+    };
     let (mut socks5, mut socks4, mut http) = (true, true, true);
     if let Some(list) = m.opt_str("p") {
         (socks5, socks4, http) = (false, false, false);
@@ -78,30 +107,33 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         }
     }
     let anonymous = m.opt_present("n");
-    let users;
-    let cp;
-    let checker: Option<&dyn Checker> = match (m.opt_str("f"), m.opt_str("c")) {
+    let (users, cp) = match (m.opt_str("f"), m.opt_str("c")) {
         (Some(_), Some(_)) => diag::usage("-f and -c exclude each other"),
         (Some(f), None) => {
-            users = Users::load(std::path::Path::new(&f)).unwrap_or_else(|why| {
+            let users = Users::load(std::path::Path::new(&f)).unwrap_or_else(|why| {
                 diag::die(exit::USAGE, &format!("unable to load users: {why}"))
             });
             if users.is_empty() {
                 diag::warn(&format!("{f} has no users: every login will fail"));
             }
-            Some(&users)
+            (Some(users), None)
         }
-        (None, Some(c)) => {
-            cp = CheckPassword {
+        (None, Some(c)) => (
+            None,
+            Some(CheckPassword {
                 prog: OsString::from(c),
                 timeout: check_timeout,
-            };
-            Some(&cp)
-        }
-        (None, None) if anonymous => None,
+            }),
+        ),
+        (None, None) if anonymous => (None, None),
         (None, None) => diag::usage(&format!(
             "give -f users or -c checkpassword, or -n to allow clients without credentials: {USAGE}"
         )),
+    };
+    let checker: Option<&dyn Checker> = match (&users, &cp) {
+        (Some(u), _) => Some(u),
+        (_, Some(c)) => Some(c),
+        _ => None,
     };
     if m.free.is_empty() {
         diag::usage(USAGE);
@@ -114,21 +146,39 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             );
         }
     }
+    let gate = checker.map(|inner| Gate {
+        inner,
+        region: loginstate::region(),
+        ttl: cache_ttl,
+        slots,
+        deadline: Instant::now() + timeout,
+        outcome: Cell::new(None),
+    });
     let policy = Policy {
         socks5,
         socks4,
         http,
         anonymous,
-        checker,
+        checker: gate.as_ref().map(|g| g as &dyn Checker),
         head_cap,
         fail_delay,
     };
     conninfo::fill_from_socket(0);
     let mut client = Client::new(0, 1, timeout);
-    match handshake::run(&mut client, &policy) {
+    let result = handshake::run(&mut client, &policy);
+    match result {
         Ok(req) => {
+            let login = gate.as_ref().and_then(|g| g.outcome.get());
+            // The parsed users file goes before the next program runs (in this
+            // process, perhaps); the passwords were wiped as they were dropped.
+            drop((users, cp));
             handshake::export(&req);
+            match login.filter(|_| req.user.is_some()) {
+                Some(l) => std::env::set_var(LOGIN_VAR, l.as_str()),
+                None => std::env::remove_var(LOGIN_VAR),
+            }
             let next: Vec<OsString> = m.free.iter().map(OsString::from).collect();
+            drop(m);
             chain::exec(&next)
         }
         Err(f) => {

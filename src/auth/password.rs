@@ -82,6 +82,11 @@ pub struct StoredHash {
 }
 
 impl StoredHash {
+    /// The hash as the users file has it.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
     /// Checks the format and the cost of a hash from the users file. The error says why
     /// it is refused, for a message that names the file and line.
     pub fn parse(text: &str) -> Result<StoredHash, String> {

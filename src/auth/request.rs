@@ -27,6 +27,12 @@ pub trait Checker {
     /// Spends the time of a check without making one, for a user name that cannot
     /// exist: the answer must not come sooner than a real refusal.
     fn waste_time(&self, _password: &Secret) {}
+    /// What a verified login of `user` is tied to in the login cache, and the rules a
+    /// cached login gets: the users-file entry's hash string and rules, or the checker
+    /// program. None (the default) when nothing may be cached, as for an unknown user.
+    fn cache_key(&self, _user: &[u8]) -> Option<(Vec<u8>, Option<String>)> {
+        None
+    }
 }
 
 /// What the handshake allows.

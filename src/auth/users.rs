@@ -133,6 +133,11 @@ impl Checker for Users {
         }
     }
 
+    fn cache_key(&self, user: &[u8]) -> Option<(Vec<u8>, Option<String>)> {
+        let e = self.entries.get(user)?;
+        Some((e.hash.text().as_bytes().to_vec(), e.rules.clone()))
+    }
+
     fn waste_time(&self, password: &Secret) {
         // The time a wrong password costs; the answer does not matter.
         let _ = self.dummy.verify(password.as_bytes());

@@ -113,6 +113,16 @@ pub fn main(argv: Vec<OsString>) -> ! {
     // so that a sibling the new user may not execute is exec'd, and refused, as an exec
     // would be.
     chain::resolve_ahead(&prog);
+    // tcpsplice-auth continuing in the connection processes shares its login cache and
+    // its bound on password checks through memory mapped here, before any fork.
+    if prog.first().and_then(|p| chain::continues_as(p)) == Some("tcpsplice-auth") {
+        if let Err(e) = crate::auth::loginstate::create() {
+            diag::warn(&format!(
+                "unable to map the shared login state: {}: every login is checked in full",
+                sys::strerror(&e)
+            ));
+        }
+    }
     let cfg = Config {
         max_conns,
         max_per_ip,

@@ -40,8 +40,9 @@ const BATCH: usize = 32;
 
 /// Variables that describe one connection. Inherited by the supervisor from wherever it
 /// was started, they would describe no connection of ours, so they are removed.
-const STALE_VARS: [&str; 7] = [
+const STALE_VARS: [&str; 8] = [
     "TCPSPLICE_CLIENT",
+    "TCPSPLICE_LOGIN",
     "TCPSPLICE_TARGET",
     "TCPSPLICE_USER",
     "TCPSPLICE_REPLY",
@@ -148,7 +149,11 @@ fn show(addr: &SocketAddr) -> String {
 /// Whether connection processes can be reused: PROG... must continue in the forked
 /// process and be able to come back to it, as our own forwarding chain does.
 fn reusable(cfg: &Config) -> bool {
-    cfg.max_use > 1 && cfg.prog.first().is_some_and(|p| chain::may_return(p))
+    cfg.max_use > 1
+        && cfg
+            .prog
+            .first()
+            .is_some_and(|p| chain::continues_as(p).is_some())
 }
 
 fn done_pipe() -> io::Result<Done> {

@@ -72,8 +72,12 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     };
     if !m.opt_present("q") {
         let user = std::env::var("TCPSPLICE_USER").unwrap_or_else(|_| "-".into());
+        // How tcpsplice-auth checked the user (cached or verified), when it says.
+        let login = std::env::var(crate::auth::LOGIN_VAR)
+            .map(|l| format!(" login={l}"))
+            .unwrap_or_default();
         diag::info(&format!(
-            "end client={} user={} target={} up={} down={} secs={:.3} path={}/{} pipes={}/{} how={}",
+            "end client={} user={} target={} up={} down={} secs={:.3} path={}/{} pipes={}/{} how={}{}",
             conninfo::client().unwrap_or_else(|| "-".into()),
             user,
             conninfo::target().unwrap_or_else(|| "-".into()),
@@ -85,6 +89,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             out.up_pipe,
             out.down_pipe,
             out.end.describe(),
+            login,
         ));
     }
     match out.end {

@@ -221,13 +221,14 @@ fn tcpsplice_exec_always_forces_real_execs() {
     }
 }
 
-#[test]
-fn the_authenticator_always_execs_for_real() {
+/// Runs one no-auth SOCKS5 connection through tcpsplice-auth → dial → splice, started
+/// by `start` (given the chain's command line, it returns the pid that will relay and
+/// the client's socket); returns the relay's image while the connection is open.
+fn auth_chain_image(start: impl FnOnce(&[&str]) -> (u32, TcpStream)) -> String {
     const AUTH: &str = env!("CARGO_BIN_EXE_tcpsplice-auth");
     let (target_l, target_a) = util::listener();
     let rule = format!("127.0.0.1/32:{}", target_a.port());
-    let (listen, port) = start_listen(&[AUTH, "-n", DIAL, "-a", &rule, SPLICE], &[]);
-    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (pid, mut client) = start(&[AUTH, "-n", DIAL, "-a", &rule, SPLICE]);
     client
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
@@ -246,17 +247,47 @@ fn the_authenticator_always_execs_for_real() {
     client.write_all(b"ping").unwrap();
     let mut b = [0u8; 4];
     target.read_exact(&mut b).unwrap();
-    let relay = relay_of(&listen);
-    let exe = std::fs::read_link(format!("/proc/{relay}/exe")).unwrap();
+    let exe = exe_of(pid);
     drop((client, target));
-    let ran = stop(listen);
-    // The dialer was exec'd (a fresh image, nothing of the authenticator's memory), and
-    // the splicer continued in the dialer's process.
+    exe
+}
+
+#[test]
+fn the_authenticator_continues_in_the_listeners_process_and_is_execd_elsewhere() {
+    // Under tcpsplice-listen: auth, dial and splice all run in the connection process.
+    let mut listen = None;
+    let exe = auth_chain_image(|prog| {
+        let (l, port) = start_listen(prog, &[]);
+        let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let pid = live_relay_of(&l);
+        listen = Some(l);
+        (pid, c)
+    });
+    let ran = stop(listen.expect("listener"));
     assert!(
-        exe.to_string_lossy().ends_with("/tcpsplice-dial"),
+        exe.ends_with("/tcpsplice-listen"),
         "relay image {exe:?}{}",
         ran.show()
     );
+    // As inetd runs it (the client on 0/1, no listener): the dialer is exec'd, a fresh
+    // image with nothing of the authenticator's memory, and the splicer continues in it.
+    let mut child = None;
+    let exe = auth_chain_image(|prog| {
+        let (mine, theirs) = util::tcp_pair();
+        let c = Command::new(prog[0])
+            .args(&prog[1..])
+            .stdin(std::os::fd::OwnedFd::from(theirs.try_clone().unwrap()))
+            .stdout(std::os::fd::OwnedFd::from(theirs))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tcpsplice-auth");
+        let pid = c.id();
+        child = Some(c);
+        (pid, mine)
+    });
+    let mut child = child.expect("child");
+    let _ = util::wait_timeout(&mut child, Duration::from_secs(10));
+    assert!(exe.ends_with("/tcpsplice-dial"), "relay image {exe:?}");
 }
 
 // ---------------------------------------------------------------- reused processes

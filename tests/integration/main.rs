@@ -7,4 +7,5 @@ mod auth;
 mod chain;
 mod dial;
 mod listen;
+mod logins;
 mod splice;

@@ -1,0 +1,306 @@
+//! What the tcpsplice-auth runs under one tcpsplice-listen share: a cache of verified
+//! logins, so that a user's next connection skips the slow hash, and a bound on the
+//! password checks running at once, so that a login flood costs bounded memory and
+//! other clients still get their turn.
+//!
+//! Both live in memory that tcpsplice-listen maps before it forks ([`create`]) and that
+//! only its connection processes see: tcpsplice-auth finds it when it runs in such a
+//! process (the chain's in-process continuation), and not when it was exec'd (inetd,
+//! xinetd, systemd, `TCPSPLICE_EXEC=always`), where it checks every login in full and
+//! does not wait for a slot, as before.
+//!
+//! A cache entry is HMAC-SHA256 under a random key made at [`create`] of the checker's
+//! identity for the user (the users file's hash string, or the checkpassword program),
+//! the user name and the password, with an expiry. Nothing else is kept: no password,
+//! no unkeyed hash of one. A changed or removed users-file entry changes the MAC, so the
+//! old one is never found again. Only successes are stored.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+
+use super::password::Secret;
+use super::request::{Checker, Verdict};
+use crate::shm;
+
+/// Verified logins kept, at most; when a bucket is full the entry nearest its expiry
+/// makes way.
+pub const ENTRIES: usize = 4096;
+const WAYS: usize = 4;
+/// The most password checks `-j` may allow at once.
+pub const MAX_SLOTS: usize = 64;
+
+#[repr(C)]
+struct Entry {
+    /// Even when the entry is whole, odd while a process writes it.
+    seq: AtomicU32,
+    /// CLOCK_MONOTONIC milliseconds after which the entry is void; 0 for none.
+    expires: AtomicU64,
+    tag: [AtomicU64; 4],
+}
+
+#[repr(C)]
+pub struct Region {
+    key: [AtomicU64; 4],
+    /// Bumped at each release of a slot; waiters sleep on it.
+    released: AtomicU32,
+    /// The pid of the process running a check in each slot, 0 when free.
+    slots: [AtomicU32; MAX_SLOTS],
+    entries: [Entry; ENTRIES],
+}
+
+// SAFETY: Region and Entry are repr(C) structs of atomics only.
+unsafe impl shm::Zeroable for Region {}
+// SAFETY: as above.
+unsafe impl shm::Zeroable for Entry {}
+
+static REGION: OnceLock<&'static Region> = OnceLock::new();
+
+/// Maps the shared state and makes its key; tcpsplice-listen calls it before the first
+/// fork, when PROG... starts with tcpsplice-auth continuing in its processes.
+pub fn create() -> std::io::Result<()> {
+    let region: &'static Region = shm::shared()?;
+    let mut key = [0u8; 32];
+    shm::random(&mut key)?;
+    for (k, chunk) in region.key.iter().zip(key.chunks_exact(8)) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        k.store(u64::from_ne_bytes(b), Ordering::Relaxed);
+    }
+    key.iter_mut().for_each(|b| *b = 0);
+    let _ = REGION.set(region);
+    Ok(())
+}
+
+/// The shared state, when this process is one of tcpsplice-listen's.
+pub fn region() -> Option<&'static Region> {
+    REGION.get().copied()
+}
+
+/// How the last successful check of a [`Gate`] went, for the log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Login {
+    /// Found in the cache: no hash was computed.
+    Cached,
+    /// Checked in full.
+    Verified,
+}
+
+impl Login {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Login::Cached => "cached",
+            Login::Verified => "verified",
+        }
+    }
+}
+
+/// A checker behind the shared state: cache first, then the real check in a slot.
+pub struct Gate<'a> {
+    pub inner: &'a dyn Checker,
+    pub region: Option<&'static Region>,
+    /// How long a verified login is remembered; zero turns the cache off.
+    pub ttl: Duration,
+    /// Checks allowed at once over the whole tree (1 to MAX_SLOTS).
+    pub slots: usize,
+    /// When waiting for a slot must give up: the handshake's deadline.
+    pub deadline: Instant,
+    pub outcome: std::cell::Cell<Option<Login>>,
+}
+
+impl Checker for Gate<'_> {
+    fn check(&self, user: &[u8], password: &Secret) -> Verdict {
+        let cached = self.region.filter(|_| !self.ttl.is_zero()).and_then(|r| {
+            let (identity, rules) = self.inner.cache_key(user)?;
+            Some((r, tag(r, &identity, user, password), rules))
+        });
+        if let Some((r, t, rules)) = &cached {
+            if r.lookup(t) {
+                self.outcome.set(Some(Login::Cached));
+                return Verdict::Accept {
+                    rules: rules.clone(),
+                };
+            }
+        }
+        let verdict = match self.slot() {
+            Ok(_slot) => self.inner.check(user, password),
+            Err(why) => return Verdict::Temporary(why),
+        };
+        if let Verdict::Accept { .. } = verdict {
+            if let Some((r, t, _)) = &cached {
+                r.insert(t, self.ttl);
+            }
+            self.outcome.set(Some(Login::Verified));
+        }
+        verdict
+    }
+
+    fn waste_time(&self, password: &Secret) {
+        if let Ok(_slot) = self.slot() {
+            self.inner.waste_time(password);
+        }
+    }
+
+    fn cache_key(&self, user: &[u8]) -> Option<(Vec<u8>, Option<String>)> {
+        self.inner.cache_key(user)
+    }
+}
+
+impl Gate<'_> {
+    fn slot(&self) -> Result<Option<Slot>, String> {
+        match self.region {
+            None => Ok(None),
+            Some(r) => r.acquire(self.slots, self.deadline).map(Some),
+        }
+    }
+}
+
+fn tag(r: &Region, identity: &[u8], user: &[u8], password: &Secret) -> [u64; 4] {
+    let mut key = [0u8; 32];
+    for (chunk, k) in key.chunks_exact_mut(8).zip(&r.key) {
+        chunk.copy_from_slice(&k.load(Ordering::Relaxed).to_ne_bytes());
+    }
+    let mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&key);
+    key.iter_mut().for_each(|b| *b = 0);
+    let Ok(mut mac) = mac else {
+        return [0; 4];
+    };
+    // Each field with its length in front, so that no two inputs run together.
+    for field in [identity, user, password.as_bytes()] {
+        mac.update(&(field.len() as u64).to_be_bytes());
+        mac.update(field);
+    }
+    let out = mac.finalize().into_bytes();
+    let mut t = [0u64; 4];
+    for (w, chunk) in t.iter_mut().zip(out.chunks_exact(8)) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        *w = u64::from_ne_bytes(b);
+    }
+    t
+}
+
+/// A slot held for one password check, given back when dropped.
+pub struct Slot {
+    region: &'static Region,
+    index: usize,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.region.slots[self.index].store(0, Ordering::Release);
+        self.region.released.fetch_add(1, Ordering::Release);
+        shm::wake(&self.region.released, 1);
+    }
+}
+
+/// How long a waiter sleeps before it looks for slots whose process died holding them.
+const RECHECK: Duration = Duration::from_millis(100);
+
+impl Region {
+    fn bucket(&self, t: &[u64; 4]) -> &[Entry] {
+        let first = (t[0] as usize % (ENTRIES / WAYS)) * WAYS;
+        &self.entries[first..first + WAYS]
+    }
+
+    fn lookup(&self, t: &[u64; 4]) -> bool {
+        let now = shm::monotonic_ms();
+        self.bucket(t).iter().any(|e| {
+            let before = e.seq.load(Ordering::Acquire);
+            if before % 2 == 1 {
+                return false;
+            }
+            let same = e
+                .tag
+                .iter()
+                .zip(t)
+                .all(|(a, b)| a.load(Ordering::Relaxed) == *b);
+            let expires = e.expires.load(Ordering::Relaxed);
+            // A write that overlapped the reads makes them worthless: a miss.
+            std::sync::atomic::fence(Ordering::Acquire);
+            same && now < expires && e.seq.load(Ordering::Relaxed) == before
+        })
+    }
+
+    fn insert(&self, t: &[u64; 4], ttl: Duration) {
+        let expires =
+            shm::monotonic_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        let bucket = self.bucket(t);
+        // The entry of the same login if there is one, else the one that expires first.
+        let same = |e: &&Entry| {
+            e.tag
+                .iter()
+                .zip(t)
+                .all(|(a, b)| a.load(Ordering::Relaxed) == *b)
+        };
+        let victim = bucket.iter().find(same).or_else(|| {
+            bucket
+                .iter()
+                .min_by_key(|e| e.expires.load(Ordering::Relaxed))
+        });
+        let Some(e) = victim else { return };
+        let seq = e.seq.load(Ordering::Relaxed);
+        // Another process writing it: leave it to that one. (One killed mid-write
+        // leaves the entry odd, out of use; its bucket's other ways still serve.)
+        if seq % 2 == 1
+            || e.seq
+                .compare_exchange(
+                    seq,
+                    seq.wrapping_add(1),
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return;
+        }
+        std::sync::atomic::fence(Ordering::Release);
+        e.expires.store(0, Ordering::Relaxed);
+        for (a, b) in e.tag.iter().zip(t) {
+            a.store(*b, Ordering::Relaxed);
+        }
+        e.expires.store(expires, Ordering::Relaxed);
+        e.seq.store(seq.wrapping_add(2), Ordering::Release);
+    }
+
+    /// Takes one of the first `n` slots, waiting for one until `deadline`.
+    fn acquire(&'static self, n: usize, deadline: Instant) -> Result<Slot, String> {
+        let n = n.clamp(1, MAX_SLOTS);
+        let me = shm::pid();
+        loop {
+            // Read before looking, so that a release after the look wakes the wait.
+            let released = self.released.load(Ordering::Acquire);
+            for (index, s) in self.slots[..n].iter().enumerate() {
+                if s.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return Ok(Slot {
+                        region: self,
+                        index,
+                    });
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(format!(
+                    "no password check slot came free in time ({n} busy)"
+                ));
+            }
+            shm::wait(
+                &self.released,
+                released,
+                deadline.saturating_duration_since(now).min(RECHECK),
+            );
+            // A process killed during its check never gives its slot back.
+            for s in &self.slots[..n] {
+                let owner = s.load(Ordering::Relaxed);
+                if owner != 0 && !shm::alive(owner) {
+                    let _ = s.compare_exchange(owner, 0, Ordering::Relaxed, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Memory shared by a process tree: an anonymous shared mapping made before the forks,
+//! and the futex calls that let its processes wait on a word of it. tcpsplice-listen's
+//! connection processes share tcpsplice-auth's verified-login cache and its bound on
+//! password checks this way (see `auth::loginstate`); nothing of it is in a file or
+//! the environment, and a real exec leaves it behind.
+//!
+//! Syscall-level code, as `sys` is: every `unsafe` block of it is here.
+
+use std::io;
+use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::time::Duration;
+
+/// Types that are valid when every byte is zero and that may be shared between
+/// processes: atomics, and arrays and `repr(C)` structs of them.
+///
+/// # Safety
+/// An implementor must be valid as all-zero bytes and hold no pointer: every process
+/// sees the mapping at the same address, but a pointer into a process's private memory
+/// would mean nothing in another one.
+pub unsafe trait Zeroable: Sync {}
+
+// SAFETY: atomics are valid as zero bytes and hold no pointer.
+unsafe impl Zeroable for AtomicU32 {}
+// SAFETY: as above.
+unsafe impl Zeroable for AtomicU64 {}
+// SAFETY: an array of zero-valid, pointer-free elements is zero-valid and pointer-free.
+unsafe impl<T: Zeroable, const N: usize> Zeroable for [T; N] {}
+
+/// Maps a zeroed `T` shared with every process forked from now on. The mapping lives
+/// until the process exits (or execs).
+pub fn shared<T: Zeroable>() -> io::Result<&'static T> {
+    let len = std::mem::size_of::<T>().max(1);
+    // SAFETY: a new anonymous mapping; no address is given, so nothing is replaced.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the mapping is page-aligned (so aligned for T), `len` bytes long, zeroed
+    // by the kernel, which T: Zeroable says is a valid T, and never unmapped: 'static.
+    Ok(unsafe { &*p.cast::<T>() })
+}
+
+/// Sleeps while `word` holds `expected`, at most `timeout`, until a [`wake`] on it
+/// (from any process sharing it). Returns at once if the word has already changed;
+/// may also return early (a signal, a spurious wakeup): callers look again.
+pub fn wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: FUTEX_WAIT reads the u32 at `word` (an AtomicU32 has u32's layout) and the
+    // timespec we own. Not FUTEX_PRIVATE: the word is shared between processes.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+        )
+    };
+}
+
+/// Wakes up to `n` processes sleeping in [`wait`] on `word`.
+pub fn wake(word: &AtomicU32, n: i32) {
+    // SAFETY: FUTEX_WAKE only uses the address of `word` as a key.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, n) };
+}
+
+/// Whether process `pid` exists (kill with signal 0: only ESRCH says it does not).
+pub fn alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 checks for the process without sending anything.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// This process's id, as the owner mark in a shared word.
+pub fn pid() -> u32 {
+    std::process::id()
+}
+
+/// Milliseconds of CLOCK_MONOTONIC: the same clock in every process of the machine,
+/// unlike `Instant`, which cannot be put in shared memory.
+pub fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
+}
+
+/// Fills `buf` from the kernel's random number generator.
+pub fn random(buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: getrandom writes at most rest.len() bytes into the slice we own.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += n as usize;
+    }
+    Ok(())
+}

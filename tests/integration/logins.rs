@@ -1,0 +1,419 @@
+//! tcpsplice-auth under tcpsplice-listen: the verified-login cache (a second login
+//! skips the hash, a changed users-file entry is checked again, failures are never
+//! cached) and the bound on password checks running at once (-j), which a process
+//! killed in the middle of its check does not keep.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::util;
+
+const LISTEN: &str = env!("CARGO_BIN_EXE_tcpsplice-listen");
+const AUTH: &str = env!("CARGO_BIN_EXE_tcpsplice-auth");
+const DIAL: &str = env!("CARGO_BIN_EXE_tcpsplice-dial");
+const SPLICE: &str = env!("CARGO_BIN_EXE_tcpsplice");
+const PW: &str = "correct horse";
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tcpsplice-logins-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+fn yescrypt(pw: &str) -> String {
+    let mut child = Command::new("mkpasswd")
+        .args(["-m", "yescrypt", "-s"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mkpasswd (package whois) is needed");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(pw.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("mkpasswd");
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_string()
+}
+
+/// A target that echoes each connection's bytes until EOF, for as long as the test runs.
+fn echo_target() -> u16 {
+    let (l, a) = util::listener();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
+                let mut b = [0u8; 4096];
+                while let Ok(n) = s.read(&mut b) {
+                    if n == 0 || s.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    a.port()
+}
+
+/// tcpsplice-listen running the authenticated chain, with its log lines collected as
+/// they come.
+struct Proxy {
+    child: Child,
+    port: u16,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proxy {
+    fn start(auth_opts: &[&str], target: u16, env: &[(&str, &str)]) -> Proxy {
+        let rule = format!("127.0.0.1/32:{target}");
+        let mut child = Command::new(LISTEN)
+            .args(["-1", "127.0.0.1", "0", AUTH])
+            .args(auth_opts)
+            .args([DIAL, "-a", &rule, SPLICE])
+            .env("TCPSPLICE_LOG", "stderr")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tcpsplice-listen");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read port");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        let err = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(l);
+            }
+        });
+        Proxy {
+            child,
+            port: line.trim().parse().expect("bound port"),
+            log,
+        }
+    }
+
+    fn lines(&self, pat: &str) -> Vec<String> {
+        let log = self.log.lock().unwrap();
+        log.iter().filter(|l| l.contains(pat)).cloned().collect()
+    }
+
+    /// Waits until `n` relay end lines were logged; returns their `login=` values.
+    fn logins(&self, n: usize) -> Vec<String> {
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ends = self.lines("tcpsplice: info: end ");
+            if ends.len() >= n {
+                return ends
+                    .iter()
+                    .map(|l| {
+                        l.split(' ')
+                            .find_map(|w| w.strip_prefix("login="))
+                            .unwrap_or("-")
+                            .to_string()
+                    })
+                    .collect();
+            }
+            assert!(
+                Instant::now() < end,
+                "{} of {n} end lines in 20 s:\n{}",
+                ends.len(),
+                self.log.lock().unwrap().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn show(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One SOCKS5 user/password login and CONNECT to the echo target, then a round trip.
+/// Ok(()) when it all worked; Err(the RFC 1929 status) when the login was refused.
+fn login(port: u16, user: &str, pw: &str, target: u16) -> Result<(), u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the proxy");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(&[5, 1, 2]).expect("greeting");
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).expect("method choice");
+    assert_eq!(m, [5, 2], "user/password chosen");
+    let mut req = vec![1, user.len() as u8];
+    req.extend_from_slice(user.as_bytes());
+    req.push(pw.len() as u8);
+    req.extend_from_slice(pw.as_bytes());
+    s.write_all(&req).expect("credentials");
+    let mut st = [0u8; 2];
+    s.read_exact(&mut st).expect("auth status");
+    if st[1] != 0 {
+        return Err(st[1]);
+    }
+    let p = target.to_be_bytes();
+    s.write_all(&[5, 1, 0, 1, 127, 0, 0, 1, p[0], p[1]])
+        .expect("connect request");
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply).expect("connect reply");
+    assert_eq!(&reply[..2], &[5, 0], "SOCKS5 success");
+    s.write_all(b"ping").expect("ping");
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).expect("echo");
+    assert_eq!(&b, b"ping");
+    Ok(())
+}
+
+fn write_users(path: &Path, text: &str) {
+    // Written beside and renamed, as an editor or a deployment would.
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).expect("write users");
+    std::fs::rename(&tmp, path).expect("rename users");
+}
+
+#[test]
+fn a_second_login_skips_the_hash_until_the_entry_changes() {
+    let target = echo_target();
+    let dir = scratch("cache");
+    let users = dir.join("users");
+    write_users(&users, &format!("alice:{}\n", yescrypt(PW)));
+    let f = users.to_string_lossy().into_owned();
+    let proxy = Proxy::start(&["-d", "0.5", "-f", &f], target, &[]);
+    let port = proxy.port;
+
+    assert_eq!(login(port, "alice", PW, target), Ok(()), "{}", proxy.show());
+    assert_eq!(login(port, "alice", PW, target), Ok(()), "{}", proxy.show());
+    assert_eq!(proxy.logins(2), ["verified", "cached"], "{}", proxy.show());
+
+    // A wrong password after a cached success is checked in full and waits.
+    let t = Instant::now();
+    assert_eq!(login(port, "alice", "wrong", target), Err(1));
+    assert!(
+        t.elapsed() >= Duration::from_millis(450),
+        "a refused login answered after {:?}, before the fail delay",
+        t.elapsed()
+    );
+
+    // The same password under a new hash (a new salt): the entry changed, so the next
+    // login is checked again, and the one after it comes from the cache once more.
+    write_users(&users, &format!("alice:{}\n", yescrypt(PW)));
+    assert_eq!(login(port, "alice", PW, target), Ok(()), "{}", proxy.show());
+    assert_eq!(login(port, "alice", PW, target), Ok(()), "{}", proxy.show());
+    assert_eq!(
+        proxy.logins(4),
+        ["verified", "cached", "verified", "cached"],
+        "{}",
+        proxy.show()
+    );
+
+    // A new password: the old one no longer gets in, cached or not.
+    write_users(&users, &format!("alice:{}\n", yescrypt("another one")));
+    assert_eq!(login(port, "alice", PW, target), Err(1), "{}", proxy.show());
+    assert_eq!(login(port, "alice", "another one", target), Ok(()));
+    // The user removed: refused at once.
+    write_users(&users, &format!("bob:{}\n", yescrypt(PW)));
+    assert_eq!(login(port, "alice", "another one", target), Err(1));
+    assert_eq!(
+        proxy.logins(5)[4],
+        "verified",
+        "the new password was checked in full\n{}",
+        proxy.show()
+    );
+}
+
+#[test]
+fn k0_turns_the_cache_off() {
+    let target = echo_target();
+    let dir = scratch("nocache");
+    let users = dir.join("users");
+    write_users(&users, &format!("alice:{}\n", yescrypt(PW)));
+    let f = users.to_string_lossy().into_owned();
+    let proxy = Proxy::start(&["-K", "0", "-f", &f], target, &[]);
+    for _ in 0..3 {
+        assert_eq!(login(proxy.port, "alice", PW, target), Ok(()));
+    }
+    assert_eq!(proxy.logins(3), ["verified"; 3], "{}", proxy.show());
+}
+
+#[test]
+fn an_execd_authenticator_checks_every_login() {
+    // TCPSPLICE_EXEC=always: every link is exec'd, as under inetd or systemd, so no
+    // process keeps anything from one login to the next.
+    let target = echo_target();
+    let dir = scratch("exec");
+    let users = dir.join("users");
+    write_users(&users, &format!("alice:{}\n", yescrypt(PW)));
+    let f = users.to_string_lossy().into_owned();
+    let proxy = Proxy::start(&["-f", &f], target, &[("TCPSPLICE_EXEC", "always")]);
+    for _ in 0..2 {
+        assert_eq!(login(proxy.port, "alice", PW, target), Ok(()));
+    }
+    assert_eq!(proxy.logins(2), ["verified"; 2], "{}", proxy.show());
+}
+
+/// A checkpassword program that records when each check starts and ends (with its
+/// parent, the authenticating process) in `record`, takes `secs` for each check (30 s
+/// for the user `slow`), and accepts the password `pw`.
+fn recording_checker(dir: &Path, secs: f64) -> (PathBuf, PathBuf) {
+    let record = dir.join("checks");
+    let prog = dir.join("checker");
+    let script = format!(
+        r#"#!/usr/bin/python3
+import os, sys, time
+f = os.fdopen(3, "rb").read().split(b"\0")
+user = f[0].decode()
+with open("{rec}", "a") as r:
+    r.write("start %s %f %d %d\n" % (user, time.monotonic(), os.getppid(), os.getpid()))
+time.sleep(30 if user == "slow" else {secs})
+with open("{rec}", "a") as r:
+    r.write("end %s %f\n" % (user, time.monotonic()))
+sys.exit(0 if f[1] == b"pw" else 1)
+"#,
+        rec = record.display()
+    );
+    std::fs::write(&prog, script).expect("write checker");
+    std::process::Command::new("chmod")
+        .args(["755", &prog.to_string_lossy()])
+        .status()
+        .expect("chmod");
+    (prog, record)
+}
+
+/// (user, start, end) of each check the recording checker finished.
+fn checks(record: &Path) -> Vec<(String, f64, f64)> {
+    let text = std::fs::read_to_string(record).unwrap_or_default();
+    let mut starts = std::collections::HashMap::new();
+    let mut done = Vec::new();
+    for l in text.lines() {
+        let w: Vec<&str> = l.split(' ').collect();
+        match w.as_slice() {
+            ["start", u, t, ..] => {
+                starts.insert(u.to_string(), t.parse::<f64>().unwrap_or(0.0));
+            }
+            ["end", u, t] => {
+                let s = starts.get(*u).copied().unwrap_or(0.0);
+                done.push((u.to_string(), s, t.parse().unwrap_or(0.0)));
+            }
+            _ => {}
+        }
+    }
+    done
+}
+
+fn overlapping(c: &[(String, f64, f64)]) -> bool {
+    c.iter()
+        .enumerate()
+        .any(|(i, a)| c[i + 1..].iter().any(|b| a.1 < b.2 && b.1 < a.2))
+}
+
+/// Three concurrent logins of three users through a checker taking 0.4 s each.
+fn three_concurrent_logins(j: &str) -> (Proxy, Vec<(String, f64, f64)>, u16, PathBuf) {
+    let target = echo_target();
+    let dir = scratch(&format!("slots{j}"));
+    let (prog, record) = recording_checker(&dir, 0.4);
+    let proxy = Proxy::start(&["-j", j, "-c", &prog.to_string_lossy()], target, &[]);
+    let port = proxy.port;
+    let clients: Vec<_> = ["u1", "u2", "u3"]
+        .iter()
+        .map(|u| std::thread::spawn(move || login(port, u, "pw", target)))
+        .collect();
+    for c in clients {
+        assert_eq!(c.join().expect("client thread"), Ok(()), "{}", proxy.show());
+    }
+    let c = checks(&record);
+    assert_eq!(c.len(), 3, "checks: {c:?}\n{}", proxy.show());
+    (proxy, c, target, record)
+}
+
+#[test]
+fn j1_runs_one_password_check_at_a_time_and_checkpassword_logins_are_cached() {
+    let (proxy, c, target, record) = three_concurrent_logins("1");
+    assert!(!overlapping(&c), "checks overlapped under -j 1: {c:?}");
+    // The checker's verdict is cached too: a repeated login does not run it.
+    assert_eq!(login(proxy.port, "u2", "pw", target), Ok(()));
+    assert_eq!(checks(&record).len(), 3, "the checker ran again");
+    // (The end lines of concurrent connections come in any order.)
+    let mut l = proxy.logins(4);
+    l.sort();
+    assert_eq!(
+        l,
+        ["cached", "verified", "verified", "verified"],
+        "{}",
+        proxy.show()
+    );
+    // A wrong password is not cached away: the checker runs and refuses.
+    assert_eq!(login(proxy.port, "u2", "nope", target), Err(1));
+    assert_eq!(checks(&record).len(), 4);
+}
+
+#[test]
+fn j3_lets_three_checks_run_at_once() {
+    // The counterpart of the test above: with room for all three, they do overlap, so
+    // the non-overlap seen under -j 1 is the bound's doing.
+    let (_proxy, c, _, _) = three_concurrent_logins("3");
+    assert!(
+        overlapping(&c),
+        "no two checks overlapped under -j 3: {c:?}"
+    );
+}
+
+#[test]
+fn a_process_killed_during_its_check_gives_its_slot_back() {
+    let target = echo_target();
+    let dir = scratch("killed");
+    let (prog, record) = recording_checker(&dir, 0.0);
+    let proxy = Proxy::start(&["-j", "1", "-c", &prog.to_string_lossy()], target, &[]);
+    let port = proxy.port;
+    let slow = std::thread::spawn(move || {
+        let _ = std::panic::catch_unwind(|| login(port, "slow", "pw", target));
+    });
+    // The slow check has started: its parent is the process holding the only slot.
+    let end = Instant::now() + Duration::from_secs(20);
+    let (holder, checker) = loop {
+        let text = std::fs::read_to_string(&record).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.starts_with("start slow ")) {
+            let w: Vec<&str> = l.split(' ').collect();
+            break (
+                w[3].parse::<i32>().expect("ppid"),
+                w[4].parse::<i32>().expect("pid"),
+            );
+        }
+        assert!(Instant::now() < end, "the slow check never started");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // SAFETY: kill with pids read from the checker's record.
+    unsafe {
+        libc::kill(holder, libc::SIGKILL);
+        libc::kill(checker, libc::SIGKILL);
+    }
+    let t = Instant::now();
+    assert_eq!(
+        login(port, "fast", "pw", target),
+        Ok(()),
+        "{}",
+        proxy.show()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the next login waited {:?} for the dead process's slot",
+        t.elapsed()
+    );
+    let _ = slow.join();
+}
