@@ -4,10 +4,21 @@
     netload.py target PORT PROCS
         Listens on 127.0.0.1:PORT with PROCS processes (SO_REUSEPORT). Each connection:
         read 64 bytes, write 64 bytes, close.
-    netload.py load HOST PORT CONCURRENCY SECONDS PROCS [socks5 TARGETHOST TARGETPORT]
+    netload.py load HOST PORT CONCURRENCY SECONDS PROCS [SOCKS]
         PROCS processes keep CONCURRENCY connections in flight in total for SECONDS.
-        Each connection: connect, (SOCKS5 no-auth handshake and CONNECT), write 64 bytes,
+        Each connection: connect, (SOCKS5 handshake and CONNECT), write 64 bytes,
         read 64 bytes and then until EOF, close. Prints one JSON line with the totals.
+    netload.py hold PORT
+        Listens on 127.0.0.1:PORT, one process. Accepts every connection and holds it
+        without sending; reads and drops what arrives, closes at EOF.
+    netload.py idle HOST PORT COUNT SECONDS [SOCKS]
+        Opens COUNT connections (at most 16 handshakes at once), each up to the SOCKS5
+        CONNECT reply when asked, prints one JSON line {"ok": N, "errors": {...}}, then
+        holds them idle until its standard input ends or SECONDS pass, and closes them.
+
+    SOCKS is "socks5 TARGETHOST TARGETPORT" (no-auth, method 00) or
+    "socks5auth USER PASSWORD TARGETHOST TARGETPORT" (RFC 1929 username/password,
+    method 02).
 
 Non-blocking sockets driven by selectors, one generator per connection, so one process
 serves many connections; several processes so python is not the bottleneck (bench.py
@@ -17,6 +28,7 @@ measures the direct rate first to show the ceiling). Every wait is bounded.
 import errno
 import json
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -118,49 +130,74 @@ def socks5_request(host, port):
     return b"\x05\x01\x00\x01" + socket.inet_aton(host) + port.to_bytes(2, "big")
 
 
-def conversation(s, socks):
-    """Generator: yields the selector event it waits for; returns when the exchange ended
-    with EOF after the 64-byte reply, raises on anything else."""
+def read_exactly(s, n):
+    """Generator: waits for and returns exactly n bytes from non-blocking socket s."""
+    got = b""
+    while len(got) < n:
+        yield selectors.EVENT_READ
+        try:
+            d = s.recv(n - len(got))
+        except (BlockingIOError, InterruptedError):
+            continue
+        if not d:
+            raise OSError(errno.ECONNRESET, "early EOF after %d of %d bytes" % (len(got), n))
+        got += d
+    return got
+
+
+def connected(s):
+    """Generator: waits for a non-blocking connect to complete; raises its error."""
     yield selectors.EVENT_WRITE
     err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, os.strerror(err))
 
-    def read_exactly(n):
-        got = b""
-        while len(got) < n:
-            yield selectors.EVENT_READ
-            try:
-                d = s.recv(n - len(got))
-            except (BlockingIOError, InterruptedError):
-                continue
-            if not d:
-                raise OSError(errno.ECONNRESET, "early EOF after %d of %d bytes" % (len(got), n))
-            got += d
-        return got
 
+def socks5_handshake(s, socks):
+    """Generator: SOCKS5 method choice, RFC 1929 login when socks has a user, CONNECT,
+    and the whole reply. socks = (target host, target port, user or None, password)."""
+    host, port, user, password = socks
+    method = b"\x02" if user is not None else b"\x00"
+    s.send(b"\x05\x01" + method)
+    r = yield from read_exactly(s, 2)
+    if r != b"\x05" + method:
+        raise OSError(errno.EPROTO, "socks5 method reply %r" % r)
+    if user is not None:
+        u, p = user.encode(), password.encode()
+        s.send(b"\x01" + bytes([len(u)]) + u + bytes([len(p)]) + p)
+        r = yield from read_exactly(s, 2)
+        if r != b"\x01\x00":
+            raise OSError(errno.EACCES, "socks5 login refused %r" % r)
+    s.send(socks5_request(host, port))
+    r = yield from read_exactly(s, 4)
+    if r[1] != 0:
+        raise OSError(errno.ECONNREFUSED, "socks5 reply code %d" % r[1])
+    atyp = r[3]
+    if atyp == 1:
+        rest = 6
+    elif atyp == 4:
+        rest = 18
+    elif atyp == 3:
+        ln = yield from read_exactly(s, 1)
+        rest = ln[0] + 2
+    else:
+        raise OSError(errno.EPROTO, "socks5 reply address type %d" % atyp)
+    yield from read_exactly(s, rest)
+
+
+def opening(s, socks):
+    """Generator: the connect, then the SOCKS5 handshake when socks is given."""
+    yield from connected(s)
     if socks:
-        s.send(b"\x05\x01\x00")
-        r = yield from read_exactly(2)
-        if r != b"\x05\x00":
-            raise OSError(errno.EPROTO, "socks5 method reply %r" % r)
-        s.send(socks5_request(*socks))
-        r = yield from read_exactly(4)
-        if r[1] != 0:
-            raise OSError(errno.ECONNREFUSED, "socks5 reply code %d" % r[1])
-        atyp = r[3]
-        if atyp == 1:
-            rest = 6
-        elif atyp == 4:
-            rest = 18
-        elif atyp == 3:
-            ln = yield from read_exactly(1)
-            rest = ln[0] + 2
-        else:
-            raise OSError(errno.EPROTO, "socks5 reply address type %d" % atyp)
-        yield from read_exactly(rest)
+        yield from socks5_handshake(s, socks)
+
+
+def conversation(s, socks):
+    """Generator: yields the selector event it waits for; returns when the exchange ended
+    with EOF after the 64-byte reply, raises on anything else."""
+    yield from opening(s, socks)
     s.send(PAYLOAD)
-    r = yield from read_exactly(MSG)
+    r = yield from read_exactly(s, MSG)
     if r != PAYLOAD:
         raise OSError(errno.EPROTO, "wrong reply bytes")
     while True:
@@ -174,18 +211,45 @@ def conversation(s, socks):
         raise OSError(errno.EPROTO, "bytes after the reply")
 
 
+def count_error(errors, e):
+    k = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+    errors[k] = errors.get(k, 0) + 1
+
+
+def start(host, port, socks, gen_of, sel, live, errors):
+    """Starts a non-blocking connect and registers its generator gen_of(sock, socks) in
+    sel and live (sock -> (generator, started)). False when the connect failed at once."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    rc = s.connect_ex((host, port))
+    if rc not in (0, errno.EINPROGRESS):
+        count_error(errors, OSError(rc, os.strerror(rc)))
+        s.close()
+        return False
+    gen = gen_of(s, socks)
+    ev = gen.send(None)
+    live[s] = (gen, time.monotonic())
+    sel.register(s, ev, gen)
+    return True
+
+
+def time_out(live, errors, finish):
+    """Ends (finish(sock)) and counts the connections of live older than CONN_DEADLINE."""
+    now = time.monotonic()
+    for s in [s for s, (_, t0) in live.items() if now - t0 > CONN_DEADLINE]:
+        count_error(errors, OSError(errno.ETIMEDOUT, "timeout"))
+        finish(s)
+
+
 def load_proc(host, port, conc, secs, socks, wfd):
     sel = selectors.DefaultSelector()
     ok = 0
     errors = {}
     lat = []  # connection durations, seconds (a sample)
     live = {}  # sock -> (generator, started)
-    start = time.monotonic()
-    stop_at = start + secs
-
-    def count_error(e):
-        k = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
-        errors[k] = errors.get(k, 0) + 1
+    start_t = time.monotonic()
+    stop_at = start_t + secs
 
     def finish(s):
         sel.unregister(s)
@@ -205,41 +269,23 @@ def load_proc(host, port, conc, secs, socks, wfd):
             finish(s)
             return
         except OSError as e:
-            count_error(e)
+            count_error(errors, e)
             finish(s)
             return
         sel.modify(s, ev, gen)
-
-    def open_one():
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setblocking(False)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        rc = s.connect_ex((host, port))
-        if rc not in (0, errno.EINPROGRESS):
-            count_error(OSError(rc, os.strerror(rc)))
-            s.close()
-            return False
-        gen = conversation(s, socks)
-        ev = gen.send(None)
-        live[s] = (gen, time.monotonic())
-        sel.register(s, ev, gen)
-        return True
 
     while True:
         now = time.monotonic()
         if now < stop_at:
             for _ in range(conc - len(live)):
-                if not open_one():
+                if not start(host, port, socks, conversation, sel, live, errors):
                     time.sleep(0.001)
                     break
         elif not live or now > stop_at + CONN_DEADLINE:
             break
         for key, _ in sel.select(0.2):
             advance(key.fileobj, key.data)
-        now = time.monotonic()
-        for s in [s for s, (_, t0) in live.items() if now - t0 > CONN_DEADLINE]:
-            count_error(OSError(errno.ETIMEDOUT, "timeout"))
-            finish(s)
+        time_out(live, errors, finish)
     for s in list(live):
         finish(s)
     lat.sort()
@@ -291,16 +337,123 @@ def load(host, port, conc, secs, procs, socks):
     print(json.dumps(tot))
 
 
+# ---------------------------------------------------------------------------- idle
+IDLE_HANDSHAKES = 16  # connections of `idle` being opened at once
+
+
+def raise_fd_limit():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def hold(port):
+    raise_fd_limit()
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind(("127.0.0.1", port))
+    lsock.listen(4096)
+    lsock.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(lsock, selectors.EVENT_READ, None)
+    while True:
+        for key, _ in sel.select(1.0):
+            s = key.fileobj
+            if s is lsock:
+                try:
+                    c, _ = lsock.accept()
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    continue
+                c.setblocking(False)
+                sel.register(c, selectors.EVENT_READ, None)
+                continue
+            try:
+                d = s.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                d = b""
+            if not d:
+                sel.unregister(s)
+                s.close()
+
+
+def idle(host, port, count, secs, socks):
+    raise_fd_limit()
+    sel = selectors.DefaultSelector()
+    errors = {}
+    opening_now = {}  # sock -> (generator, started)
+    held = []
+    tried = 0
+    deadline = time.monotonic() + secs
+
+    def finish(s):
+        sel.unregister(s)
+        del opening_now[s]
+        s.close()
+
+    while (tried < count or opening_now) and time.monotonic() < deadline:
+        while tried < count and len(opening_now) < IDLE_HANDSHAKES:
+            tried += 1
+            start(host, port, socks, opening, sel, opening_now, errors)
+        for key, _ in sel.select(0.2):
+            s = key.fileobj
+            try:
+                ev = key.data.send(None)
+            except StopIteration:
+                sel.unregister(s)
+                del opening_now[s]
+                held.append(s)
+                continue
+            except OSError as e:
+                count_error(errors, e)
+                finish(s)
+                continue
+            sel.modify(s, ev, key.data)
+        time_out(opening_now, errors, finish)
+    for s in list(opening_now):
+        count_error(errors, OSError(errno.ETIMEDOUT, "timeout"))
+        finish(s)
+    print(json.dumps({"ok": len(held), "errors": errors}), flush=True)
+    # Hold them until stdin ends or the deadline; count those the relay ends meanwhile.
+    for s in held:
+        sel.register(s, selectors.EVENT_READ, None)
+    sel.register(sys.stdin, selectors.EVENT_READ, None)
+    ended = 0
+    while time.monotonic() < deadline:
+        ready = sel.select(max(0.0, min(1.0, deadline - time.monotonic())))
+        if any(key.fileobj is sys.stdin for key, _ in ready) and not os.read(sys.stdin.fileno(), 4096):
+            break
+        for key, _ in ready:
+            if key.fileobj is not sys.stdin:
+                sel.unregister(key.fileobj)
+                ended += 1
+    for s in held:
+        s.close()
+    print(json.dumps({"ended_while_idle": ended}), flush=True)
+
+
+def parse_socks(args):
+    """[] | socks5 HOST PORT | socks5auth USER PASSWORD HOST PORT -> None or
+    (host, port, user or None, password or None)."""
+    if not args:
+        return None
+    if args[0] == "socks5" and len(args) == 3:
+        return (args[1], int(args[2]), None, None)
+    if args[0] == "socks5auth" and len(args) == 5:
+        return (args[3], int(args[4]), args[1], args[2])
+    die("unknown SOCKS mode or wrong arguments: %s" % " ".join(args))
+
+
 def main(argv):
     if len(argv) >= 3 and argv[0] == "target":
         target(int(argv[1]), int(argv[2]))
-    elif len(argv) in (6, 9) and argv[0] == "load":
-        socks = None
-        if len(argv) == 9:
-            if argv[6] != "socks5":
-                die("unknown mode " + argv[6])
-            socks = (argv[7], int(argv[8]))
-        load(argv[1], int(argv[2]), int(argv[3]), float(argv[4]), int(argv[5]), socks)
+    elif len(argv) >= 6 and argv[0] == "load":
+        load(argv[1], int(argv[2]), int(argv[3]), float(argv[4]), int(argv[5]), parse_socks(argv[6:]))
+    elif len(argv) == 2 and argv[0] == "hold":
+        hold(int(argv[1]))
+    elif len(argv) >= 5 and argv[0] == "idle":
+        idle(argv[1], int(argv[2]), int(argv[3]), float(argv[4]), parse_socks(argv[5:]))
     else:
         sys.stderr.write(__doc__)
         sys.exit(100)
