@@ -104,7 +104,8 @@ pub struct Gate<'a> {
     pub region: Option<&'static Region>,
     /// How long a verified login is remembered; zero turns the cache off.
     pub ttl: Duration,
-    /// Checks allowed at once over the whole tree (1 to MAX_SLOTS).
+    /// Checks allowed at once over the whole tree (1 to MAX_SLOTS); 0 for the
+    /// default, the number of CPUs from 2 to 8.
     pub slots: usize,
     /// When waiting for a slot must give up: the handshake's deadline.
     pub deadline: Instant,
@@ -153,7 +154,13 @@ impl Gate<'_> {
     fn slot(&self) -> Result<Option<Slot>, String> {
         match self.region {
             None => Ok(None),
-            Some(r) => r.acquire(self.slots, self.deadline).map(Some),
+            Some(r) => {
+                let n = match self.slots {
+                    0 => std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8)),
+                    n => n,
+                };
+                r.acquire(n, self.deadline).map(Some)
+            }
         }
     }
 }

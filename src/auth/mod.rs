@@ -84,7 +84,9 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     };
     let cache_ttl = secs("K", 300.0);
     let slots = match m.opt_str("j") {
-        None => std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8)),
+        // Worked out when a check first needs a slot: it reads cgroup files, a dozen
+        // system calls that a cached login need not pay.
+        None => 0,
         Some(s) => args::number(&s, 1, loginstate::MAX_SLOTS).unwrap_or_else(|| {
             diag::usage(&format!(
                 "-j: not a number from 1 to {}: {s}",
@@ -179,6 +181,9 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             }
             let next: Vec<OsString> = m.free.iter().map(OsString::from).collect();
             drop(m);
+            // Everything this program opened (the users file, a checker's pipes) is
+            // closed by now, so a sibling continuing here need not scan for more.
+            chain::nothing_to_close();
             chain::exec(&next)
         }
         Err(f) => {
