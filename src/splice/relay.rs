@@ -40,7 +40,51 @@ pub struct Config {
     pub pipe_size: usize,
     /// Never splice; copy through user space (for comparisons and odd kernels).
     pub copy_only: bool,
+    /// The keepalive timers of TCP sockets; None keeps the kernel's
+    /// (net.ipv4.tcp_keepalive_*: 2 h 11 min).
+    pub keepalive: Option<Keepalive>,
+    /// TCP_USER_TIMEOUT of TCP sockets, in milliseconds: how long sent data (or a
+    /// keepalive probe) may go unanswered. 0 keeps the kernel's (tcp_retries2: ~15 min).
+    pub user_timeout_ms: u32,
 }
+
+/// When to probe a quiet TCP peer and when to give it up: the first probe after `idle`
+/// seconds without a packet from it, then one every `interval` seconds, and the
+/// connection ends after `count` unanswered probes (TCP_KEEPIDLE, TCP_KEEPINTVL,
+/// TCP_KEEPCNT).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    pub idle: u32,
+    pub interval: u32,
+    pub count: u32,
+}
+
+impl Keepalive {
+    /// The kernel's limits on the three values (MAX_TCP_KEEPIDLE and friends).
+    pub const MAX_IDLE: u32 = 32767;
+    pub const MAX_INTERVAL: u32 = 32767;
+    pub const MAX_COUNT: u32 = 127;
+
+    /// How long after the peer's last packet a vanished peer is given up: the user
+    /// timeout that agrees with these timers (see `DEFAULT_KEEPALIVE`).
+    pub fn give_up_secs(&self) -> u32 {
+        self.idle + self.interval * self.count
+    }
+}
+
+/// The default keepalive: a peer that vanished without a word (a machine gone, a NAT
+/// that forgot us) ends its relay 2 minutes after its last packet, where the kernel's
+/// own timers would take 2 h 11 min. A live peer costs one probe and its ACK per minute
+/// of silence. The user timeout defaults to the same 2 minutes: once TCP_USER_TIMEOUT
+/// is set it also decides when keepalive gives up (at the first probe that finds it
+/// passed, whatever the count), so any other value would make one of the two numbers a
+/// lie; and it bounds the wait on a peer that stops ACKing what we send, which
+/// keepalive never probes (it only runs when nothing is in flight).
+pub const DEFAULT_KEEPALIVE: Keepalive = Keepalive {
+    idle: 60,
+    interval: 15,
+    count: 4,
+};
 
 /// The default pipe size: see README "Pipe size" for the measurements behind it.
 pub const DEFAULT_PIPE_SIZE: usize = 1 << 20;
@@ -80,7 +124,8 @@ pub enum End {
     Idle,
     /// A signal asked us to stop; `drained` says whether everything in flight got out.
     Signal { signo: i32, drained: bool },
-    /// A peer reset the connection (or vanished); the other peer was reset too.
+    /// A peer reset the connection, or was lost (our kernel gave it up: ETIMEDOUT,
+    /// EHOSTUNREACH); the other peer was reset too.
     Reset { side: Side, err: io::Error },
     /// A local failure (a descriptor gone bad, out of memory).
     Failed { what: String, err: io::Error },
@@ -107,7 +152,14 @@ impl End {
                 if *drained { "" } else { "-undrained" }
             ),
             End::Reset { side, err } => {
-                format!("reset-by-{} ({})", side.name(), sys::strerror(err))
+                // Our kernel gave the peer up (keepalive, user timeout, retransmissions)
+                // or heard it is unreachable: not a reset the peer sent.
+                let lost = matches!(
+                    err.raw_os_error(),
+                    Some(libc::ETIMEDOUT) | Some(libc::EHOSTUNREACH) | Some(libc::ENETUNREACH)
+                );
+                let word = if lost { "lost-" } else { "reset-by-" };
+                format!("{word}{} ({})", side.name(), sys::strerror(err))
             }
             End::Failed { what, err } => format!("error ({what}: {})", sys::strerror(err)),
         }
@@ -636,6 +688,7 @@ impl Drop for FlagGuard {
 /// belong to the socket: `seen` holds those already set, as fds 0/1 and 6/7 are usually
 /// one socket each.
 fn prepare_fd(
+    cfg: &Config,
     fd: RawFd,
     found: libc::c_int,
     guard: &mut FlagGuard,
@@ -649,12 +702,27 @@ fn prepare_fd(
     if kind == FdKind::Socket && !seen.contains(&id) {
         seen.push(id);
         // Urgent data stays in the stream (nothing is lost), and our own writes add no
-        // Nagle delay to what the peer sent. Keepalive bounds the wait on a peer that
-        // vanished without a word (a machine gone, a NAT that forgot us), which -t,
-        // off by default, would not. None matters enough to fail for.
+        // Nagle delay to what the peer sent. Keepalive bounds the wait on a quiet peer
+        // that vanished without a word (a machine gone, a NAT that forgot us), the user
+        // timeout the wait on one that stops ACKing what we send; -t, off by default,
+        // would bound neither. None matters enough to fail for (a Unix-domain socket
+        // refuses the TCP ones).
         let _ = sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_OOBINLINE, 1);
         let _ = sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
         let _ = sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+        if let Some(k) = cfg.keepalive {
+            for (name, v) in [
+                (libc::TCP_KEEPIDLE, k.idle),
+                (libc::TCP_KEEPINTVL, k.interval),
+                (libc::TCP_KEEPCNT, k.count),
+            ] {
+                let _ = sys::setsockopt_int(fd, libc::IPPROTO_TCP, name, v as libc::c_int);
+            }
+        }
+        if cfg.user_timeout_ms > 0 {
+            let ms = cfg.user_timeout_ms as libc::c_int;
+            let _ = sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms);
+        }
     }
     Ok(kind)
 }
@@ -689,7 +757,7 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
         .map(|&fd| sys::get_fl(fd))
         .collect::<io::Result<Vec<_>>>()?;
     for ((k, &fd), &flags) in kind.iter_mut().zip(&fds).zip(&found) {
-        *k = prepare_fd(fd, flags, &mut guard, &mut seen)?;
+        *k = prepare_fd(cfg, fd, flags, &mut guard, &mut seen)?;
     }
     let signals = sys::SignalFd::new(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
     let mut dirs = [
