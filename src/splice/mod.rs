@@ -99,7 +99,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     if !m.opt_present("q") {
         let user = std::env::var("TCPSPLICE_USER").unwrap_or_else(|_| "-".into());
         diag::info(&format!(
-            "end client={} user={} target={} up={} down={} secs={:.3} path={}/{} pipes={}/{} how={}",
+            "end client={} user={} target={} up={} down={} secs={:.3} path={}/{} pipes={}/{} bufs={}/{} how={}",
             conninfo::client().unwrap_or_else(|| "-".into()),
             user,
             conninfo::target().unwrap_or_else(|| "-".into()),
@@ -110,6 +110,8 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             out.down_path,
             out.up_pipe,
             out.down_pipe,
+            out.up_buf,
+            out.down_buf,
             out.end.describe(),
         ));
     }

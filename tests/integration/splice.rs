@@ -108,10 +108,10 @@ fn cpu_ticks(pid: u32) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
-/// Sends `up` bytes client→target and `down` bytes target→client at the same time,
-/// each side half-closing when done, and checks both arrive whole.
-fn both_ways(up: u64, down: u64) {
-    let r = Relay::start(&[]);
+/// Sends `up` bytes client→target and `down` bytes target→client through `r` at the
+/// same time, each side half-closing when done, and checks both arrive whole; returns
+/// the relay's run, ended.
+fn flood(r: Relay, up: u64, down: u64) -> Ran {
     let mut c_w = r.client.try_clone().unwrap();
     let mut t_w = r.target.try_clone().unwrap();
     let mut c_r = r.client.try_clone().unwrap();
@@ -131,9 +131,15 @@ fn both_ways(up: u64, down: u64) {
     let (su, sd) = (send_up.join().unwrap(), send_down.join().unwrap());
     let (ru, rd) = (recv_up.join().unwrap(), recv_down.join().unwrap());
     let ran = r.finish();
-    ran.expect_code(0);
     assert_eq!(su, ru, "client→target stream differs{}", ran.show());
     assert_eq!(sd, rd, "target→client stream differs{}", ran.show());
+    ran
+}
+
+/// `flood` through a relay with no options, which must end cleanly and count it all.
+fn both_ways(up: u64, down: u64) {
+    let ran = flood(Relay::start(&[]), up, down);
+    ran.expect_code(0);
     let log = ran.stderr_text();
     assert!(
         log.contains(&format!("up={up} down={down}")) && log.contains("how=eof"),
@@ -623,8 +629,15 @@ sys.stdin.read()
     drop(hog.stdin.take());
     let _ = hog.wait();
     ran.expect_code(0);
+    copied_with_grown_buffers(&ran);
+}
+
+/// Both directions copied (no pipe of their own), and their buffers, allocated at the
+/// first bytes, grew to 256 KiB for the bulk.
+fn copied_with_grown_buffers(ran: &Ran) {
     assert!(
-        ran.stderr_text().contains("path=copy/copy"),
+        ran.stderr_text()
+            .contains("path=copy/copy pipes=0/0 bufs=262144/262144"),
         "{}",
         ran.show()
     );
@@ -642,25 +655,7 @@ fn budget_run(uid: u32) -> Ran {
             cmd.uid(uid).gid(uid);
         }
     });
-    let mut c_w = r.client.try_clone().unwrap();
-    let mut t_w = r.target.try_clone().unwrap();
-    let mut c_r = r.client.try_clone().unwrap();
-    let mut t_r = r.target.try_clone().unwrap();
-    let a = thread::spawn(move || {
-        let h = util::send_pattern(&mut c_w, 11, 8 << 20).unwrap();
-        c_w.shutdown(Shutdown::Write).unwrap();
-        h
-    });
-    let b = thread::spawn(move || {
-        let h = util::send_pattern(&mut t_w, 12, 8 << 20).unwrap();
-        t_w.shutdown(Shutdown::Write).unwrap();
-        h
-    });
-    let ru = util::recv_hash(&mut t_r).unwrap();
-    let rd = util::recv_hash(&mut c_r).unwrap();
-    assert_eq!(a.join().unwrap(), ru);
-    assert_eq!(b.join().unwrap(), rd);
-    r.finish()
+    flood(r, 8 << 20, 8 << 20)
 }
 
 #[test]
@@ -1130,4 +1125,73 @@ fn the_user_timeout_ends_the_relay_of_a_client_that_stopped_acking() {
     // the kernel would retransmit for ~15 minutes (tcp_retries2).
     let s = Duration::from_secs;
     vanished_client(&["-u", "3"], true, s(2), s(10));
+}
+
+/// Private dirty memory of `pid` outside its files (heap, anonymous mappings, stack), in
+/// KiB: what one more connection costs, where the program's own pages are the same for
+/// every connection.
+fn anon_private_dirty_kib(pid: u32) -> u64 {
+    let path = format!("/proc/{pid}/smaps");
+    let smaps = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut anon = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let mut f = line.split_whitespace();
+        let first = f.next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            // A mapping's header: range perms offset dev inode [path].
+            let path = f.nth(4).unwrap_or("");
+            anon = path.is_empty() || path.starts_with('[');
+        } else if anon && first == "Private_Dirty:" {
+            kib += f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    kib
+}
+
+/// Waits until `pid` sleeps in poll(2), as a relay does once it is set up.
+fn wait_until_polling(pid: u32) {
+    let end = std::time::Instant::now() + LIMIT;
+    loop {
+        let path = format!("/proc/{pid}/syscall");
+        let nr = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<libc::c_long>().ok());
+        #[cfg(target_arch = "x86_64")]
+        if nr == Some(libc::SYS_poll) {
+            return;
+        }
+        if nr == Some(libc::SYS_ppoll) {
+            return;
+        }
+        assert!(std::time::Instant::now() < end, "{pid} never polled");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_copying_relay_allocates_its_buffers_when_bytes_come_and_grows_them_for_bulk() {
+    // -c takes the path of every connection past the per-user pipe budget (see
+    // exhausted_pipe_budget_falls_back_to_copying): copying from the setup on.
+    let mut r = Relay::start(&["-c"]);
+    wait_until_polling(r.pid());
+    // Allocated at setup, the 2 × 256 KiB buffers were 580 KiB here.
+    let idle = anon_private_dirty_kib(r.pid());
+    assert!(idle < 200, "an idle copying relay holds {idle} KiB");
+    r.client.write_all(b"?").unwrap();
+    let mut b = [0u8; 1];
+    r.target.read_exact(&mut b).unwrap();
+    r.target.write_all(b"!").unwrap();
+    r.client.read_exact(&mut b).unwrap();
+    wait_until_polling(r.pid());
+    let small = anon_private_dirty_kib(r.pid());
+    assert!(
+        small < 200,
+        "after a byte each way the relay holds {small} KiB"
+    );
+    // Bulk both ways: every byte arrives in order, and the buffers grow to the 256 KiB
+    // that keep copying fast.
+    let ran = flood(r, 16 << 20, (16 << 20) + 5);
+    ran.expect_code(0);
+    copied_with_grown_buffers(&ran);
 }
