@@ -66,7 +66,9 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     // The user timeout that agrees with the keepalive timers (see DEFAULT_KEEPALIVE);
     // none where the kernel's timers are kept.
     let user_timeout_ms = match secs("u") {
-        None => keepalive.map_or(0, |k| k.give_up_secs() * 1000),
+        None => keepalive.map_or(0, |k| {
+            (u64::from(k.give_up_secs()) * 1000).min(i32::MAX as u64) as u32
+        }),
         Some(d) => u32::try_from(d.as_millis())
             .ok()
             .filter(|&ms| ms <= i32::MAX as u32 && (ms > 0 || d.is_zero()))

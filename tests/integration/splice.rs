@@ -992,6 +992,13 @@ fn keepalive_and_user_timeout_reach_both_sockets() {
         [want, want],
         "-k 5,2,3 -u 1.5"
     );
+    // The kernel's largest timers; TCP_USER_TIMEOUT is an int of milliseconds.
+    let want = [1, 32767, 32767, 127, i32::MAX];
+    assert_eq!(
+        liveness_set_by(&["-k", "32767,32767,127"]),
+        [want, want],
+        "-k 32767,32767,127"
+    );
     let want = [1, 30, 15, 4, 0];
     assert_eq!(
         liveness_set_by(&["-k", "30", "-u", "0"]),
