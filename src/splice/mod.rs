@@ -8,8 +8,8 @@ use relay::Config;
 use relay::End;
 use std::ffi::OsString;
 
-const USAGE: &str =
-    "tcpsplice [-cq] [-t idle] [-g grace] [-p pipesize] [-R fd] [-W fd] [-r fd] [-w fd]";
+const USAGE: &str = "tcpsplice [-cq] [-t idle] [-g grace] [-k idle[,interval[,count]]] \
+     [-u timeout] [-p pipesize] [-R fd] [-W fd] [-r fd] [-w fd]";
 
 /// The program: `argv` is its command line without the program name. Returns the exit
 /// status at a normal end (see `chain`); a failure or a signal exits at once.
@@ -21,6 +21,13 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     o.optflag("q", "", "no log line at the end");
     o.optopt("t", "", "idle timeout", "SECONDS");
     o.optopt("g", "", "drain time after SIGTERM", "SECONDS");
+    o.optopt(
+        "k",
+        "",
+        "TCP keepalive timers, 0: the kernel's",
+        "IDLE[,INTERVAL[,COUNT]]",
+    );
+    o.optopt("u", "", "TCP user timeout, 0: none", "SECONDS");
     o.optopt("p", "", "pipe size", "BYTES");
     o.optopt("R", "", "read the client from FD", "FD");
     o.optopt("W", "", "write to the client on FD", "FD");
@@ -48,6 +55,25 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             .filter(|&n| (4096..=1 << 30).contains(&n))
             .unwrap_or_else(|| diag::usage(&format!("-p: not a size from 4k to 1024m: {s}"))),
     };
+    let keepalive = match m.opt_str("k") {
+        None => Some(relay::DEFAULT_KEEPALIVE),
+        Some(s) => parse_keepalive(&s).unwrap_or_else(|| {
+            diag::usage(&format!(
+                "-k: not 0 or idle[,interval[,count]] in seconds (count 1-127): {s}"
+            ))
+        }),
+    };
+    // The user timeout that agrees with the keepalive timers (see DEFAULT_KEEPALIVE);
+    // none where the kernel's timers are kept.
+    let user_timeout_ms = match secs("u") {
+        None => keepalive.map_or(0, |k| {
+            (u64::from(k.give_up_secs()) * 1000).min(i32::MAX as u64) as u32
+        }),
+        Some(d) => u32::try_from(d.as_millis())
+            .ok()
+            .filter(|&ms| ms <= i32::MAX as u32 && (ms > 0 || d.is_zero()))
+            .unwrap_or_else(|| diag::usage("-u: not a timeout from 0.001 to 2147483 seconds")),
+    };
     let cfg = Config {
         client_in: fd("R", 0),
         client_out: fd("W", 1),
@@ -57,6 +83,8 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         grace: secs("g").unwrap_or(std::time::Duration::from_secs(5)),
         pipe_size,
         copy_only: m.opt_present("c"),
+        keepalive,
+        user_timeout_ms,
     };
     for f in [cfg.client_in, cfg.client_out, cfg.target_in, cfg.target_out] {
         if !sys::fd_is_open(f) || chain::is_reserved(f) {
@@ -77,7 +105,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             .map(|l| format!(" login={l}"))
             .unwrap_or_default();
         diag::info(&format!(
-            "end client={} user={} target={} up={} down={} secs={:.3} path={}/{} pipes={}/{} how={}{}",
+            "end client={} user={} target={} up={} down={} secs={:.3} path={}/{} pipes={}/{} bufs={}/{} how={}{}",
             conninfo::client().unwrap_or_else(|| "-".into()),
             user,
             conninfo::target().unwrap_or_else(|| "-".into()),
@@ -88,6 +116,8 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             out.down_path,
             out.up_pipe,
             out.down_pipe,
+            out.up_buf,
+            out.down_buf,
             out.end.describe(),
             login,
         ));
@@ -96,5 +126,59 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         // Told to stop, or broken here: this process must not go on to other work.
         End::Signal { .. } | End::Failed { .. } => std::process::exit(out.end.exit_code()),
         _ => out.end.exit_code(),
+    }
+}
+
+/// `-k`: `0` (the kernel's timers) or `idle[,interval[,count]]`, whole seconds and a
+/// count, each within the kernel's limits; what is left out keeps its default.
+fn parse_keepalive(s: &str) -> Option<Option<relay::Keepalive>> {
+    use relay::Keepalive;
+    if s.trim() == "0" {
+        return Some(None);
+    }
+    let mut k = relay::DEFAULT_KEEPALIVE;
+    let mut parts = s.split(',');
+    let limits = [
+        (&mut k.idle, Keepalive::MAX_IDLE),
+        (&mut k.interval, Keepalive::MAX_INTERVAL),
+        (&mut k.count, Keepalive::MAX_COUNT),
+    ];
+    for (field, max) in limits {
+        match parts.next() {
+            None => break,
+            Some(p) => *field = args::number(p.trim(), 1, max)?,
+        }
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(Some(k))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_keepalive;
+    use super::relay::{Keepalive, DEFAULT_KEEPALIVE};
+
+    #[test]
+    fn keepalive_option() {
+        let k = |idle, interval, count| {
+            Some(Some(Keepalive {
+                idle,
+                interval,
+                count,
+            }))
+        };
+        assert_eq!(parse_keepalive("0"), Some(None));
+        assert_eq!(parse_keepalive("30"), k(30, 15, 4));
+        assert_eq!(parse_keepalive("30,5"), k(30, 5, 4));
+        assert_eq!(parse_keepalive("1,1,2"), k(1, 1, 2));
+        assert_eq!(parse_keepalive("32767,32767,127"), k(32767, 32767, 127));
+        for bad in [
+            "", "x", "1,,2", "1,1,128", "32768", "1,0", "-1", "1,1,2,3", "0,1",
+        ] {
+            assert_eq!(parse_keepalive(bad), None, "{bad:?}");
+        }
+        assert_eq!(DEFAULT_KEEPALIVE.give_up_secs(), 300);
     }
 }

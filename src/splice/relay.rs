@@ -40,7 +40,53 @@ pub struct Config {
     pub pipe_size: usize,
     /// Never splice; copy through user space (for comparisons and odd kernels).
     pub copy_only: bool,
+    /// The keepalive timers of TCP sockets; None keeps the kernel's
+    /// (net.ipv4.tcp_keepalive_*: 2 h 11 min).
+    pub keepalive: Option<Keepalive>,
+    /// TCP_USER_TIMEOUT of TCP sockets, in milliseconds: how long sent data (or a
+    /// keepalive probe) may go unanswered. 0 keeps the kernel's (tcp_retries2: ~15 min).
+    pub user_timeout_ms: u32,
 }
+
+/// When to probe a quiet TCP peer and when to give it up: the first probe after `idle`
+/// seconds without a packet from it, then one every `interval` seconds, and the
+/// connection ends after `count` unanswered probes (TCP_KEEPIDLE, TCP_KEEPINTVL,
+/// TCP_KEEPCNT).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    pub idle: u32,
+    pub interval: u32,
+    pub count: u32,
+}
+
+impl Keepalive {
+    /// The kernel's limits on the three values (MAX_TCP_KEEPIDLE and friends).
+    pub const MAX_IDLE: u32 = 32767;
+    pub const MAX_INTERVAL: u32 = 32767;
+    pub const MAX_COUNT: u32 = 127;
+
+    /// How long after the peer's last packet a vanished peer is given up: the user
+    /// timeout that agrees with these timers (see `DEFAULT_KEEPALIVE`).
+    pub fn give_up_secs(&self) -> u32 {
+        self.idle + self.interval * self.count
+    }
+}
+
+/// The default keepalive: a peer that vanished without a word (a machine gone, a NAT
+/// that forgot us) ends its relay 5 minutes after its last packet, where the kernel's
+/// own timers would take 2 h 11 min. A live peer costs one probe and its ACK per two
+/// minutes of silence. Not shorter, because the user timeout (which must agree, below)
+/// also gives up a live client that keeps its window shut that long while we hold bytes
+/// for it (a paused download). The user timeout defaults to the same 5 minutes: once TCP_USER_TIMEOUT
+/// is set it also decides when keepalive gives up (at the first probe that finds it
+/// passed, whatever the count), so it must agree for the count to mean what it says;
+/// and it bounds the wait on a peer that stops ACKing what we send, which keepalive
+/// never probes (it only runs when nothing is in flight).
+pub const DEFAULT_KEEPALIVE: Keepalive = Keepalive {
+    idle: 120,
+    interval: 30,
+    count: 6,
+};
 
 /// The default pipe size: see README "Pipe size" for the measurements behind it.
 pub const DEFAULT_PIPE_SIZE: usize = 1 << 20;
@@ -49,7 +95,13 @@ pub const DEFAULT_PIPE_SIZE: usize = 1 << 20;
 /// would need a pair of syscalls per 8 KiB, so the direction copies instead.
 const MIN_PIPE: usize = 64 * 1024;
 
-/// The user buffer of a copying direction.
+/// The user buffer of a copying direction is allocated at its first read, at
+/// `COPY_BUF_START`, and doubles after each read that fills it, up to `COPY_BUF`: an
+/// idle connection costs no buffer, an interactive one 16 KiB a direction, and a bulk
+/// one has the 256 KiB reads of full-speed copying after four full reads. (Zero-filled
+/// at setup, the two buffers made each idle connection past the pipe budget cost
+/// 592 KiB of private memory under tcpsplice-listen instead of 76 KiB.)
+const COPY_BUF_START: usize = 16 * 1024;
 const COPY_BUF: usize = 256 * 1024;
 
 /// Most bytes asked of one direct splice; splice refuses lengths near SIZE_MAX.
@@ -80,7 +132,8 @@ pub enum End {
     Idle,
     /// A signal asked us to stop; `drained` says whether everything in flight got out.
     Signal { signo: i32, drained: bool },
-    /// A peer reset the connection (or vanished); the other peer was reset too.
+    /// A peer reset the connection, or was lost (our kernel gave it up: ETIMEDOUT,
+    /// EHOSTUNREACH); the other peer was reset too.
     Reset { side: Side, err: io::Error },
     /// A local failure (a descriptor gone bad, out of memory).
     Failed { what: String, err: io::Error },
@@ -107,7 +160,14 @@ impl End {
                 if *drained { "" } else { "-undrained" }
             ),
             End::Reset { side, err } => {
-                format!("reset-by-{} ({})", side.name(), sys::strerror(err))
+                // Our kernel gave the peer up (keepalive, user timeout, retransmissions)
+                // or heard it is unreachable: not a reset the peer sent.
+                let lost = matches!(
+                    err.raw_os_error(),
+                    Some(libc::ETIMEDOUT) | Some(libc::EHOSTUNREACH) | Some(libc::ENETUNREACH)
+                );
+                let word = if lost { "lost-" } else { "reset-by-" };
+                format!("{word}{} ({})", side.name(), sys::strerror(err))
             }
             End::Failed { what, err } => format!("error ({what}: {})", sys::strerror(err)),
         }
@@ -128,6 +188,9 @@ pub struct Outcome {
     /// The largest pipe each direction had (0: none of its own).
     pub up_pipe: usize,
     pub down_pipe: usize,
+    /// The largest copy buffer each direction had (0: it never copied).
+    pub up_buf: usize,
+    pub down_buf: usize,
     pub elapsed: Duration,
 }
 
@@ -157,8 +220,10 @@ struct Dir {
     in_pipe: usize,
     /// Bytes read into user space and not yet written: all of Copy's traffic, a pipe
     /// drained on fallback, or a read past an urgent mark. They go out before anything
-    /// else is read, so order is kept.
+    /// else is read, so order is kept. Empty until needed (see `COPY_BUF_START`).
     buf: Vec<u8>,
+    /// Copy: the last read filled the buffer, so the next one gets a larger one.
+    buf_filled: bool,
     bstart: usize,
     bend: usize,
     /// The source ended (or we stopped reading it on a signal).
@@ -187,6 +252,8 @@ struct Dir {
     grow_to: usize,
     /// The largest size our pipe had, for the log line.
     pipe_seen: usize,
+    /// The largest copy buffer, for the log line.
+    buf_seen: usize,
     bytes: u64,
 }
 
@@ -223,6 +290,7 @@ impl Dir {
             path: Path::Copy,
             in_pipe: 0,
             buf: Vec::new(),
+            buf_filled: false,
             bstart: 0,
             bend: 0,
             eof: false,
@@ -236,6 +304,7 @@ impl Dir {
             spliced_out: false,
             grow_to: cfg.pipe_size,
             pipe_seen: 0,
+            buf_seen: 0,
             bytes: 0,
         };
         if cfg.copy_only {
@@ -261,16 +330,14 @@ impl Dir {
     }
 
     /// Switches to copying. Bytes already in our pipe are read back into the buffer
-    /// first, so they go out before anything read later.
+    /// first, so they go out before anything read later; the buffer for what is read
+    /// next is left to the first read (`size_copy_buf`).
     fn fall_back_to_copy(&mut self) {
-        let mut need = COPY_BUF;
-        if let Path::Piped { cap, .. } = self.path {
-            need = need.max(cap);
-        }
-        if self.buf.len() < need {
-            self.buf.resize(need, 0);
-        }
         if let Path::Piped { r, w, .. } = self.path {
+            let need = self.bend + self.in_pipe;
+            if self.buf.len() < need {
+                self.buf.resize(need, 0);
+            }
             while self.in_pipe > 0 {
                 let end = self.bend;
                 match sys::read(r, &mut self.buf[end..]) {
@@ -300,6 +367,29 @@ impl Dir {
             self.pipe_seen = *cap;
         }
         self.grow_to = 0;
+    }
+
+    /// Copy: sizes the (empty) buffer for the next read: `COPY_BUF_START` at the first,
+    /// twice the size after a read that filled it, never above `COPY_BUF` (a buffer
+    /// left larger by a fallback that drained a big pipe is given back).
+    fn size_copy_buf(&mut self) {
+        debug_assert!(self.bstart == self.bend);
+        let len = self.buf.len();
+        let want = if len == 0 {
+            COPY_BUF_START
+        } else if self.buf_filled {
+            (len * 2).clamp(COPY_BUF_START, COPY_BUF)
+        } else {
+            len.clamp(COPY_BUF_START, COPY_BUF)
+        };
+        if want != len {
+            // Nothing in it to keep: a fresh buffer spares copying stale bytes.
+            self.buf = vec![0; want];
+            self.bstart = 0;
+            self.bend = 0;
+            self.buf_seen = self.buf_seen.max(want);
+        }
+        self.buf_filled = false;
     }
 
     fn pending(&self) -> bool {
@@ -427,9 +517,7 @@ impl Dir {
             match self.path {
                 Path::Copy => {
                     if !self.eof && !src_dry {
-                        if self.buf.len() < COPY_BUF {
-                            self.buf.resize(COPY_BUF, 0);
-                        }
+                        self.size_copy_buf();
                         match sys::read(self.src, &mut self.buf[..]) {
                             Ok(0) => {
                                 self.eof = true;
@@ -440,6 +528,7 @@ impl Dir {
                                 self.bend = n;
                                 progress = true;
                                 src_dry = n < self.buf.len();
+                                self.buf_filled = !src_dry;
                             }
                             Err(e) if is_again(&e) => src_dry = true,
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,
@@ -636,6 +725,7 @@ impl Drop for FlagGuard {
 /// belong to the socket: `seen` holds those already set, as fds 0/1 and 6/7 are usually
 /// one socket each.
 fn prepare_fd(
+    cfg: &Config,
     fd: RawFd,
     found: libc::c_int,
     guard: &mut FlagGuard,
@@ -649,12 +739,27 @@ fn prepare_fd(
     if kind == FdKind::Socket && !seen.contains(&id) {
         seen.push(id);
         // Urgent data stays in the stream (nothing is lost), and our own writes add no
-        // Nagle delay to what the peer sent. Keepalive bounds the wait on a peer that
-        // vanished without a word (a machine gone, a NAT that forgot us), which -t,
-        // off by default, would not. None matters enough to fail for.
+        // Nagle delay to what the peer sent. Keepalive bounds the wait on a quiet peer
+        // that vanished without a word (a machine gone, a NAT that forgot us), the user
+        // timeout the wait on one that stops ACKing what we send; -t, off by default,
+        // would bound neither. None matters enough to fail for (a Unix-domain socket
+        // refuses the TCP ones).
         let _ = sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_OOBINLINE, 1);
         let _ = sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
         let _ = sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+        if let Some(k) = cfg.keepalive {
+            for (name, v) in [
+                (libc::TCP_KEEPIDLE, k.idle),
+                (libc::TCP_KEEPINTVL, k.interval),
+                (libc::TCP_KEEPCNT, k.count),
+            ] {
+                let _ = sys::setsockopt_int(fd, libc::IPPROTO_TCP, name, v as libc::c_int);
+            }
+        }
+        if cfg.user_timeout_ms > 0 {
+            let ms = cfg.user_timeout_ms as libc::c_int;
+            let _ = sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms);
+        }
     }
     Ok(kind)
 }
@@ -689,7 +794,7 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
         .map(|&fd| sys::get_fl(fd))
         .collect::<io::Result<Vec<_>>>()?;
     for ((k, &fd), &flags) in kind.iter_mut().zip(&fds).zip(&found) {
-        *k = prepare_fd(fd, flags, &mut guard, &mut seen)?;
+        *k = prepare_fd(cfg, fd, flags, &mut guard, &mut seen)?;
     }
     let signals = sys::SignalFd::new(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
     let mut dirs = [
@@ -932,6 +1037,8 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
         down_path: dirs[1].path_name_final(),
         up_pipe: dirs[0].pipe_seen,
         down_pipe: dirs[1].pipe_seen,
+        up_buf: dirs[0].buf_seen,
+        down_buf: dirs[1].buf_seen,
         elapsed: start.elapsed(),
         end,
     })

@@ -108,10 +108,10 @@ fn cpu_ticks(pid: u32) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
-/// Sends `up` bytes client→target and `down` bytes target→client at the same time,
-/// each side half-closing when done, and checks both arrive whole.
-fn both_ways(up: u64, down: u64) {
-    let r = Relay::start(&[]);
+/// Sends `up` bytes client→target and `down` bytes target→client through `r` at the
+/// same time, each side half-closing when done, and checks both arrive whole; returns
+/// the relay's run, ended.
+fn flood(r: Relay, up: u64, down: u64) -> Ran {
     let mut c_w = r.client.try_clone().unwrap();
     let mut t_w = r.target.try_clone().unwrap();
     let mut c_r = r.client.try_clone().unwrap();
@@ -131,9 +131,15 @@ fn both_ways(up: u64, down: u64) {
     let (su, sd) = (send_up.join().unwrap(), send_down.join().unwrap());
     let (ru, rd) = (recv_up.join().unwrap(), recv_down.join().unwrap());
     let ran = r.finish();
-    ran.expect_code(0);
     assert_eq!(su, ru, "client→target stream differs{}", ran.show());
     assert_eq!(sd, rd, "target→client stream differs{}", ran.show());
+    ran
+}
+
+/// `flood` through a relay with no options, which must end cleanly and count it all.
+fn both_ways(up: u64, down: u64) {
+    let ran = flood(Relay::start(&[]), up, down);
+    ran.expect_code(0);
     let log = ran.stderr_text();
     assert!(
         log.contains(&format!("up={up} down={down}")) && log.contains("how=eof"),
@@ -623,8 +629,15 @@ sys.stdin.read()
     drop(hog.stdin.take());
     let _ = hog.wait();
     ran.expect_code(0);
+    copied_with_grown_buffers(&ran);
+}
+
+/// Both directions copied (no pipe of their own), and their buffers, allocated at the
+/// first bytes, grew to 256 KiB for the bulk.
+fn copied_with_grown_buffers(ran: &Ran) {
     assert!(
-        ran.stderr_text().contains("path=copy/copy"),
+        ran.stderr_text()
+            .contains("path=copy/copy pipes=0/0 bufs=262144/262144"),
         "{}",
         ran.show()
     );
@@ -642,25 +655,7 @@ fn budget_run(uid: u32) -> Ran {
             cmd.uid(uid).gid(uid);
         }
     });
-    let mut c_w = r.client.try_clone().unwrap();
-    let mut t_w = r.target.try_clone().unwrap();
-    let mut c_r = r.client.try_clone().unwrap();
-    let mut t_r = r.target.try_clone().unwrap();
-    let a = thread::spawn(move || {
-        let h = util::send_pattern(&mut c_w, 11, 8 << 20).unwrap();
-        c_w.shutdown(Shutdown::Write).unwrap();
-        h
-    });
-    let b = thread::spawn(move || {
-        let h = util::send_pattern(&mut t_w, 12, 8 << 20).unwrap();
-        t_w.shutdown(Shutdown::Write).unwrap();
-        h
-    });
-    let ru = util::recv_hash(&mut t_r).unwrap();
-    let rd = util::recv_hash(&mut c_r).unwrap();
-    assert_eq!(a.join().unwrap(), ru);
-    assert_eq!(b.join().unwrap(), rd);
-    r.finish()
+    flood(r, 8 << 20, 8 << 20)
 }
 
 #[test]
@@ -777,10 +772,11 @@ fn a_bulk_direction_grows_its_pipe_and_a_quiet_one_keeps_the_default() {
 }
 
 /// Starts the relay with the client on fds 0/1 and the target on fds 6/7 given as
-/// descriptors (any kind of socket); the test keeps the other ends.
-fn spawn_between(client: OwnedFd, target: OwnedFd) -> (Child, String) {
+/// descriptors (any kind of socket), with `args`; the test keeps the other ends.
+fn spawn_between(args: &[&str], client: OwnedFd, target: OwnedFd) -> (Child, String) {
     let mut cmd = Command::new(BIN);
-    cmd.env("TCPSPLICE_LOG", "stderr")
+    cmd.args(args)
+        .env("TCPSPLICE_LOG", "stderr")
         .stdin(Stdio::from(client.try_clone().unwrap()))
         .stdout(Stdio::from(client))
         .stderr(Stdio::piped());
@@ -799,7 +795,7 @@ fn a_unix_socket_target_that_answers_and_closes_is_not_a_reset() {
     use std::os::unix::net::UnixStream;
     let (mut client, client_peer) = util::tcp_pair();
     let (mut target, target_peer) = UnixStream::pair().unwrap();
-    let (child, desc) = spawn_between(OwnedFd::from(client_peer), OwnedFd::from(target_peer));
+    let (child, desc) = spawn_between(&[], OwnedFd::from(client_peer), OwnedFd::from(target_peer));
     let reply = util::pattern(8, 100_000);
     target.write_all(&reply).unwrap();
     drop(target);
@@ -823,7 +819,7 @@ fn a_unix_socket_client_that_sends_and_closes_is_not_a_reset() {
     use std::os::unix::net::UnixStream;
     let (mut client, client_peer) = UnixStream::pair().unwrap();
     let (mut target, target_peer) = util::tcp_pair();
-    let (child, desc) = spawn_between(OwnedFd::from(client_peer), OwnedFd::from(target_peer));
+    let (child, desc) = spawn_between(&[], OwnedFd::from(client_peer), OwnedFd::from(target_peer));
     let request = util::pattern(9, 3 << 20);
     let req = request.clone();
     let sender = thread::spawn(move || {
@@ -922,8 +918,37 @@ fn an_idle_end_that_drops_bytes_resets_the_peer_they_were_for() {
     );
 }
 
-#[test]
-fn the_relay_sets_keepalive_on_both_sockets() {
+/// The liveness options of one socket: SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL,
+/// TCP_KEEPCNT and TCP_USER_TIMEOUT (ms).
+fn liveness(s: &TcpStream) -> [libc::c_int; 5] {
+    let get = |level, name| {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes one int into `v` we own.
+        let rc = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                level,
+                name,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "getsockopt: {}", std::io::Error::last_os_error());
+        v
+    };
+    [
+        get(libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+        get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+        get(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+        get(libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+        get(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+    ]
+}
+
+/// Runs a relay with `args` and returns the liveness options it left on its client
+/// socket and on its target socket.
+fn liveness_set_by(args: &[&str]) -> [[libc::c_int; 5]; 2] {
     let (mut client, client_peer) = util::tcp_pair();
     let (mut target, target_peer) = util::tcp_pair();
     // Our own handles on the relay's sockets, to read their options.
@@ -931,31 +956,249 @@ fn the_relay_sets_keepalive_on_both_sockets() {
         client_peer.try_clone().unwrap(),
         target_peer.try_clone().unwrap(),
     );
-    let (child, desc) = spawn_between(OwnedFd::from(client_peer), OwnedFd::from(target_peer));
+    let (child, desc) = spawn_between(args, OwnedFd::from(client_peer), target_peer.into());
     // A byte through shows the relay is past its setup.
     client.write_all(b"x").unwrap();
     let mut b = [0u8; 1];
     target.read_exact(&mut b).unwrap();
-    let keepalive = |s: &TcpStream| {
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes one int into `v` we own.
-        let rc = unsafe {
-            libc::getsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_KEEPALIVE,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0);
-        v
-    };
-    assert_ne!(keepalive(&c_view), 0, "client socket without keepalive");
-    assert_ne!(keepalive(&t_view), 0, "target socket without keepalive");
+    let seen = [liveness(&c_view), liveness(&t_view)];
     drop((c_view, t_view));
     client.shutdown(Shutdown::Write).unwrap();
     target.shutdown(Shutdown::Write).unwrap();
     util::finish(child, &desc, LIMIT).expect_code(0);
+    seen
+}
+
+fn sysctl(name: &str) -> libc::c_int {
+    let path = format!("/proc/sys/net/ipv4/{name}");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{path}: {text:?}: {e}"))
+}
+
+#[test]
+fn keepalive_and_user_timeout_reach_both_sockets() {
+    // The defaults: a first probe after 120 s of silence, 6 more 30 s apart, and the
+    // user timeout that agrees with them, 5 minutes.
+    let want = [1, 120, 30, 6, 300_000];
+    assert_eq!(liveness_set_by(&[]), [want, want], "defaults");
+    // The user timeout follows -k unless given.
+    let want = [1, 5, 2, 3, 11_000];
+    assert_eq!(liveness_set_by(&["-k", "5,2,3"]), [want, want], "-k 5,2,3");
+    let want = [1, 5, 2, 3, 1_500];
+    assert_eq!(
+        liveness_set_by(&["-k", "5,2,3", "-u", "1.5"]),
+        [want, want],
+        "-k 5,2,3 -u 1.5"
+    );
+    // The kernel's largest timers; TCP_USER_TIMEOUT is an int of milliseconds.
+    let want = [1, 32767, 32767, 127, i32::MAX];
+    assert_eq!(
+        liveness_set_by(&["-k", "32767,32767,127"]),
+        [want, want],
+        "-k 32767,32767,127"
+    );
+    let want = [1, 30, 30, 6, 0];
+    assert_eq!(
+        liveness_set_by(&["-k", "30", "-u", "0"]),
+        [want, want],
+        "-u 0"
+    );
+    // -k 0: the kernel's timers, and no user timeout.
+    let kernel = [
+        1,
+        sysctl("tcp_keepalive_time"),
+        sysctl("tcp_keepalive_intvl"),
+        sysctl("tcp_keepalive_probes"),
+        0,
+    ];
+    assert_eq!(liveness_set_by(&["-k", "0"]), [kernel, kernel], "-k 0");
+    for bad in [
+        &["-k", "1,0"][..],
+        &["-k", "1,1,128"],
+        &["-u", "x"],
+        &["-k", "9,9,9,9"],
+    ] {
+        util::run(Command::new(BIN).args(bad), LIMIT).expect_code(100);
+    }
+}
+
+/// Moves the calling thread (libtest runs each test in a thread of its own) into a new
+/// network namespace with its loopback up: the sockets it makes and the processes it
+/// spawns from then on live there, and so may be cut off without touching the host.
+fn private_network() {
+    assert!(
+        util::is_root(),
+        "the vanished-peer tests need root, for a network namespace"
+    );
+    // SAFETY: unshare takes no pointers; CLONE_NEWNET changes the network namespace of
+    // the calling thread only.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "unshare(CLONE_NEWNET): {}",
+        std::io::Error::last_os_error()
+    );
+    util::run(Command::new("ip").args(["link", "set", "lo", "up"]), LIMIT).expect_code(0);
+}
+
+/// Drops every packet to or from local TCP port `port` (nftables, in the namespace of
+/// `private_network`): its peer vanishes without a FIN or a reset, as a machine that
+/// lost its power or its network would.
+fn black_hole(port: u16) {
+    let rules = format!(
+        "add table inet vanish; \
+         add chain inet vanish input {{ type filter hook input priority 0; }}; \
+         add rule inet vanish input tcp sport {port} drop; \
+         add rule inet vanish input tcp dport {port} drop"
+    );
+    let ran = util::run(Command::new("nft").arg(&rules), LIMIT);
+    ran.expect_code(0);
+}
+
+/// The client of a relay started with `args` vanishes (its packets dropped) after a
+/// byte each way; if `then_send`, the target then sends it 64 KiB, which the relay can
+/// never deliver. The relay must end within `within` (and not before `not_before`)
+/// with exit 1, `how=lost-client`, and the target must hear a reset.
+fn vanished_client(args: &[&str], then_send: bool, not_before: Duration, within: Duration) {
+    private_network();
+    let mut r = Relay::start(args);
+    r.client.write_all(b"?").unwrap();
+    let mut b = [0u8; 1];
+    r.target.read_exact(&mut b).unwrap();
+    r.target.write_all(b"!").unwrap();
+    r.client.read_exact(&mut b).unwrap();
+    black_hole(r.client.local_addr().unwrap().port());
+    let t0 = std::time::Instant::now();
+    if then_send {
+        r.target.write_all(&util::pattern(15, 64 << 10)).unwrap();
+    }
+    let status = util::wait_timeout(&mut r.child, within + Duration::from_secs(10));
+    let took = t0.elapsed();
+    let target_end = match status {
+        Some(_) => Some(read_until_end(&mut r.target)),
+        None => {
+            let _ = r.child.kill();
+            None
+        }
+    };
+    let ran = r.finish();
+    assert!(
+        status.is_some(),
+        "the relay outlived its vanished client{}",
+        ran.show()
+    );
+    ran.expect_code(1);
+    assert!(
+        ran.stderr_text()
+            .contains("how=lost-client (Connection timed out)"),
+        "{}",
+        ran.show()
+    );
+    assert!(
+        took >= not_before && took <= within,
+        "ended after {took:?}, not within {not_before:?}..{within:?}{}",
+        ran.show()
+    );
+    assert_eq!(
+        target_end,
+        Some(Some(std::io::ErrorKind::ConnectionReset)),
+        "the target must hear a reset{}",
+        ran.show()
+    );
+}
+
+#[test]
+fn keepalive_ends_the_relay_of_a_client_that_vanished_while_quiet() {
+    // Keepalive alone (-u 0): probes 1 s after the client's last packet and 1 s later
+    // go unanswered; the second one's interval ends it, 3 s after that packet.
+    let s = Duration::from_secs;
+    vanished_client(&["-k", "1,1,2", "-u", "0"], false, s(2), s(10));
+}
+
+#[test]
+fn a_user_timeout_decides_when_keepalive_gives_up() {
+    // 100 probes would take 101 s; a 3 s user timeout ends it at the first probe after
+    // 3 s of silence.
+    let s = Duration::from_secs;
+    vanished_client(&["-k", "1,1,100", "-u", "3"], false, s(2), s(10));
+}
+
+#[test]
+fn the_user_timeout_ends_the_relay_of_a_client_that_stopped_acking() {
+    // Data in flight: keepalive (60 s by default) never probes; without a user timeout
+    // the kernel would retransmit for ~15 minutes (tcp_retries2).
+    let s = Duration::from_secs;
+    vanished_client(&["-u", "3"], true, s(2), s(10));
+}
+
+/// Private dirty memory of `pid` outside its files (heap, anonymous mappings, stack), in
+/// KiB: what one more connection costs, where the program's own pages are the same for
+/// every connection.
+fn anon_private_dirty_kib(pid: u32) -> u64 {
+    let path = format!("/proc/{pid}/smaps");
+    let smaps = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut anon = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let mut f = line.split_whitespace();
+        let first = f.next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            // A mapping's header: range perms offset dev inode [path].
+            let path = f.nth(4).unwrap_or("");
+            anon = path.is_empty() || path.starts_with('[');
+        } else if anon && first == "Private_Dirty:" {
+            kib += f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    kib
+}
+
+/// Waits until `pid` sleeps in poll(2), as a relay does once it is set up.
+fn wait_until_polling(pid: u32) {
+    let end = std::time::Instant::now() + LIMIT;
+    loop {
+        let path = format!("/proc/{pid}/syscall");
+        let nr = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<libc::c_long>().ok());
+        #[cfg(target_arch = "x86_64")]
+        if nr == Some(libc::SYS_poll) {
+            return;
+        }
+        if nr == Some(libc::SYS_ppoll) {
+            return;
+        }
+        assert!(std::time::Instant::now() < end, "{pid} never polled");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_copying_relay_allocates_its_buffers_when_bytes_come_and_grows_them_for_bulk() {
+    // -c takes the path of every connection past the per-user pipe budget (see
+    // exhausted_pipe_budget_falls_back_to_copying): copying from the setup on.
+    let mut r = Relay::start(&["-c"]);
+    wait_until_polling(r.pid());
+    // Allocated at setup, the 2 × 256 KiB buffers were 580 KiB here.
+    let idle = anon_private_dirty_kib(r.pid());
+    assert!(idle < 200, "an idle copying relay holds {idle} KiB");
+    r.client.write_all(b"?").unwrap();
+    let mut b = [0u8; 1];
+    r.target.read_exact(&mut b).unwrap();
+    r.target.write_all(b"!").unwrap();
+    r.client.read_exact(&mut b).unwrap();
+    wait_until_polling(r.pid());
+    let small = anon_private_dirty_kib(r.pid());
+    assert!(
+        small < 200,
+        "after a byte each way the relay holds {small} KiB"
+    );
+    // Bulk both ways: every byte arrives in order, and the buffers grow to the 256 KiB
+    // that keep copying fast.
+    let ran = flood(r, 16 << 20, (16 << 20) + 5);
+    ran.expect_code(0);
+    copied_with_grown_buffers(&ran);
 }
