@@ -170,8 +170,8 @@ mod tests {
             }))
         };
         assert_eq!(parse_keepalive("0"), Some(None));
-        assert_eq!(parse_keepalive("30"), k(30, 15, 4));
-        assert_eq!(parse_keepalive("30,5"), k(30, 5, 4));
+        assert_eq!(parse_keepalive("30"), k(30, 30, 6));
+        assert_eq!(parse_keepalive("30,5"), k(30, 5, 6));
         assert_eq!(parse_keepalive("1,1,2"), k(1, 1, 2));
         assert_eq!(parse_keepalive("32767,32767,127"), k(32767, 32767, 127));
         for bad in [

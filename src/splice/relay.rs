@@ -104,6 +104,13 @@ const MIN_PIPE: usize = 64 * 1024;
 const COPY_BUF_START: usize = 16 * 1024;
 const COPY_BUF: usize = 256 * 1024;
 
+/// A direction between two sockets copies through a buffer this large until a read
+/// fills it, and only then takes a pipe and splices: a short connection (a request and
+/// a reply of a few KiB) spends no pipe of the user's budget and no pipe2, F_GETPIPE_SZ
+/// or close on it, and an idle one holds no pipe at all. splice only pays for itself
+/// on bulk, where it moves a pipe's worth per call.
+const FIRST_READ: usize = 4 * 1024;
+
 /// Most bytes asked of one direct splice; splice refuses lengths near SIZE_MAX.
 const DIRECT_CHUNK: usize = 1 << 20;
 
@@ -250,6 +257,9 @@ struct Dir {
     spliced_out: bool,
     /// The pipe size to grow to at the first burst; 0 once tried.
     grow_to: usize,
+    /// Copying for now, and to take a pipe at the first read that fills the buffer
+    /// (`FIRST_READ`): a direction between sockets.
+    promote: bool,
     /// The largest size our pipe had, for the log line.
     pipe_seen: usize,
     /// The largest copy buffer, for the log line.
@@ -303,6 +313,7 @@ impl Dir {
             spliced_in: false,
             spliced_out: false,
             grow_to: cfg.pipe_size,
+            promote: false,
             pipe_seen: 0,
             buf_seen: 0,
             bytes: 0,
@@ -312,21 +323,30 @@ impl Dir {
         } else if src_kind == FdKind::Pipe || dst_kind == FdKind::Pipe {
             d.path = Path::Direct;
         } else {
-            // Start at the kernel's default size and grow when a burst fills half of
-            // it (see `grow_pipe`): idle and interactive connections then cost the
-            // user's pipe budget 64 KiB a direction, not the full size.
-            let (r, w) = sys::pipe_nonblocking()?;
-            let cap = sys::pipe_size(w);
-            if cap < MIN_PIPE {
-                sys::close(r);
-                sys::close(w);
-                d.fall_back_to_copy();
-            } else {
-                d.path = Path::Piped { r, w, cap };
-                d.pipe_seen = cap;
-            }
+            // Copy until the first burst (see `FIRST_READ` and `take_pipe`).
+            d.promote = true;
         }
         Ok(d)
+    }
+
+    /// A read filled the first buffer: this direction carries more than a short
+    /// exchange, so it gets a pipe (bytes still in the buffer go out first, as after
+    /// a fallback). The pipe starts at the kernel's default size and grows when a burst
+    /// fills half of it (see `grow_pipe`). A pipe that cannot be had, or a tiny one (the
+    /// user's pipe budget is spent), leaves the direction copying.
+    fn take_pipe(&mut self) {
+        self.promote = false;
+        let Ok((r, w)) = sys::pipe_nonblocking() else {
+            return;
+        };
+        let cap = sys::pipe_size(w);
+        if cap < MIN_PIPE {
+            sys::close(r);
+            sys::close(w);
+            return;
+        }
+        self.path = Path::Piped { r, w, cap };
+        self.pipe_seen = cap;
     }
 
     /// Switches to copying. Bytes already in our pipe are read back into the buffer
@@ -375,7 +395,9 @@ impl Dir {
     fn size_copy_buf(&mut self) {
         debug_assert!(self.bstart == self.bend);
         let len = self.buf.len();
-        let want = if len == 0 {
+        let want = if self.promote {
+            FIRST_READ
+        } else if len == 0 {
             COPY_BUF_START
         } else if self.buf_filled {
             (len * 2).clamp(COPY_BUF_START, COPY_BUF)
@@ -529,6 +551,9 @@ impl Dir {
                                 progress = true;
                                 src_dry = n < self.buf.len();
                                 self.buf_filled = !src_dry;
+                                if self.promote && self.buf_filled {
+                                    self.take_pipe();
+                                }
                             }
                             Err(e) if is_again(&e) => src_dry = true,
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => progress = true,

@@ -539,14 +539,17 @@ fn an_idle_relay_uses_no_cpu() {
     r.finish().expect_code(0);
 }
 
-#[test]
-fn urgent_data_neither_spins_nor_stalls_nor_is_lost() {
+/// Sends `lead`, then an urgent byte, then more, and checks that everything arrives in
+/// order without the relay spinning; returns the relay's log.
+fn urgent_after(lead: &[u8]) -> String {
     let mut r = Relay::start(&[]);
-    (&r.client).write_all(b"before").unwrap();
+    let mut sent = lead.to_vec();
+    sent.extend_from_slice(b"before");
+    (&r.client).write_all(&sent).unwrap();
     // SAFETY: send one byte flagged MSG_OOB on a socket we own.
     let n = unsafe { libc::send(r.client.as_raw_fd(), b"!".as_ptr().cast(), 1, libc::MSG_OOB) };
     assert_eq!(n, 1);
-    let mut got = vec![0u8; 7];
+    let mut got = vec![0u8; sent.len() + 1];
     r.target
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
@@ -564,16 +567,28 @@ fn urgent_data_neither_spins_nor_stalls_nor_is_lost() {
     let ran = r.finish();
     ran.expect_code(0);
     got.extend_from_slice(&rest);
-    assert_eq!(
-        &got[..],
-        b"before!after",
-        "urgent byte kept inline, order kept"
+    sent.extend_from_slice(b"!after");
+    assert!(
+        got == sent,
+        "urgent byte kept inline, order kept{}",
+        ran.show()
     );
     assert!(
         used <= 10,
         "relay spun on urgent data: {used} ticks{}",
         ran.show()
     );
+    ran.stderr_text()
+}
+
+#[test]
+fn urgent_data_neither_spins_nor_stalls_nor_is_lost() {
+    // A short exchange: the direction is still copying when the urgent byte comes.
+    let log = urgent_after(b"");
+    assert!(log.contains("path=copy/"), "{log}");
+    // After a burst: the direction splices, and splice stops at the urgent mark.
+    let log = urgent_after(&util::pattern(3, 64 * 1024));
+    assert!(log.contains("path=splice/"), "{log}");
 }
 
 /// The per-user pipe budget (fs.pipe-user-pages-soft) is exhausted by another process
@@ -743,8 +758,64 @@ fn a_vanished_stdout_reader_is_an_error_not_a_sigpipe_death() {
     );
 }
 
+/// The pipes among a process's descriptors that are its own: not its stderr (ours to
+/// read) nor one it inherited from whatever runs the tests (this process holds those
+/// too).
+fn pipe_fds(pid: u32) -> usize {
+    let pipes = |pid: &str, from: i32| -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| {
+                        e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) >= Some(from)
+                    })
+                    .filter_map(|e| std::fs::read_link(e.path()).ok())
+                    .map(|l| l.to_string_lossy().into_owned())
+                    .filter(|l| l.starts_with("pipe:"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let ours = pipes("self", 0);
+    pipes(&pid.to_string(), 3)
+        .iter()
+        .filter(|p| !ours.contains(p))
+        .count()
+}
+
 #[test]
-fn a_bulk_direction_grows_its_pipe_and_a_quiet_one_keeps_the_default() {
+fn an_idle_or_short_connection_holds_no_pipe() {
+    let mut r = Relay::start(&[]);
+    // Idle: asleep in poll, no pipe of the user's budget taken.
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(pipe_fds(r.pid()), 0, "pipes held by an idle relay");
+    // A short exchange each way is copied; still no pipe.
+    r.target
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    r.client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    (&r.client).write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut req = [0u8; 18];
+    r.target.read_exact(&mut req).unwrap();
+    (&r.target).write_all(&[7u8; 3000]).unwrap();
+    let mut reply = vec![0u8; 3000];
+    r.client.read_exact(&mut reply).unwrap();
+    assert_eq!(pipe_fds(r.pid()), 0, "pipes held after a short exchange");
+    r.client.shutdown(Shutdown::Write).unwrap();
+    r.target.shutdown(Shutdown::Write).unwrap();
+    let ran = r.finish();
+    ran.expect_code(0);
+    assert!(
+        ran.stderr_text().contains("path=copy/copy pipes=0/0"),
+        "{}",
+        ran.show()
+    );
+}
+
+#[test]
+fn a_bulk_direction_grows_its_pipe_and_a_quiet_one_takes_none() {
     let r = Relay::start(&[]);
     let mut c_w = r.client.try_clone().unwrap();
     let mut t_w = r.target.try_clone().unwrap();
@@ -763,9 +834,11 @@ fn a_bulk_direction_grows_its_pipe_and_a_quiet_one_keeps_the_default() {
     assert_eq!(back, util::hash_of(b"ok"));
     let ran = r.finish();
     ran.expect_code(0);
-    // 1 MiB is the default -p; 64 KiB the kernel's default pipe, never grown for 2 bytes.
+    // 1 MiB is the default -p; the 2 bytes of the quiet direction were copied, and it
+    // never took a pipe.
     assert!(
-        ran.stderr_text().contains("pipes=1048576/65536"),
+        ran.stderr_text()
+            .contains("path=splice/copy pipes=1048576/0"),
         "{}",
         ran.show()
     );
