@@ -101,8 +101,11 @@ impl StoredHash {
                 let p: yescrypt::Params = f[2]
                     .parse()
                     .map_err(|_| "malformed yescrypt parameters".to_string())?;
-                if 128 * u64::from(p.r()) * p.n() > MAX_MEMORY {
-                    return Err("yescrypt parameters ask for more than 1 GiB".into());
+                if yescrypt_memory(&p).is_none_or(|m| m > MAX_MEMORY) {
+                    return Err(format!(
+                        "yescrypt parameters {} ask for more memory than 1 GiB",
+                        f[2]
+                    ));
                 }
                 ok(scheme)
             }
@@ -189,6 +192,17 @@ impl StoredHash {
             Err(e) => Err(format!("{} hash unusable: {e}", self.scheme.name())),
         }
     }
+}
+
+/// The bytes one yescrypt check allocates: V (128·r·N), B (128·r·p), XY (256·r) and
+/// the S-boxes of pwxform (12 KiB per p). None when that does not fit in a u64: the
+/// parameters are decoded from the file, and N alone may be 2^63.
+fn yescrypt_memory(p: &yescrypt::Params) -> Option<u64> {
+    let (n, r, lanes) = (p.n(), u64::from(p.r()), u64::from(p.p()));
+    let v = r.checked_mul(n)?.checked_mul(128)?;
+    let b = r.checked_mul(lanes)?.checked_mul(128)?;
+    let s = lanes.checked_mul(12 * 1024)?;
+    v.checked_add(b)?.checked_add(256 * r)?.checked_add(s)
 }
 
 /// Names the scheme of a hash, or says why it is refused.

@@ -727,6 +727,48 @@ fn weak_and_unknown_hashes_are_refused_at_load() {
     }
 }
 
+/// Loads `text` as the users file and logs in as `ok` (whose hash is fine): the load
+/// decides the exit code.
+fn load_users(name: &str, text: &str) -> Ran {
+    let users = write_users(name, text);
+    let (_, r) = over_pipes(
+        auth_cmd(&["-d", "0", "-f", users.to_str().unwrap()]),
+        &http_connect("example.com:443", Some(("ok", PW))),
+    );
+    r
+}
+
+#[test]
+fn yescrypt_parameters_whose_memory_overflows_are_refused_at_load() {
+    // N = 2^62 and more: 128·r·N wraps around, and each login (or, first in the file,
+    // each unknown user) aborted the process.
+    let ok = format!("ok:{}", mkpasswd("sha-512"));
+    for (i, bad) in [
+        "$y$jkB.$salt$hash",
+        "$y$jk6lD$salt$hash",
+        "$y$jjw9rD$salt$hash",
+        "$y$.azaaAAa$salt$hash",
+    ]
+    .iter()
+    .enumerate()
+    {
+        for (j, text) in [
+            format!("{ok}\nalice:{bad}\n"),
+            format!("alice:{bad}\n{ok}\n"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let r = load_users(&format!("overflow{i}-{j}"), text);
+            r.expect_code(100);
+            let want = format!("line {}: user alice: yescrypt parameters", 2 - j);
+            assert!(r.stderr_text().contains(&want), "no {want:?}{}", r.show());
+            assert!(r.stderr_text().contains("memory"), "{}", r.show());
+            assert!(env_line(&r).is_none(), "{}", r.show());
+        }
+    }
+}
+
 #[test]
 fn per_user_rules_are_exported_and_checked() {
     let h = mkpasswd("sha-512");
