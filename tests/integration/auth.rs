@@ -770,6 +770,73 @@ fn yescrypt_parameters_whose_memory_overflows_are_refused_at_load() {
 }
 
 #[test]
+fn hash_costs_over_the_ceilings_are_refused_at_load() {
+    let ok = format!("ok:{}", mkpasswd("sha-512"));
+    // Over 1 s a login (as estimated) or 256 MiB: refused, naming the line and why.
+    let bcrypt = |cost: u32| format!("$2y${cost}${}", "a".repeat(53));
+    for (i, (bad, why)) in [
+        ("$y$j9T/kD$salt$hash".to_string(), "1.36 s"),
+        ("$y$j9T/s4r$salt$hash".into(), "over the ceiling of 1 s"),
+        ("$y$jET$salt$hash".into(), "512 MiB"),
+        ("$y$jDT/0$salt$hash".into(), "over the ceiling of 1 s"),
+        (bcrypt(15), "1.74 s"),
+        (bcrypt(31), "over the ceiling of 1 s"),
+        (
+            "$argon2id$v=19$m=262144,t=4,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA".into(),
+            "1.18 s",
+        ),
+        (
+            "$argon2id$v=19$m=2097152,t=1,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA".into(),
+            "2048 MiB",
+        ),
+        (
+            "$6$rounds=5000000$salt$hash".into(),
+            "over the ceiling of 1 s",
+        ),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let r = load_users(&format!("costly{i}"), &format!("{ok}\n\nbob:{bad}\n"));
+        r.expect_code(100);
+        let want = "line 3: user bob: ";
+        assert!(r.stderr_text().contains(want), "no {want:?}{}", r.show());
+        assert!(
+            r.stderr_text().contains(why),
+            "for {bad}: no {why:?}{}",
+            r.show()
+        );
+        assert!(env_line(&r).is_none(), "{}", r.show());
+    }
+    // The usual settings up to the ceilings load: mkpasswd up to -R 9, htpasswd -B up
+    // to -C 14, argon2id as RFC 9106's second choice and at 256 MiB, sha-crypt as
+    // passlib makes it.
+    let argon = |m: &str, t: &str, p: &str| {
+        tool(
+            "argon2",
+            &["tcpsplicesalt16", "-id", "-t", t, "-m", m, "-p", p, "-e"],
+            PW,
+        )
+    };
+    let text = format!(
+        "{ok}\ny9:{}\nb14:{}\na64:{}\na256:{}\ns:{}\n",
+        tool("mkpasswd", &["-m", "yescrypt", "-R", "9", "-s"], PW),
+        bcrypt(14),
+        argon("16", "3", "4"),
+        argon("18", "3", "1"),
+        tool("mkpasswd", &["-m", "sha-512", "-R", "656000", "-s"], PW),
+    );
+    let r = load_users("usual-costs", &text);
+    r.expect_code(0);
+    assert_eq!(
+        env_line(&r).as_deref(),
+        Some("example.com:443|ok|http|unset|unset|unset"),
+        "{}",
+        r.show()
+    );
+}
+
+#[test]
 fn per_user_rules_are_exported_and_checked() {
     let h = mkpasswd("sha-512");
     let users = write_users(
