@@ -637,11 +637,17 @@ fn http_truncated_and_slow_heads() {
 // ---------------------------------------------------------------- users file and hashes
 
 fn login_http(users: &std::path::Path, user: &str, pw: &str) -> Ran {
+    timed_login(users, "0", user, pw).1
+}
+
+/// A login over HTTP with fail delay `delay`, and how long it took from start to exit.
+fn timed_login(users: &std::path::Path, delay: &str, user: &str, pw: &str) -> (Duration, Ran) {
+    let start = std::time::Instant::now();
     let (_, r) = over_pipes(
-        auth_cmd(&["-d", "0", "-f", users.to_str().unwrap()]),
+        auth_cmd(&["-d", delay, "-f", users.to_str().unwrap()]),
         &http_connect("example.com:443", Some((user, pw))),
     );
-    r
+    (start.elapsed(), r)
 }
 
 #[test]
@@ -730,12 +736,7 @@ fn weak_and_unknown_hashes_are_refused_at_load() {
 /// Loads `text` as the users file and logs in as `ok` (whose hash is fine): the load
 /// decides the exit code.
 fn load_users(name: &str, text: &str) -> Ran {
-    let users = write_users(name, text);
-    let (_, r) = over_pipes(
-        auth_cmd(&["-d", "0", "-f", users.to_str().unwrap()]),
-        &http_connect("example.com:443", Some(("ok", PW))),
-    );
-    r
+    login_http(&write_users(name, text), "ok", PW)
 }
 
 #[test]
@@ -834,6 +835,89 @@ fn hash_costs_over_the_ceilings_are_refused_at_load() {
         "{}",
         r.show()
     );
+}
+
+/// The fastest of two failed logins of `user`, each checked for exit 1.
+fn fastest_failure(users: &std::path::Path, delay: &str, user: &str, pw: &str) -> Duration {
+    (0..2)
+        .map(|_| {
+            let (took, r) = timed_login(users, delay, user, pw);
+            r.expect_code(1);
+            took
+        })
+        .min()
+        .unwrap()
+}
+
+/// carol (sha-512, 5000 rounds) first, then bob (bcrypt cost 12): 60 times carol's work.
+fn mixed_users(name: &str) -> PathBuf {
+    write_users(
+        name,
+        &format!(
+            "carol:{}\n{}\n",
+            mkpasswd("sha-512"),
+            htpasswd(&["-B", "-C", "12"], "bob")
+        ),
+    )
+}
+
+#[test]
+fn an_unknown_user_costs_what_the_costliest_hash_costs() {
+    // Without a fail delay a refusal comes when the check ends: an unknown user's
+    // password is checked against bob's bcrypt, not against carol's (the first line).
+    let users = mixed_users("dummy");
+    let bob = fastest_failure(&users, "0", "bob", "wrong");
+    let carol = fastest_failure(&users, "0", "carol", "wrong");
+    let unknown = fastest_failure(&users, "0", "mallory", "wrong");
+    assert!(
+        bob > carol * 4,
+        "bcrypt 12 ({bob:?}) should cost far more than sha-crypt ({carol:?})"
+    );
+    assert!(
+        unknown * 2 > bob,
+        "an unknown user ({unknown:?}) costs less than bob's wrong password ({bob:?})"
+    );
+    // A fail delay shorter than a check cannot hide it: the log says so.
+    let (_, r) = timed_login(&users, "0.05", "bob", "wrong");
+    r.expect_code(1);
+    assert!(
+        r.stderr_text()
+            .contains("longer than the fail delay of 50 ms"),
+        "{}",
+        r.show()
+    );
+    let (_, r) = timed_login(&users, "0.05", "carol", "wrong");
+    assert!(!r.stderr_text().contains("fail delay"), "{}", r.show());
+}
+
+#[test]
+fn every_failure_takes_the_fail_delay_whoever_the_user() {
+    // The delay counts from the start of the check: bob's bcrypt and carol's sha-crypt
+    // both fit in it, and so every refusal comes at the same time. A success does not
+    // wait.
+    let users = mixed_users("delay");
+    let delay = Duration::from_millis(1500);
+    let took: Vec<(&str, Duration)> = [("bob", "wrong"), ("carol", "wrong"), ("mallory", PW)]
+        .iter()
+        .map(|(u, pw)| (*u, fastest_failure(&users, "1.5", u, pw)))
+        .collect();
+    for (u, t) in &took {
+        assert!(
+            *t >= delay && *t < delay + Duration::from_millis(400),
+            "{u}'s refusal took {t:?}, not the fail delay of {delay:?}: {took:?}"
+        );
+    }
+    let (first, last) = (
+        took.iter().map(|t| t.1).min().unwrap(),
+        took.iter().map(|t| t.1).max().unwrap(),
+    );
+    assert!(
+        last - first < Duration::from_millis(300),
+        "refusals tell users apart: {took:?}"
+    );
+    let (t, r) = timed_login(&users, "1.5", "carol", PW);
+    r.expect_code(0);
+    assert!(t < Duration::from_secs(1), "a success waited {t:?}");
 }
 
 #[test]
