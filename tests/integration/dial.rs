@@ -650,6 +650,69 @@ fn loopback_target_is_denied_by_default_and_never_connected() {
 }
 
 #[test]
+fn rules_for_most_of_the_address_space_open_no_denied_range() {
+    // 0.0.0.0/1 holds 0/8, 10/8 and 127/8, ::/1 holds ::1: like 0.0.0.0/0 they lift
+    // none of them, and neither do the user's rules on top.
+    let (l, addr) = util::listener();
+    let l6 = TcpListener::bind(("::1", addr.port())).expect("bind ::1 on the same port");
+    let port = addr.port();
+    for (target, rules, user) in [
+        (format!("127.0.0.1:{port}"), &["-a", "0.0.0.0/1"][..], None),
+        (format!("0.0.0.0:{port}"), &["-a", "0.0.0.0/1"], None),
+        (format!("[::1]:{port}"), &["-a", "::/1"], None),
+        (format!("127.0.0.1:{port}"), &["-a", "96.0.0.0/3"], None),
+        (
+            format!("127.0.0.1:{port}"),
+            &["-a", "0.0.0.0/1"],
+            Some("127.0.0.0/8"),
+        ),
+        (format!("127.0.0.1:{port}"), &["-a", "*"], Some("127.0.0.1")),
+        (format!("[::1]:{port}"), &["-a", "*"], Some("[::1]:1-65535")),
+    ] {
+        let env: Vec<(&str, &str)> = user.iter().map(|u| ("TCPSPLICE_RULES", *u)).collect();
+        let ran = run_target(&target, rules, &env);
+        ran.expect_code(1);
+        assert!(
+            ran.stderr_text().contains("default deny list"),
+            "{target} {rules:?} {user:?}{}",
+            ran.show()
+        );
+        assert!(
+            !has_connection(&l) && !has_connection(&l6),
+            "{target} with {rules:?} and user rules {user:?} was connected to"
+        );
+    }
+    // A rule inside the denied range still opens it.
+    run_target(&format!("127.0.0.1:{port}"), &["-a", "127.0.0.0/8"], &[]).expect_code(0);
+    assert!(
+        has_connection(&l),
+        "-a 127.0.0.0/8 no longer opens loopback"
+    );
+}
+
+#[test]
+fn ipv4_translated_addresses_are_denied() {
+    // ::ffff:0:a.b.c.d (SIIT, RFC 2765) is not the mapped ::ffff:a.b.c.d: refused
+    // outright, before any connect(), with or without a rule for every address.
+    let (l, addr) = util::listener();
+    let port = addr.port();
+    let target = format!("[::ffff:0:127.0.0.1]:{port}");
+    let any = format!("*:{port}");
+    for rules in [&[][..], &["-a", &any]] {
+        let (got, ran) = reply_run("socks5", &target, rules);
+        ran.expect_code(1);
+        assert_eq!(got, [5, 2, 0, 1, 0, 0, 0, 0, 0, 0], "{}", ran.show());
+        assert!(
+            ran.stderr_text()
+                .contains("not allowed: ::ffff:0:7f00:1 is IPv4-translated"),
+            "{}",
+            ran.show()
+        );
+    }
+    assert!(!has_connection(&l), "a denied address was connected to");
+}
+
+#[test]
 fn allow_rule_lets_a_loopback_target_through() {
     let (addr, seen) = target();
     let rule = format!("127.0.0.0/8:{}", addr.port());
