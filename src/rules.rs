@@ -18,6 +18,11 @@
 //!
 //! IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are checked as the IPv4 address they
 //! carry, so a mapped loopback address is loopback.
+//!
+//! A rule lifts the deny list for an address only when the rule lies inside the denied
+//! range the address falls in: its prefix is at least as long as the range's
+//! (`127.0.0.0/8` and `127.0.0.1:5432` open loopback, `0.0.0.0/1`, like `0.0.0.0/0`
+//! and `*`, opens nothing). See [`Policy::check`].
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -171,30 +176,18 @@ impl Rule {
         }
     }
 
-    /// Whether a match of this rule lifts the deny list. A rule for the whole address
-    /// space (`*`, `0.0.0.0/0`, `::/0`) only restricts ports: `*:443` must mean "any
-    /// public address on port 443", not "loopback too".
-    pub fn lifts_deny_list(&self) -> bool {
-        match self.net {
-            Net::Any => false,
-            Net::V4(_, len) | Net::V6(_, len) => len > 0,
-        }
-    }
-
-    /// Whether a match of this rule lifts the deny list for `ip`. Beyond
-    /// [`lifts_deny_list`](Self::lifts_deny_list): for an address that carries an IPv4
-    /// address (NAT64, 6to4), a rule covering the whole carrying prefix is, for the
-    /// IPv4 addresses inside, a rule for the whole IPv4 space: `-a 64:ff9b::/96` allows
-    /// the internet through NAT64, not 10.0.0.1 or 127.0.0.1 through it.
-    pub fn lifts_deny_for(&self, ip: IpAddr) -> bool {
-        if !self.lifts_deny_list() {
-            return false;
-        }
+    /// Whether this rule, which matches `ip`, lifts the deny list for it: only when it
+    /// lies inside the denied range, of prefix length `range` in the address's family
+    /// ([`deny_range`]). So a rule for the whole address space or most of it (`*`,
+    /// `0.0.0.0/0`, `0.0.0.0/1`, `::/1`) only restricts: `*:443` means "any public
+    /// address on port 443", not "loopback too"; and a rule for a whole prefix that
+    /// carries IPv4 addresses (`64:ff9b::/96`) is, for the IPv4 addresses inside, a
+    /// rule for the whole IPv4 space: the internet through NAT64, not 10.0.0.1 or
+    /// 127.0.0.1 through it.
+    pub fn lifts_deny_for(&self, ip: IpAddr, range: u8) -> bool {
         match (self.net, canonical(ip)) {
-            (Net::V6(_, len), IpAddr::V6(a)) => {
-                carrier_prefix(a).is_none_or(|carrier_len| len > carrier_len)
-            }
-            _ => true,
+            (Net::V4(_, len), IpAddr::V4(_)) | (Net::V6(_, len), IpAddr::V6(_)) => len >= range,
+            _ => false,
         }
     }
 }
@@ -239,7 +232,7 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-fn deny_class_v4(a: Ipv4Addr) -> Option<&'static str> {
+fn deny_class_v4(a: Ipv4Addr) -> Option<(&'static str, u8)> {
     const LIST: &[([u8; 4], u8, &str)] = &[
         ([0, 0, 0, 0], 8, "unspecified (0.0.0.0/8)"),
         ([127, 0, 0, 0], 8, "loopback"),
@@ -266,7 +259,7 @@ fn deny_class_v4(a: Ipv4Addr) -> Option<&'static str> {
     ];
     LIST.iter()
         .find(|(net, len, _)| in_v4(a, *net, *len))
-        .map(|(_, _, class)| *class)
+        .map(|(_, len, class)| (*class, *len))
 }
 
 /// The length of the prefix under which `a` carries an IPv4 address (NAT64's well-known
@@ -283,27 +276,34 @@ fn carrier_prefix(a: Ipv6Addr) -> Option<u8> {
     }
 }
 
-fn deny_class_v6(a: Ipv6Addr) -> Option<&'static str> {
+fn deny_class_v6(a: Ipv6Addr) -> Option<(&'static str, u8)> {
     let seg = a.segments();
     let embedded =
         |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
     if a.is_unspecified() {
-        return Some("unspecified (::)");
+        return Some(("unspecified (::)", 128));
     }
     if a.is_loopback() {
-        return Some("loopback");
+        return Some(("loopback", 128));
     }
-    // Addresses that carry an IPv4 address reach it: judge them by the one they carry.
+    // Addresses that carry an IPv4 address reach it: judge them by the one they carry,
+    // as the range of the carrier that holds that IPv4 range.
     let carried = match carrier_prefix(a) {
-        Some(96) => Some(embedded(seg[6], seg[7])),
+        Some(96) => Some((96, embedded(seg[6], seg[7]))),
         // Where the IPv4 address sits under a local-use prefix depends on the length
         // the translator was given (RFC 6052: /48 to /96): it cannot be judged here.
-        Some(48) => return Some("local-use NAT64 (64:ff9b:1::/48)"),
-        Some(_) => Some(embedded(seg[1], seg[2])),
+        Some(48) => return Some(("local-use NAT64 (64:ff9b:1::/48)", 48)),
+        Some(len) => Some((len, embedded(seg[1], seg[2]))),
         None => None,
     };
-    if let Some(v4) = carried {
-        return deny_class_v4(v4);
+    if let Some((carrier, v4)) = carried {
+        return deny_class_v4(v4).map(|(class, len)| (class, carrier + len));
+    }
+    // SIIT's IPv4-translated form (RFC 2765, obsoleted by RFC 6145 and used by no
+    // translator since): denied outright rather than judged by its IPv4 address, since
+    // nothing legitimate needs it and nothing here knows where it leads.
+    if seg[..6] == [0, 0, 0, 0, 0xffff, 0] {
+        return Some(("IPv4-translated (::ffff:0:0:0/96)", 96));
     }
     const LIST: &[(u16, u16, u8, &str)] = &[
         // (first segment, second segment, prefix length, class)
@@ -317,29 +317,44 @@ fn deny_class_v6(a: Ipv6Addr) -> Option<&'static str> {
     ];
     LIST.iter()
         .find(|(s0, s1, len, _)| in_v6(a, Ipv6Addr::new(*s0, *s1, 0, 0, 0, 0, 0, 0), *len))
-        .map(|(_, _, _, class)| *class)
+        .map(|(_, _, len, class)| (*class, *len))
 }
 
 /// The class of the built-in deny list that `ip` falls in (loopback, private, link-local,
-/// multicast, unspecified, CGNAT, ULA, documentation, ...), or None for a public address.
-/// This host's own addresses are not known here: see [`Policy::own`].
-pub fn deny_class(ip: IpAddr) -> Option<&'static str> {
+/// multicast, unspecified, CGNAT, ULA, documentation, ...), and the prefix length of
+/// that range in the family of `ip` as checked (IPv4 for a mapped address), or None for
+/// a public address. This host's own addresses are not known here: see [`Policy::own`].
+pub fn deny_range(ip: IpAddr) -> Option<(&'static str, u8)> {
     match canonical(ip) {
         IpAddr::V4(a) => deny_class_v4(a),
         IpAddr::V6(a) => deny_class_v6(a),
     }
 }
 
+/// The class alone: see [`deny_range`].
+pub fn deny_class(ip: IpAddr) -> Option<&'static str> {
+    deny_range(ip).map(|(class, _)| class)
+}
+
+/// The network of prefix length `len` that holds `ip`, for messages.
+fn network(ip: IpAddr, len: u8) -> String {
+    match ip {
+        IpAddr::V4(a) => format!("{}/{len}", Ipv4Addr::from(u32::from(a) & mask32(len))),
+        IpAddr::V6(a) => format!("{}/{len}", Ipv6Addr::from(u128::from(a) & mask128(len))),
+    }
+}
+
 /// The whole decision for a client-chosen target address.
 pub struct Policy<'a> {
     /// The `-a` rules. None given: every address the deny list passes is allowed. Some
-    /// given: only addresses matching one, and a match lifts the deny list (unless the
-    /// rule covers the whole address space, see [`Rule::lifts_deny_list`]).
+    /// given: only addresses matching one, and a match lifts the deny list when the
+    /// rule lies inside the denied range (see [`Rule::lifts_deny_for`]).
     pub allow: &'a [Rule],
     /// The user's own rules (`TCPSPLICE_RULES`): when Some, the address must also match
     /// one of them. They restrict only; they never lift the deny list.
     pub user: Option<&'a [Rule]>,
-    /// This host's own addresses, denied like loopback.
+    /// This host's own addresses, denied like loopback; each is a range of its own, so
+    /// only a rule for that one address lifts it (unless it is in the deny list too).
     pub own: &'a [IpAddr],
 }
 
@@ -349,25 +364,26 @@ impl Policy<'_> {
     pub fn check(&self, addr: &SocketAddr) -> Result<(), String> {
         let ip = canonical(addr.ip());
         let addr = SocketAddr::new(ip, addr.port());
-        let denied = deny_class(ip).or_else(|| {
+        let denied = deny_range(ip).or_else(|| {
+            let host = if ip.is_ipv4() { 32 } else { 128 };
             self.own
                 .iter()
                 .any(|&o| canonical(o) == ip)
-                .then_some("this host's own address")
+                .then_some(("this host's own address", host))
         });
         if self.allow.is_empty() {
-            if let Some(class) = denied {
+            if let Some((class, _)) = denied {
                 return Err(format!("{ip} is {class} (default deny list)"));
             }
-        } else if !self
-            .allow
-            .iter()
-            .any(|r| r.matches(&addr) && (denied.is_none() || r.lifts_deny_for(ip)))
-        {
+        } else if !self.allow.iter().any(|r| {
+            r.matches(&addr) && denied.is_none_or(|(_, range)| r.lifts_deny_for(ip, range))
+        }) {
             return Err(match denied {
-                Some(class) => {
-                    format!("{ip} is {class} (default deny list) and no -a rule lifts it")
-                }
+                Some((class, range)) => format!(
+                    "{ip} is {class} (default deny list) and no -a rule lifts it (only a \
+                     rule inside {} does)",
+                    network(ip, range)
+                ),
                 None => format!("{addr} matches no -a rule"),
             });
         }
@@ -442,15 +458,41 @@ mod tests {
         // Mapped addresses are their IPv4 address.
         assert!(r("127.0.0.1").matches(&sa("[::ffff:127.0.0.1]:5")));
         // The mapped space is the whole IPv4 space, and like 0.0.0.0/0 it lifts nothing.
+        let lifts = |rule: &str, ip: &str| {
+            let ip: IpAddr = ip.parse().unwrap();
+            let (_, range) = deny_range(ip).unwrap();
+            r(rule).lifts_deny_for(ip, range)
+        };
         assert!(r("::ffff:0:0/96").matches(&sa("127.0.0.1:5")));
-        assert!(!r("::ffff:0:0/96").lifts_deny_list());
+        assert!(!lifts("::ffff:0:0/96", "127.0.0.1"));
         // Likewise a rule for a whole prefix that carries IPv4 addresses, for what it
         // carries; a narrower one names the IPv4 addresses it means.
-        let nat64_loop: IpAddr = "64:ff9b::7f00:1".parse().unwrap();
-        assert!(!r("64:ff9b::/96").lifts_deny_for(nat64_loop));
-        assert!(!r("2002::/16").lifts_deny_for("2002:a00:1::".parse().unwrap()));
-        assert!(r("64:ff9b::7f00:0/120").lifts_deny_for(nat64_loop));
-        assert!(r("fd00::/8").lifts_deny_for("fd00::2".parse().unwrap()));
+        assert!(!lifts("64:ff9b::/96", "64:ff9b::7f00:1"));
+        assert!(!lifts("64:ff9b::/97", "64:ff9b::7f00:1"));
+        assert!(!lifts("2002::/16", "2002:a00:1::"));
+        assert!(lifts("64:ff9b::7f00:0/120", "64:ff9b::7f00:1"));
+        assert!(lifts("64:ff9b::7f00:0/104", "64:ff9b::7f00:1"));
+        assert!(lifts("2002:a00::/24", "2002:a00:1::"));
+        assert!(lifts("fd00::/8", "fd00::2"));
+        // Only a rule inside the denied range lifts it: most of the space is not enough.
+        assert!(lifts("127.0.0.0/8", "127.0.0.1"));
+        assert!(lifts("127.0.0.1", "127.0.0.1"));
+        assert!(lifts("10.1.0.0/16", "10.1.2.3"));
+        assert!(lifts("172.16.0.0/12", "172.20.0.1"));
+        for (rule, ip) in [
+            ("0.0.0.0/1", "127.0.0.1"),
+            ("0.0.0.0/1", "0.0.0.0"),
+            ("0.0.0.0/4", "10.0.0.1"),
+            ("96.0.0.0/3", "127.0.0.1"),
+            ("172.0.0.0/8", "172.16.0.1"),
+            ("::/1", "::1"),
+            ("::/127", "::1"),
+            ("fc00::/6", "fd00::1"),
+            ("*", "127.0.0.1"),
+            ("127.0.0.0/8", "::1"),
+        ] {
+            assert!(!lifts(rule, ip), "{rule} lifts the deny list for {ip}");
+        }
         assert!(r("[2001:db8::/32]:443").matches(&sa("[2001:db8:1::5]:443")));
         assert!(!r("[2001:db8::/32]:443").matches(&sa("[2001:db9::5]:443")));
         assert!(!r("10.0.0.0/8").matches(&sa("[2001:db8::1]:1")));
@@ -482,6 +524,8 @@ mod tests {
             "64:ff9b:1:a00:0:100:808:808",
             "2002:a00:1::",
             "::7f00:1",
+            "::ffff:0:7f00:1",
+            "::ffff:0:808:808",
         ] {
             assert!(class(denied).is_some(), "{denied} not denied");
         }
@@ -495,6 +539,23 @@ mod tests {
             assert_eq!(class(public), None, "{public} denied");
         }
         assert_eq!(class("::ffff:127.0.0.1"), Some("loopback"));
+        assert_eq!(
+            deny_range("64:ff9b::a00:1".parse().unwrap()),
+            Some(("private (10.0.0.0/8)", 104))
+        );
+        assert_eq!(
+            deny_range("2002:7f00:1::".parse().unwrap()),
+            Some(("loopback", 24))
+        );
+    }
+
+    /// A policy of `-a` rules alone.
+    fn allowing<'a>(allow: &'a [Rule], own: &'a [IpAddr]) -> Policy<'a> {
+        Policy {
+            allow,
+            user: None,
+            own,
+        }
     }
 
     #[test]
@@ -512,11 +573,7 @@ mod tests {
         assert!(e.contains("own address"), "{e}");
 
         let allow = [r("127.0.0.0/8:22"), r("*:443")];
-        let p = Policy {
-            allow: &allow,
-            user: None,
-            own: &own,
-        };
+        let p = allowing(&allow, &own);
         assert!(p.check(&sa("127.0.0.1:22")).is_ok());
         assert!(p.check(&sa("8.8.8.8:443")).is_ok());
         assert!(p
@@ -529,14 +586,25 @@ mod tests {
             .unwrap_err()
             .contains("loopback"));
         assert!(p.check(&sa("127.0.0.1:23")).is_err());
+        // Most of the space is no better than all of it.
+        let allow = [r("0.0.0.0/1"), r("::/1"), r("8.8.0.0/16")];
+        let p = allowing(&allow, &own);
+        assert!(p.check(&sa("1.1.1.1:443")).is_ok());
+        let e = p.check(&sa("127.0.0.1:22")).unwrap_err();
+        assert!(e.contains("only a rule inside 127.0.0.0/8"), "{e}");
+        assert!(p.check(&sa("0.0.0.0:22")).is_err());
+        assert!(p.check(&sa("10.0.0.1:22")).is_err());
+        assert!(p.check(&sa("[::1]:22")).is_err());
+        // This host's own address: only a rule for it, not one for its network.
+        let e = p.check(&sa("8.8.4.4:22")).unwrap_err();
+        assert!(e.contains("only a rule inside 8.8.4.4/32"), "{e}");
+        let allow = [r("8.8.4.4")];
+        let p = allowing(&allow, &own);
+        assert!(p.check(&sa("8.8.4.4:22")).is_ok());
 
         // The internet through NAT64, not the private network behind the translator.
         let allow = [r("64:ff9b::/96")];
-        let p = Policy {
-            allow: &allow,
-            user: None,
-            own: &own,
-        };
+        let p = allowing(&allow, &own);
         assert!(p.check(&sa("[64:ff9b::808:808]:443")).is_ok());
         assert!(p.check(&sa("[64:ff9b::a00:1]:443")).is_err());
         assert!(p.check(&sa("[64:ff9b::a9fe:a9fe]:80")).is_err());
@@ -552,14 +620,16 @@ mod tests {
             .check(&sa("1.1.1.1:443"))
             .unwrap_err()
             .contains("TCPSPLICE_RULES"));
-        // User rules never lift the deny list.
+        // User rules never lift the deny list, nor widen what -a allows.
         let user = [r("127.0.0.1")];
-        let p = Policy {
-            allow: &[],
-            user: Some(&user),
-            own: &own,
-        };
-        assert!(p.check(&sa("127.0.0.1:1")).is_err());
+        for allow in [&[][..], &[r("*")], &[r("0.0.0.0/1")], &[r("8.8.8.0/24")]] {
+            let p = Policy {
+                allow,
+                user: Some(&user),
+                own: &own,
+            };
+            assert!(p.check(&sa("127.0.0.1:1")).is_err(), "{allow:?}");
+        }
         assert_eq!(parse_list(" 10.0.0.0/8  *:443 ").unwrap().len(), 2);
         assert_eq!("*:443".parse::<Rule>(), Ok(r("*:443")));
         assert!(parse_list("10.0.0.0/8 bogus").is_err());

@@ -9,7 +9,7 @@ use std::os::unix::io::RawFd;
 use std::time::{Duration, Instant};
 
 use super::password::Secret;
-use crate::{exit, sys};
+use crate::{diag, exit, sys};
 
 /// The answer of a credential check.
 pub enum Verdict {
@@ -46,7 +46,7 @@ pub struct Policy<'a> {
     pub checker: Option<&'a dyn Checker>,
     /// The largest HTTP request head, in bytes.
     pub head_cap: usize,
-    /// How long a failed login waits before its answer.
+    /// How long after its check began a failed login is answered.
     pub fail_delay: Duration,
 }
 
@@ -272,9 +272,11 @@ pub fn escape(bytes: &[u8]) -> String {
     s
 }
 
-/// Checks credentials with the policy's checker; a failure waits `fail_delay` first so
-/// that guessing is slow and the reply does not tell an unknown user from a wrong
-/// password. Ok(Some(rules)) on success, Ok(None) for a rejection after the delay.
+/// Checks credentials with the policy's checker; a failure is answered `fail_delay`
+/// after the check began, so that guessing is slow and the time of the answer does not
+/// tell an unknown user from a wrong password, nor one user from another. Ok(rules) on
+/// success, Err(Ok(())) for a rejection after the delay, Err(Err(why)) when the check
+/// itself failed.
 pub fn authenticate(
     policy: &Policy,
     user: &[u8],
@@ -283,6 +285,7 @@ pub fn authenticate(
     let Some(checker) = policy.checker else {
         return Err(Ok(()));
     };
+    let started = Instant::now();
     let verdict = if !password_ok(password.as_bytes()) {
         // Not worth a hash: a long password costs sha-crypt more than linearly (minutes
         // of CPU for hundreds of KiB), and a NUL would cut a checkpassword field short.
@@ -296,10 +299,29 @@ pub fn authenticate(
     match verdict {
         Verdict::Accept { rules } => Ok(rules),
         Verdict::Reject => {
-            std::thread::sleep(policy.fail_delay);
+            answer_at(started, policy.fail_delay);
             Err(Ok(()))
         }
         Verdict::Temporary(why) => Err(Err(why)),
+    }
+}
+
+/// Waits until `delay` has passed since `started`. A check's time differs by user
+/// (bcrypt cost 12 costs 60 times sha-crypt's default; an unknown user costs the file's
+/// costliest hash): measured from the start, the delay covers them all, and every
+/// failure takes `delay`. A check that took longer sets its login apart: said in the
+/// log, for `-d` to be raised.
+fn answer_at(started: Instant, delay: Duration) {
+    let took = started.elapsed();
+    match delay.checked_sub(took) {
+        Some(left) => std::thread::sleep(left),
+        None if !delay.is_zero() => diag::warn(&format!(
+            "a failed login's check took {} ms, longer than the fail delay of {} ms: its \
+             answer came later than others' (raise -d)",
+            took.as_millis(),
+            delay.as_millis()
+        )),
+        None => {}
     }
 }
 

@@ -13,8 +13,8 @@ use super::password::{Secret, StoredHash};
 use super::request::{Checker, Verdict};
 use crate::rules;
 
-/// Checked against when the user is unknown, so that an unknown user costs the time of
-/// a wrong password. Used only when the file has no user whose hash could stand in.
+/// Checked against when the user is unknown and the file has no user whose hash could
+/// stand in (see [`Users::costliest`]).
 const DUMMY_HASH: &str =
     "$y$j9T$kwh3NjHXdWiY3z2IL7Lv50$Glv.1xcr1P8l3iXZqFb/S6R3eKlAfNO.rR3xUTzo4BC";
 
@@ -26,7 +26,8 @@ struct Entry {
 /// The loaded users file.
 pub struct Users {
     entries: HashMap<Vec<u8>, Entry>,
-    dummy: StoredHash,
+    /// DUMMY_HASH, for a file without users.
+    fallback: StoredHash,
 }
 
 impl Users {
@@ -52,7 +53,6 @@ impl Users {
     /// Parses the text of a users file; Err is (line number, why).
     pub fn parse(text: &str) -> Result<Users, (usize, String)> {
         let mut entries = HashMap::new();
-        let mut dummy = None;
         for (i, raw) in text.lines().enumerate() {
             let n = i + 1;
             let line = raw.trim_end_matches('\r');
@@ -77,9 +77,6 @@ impl Users {
                 Some(r) => Some(parse_rules(r).map_err(|why| (n, format!("user {name}: {why}")))?),
             }
             .filter(|r| !r.is_empty());
-            if dummy.is_none() {
-                dummy = Some(hash.clone());
-            }
             if entries
                 .insert(name.as_bytes().to_vec(), Entry { hash, rules })
                 .is_some()
@@ -87,11 +84,20 @@ impl Users {
                 return Err((n, format!("user {name} appears twice")));
             }
         }
-        let dummy = match dummy {
-            Some(d) => d,
-            None => StoredHash::parse(DUMMY_HASH).map_err(|e| (0, e))?,
-        };
-        Ok(Users { entries, dummy })
+        let fallback = StoredHash::parse(DUMMY_HASH).map_err(|e| (0, e))?;
+        Ok(Users { entries, fallback })
+    }
+
+    /// The hash that costs the most to check `len` bytes against, by the estimate of
+    /// its parameters: an unknown user's password is checked against it, so that no
+    /// user's wrong password costs more than an unknown user's. Per length, because
+    /// sha-crypt's cost grows with it and the others' do not.
+    fn costliest(&self, len: usize) -> &StoredHash {
+        self.entries
+            .values()
+            .map(|e| &e.hash)
+            .max_by_key(|h| h.nanos(len))
+            .unwrap_or(&self.fallback)
     }
 
     pub fn len(&self) -> usize {
@@ -139,8 +145,10 @@ impl Checker for Users {
     }
 
     fn waste_time(&self, password: &Secret) {
-        // The time a wrong password costs; the answer does not matter.
-        let _ = self.dummy.verify(password.as_bytes());
+        // The time the dearest wrong password costs; the answer does not matter.
+        let _ = self
+            .costliest(password.as_bytes().len())
+            .verify(password.as_bytes());
     }
 }
 
@@ -160,5 +168,17 @@ mod tests {
         assert_eq!(Users::parse("\nb:plain\n").err().map(|e| e.0), Some(2));
         assert!(Users::parse("a:$6$s$h\na:$6$s$h\n").is_err());
         assert!(Users::parse("a:$6$s$h:notarule\n").is_err());
+    }
+
+    #[test]
+    fn the_costliest_hash_stands_in_for_an_unknown_user() {
+        let text = "a:$6$s$h\nb:$2y$12$aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n\
+                    c:$6$rounds=600000$s$h\nd:$y$j9T$s$h\n";
+        let u = Users::parse(text).unwrap();
+        assert!(u.costliest(8).as_str().starts_with("$2y$12$"));
+        // A long password costs sha-crypt more: then its most rounds cost the most.
+        assert!(u.costliest(400).as_str().starts_with("$6$rounds=600000$"));
+        let empty = Users::parse("# nobody\n").unwrap();
+        assert_eq!(empty.costliest(8).as_str(), DUMMY_HASH);
     }
 }

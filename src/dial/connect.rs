@@ -1,10 +1,11 @@
-//! Connecting: name lookup with a bound, this host's addresses, and Happy Eyeballs over
-//! every address of a target with non-blocking connects that poll bounds.
+//! Connecting: name lookup with a bound, this host's addresses (its interfaces' and
+//! those its routing table delivers locally), and Happy Eyeballs over every address of
+//! a target with non-blocking connects that poll bounds.
 
 use std::io;
 use std::mem::size_of;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use crate::sys;
@@ -72,6 +73,98 @@ pub fn own_addresses() -> io::Result<Vec<IpAddr>> {
     // SAFETY: ifap came from getifaddrs and is freed once; no reference into it remains.
     unsafe { libc::freeifaddrs(ifap) };
     Ok(out)
+}
+
+/// Whether the routing table delivers `addr` to this host: a route of type local (an
+/// address of ours, or a whole prefix routed to us without an interface address for
+/// getifaddrs to show, `ip route add local 203.0.113.0/24 dev lo`), broadcast or
+/// anycast. Asked before anything connects, so that a listener on such an address never
+/// sees the connection: one RTM_GETROUTE request on a netlink socket, the lookup
+/// `ip route get ADDR` makes, tens of microseconds. The route's type is the answer
+/// itself; a UDP connect() and getsockname() would only give the source address the
+/// kernel picks, which equals the target on a local route only for IPv4 and only
+/// without a preferred source (`src`). No route at all (unreachable, prohibited) is
+/// not this host: connect() then fails the same way.
+pub fn routes_to_this_host(addr: &SocketAddr) -> io::Result<bool> {
+    const NLMSG_HDR: usize = 16;
+    let (family, dst, oif) = match addr {
+        SocketAddr::V4(a) => (libc::AF_INET, a.ip().octets().to_vec(), 0),
+        SocketAddr::V6(a) => (libc::AF_INET6, a.ip().octets().to_vec(), a.scope_id()),
+    };
+    // struct nlmsghdr, struct rtmsg, then RTA_DST (and RTA_OIF for a scoped address),
+    // each attribute 4 + its data, in 4-byte units.
+    let mut req = Vec::with_capacity(64);
+    req.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_len, set below
+    req.extend_from_slice(&libc::RTM_GETROUTE.to_ne_bytes());
+    req.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes()); // nlmsg_seq
+    req.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_pid: the kernel
+    req.extend_from_slice(&[family as u8, (dst.len() * 8) as u8, 0, 0, 0, 0, 0, 0]);
+    req.extend_from_slice(&0u32.to_ne_bytes()); // rtm_flags
+    let mut attr = |kind: u16, data: &[u8]| {
+        req.extend_from_slice(&(4 + data.len() as u16).to_ne_bytes());
+        req.extend_from_slice(&kind.to_ne_bytes());
+        req.extend_from_slice(data);
+    };
+    attr(libc::RTA_DST, &dst);
+    if oif != 0 {
+        attr(libc::RTA_OIF, &oif.to_ne_bytes());
+    }
+    let len = req.len() as u32;
+    req[..4].copy_from_slice(&len.to_ne_bytes());
+
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned below.
+    let fd = sys::cvt(unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    })?;
+    // SAFETY: fd is a new descriptor that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // An unbound netlink socket sends to the kernel, which answers before send returns;
+    // the poll only bounds a kernel that would not.
+    // SAFETY: the kernel reads req.len() bytes from a buffer we own.
+    sys::cvt(unsafe { libc::send(fd, req.as_ptr().cast(), req.len(), 0) })?;
+    let mut buf = [0u8; 4096];
+    let mut p = [libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    if sys::poll(&mut p, Some(Duration::from_secs(1)))? == 0 {
+        return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT));
+    }
+    // SAFETY: the kernel writes at most buf.len() bytes into memory we own.
+    let n = sys::cvt(unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) })?;
+    let msg = &buf[..n as usize];
+    let u16_at = |i: usize| msg.get(i..i + 2).map(|b| u16::from_ne_bytes([b[0], b[1]]));
+    let i32_at = |i: usize| {
+        msg.get(i..i + 4)
+            .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "unexpected netlink answer");
+    match u16_at(4).ok_or_else(bad)? {
+        t if t == libc::RTM_NEWROUTE => {
+            // rtm_type, the last byte of struct rtmsg before its flags.
+            let kind = *msg.get(NLMSG_HDR + 7).ok_or_else(bad)?;
+            Ok(matches!(
+                kind,
+                libc::RTN_LOCAL | libc::RTN_BROADCAST | libc::RTN_ANYCAST
+            ))
+        }
+        // The errors of a lookup that found no way out (none, unreachable, blackhole,
+        // prohibit, throw): anything else would be a request the kernel did not take.
+        t if i32::from(t) == libc::NLMSG_ERROR => match -i32_at(NLMSG_HDR).ok_or_else(bad)? {
+            libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EINVAL | libc::EACCES | libc::EAGAIN => {
+                Ok(false)
+            }
+            0 => Err(bad()),
+            e => Err(io::Error::from_raw_os_error(e)),
+        },
+        _ => Err(bad()),
+    }
 }
 
 /// How long an attempt has alone before the next address is tried beside it (RFC 8305's
@@ -231,6 +324,23 @@ pub fn connect_any(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn asks_the_routing_table_which_addresses_are_this_hosts() {
+        let local = |s: &str| routes_to_this_host(&s.parse().unwrap()).unwrap();
+        assert!(local("127.0.0.1:1"));
+        assert!(local("127.1.2.3:1"));
+        assert!(local("[::1]:1"));
+        for ip in own_addresses().unwrap() {
+            // Link-local ones would need their interface.
+            let scoped = matches!(ip, IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80);
+            if !scoped {
+                assert!(local(&SocketAddr::new(ip, 1).to_string()), "{ip}");
+            }
+        }
+        assert!(!local("192.0.2.1:1"));
+        assert!(!local("[2001:db8::1]:1"));
+    }
 
     #[test]
     fn alternates_families() {

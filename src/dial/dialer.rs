@@ -271,35 +271,29 @@ impl Dial<'_> {
         (user, own)
     }
 
-    /// Refuses a connection that reached this host through a local route its interface
-    /// list does not show (`ip route add local 203.0.113.0/24 dev lo`, an address added
-    /// since): the kernel then picks the target's address as ours. Judged as one of
-    /// this host's own addresses, so an `-a` rule can still lift it.
-    fn refuse_own_route(&self, t: &Target, sock: &OwnedFd, peer: SocketAddr) {
-        let Ok(Some(local)) = sys::local_addr(sock.as_raw_fd()) else {
-            return;
-        };
-        let ip = rules::canonical(peer.ip());
-        if rules::canonical(local.ip()) != ip {
-            return;
-        }
-        // This address is the one own address that matters here: no interface list.
-        let user = self.user_rules();
-        let policy = Policy {
-            allow: &self.cfg.allow,
-            user: user.as_deref(),
-            own: &[ip],
-        };
-        if let Err(why) = policy.check(&peer) {
-            self.fail(
-                Failure::NotAllowed,
-                exit::POLICY,
+    /// Refuses an address that the routing table delivers to this host although the
+    /// interface list does not show it (`ip route add local 203.0.113.0/24 dev lo`, an
+    /// address added since), before anything connects to it. Judged as one of this
+    /// host's own addresses, so an `-a` rule for it can still lift it.
+    fn check_route(&self, policy: &Policy, a: &SocketAddr) -> Result<(), String> {
+        match connect::routes_to_this_host(a) {
+            Ok(false) => Ok(()),
+            Ok(true) => Policy {
+                allow: policy.allow,
+                user: policy.user,
+                own: &[a.ip()],
+            }
+            .check(a)
+            .map_err(|why| format!("{why} (a local route delivers it to this host)")),
+            Err(e) => self.fail(
+                Failure::General,
+                exit::TEMP,
                 &format!(
-                    "unable to connect to {}: target not allowed: {why} (reached through a \
-                     local route)",
-                    t.shown
+                    "unable to ask the routing table about {}: {}",
+                    a.ip(),
+                    sys::strerror(&e)
                 ),
-            );
+            ),
         }
     }
 
@@ -345,7 +339,10 @@ impl Dial<'_> {
                 continue;
             }
             if !t.trusted {
-                if let Err(why) = policy.check(&a) {
+                if let Err(why) = policy
+                    .check(&a)
+                    .and_then(|()| self.check_route(&policy, &a))
+                {
                     refusals.push((a, why));
                     continue;
                 }
@@ -509,9 +506,6 @@ pub fn run(cfg: &Config) -> i32 {
     let source = d.source(client_local);
     let addrs = d.candidates(&target, source);
     let (sock, peer) = d.connect(&target, &addrs, source);
-    if !target.trusted {
-        d.refuse_own_route(&target, &sock, peer);
-    }
     d.hand_over(sock, peer, client, client_local)
 }
 

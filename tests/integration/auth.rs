@@ -637,11 +637,17 @@ fn http_truncated_and_slow_heads() {
 // ---------------------------------------------------------------- users file and hashes
 
 fn login_http(users: &std::path::Path, user: &str, pw: &str) -> Ran {
+    timed_login(users, "0", user, pw).1
+}
+
+/// A login over HTTP with fail delay `delay`, and how long it took from start to exit.
+fn timed_login(users: &std::path::Path, delay: &str, user: &str, pw: &str) -> (Duration, Ran) {
+    let start = std::time::Instant::now();
     let (_, r) = over_pipes(
-        auth_cmd(&["-d", "0", "-f", users.to_str().unwrap()]),
+        auth_cmd(&["-d", delay, "-f", users.to_str().unwrap()]),
         &http_connect("example.com:443", Some((user, pw))),
     );
-    r
+    (start.elapsed(), r)
 }
 
 #[test]
@@ -725,6 +731,193 @@ fn weak_and_unknown_hashes_are_refused_at_load() {
         );
         assert!(env_line(&r).is_none(), "{}", r.show());
     }
+}
+
+/// Loads `text` as the users file and logs in as `ok` (whose hash is fine): the load
+/// decides the exit code.
+fn load_users(name: &str, text: &str) -> Ran {
+    login_http(&write_users(name, text), "ok", PW)
+}
+
+#[test]
+fn yescrypt_parameters_whose_memory_overflows_are_refused_at_load() {
+    // N = 2^62 and more: 128·r·N wraps around, and each login (or, first in the file,
+    // each unknown user) aborted the process.
+    let ok = format!("ok:{}", mkpasswd("sha-512"));
+    for (i, bad) in [
+        "$y$jkB.$salt$hash",
+        "$y$jk6lD$salt$hash",
+        "$y$jjw9rD$salt$hash",
+        "$y$.azaaAAa$salt$hash",
+    ]
+    .iter()
+    .enumerate()
+    {
+        for (j, text) in [
+            format!("{ok}\nalice:{bad}\n"),
+            format!("alice:{bad}\n{ok}\n"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let r = load_users(&format!("overflow{i}-{j}"), text);
+            r.expect_code(100);
+            let want = format!("line {}: user alice: yescrypt parameters", 2 - j);
+            assert!(r.stderr_text().contains(&want), "no {want:?}{}", r.show());
+            assert!(r.stderr_text().contains("memory"), "{}", r.show());
+            assert!(env_line(&r).is_none(), "{}", r.show());
+        }
+    }
+}
+
+#[test]
+fn hash_costs_over_the_ceilings_are_refused_at_load() {
+    let ok = format!("ok:{}", mkpasswd("sha-512"));
+    // Over 1 s a login (as estimated) or 256 MiB: refused, naming the line and why.
+    let bcrypt = |cost: u32| format!("$2y${cost}${}", "a".repeat(53));
+    for (i, (bad, why)) in [
+        ("$y$j9T/kD$salt$hash".to_string(), "1.36 s"),
+        ("$y$j9T/s4r$salt$hash".into(), "over the ceiling of 1 s"),
+        ("$y$jET$salt$hash".into(), "512 MiB"),
+        ("$y$jDT/0$salt$hash".into(), "over the ceiling of 1 s"),
+        (bcrypt(15), "1.74 s"),
+        (bcrypt(31), "over the ceiling of 1 s"),
+        (
+            "$argon2id$v=19$m=262144,t=4,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA".into(),
+            "1.18 s",
+        ),
+        (
+            "$argon2id$v=19$m=2097152,t=1,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA".into(),
+            "2048 MiB",
+        ),
+        (
+            "$6$rounds=5000000$salt$hash".into(),
+            "over the ceiling of 1 s",
+        ),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let r = load_users(&format!("costly{i}"), &format!("{ok}\n\nbob:{bad}\n"));
+        r.expect_code(100);
+        let want = "line 3: user bob: ";
+        assert!(r.stderr_text().contains(want), "no {want:?}{}", r.show());
+        assert!(
+            r.stderr_text().contains(why),
+            "for {bad}: no {why:?}{}",
+            r.show()
+        );
+        assert!(env_line(&r).is_none(), "{}", r.show());
+    }
+    // The usual settings up to the ceilings load: mkpasswd up to -R 9, htpasswd -B up
+    // to -C 14, argon2id as RFC 9106's second choice and at 256 MiB, sha-crypt as
+    // passlib makes it.
+    let argon = |m: &str, t: &str, p: &str| {
+        tool(
+            "argon2",
+            &["tcpsplicesalt16", "-id", "-t", t, "-m", m, "-p", p, "-e"],
+            PW,
+        )
+    };
+    let text = format!(
+        "{ok}\ny9:{}\nb14:{}\na64:{}\na256:{}\ns:{}\n",
+        tool("mkpasswd", &["-m", "yescrypt", "-R", "9", "-s"], PW),
+        bcrypt(14),
+        argon("16", "3", "4"),
+        argon("18", "3", "1"),
+        tool("mkpasswd", &["-m", "sha-512", "-R", "656000", "-s"], PW),
+    );
+    let r = load_users("usual-costs", &text);
+    r.expect_code(0);
+    assert_eq!(
+        env_line(&r).as_deref(),
+        Some("example.com:443|ok|http|unset|unset|unset"),
+        "{}",
+        r.show()
+    );
+}
+
+/// The fastest of two failed logins of `user`, each checked for exit 1.
+fn fastest_failure(users: &std::path::Path, delay: &str, user: &str, pw: &str) -> Duration {
+    (0..2)
+        .map(|_| {
+            let (took, r) = timed_login(users, delay, user, pw);
+            r.expect_code(1);
+            took
+        })
+        .min()
+        .unwrap()
+}
+
+/// carol (sha-512, 5000 rounds) first, then bob (bcrypt cost 12): 60 times carol's work.
+fn mixed_users(name: &str) -> PathBuf {
+    write_users(
+        name,
+        &format!(
+            "carol:{}\n{}\n",
+            mkpasswd("sha-512"),
+            htpasswd(&["-B", "-C", "12"], "bob")
+        ),
+    )
+}
+
+#[test]
+fn an_unknown_user_costs_what_the_costliest_hash_costs() {
+    // Without a fail delay a refusal comes when the check ends: an unknown user's
+    // password is checked against bob's bcrypt, not against carol's (the first line).
+    let users = mixed_users("dummy");
+    let bob = fastest_failure(&users, "0", "bob", "wrong");
+    let carol = fastest_failure(&users, "0", "carol", "wrong");
+    let unknown = fastest_failure(&users, "0", "mallory", "wrong");
+    assert!(
+        bob > carol * 4,
+        "bcrypt 12 ({bob:?}) should cost far more than sha-crypt ({carol:?})"
+    );
+    assert!(
+        unknown * 2 > bob,
+        "an unknown user ({unknown:?}) costs less than bob's wrong password ({bob:?})"
+    );
+    // A fail delay shorter than a check cannot hide it: the log says so.
+    let (_, r) = timed_login(&users, "0.05", "bob", "wrong");
+    r.expect_code(1);
+    assert!(
+        r.stderr_text()
+            .contains("longer than the fail delay of 50 ms"),
+        "{}",
+        r.show()
+    );
+    let (_, r) = timed_login(&users, "0.05", "carol", "wrong");
+    assert!(!r.stderr_text().contains("fail delay"), "{}", r.show());
+}
+
+#[test]
+fn every_failure_takes_the_fail_delay_whoever_the_user() {
+    // The delay counts from the start of the check: bob's bcrypt and carol's sha-crypt
+    // both fit in it, and so every refusal comes at the same time. A success does not
+    // wait.
+    let users = mixed_users("delay");
+    let delay = Duration::from_millis(1500);
+    let took: Vec<(&str, Duration)> = [("bob", "wrong"), ("carol", "wrong"), ("mallory", PW)]
+        .iter()
+        .map(|(u, pw)| (*u, fastest_failure(&users, "1.5", u, pw)))
+        .collect();
+    for (u, t) in &took {
+        assert!(
+            *t >= delay && *t < delay + Duration::from_millis(400),
+            "{u}'s refusal took {t:?}, not the fail delay of {delay:?}: {took:?}"
+        );
+    }
+    let (first, last) = (
+        took.iter().map(|t| t.1).min().unwrap(),
+        took.iter().map(|t| t.1).max().unwrap(),
+    );
+    assert!(
+        last - first < Duration::from_millis(300),
+        "refusals tell users apart: {took:?}"
+    );
+    let (t, r) = timed_login(&users, "1.5", "carol", PW);
+    r.expect_code(0);
+    assert!(t < Duration::from_secs(1), "a success waited {t:?}");
 }
 
 #[test]

@@ -650,6 +650,69 @@ fn loopback_target_is_denied_by_default_and_never_connected() {
 }
 
 #[test]
+fn rules_for_most_of_the_address_space_open_no_denied_range() {
+    // 0.0.0.0/1 holds 0/8, 10/8 and 127/8, ::/1 holds ::1: like 0.0.0.0/0 they lift
+    // none of them, and neither do the user's rules on top.
+    let (l, addr) = util::listener();
+    let l6 = TcpListener::bind(("::1", addr.port())).expect("bind ::1 on the same port");
+    let port = addr.port();
+    for (target, rules, user) in [
+        (format!("127.0.0.1:{port}"), &["-a", "0.0.0.0/1"][..], None),
+        (format!("0.0.0.0:{port}"), &["-a", "0.0.0.0/1"], None),
+        (format!("[::1]:{port}"), &["-a", "::/1"], None),
+        (format!("127.0.0.1:{port}"), &["-a", "96.0.0.0/3"], None),
+        (
+            format!("127.0.0.1:{port}"),
+            &["-a", "0.0.0.0/1"],
+            Some("127.0.0.0/8"),
+        ),
+        (format!("127.0.0.1:{port}"), &["-a", "*"], Some("127.0.0.1")),
+        (format!("[::1]:{port}"), &["-a", "*"], Some("[::1]:1-65535")),
+    ] {
+        let env: Vec<(&str, &str)> = user.iter().map(|u| ("TCPSPLICE_RULES", *u)).collect();
+        let ran = run_target(&target, rules, &env);
+        ran.expect_code(1);
+        assert!(
+            ran.stderr_text().contains("default deny list"),
+            "{target} {rules:?} {user:?}{}",
+            ran.show()
+        );
+        assert!(
+            !has_connection(&l) && !has_connection(&l6),
+            "{target} with {rules:?} and user rules {user:?} was connected to"
+        );
+    }
+    // A rule inside the denied range still opens it.
+    run_target(&format!("127.0.0.1:{port}"), &["-a", "127.0.0.0/8"], &[]).expect_code(0);
+    assert!(
+        has_connection(&l),
+        "-a 127.0.0.0/8 no longer opens loopback"
+    );
+}
+
+#[test]
+fn ipv4_translated_addresses_are_denied() {
+    // ::ffff:0:a.b.c.d (SIIT, RFC 2765) is not the mapped ::ffff:a.b.c.d: refused
+    // outright, before any connect(), with or without a rule for every address.
+    let (l, addr) = util::listener();
+    let port = addr.port();
+    let target = format!("[::ffff:0:127.0.0.1]:{port}");
+    let any = format!("*:{port}");
+    for rules in [&[][..], &["-a", &any]] {
+        let (got, ran) = reply_run("socks5", &target, rules);
+        ran.expect_code(1);
+        assert_eq!(got, [5, 2, 0, 1, 0, 0, 0, 0, 0, 0], "{}", ran.show());
+        assert!(
+            ran.stderr_text()
+                .contains("not allowed: ::ffff:0:7f00:1 is IPv4-translated"),
+            "{}",
+            ran.show()
+        );
+    }
+    assert!(!has_connection(&l), "a denied address was connected to");
+}
+
+#[test]
 fn allow_rule_lets_a_loopback_target_through() {
     let (addr, seen) = target();
     let rule = format!("127.0.0.0/8:{}", addr.port());
@@ -1138,19 +1201,29 @@ fn exec_failure_exits_127() {
 #[test]
 fn an_address_reached_through_a_local_route_is_this_hosts_own() {
     // A local route makes a whole prefix this host's without an interface address for
-    // getifaddrs to show (AnyIP). Needs a network namespace of our own: root.
+    // getifaddrs to show (AnyIP). Needs a network namespace of our own: root. Canary
+    // listeners on such addresses must never accept a refused connection: the route is
+    // asked before connecting.
     if !util::is_root() {
         eprintln!("skipped: needs root for a network namespace");
         return;
     }
     const LISTEN: &str = env!("CARGO_BIN_EXE_tcpsplice-listen");
+    let dir = tempdir("localroute");
+    let d = dir.display();
     let script = format!(
-        "ip link set lo up && ip route add local 45.10.20.0/24 dev lo || exit 99\n\
-         '{LISTEN}' -q 45.10.20.7 5555 echo SELF & l=$!\n\
-         sleep 0.3\n\
-         TCPSPLICE_TARGET=45.10.20.7:5555 '{DIAL}' sh -c 'head -c 4 <&6; echo'; r1=$?\n\
-         TCPSPLICE_TARGET=45.10.20.7:5555 '{DIAL}' -a 45.10.20.7 sh -c 'head -c 4 <&6; echo'; r2=$?\n\
-         kill $l; echo \"rc=$r1,$r2\""
+        "ip link set lo up && ip route add local 45.10.20.0/24 dev lo && \
+         ip -6 route add local 2a01:4f8:dead::/64 dev lo || exit 99\n\
+         '{LISTEN}' -1 45.10.20.7 5555 echo SELF > '{d}/p4' & l4=$!\n\
+         '{LISTEN}' -1 :: 5556 echo SELF > '{d}/p6' & l6=$!\n\
+         n=0; while [ $n -lt 200 ] && ! [ -s '{d}/p4' -a -s '{d}/p6' ]; do sleep 0.05; n=$((n+1)); done\n\
+         dial() {{ t=$1; shift; TCPSPLICE_TARGET=$t '{DIAL}' \"$@\" sh -c 'head -c 4 <&6; echo'; printf '%s,' $?; }}\n\
+         dial 45.10.20.7:5555\n\
+         dial '[2a01:4f8:dead::7]:5556'\n\
+         dial 45.10.20.7:5555 -a 45.10.20.0/24\n\
+         dial 45.10.20.7:5555 -a 45.10.20.7\n\
+         dial '[2a01:4f8:dead::7]:5556' -a 2a01:4f8:dead::7\n\
+         sleep 0.2; kill $l4 $l6; wait; echo end"
     );
     let ran = util::run(
         Command::new("unshare")
@@ -1159,14 +1232,24 @@ fn an_address_reached_through_a_local_route_is_this_hosts_own() {
             .env_remove("TCPSPLICE_RULES"),
         LIMIT,
     );
+    let _ = std::fs::remove_dir_all(&dir);
     ran.expect_code(0);
     let out = String::from_utf8_lossy(&ran.stdout);
-    // Refused without a rule; with one naming it, reached (the listener says SELF).
-    assert!(out.contains("rc=1,0"), "{}", ran.show());
-    assert_eq!(out.matches("SELF").count(), 1, "{}", ran.show());
-    assert!(
-        ran.stderr_text().contains("through a local route"),
+    // Refused without a rule naming the address (a rule for its /24 is not one); with
+    // one, reached (the listener says SELF).
+    assert!(out.contains("1,1,1,SELF\n0,SELF\n0,end"), "{}", ran.show());
+    let err = ran.stderr_text();
+    assert_eq!(
+        err.matches("a local route delivers it to this host")
+            .count(),
+        3,
         "{}",
+        ran.show()
+    );
+    assert_eq!(
+        err.matches(": accept ").count(),
+        2,
+        "a canary listener accepted a refused connection{}",
         ran.show()
     );
 }
