@@ -452,7 +452,21 @@ fn serve_and_find_idle(fw: &Forwarder, data: &[u8]) -> u32 {
     assert_eq!(round_trip(fw.port, data).0, reversed(data));
     let idle = live_relay_of(fw.listen());
     wait_no_tcp(idle);
+    wait_restored(idle);
     idle
+}
+
+/// Waits until a connection process has put itself back (it takes the listener's name
+/// again last): the peers' sockets may leave the kernel's TCP table before the process
+/// has closed them.
+fn wait_restored(pid: u32) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|c| c.trim() != "tcpsplice-liste")
+    {
+        assert!(Instant::now() < end, "process {pid} never became idle");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// A signal set of `pid` from /proc/PID/status (`SigBlk:`, `SigIgn:`).
@@ -500,6 +514,7 @@ fn a_process_serves_up_to_r_connections_and_each_finds_a_fresh_fork() {
         // target's: both peers have seen the connection end for good.
         let relay = live_relay_of(listen);
         wait_no_tcp(relay);
+        wait_restored(relay);
         let fds: Vec<String> = std::fs::read_dir(format!("/proc/{relay}/fd"))
             .unwrap()
             .flatten()
