@@ -154,6 +154,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         ttl: cache_ttl,
         slots,
         deadline: Instant::now() + timeout,
+        source: std::env::var("TCPREMOTEIP").ok(),
         outcome: Cell::new(None),
     });
     let policy = Policy {

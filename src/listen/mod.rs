@@ -45,7 +45,19 @@ pub fn main(argv: Vec<OsString>) -> ! {
     };
     let backlog = num("b", 128, 1, 65535) as i32;
     let max_conns = num("c", 100, 1, 100_000);
-    let max_per_ip = m.opt_present("C").then(|| num("C", 0, 1, 100_000));
+    let prog_start = argv.len() - (m.free.len() - 2);
+    let authenticates = argv
+        .get(prog_start)
+        .and_then(|p| std::path::Path::new(p).file_name())
+        .is_some_and(|n| n == "tcpsplice-auth");
+    // An authenticating chain gets a per-source limit unless told otherwise: a failed
+    // login holds its connection for the failure delay, so a flood of them from one
+    // address would otherwise take every -c slot and keep everyone else waiting.
+    let max_per_ip = match m.opt_str("C") {
+        Some(_) => Some(num("C", 0, 0, 100_000)).filter(|&n| n > 0),
+        None if authenticates => Some((max_conns / 4).max(1)),
+        None => None,
+    };
     let max_use = num("r", 100, 1, 10_000);
     // Looked up before binding, so that a typo fails before anything happens.
     let ids = privdrop::identity(
@@ -56,7 +68,7 @@ pub fn main(argv: Vec<OsString>) -> ! {
     .unwrap_or_else(|(code, msg)| diag::die(code, &msg));
     let (host, port) = (m.free[0].as_str(), m.free[1].as_str());
     // PROG... is the tail of the command line, kept as given (it need not be UTF-8).
-    let prog: Vec<OsString> = argv[argv.len() - (m.free.len() - 2)..].to_vec();
+    let prog: Vec<OsString> = argv[prog_start..].to_vec();
     let listeners = if host == "-" && port == "-" {
         sockets::from_systemd()
     } else if host == "-" || port == "-" {
