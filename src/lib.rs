@@ -9,7 +9,9 @@
 //!   users file, password hashes, checkpassword;
 //! - [`dial`]: tcpsplice-dial: resolve, Happy Eyeballs connect, the answer a waiting
 //!   client gets, the PROXY header sent onward;
-//! - [`splice`]: tcpsplice, the relay's data path.
+//! - [`splice`]: tcpsplice, the relay's data path;
+//! - [`proxy`]: tcpsplice-proxy: the PROXY protocol header a load balancer sends
+//!   first, taken off the connection (its parser is also tcpsplice-listen's, `-P`).
 //!
 //! and a few shared modules beside them:
 //! - [`chain`]: running the rest of the command line (exec, or a sibling in-process);
@@ -31,6 +33,7 @@ pub mod diag;
 pub mod dial;
 pub mod exit;
 pub mod listen;
+pub mod proxy;
 pub mod rules;
 pub mod shm;
 pub mod splice;
@@ -44,6 +47,7 @@ pub const SIBLINGS: &[chain::Program] = &[
     ("tcpsplice", splice::main),
     ("tcpsplice-dial", dial::main),
     ("tcpsplice-auth", auth::main),
+    ("tcpsplice-proxy", proxy::main),
 ];
 
 /// What every `src/bin` main does: tell [`chain`] about the sibling programs, then run

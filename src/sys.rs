@@ -717,3 +717,11 @@ pub fn poll(fds: &mut [libc::pollfd], timeout: Option<std::time::Duration>) -> i
     retry(|| cvt(unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) }))
         .map(|n| n as usize)
 }
+
+/// recv(2) on a socket with `flags` (MSG_PEEK, MSG_DONTWAIT), retried on EINTR; 0 is
+/// end of file.
+pub fn recv(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+    // SAFETY: the kernel writes at most buf.len() bytes into memory we own.
+    retry(|| cvt(unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), flags) }))
+        .map(|n| n as usize)
+}
