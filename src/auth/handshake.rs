@@ -54,3 +54,23 @@ pub fn export(req: &Request) {
         std::env::remove_var(v);
     }
 }
+
+/// The refusal of a user over their limit of connections, in the protocol the client
+/// waits for its answer in: SOCKS5 REP 02 "connection not allowed by ruleset", SOCKS4
+/// 5B, HTTP 429 Too Many Requests.
+pub fn over_limit(reply: &str) -> Vec<u8> {
+    match reply {
+        "socks5" => socks5::reply(socks5::REP_NOT_ALLOWED),
+        "socks4" => socks4::REJECTED.to_vec(),
+        _ => httpconnect::response("429 Too Many Requests", ""),
+    }
+}
+
+/// A temporary failure after the request was read: SOCKS5 REP 01, SOCKS4 5B, HTTP 503.
+pub fn unavailable(reply: &str) -> Vec<u8> {
+    match reply {
+        "socks5" => socks5::reply(socks5::REP_GENERAL),
+        "socks4" => socks4::REJECTED.to_vec(),
+        _ => httpconnect::response("503 Service Unavailable", ""),
+    }
+}

@@ -1,7 +1,9 @@
 //! What the tcpsplice-auth runs under one tcpsplice-listen share: a cache of verified
-//! logins, so that a user's next connection skips the slow hash, and a bound on the
+//! logins, so that a user's next connection skips the slow hash, a bound on the
 //! password checks running at once, so that a login flood costs bounded memory and
-//! other clients still get their turn.
+//! other clients still get their turn, and the connections of each user who has a
+//! limit of them (`-l`, `conns=` in the users file), so that one user cannot take
+//! every connection.
 //!
 //! Both live in memory that tcpsplice-listen maps before it forks ([`create`]) and that
 //! only its connection processes see: tcpsplice-auth finds it when it runs in such a
@@ -14,6 +16,13 @@
 //! the user name and the password, with an expiry. Nothing else is kept: no password,
 //! no unkeyed hash of one. A changed or removed users-file entry changes the MAC, so the
 //! old one is never found again. Only successes are stored.
+//!
+//! A user's connection is counted in an entry owned by the pid of its connection
+//! process: taken after the login ([`Region::count_user`]), given back when the
+//! connection ends, by the process itself if it is reused for another one
+//! ([`end_connection`], called by `listen::worker`) and else by tcpsplice-listen when it
+//! reaps the process ([`release_pid`]), however the process died. A process holds at
+//! most one entry, and serves one connection at a time.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -32,6 +41,10 @@ pub const ENTRIES: usize = 4096;
 const WAYS: usize = 4;
 /// The most password checks `-j` may allow at once.
 pub const MAX_SLOTS: usize = 64;
+/// Connections counted against per-user limits at once: as many as tcpsplice-listen's
+/// `-c` may allow (100000), so with one entry per connection the table cannot fill.
+/// Only the entries used so far are ever touched.
+pub const MAX_CONNS: usize = 100_000;
 
 #[repr(C)]
 struct Entry {
@@ -52,6 +65,13 @@ pub struct Region {
     /// The client address each slot's check is for (a hash of it; 0 for none known).
     sources: [AtomicU64; MAX_SLOTS],
     entries: [Entry; ENTRIES],
+    /// One past the highest connection entry ever taken: scans stop there.
+    conn_top: AtomicU32,
+    /// The pid of the connection process each entry is counted for, 0 when free.
+    conn_pids: [AtomicU32; MAX_CONNS],
+    /// The user each entry counts (a key from `user_key`), 0 while being taken or
+    /// given back.
+    conn_users: [AtomicU64; MAX_CONNS],
 }
 
 // SAFETY: Region and Entry are repr(C) structs of atomics only.
@@ -173,11 +193,55 @@ impl Gate<'_> {
 
 /// A nonzero key for a client address (FNV-1a; only compared, never a secret).
 fn source_key(source: Option<&str>) -> u64 {
-    let Some(s) = source else { return 0 };
-    let h = s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+    source.map_or(0, |s| fnv(s.as_bytes()))
+}
+
+/// A nonzero key for a user name. The names are the users file's, chosen by whoever
+/// writes it, so a 64-bit hash need not resist made-up collisions.
+fn user_key(user: &[u8]) -> u64 {
+    fnv(user)
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
     h.max(1)
+}
+
+/// The connection entry this process holds (its index + 1), 0 for none.
+static HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Why a connection was not counted for its user.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Over {
+    /// The user already has this many connections, the limit or more.
+    Limit(usize),
+    /// Every entry is taken (more connections than tcpsplice-listen's -c allows).
+    Full,
+}
+
+/// Gives back the connection entry this process holds, if any: its connection ended.
+pub fn end_connection() {
+    let held = HELD.swap(0, Ordering::SeqCst);
+    if let (Some(r), Some(i)) = (region(), held.checked_sub(1)) {
+        r.release(i, shm::pid());
+    }
+}
+
+/// Gives back the connection entry of process `pid`, which tcpsplice-listen has just
+/// reaped: killed in the middle of a connection, it could not.
+pub fn release_pid(pid: libc::pid_t) {
+    let (Some(r), Ok(pid)) = (region(), u32::try_from(pid)) else {
+        return;
+    };
+    let top = (r.conn_top.load(Ordering::SeqCst) as usize).min(MAX_CONNS);
+    if let Some(i) = r.conn_pids[..top]
+        .iter()
+        .position(|p| p.load(Ordering::SeqCst) == pid)
+    {
+        r.release(i, pid);
+    }
 }
 
 fn tag(r: &Region, identity: &[u8], user: &[u8], password: &Secret) -> [u64; 4] {
@@ -226,6 +290,51 @@ impl Drop for Slot {
 const RECHECK: Duration = Duration::from_millis(100);
 
 impl Region {
+    /// Counts this process's connection for `user`, who may have at most `max` at
+    /// once; Err when that many are counted already (or no entry is free). Held until
+    /// [`end_connection`] or the process's end.
+    ///
+    /// The entry is taken first and the user's entries counted after: of processes
+    /// that race for the last place, the last to take its entry sees all the others',
+    /// so never more than `max` get in (at worst, racers all see too many and all are
+    /// refused).
+    pub fn count_user(&'static self, user: &[u8], max: usize) -> Result<(), Over> {
+        end_connection();
+        let me = shm::pid();
+        let key = user_key(user);
+        let Some(i) = self.conn_pids.iter().position(|p| {
+            p.load(Ordering::Relaxed) == 0
+                && p.compare_exchange(0, me, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+        }) else {
+            return Err(Over::Full);
+        };
+        self.conn_users[i].store(key, Ordering::SeqCst);
+        self.conn_top.fetch_max(i as u32 + 1, Ordering::SeqCst);
+        let top = (self.conn_top.load(Ordering::SeqCst) as usize).min(MAX_CONNS);
+        let held = (0..top)
+            .filter(|&j| {
+                self.conn_users[j].load(Ordering::SeqCst) == key
+                    && self.conn_pids[j].load(Ordering::SeqCst) != 0
+            })
+            .count();
+        if held > max {
+            self.release(i, me);
+            return Err(Over::Limit(held - 1));
+        }
+        HELD.store(i + 1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Frees connection entry `i` if `pid` holds it. The user first, so that whoever
+    /// takes the entry next never finds it counting the old user.
+    fn release(&self, i: usize, pid: u32) {
+        if self.conn_pids[i].load(Ordering::SeqCst) == pid {
+            self.conn_users[i].store(0, Ordering::SeqCst);
+            let _ = self.conn_pids[i].compare_exchange(pid, 0, Ordering::SeqCst, Ordering::SeqCst);
+        }
+    }
+
     fn bucket(&self, t: &[u64; 4]) -> &[Entry] {
         let first = (t[0] as usize % (ENTRIES / WAYS)) * WAYS;
         &self.entries[first..first + WAYS]

@@ -29,7 +29,8 @@ use crate::{args, chain, conninfo, diag, exit, sys};
 use users::Users;
 
 const USAGE: &str = "tcpsplice-auth [-n] [-f users | -c checkpassword] [-p socks5,socks4,http] \
-[-t timeout] [-d faildelay] [-T checktimeout] [-m headsize] prog...
+[-t timeout] [-d faildelay] [-T checktimeout] [-m headsize] [-K cachettl] [-j checks] \
+[-l conns_per_user] prog...
        tcpsplice-auth -H  (reads a password on stdin, prints its hash)";
 
 /// Says how the user's login went (`cached` or `verified`) for the relay's log line;
@@ -61,6 +62,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         "SECONDS",
     );
     o.optopt("j", "", "most password checks at once", "N");
+    o.optopt("l", "", "most connections at once per user", "N");
     let m = args::parse(&o, &argv, USAGE);
     if m.opt_present("H") {
         print_hash();
@@ -94,6 +96,14 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             ))
         }),
     };
+    let per_user = m.opt_str("l").map(|s| {
+        args::number(&s, 1, users::MAX_CONNS).unwrap_or_else(|| {
+            diag::usage(&format!(
+                "-l: not a number from 1 to {}: {s}",
+                users::MAX_CONNS
+            ))
+        })
+    });
     let (mut socks5, mut socks4, mut http) = (true, true, true);
     if let Some(list) = m.opt_str("p") {
         (socks5, socks4, http) = (false, false, false);
@@ -132,6 +142,15 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             "give -f users or -c checkpassword, or -n to allow clients without credentials: {USAGE}"
         )),
     };
+    // Counting a user's connections needs the memory tcpsplice-listen shares between
+    // its processes; a process of its own per connection cannot know the others.
+    let limits_asked = per_user.is_some() || users.as_ref().is_some_and(Users::has_conn_limits);
+    if limits_asked && loginstate::region().is_none() {
+        diag::warn(
+            "per-user connection limits (-l, conns=) are not enforced: they need \
+             tcpsplice-listen running this program in its processes",
+        );
+    }
     let checker: Option<&dyn Checker> = match (&users, &cp) {
         (Some(u), _) => Some(u),
         (_, Some(c)) => Some(c),
@@ -171,6 +190,19 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     let result = handshake::run(&mut client, &policy);
     match result {
         Ok(req) => {
+            if let Some(user) = &req.user {
+                // conns=N of the user's line, else -l; conns=0 lifts -l for the user.
+                let max = match users.as_ref().and_then(|u| u.conn_limit(user.as_bytes())) {
+                    Some(0) => None,
+                    Some(n) => Some(n),
+                    None => per_user,
+                };
+                if let (Some(max), Some(r)) = (max, loginstate::region()) {
+                    if let Err(over) = r.count_user(user.as_bytes(), max) {
+                        over_limit(&mut client, &req, user, max, over);
+                    }
+                }
+            }
             let login = gate.as_ref().and_then(|g| g.outcome.get());
             // The parsed users file goes before the next program runs (in this
             // process, perhaps); the passwords were wiped as they were dropped.
@@ -197,6 +229,39 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             std::process::exit(f.code)
         }
     }
+}
+
+/// Refuses a user who has `max` connections already: the protocol's refusal (SOCKS5
+/// REP 02, SOCKS4 5B, HTTP 429), a `reject` line, exit 1. Without an entry to count the
+/// connection in (more connections than tcpsplice-listen allows), a temporary failure.
+fn over_limit(
+    client: &mut Client,
+    req: &request::Request,
+    user: &str,
+    max: usize,
+    over: loginstate::Over,
+) -> ! {
+    let who = conninfo::client().unwrap_or_else(|| "-".into());
+    let (reply, code) = match over {
+        loginstate::Over::Limit(held) => {
+            diag::info(&format!(
+                "reject client={who} user={} proto={} per-user limit {held}/{max}",
+                request::escape(user.as_bytes()),
+                req.reply
+            ));
+            (handshake::over_limit(req.reply), exit::POLICY)
+        }
+        loginstate::Over::Full => {
+            diag::warn(&format!(
+                "unable to count the connection of user={} client={who}: every entry is taken",
+                request::escape(user.as_bytes())
+            ));
+            (handshake::unavailable(req.reply), exit::TEMP)
+        }
+    };
+    let _ = client.send(&reply);
+    client.close_gently(Duration::from_secs(1));
+    std::process::exit(code)
 }
 
 /// `-H`: hashes the first line of stdin (without its newline) and prints the hash.

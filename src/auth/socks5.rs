@@ -16,6 +16,7 @@ const AUTH_FAIL: &[u8] = &[0x01, 0x01];
 
 /// REP codes of a refusal sent by us rather than by the dialer.
 pub const REP_GENERAL: u8 = 0x01;
+pub const REP_NOT_ALLOWED: u8 = 0x02;
 pub const REP_COMMAND: u8 = 0x07;
 pub const REP_ADDRESS: u8 = 0x08;
 

@@ -4,7 +4,9 @@
 //! duplicate user or a bad rule stops the program with the file and line named, rather
 //! than leaving a user who can never log in (or one who logs in too cheaply).
 //! The optional third field restricts the user's targets: rules in tcpsplice-dial's
-//! syntax (`CIDR`, `CIDR:PORT`), separated by spaces or commas.
+//! syntax (`CIDR`, `CIDR:PORT`), separated by spaces or commas; among them, `conns=N`
+//! caps the user's connections at once under tcpsplice-listen (0: no cap, whatever
+//! tcpsplice-auth's `-l` says).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,7 +23,12 @@ const DUMMY_HASH: &str =
 struct Entry {
     hash: StoredHash,
     rules: Option<String>,
+    /// `conns=N` of the third field.
+    conns: Option<usize>,
 }
+
+/// The largest `conns=N`: as many as tcpsplice-listen may serve at once.
+pub const MAX_CONNS: usize = 100_000;
 
 /// The loaded users file.
 pub struct Users {
@@ -72,13 +79,16 @@ impl Users {
             }
             let hash =
                 StoredHash::parse(hash.trim()).map_err(|why| (n, format!("user {name}: {why}")))?;
-            let rules = match fields.next() {
-                None => None,
-                Some(r) => Some(parse_rules(r).map_err(|why| (n, format!("user {name}: {why}")))?),
-            }
-            .filter(|r| !r.is_empty());
+            let (rules, conns) = match fields.next() {
+                None => (None, None),
+                Some(r) => {
+                    let (rules, conns) =
+                        parse_rules(r).map_err(|why| (n, format!("user {name}: {why}")))?;
+                    (Some(rules).filter(|r| !r.is_empty()), conns)
+                }
+            };
             if entries
-                .insert(name.as_bytes().to_vec(), Entry { hash, rules })
+                .insert(name.as_bytes().to_vec(), Entry { hash, rules, conns })
                 .is_some()
             {
                 return Err((n, format!("user {name} appears twice")));
@@ -107,19 +117,42 @@ impl Users {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+
+    /// The `conns=N` of `user`'s line, if it has one (Some(0): no cap).
+    pub fn conn_limit(&self, user: &[u8]) -> Option<usize> {
+        self.entries.get(user).and_then(|e| e.conns)
+    }
+
+    /// Whether any line has a `conns=N` above 0.
+    pub fn has_conn_limits(&self) -> bool {
+        self.entries
+            .values()
+            .any(|e| e.conns.is_some_and(|n| n > 0))
+    }
 }
 
-/// Checks each rule of a users line's third field and joins them with spaces.
-fn parse_rules(field: &str) -> Result<String, String> {
+/// Checks each word of a users line's third field: target rules, joined with spaces,
+/// and at most one `conns=N`.
+fn parse_rules(field: &str) -> Result<(String, Option<usize>), String> {
     let mut out = Vec::new();
+    let mut conns = None;
     for r in field
         .split(|c: char| c == ',' || c.is_ascii_whitespace())
         .filter(|r| !r.is_empty())
     {
+        if let Some(n) = r.strip_prefix("conns=") {
+            if conns.is_some() {
+                return Err("conns= given twice".into());
+            }
+            let n = crate::args::number(n, 0, MAX_CONNS)
+                .ok_or_else(|| format!("conns= is not a number from 0 to {MAX_CONNS}: {n}"))?;
+            conns = Some(n);
+            continue;
+        }
         rules::Rule::parse(r)?;
         out.push(r);
     }
-    Ok(out.join(" "))
+    Ok((out.join(" "), conns))
 }
 
 impl Checker for Users {
@@ -168,6 +201,29 @@ mod tests {
         assert_eq!(Users::parse("\nb:plain\n").err().map(|e| e.0), Some(2));
         assert!(Users::parse("a:$6$s$h\na:$6$s$h\n").is_err());
         assert!(Users::parse("a:$6$s$h:notarule\n").is_err());
+    }
+
+    #[test]
+    fn conns_is_a_limit_not_a_rule() {
+        let u = Users::parse("a:$6$s$h:conns=2, 10.0.0.0/8\nb:$6$s$h:conns=0\nc:$6$s$h\n").unwrap();
+        assert_eq!(u.entries[&b"a"[..]].rules.as_deref(), Some("10.0.0.0/8"));
+        assert_eq!(u.conn_limit(b"a"), Some(2));
+        assert_eq!(u.entries[&b"b"[..]].rules, None);
+        assert_eq!(u.conn_limit(b"b"), Some(0));
+        assert_eq!(u.conn_limit(b"c"), None);
+        assert!(u.has_conn_limits());
+        for bad in [
+            "conns=x",
+            "conns=-1",
+            "conns=100001",
+            "conns=1 conns=2",
+            "conns=",
+        ] {
+            assert!(Users::parse(&format!("a:$6$s$h:{bad}\n")).is_err(), "{bad}");
+        }
+        assert!(!Users::parse("b:$6$s$h:conns=0\n")
+            .unwrap()
+            .has_conn_limits());
     }
 
     #[test]
