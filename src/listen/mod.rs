@@ -8,12 +8,13 @@ pub mod sockets;
 pub mod supervisor;
 pub mod worker;
 
-use supervisor::Config;
+use supervisor::{Config, ProxyIn};
 
 use crate::{args, chain, diag, exit, sys};
 
 const USAGE: &str = "tcpsplice-listen [-1Dhq] [-b backlog] [-c max] [-C max_per_ip] \
-                     [-r max_use] [-u user] [-g group] [-U] HOST PORT PROG...";
+                     [-r max_use] [-P cidr]... [-t seconds] [-u user] [-g group] [-U] \
+                     HOST PORT PROG...";
 
 /// The program: `argv` is its command line without the program name.
 pub fn main(argv: Vec<OsString>) -> ! {
@@ -33,6 +34,7 @@ pub fn main(argv: Vec<OsString>) -> ! {
     o.optopt("u", "", "run as this user (name or uid)", "USER");
     o.optopt("g", "", "run as this group (name or gid)", "GROUP");
     o.optflag("U", "", "run as $UID and $GID");
+    crate::proxy::add_options(&mut o, "P");
     let m = args::parse(&o, &argv, USAGE);
     if m.free.len() < 3 {
         diag::usage(USAGE);
@@ -59,6 +61,8 @@ pub fn main(argv: Vec<OsString>) -> ! {
         None => None,
     };
     let max_use = num("r", 100, 1, 10_000);
+    let proxy =
+        crate::proxy::from_options(&m, "P").map(|(from, timeout)| ProxyIn { from, timeout });
     // Looked up before binding, so that a typo fails before anything happens.
     let ids = privdrop::identity(
         m.opt_str("u").as_deref(),
@@ -142,6 +146,7 @@ pub fn main(argv: Vec<OsString>) -> ! {
         quiet: m.opt_present("q"),
         max_use,
         prog,
+        proxy,
     };
     let print_port = m.opt_present("1");
     supervisor::serve(listeners, &cfg, |max_use| {
@@ -154,11 +159,15 @@ pub fn main(argv: Vec<OsString>) -> ! {
         if !cfg.quiet {
             let addrs: Vec<String> = bound.iter().map(|a| a.to_string()).collect();
             diag::info(&format!(
-                "listening on {} max={}{} reuse={max_use}",
+                "listening on {} max={}{} reuse={max_use}{}",
                 addrs.join(" "),
                 cfg.max_conns,
                 cfg.max_per_ip
                     .map(|n| format!(" max_per_ip={n}"))
+                    .unwrap_or_default(),
+                cfg.proxy
+                    .as_ref()
+                    .map(|p| format!(" proxy_from={}", crate::proxy::show_balancers(&p.from)))
                     .unwrap_or_default()
             ));
         }

@@ -11,6 +11,15 @@
 //! process is reused for up to `-r` connections, one after another (see `worker`): the
 //! supervisor hands an accepted socket to an idle one if it has one, and forks only
 //! when it has none. Limits count connections, not processes.
+//!
+//! Behind a load balancer (`-P`), a connection from a balancer starts with a PROXY
+//! header, which the supervisor takes off the socket itself before any process gets
+//! the connection: the per-source limit, the log lines and the UCSPI variables then
+//! see the client it names. The supervisor never waits for it: the header is taken
+//! with non-blocking reads as its bytes come (`proxy::header::Reader`), each such
+//! connection polled beside the listeners until its header is whole or its deadline
+//! (`-t`) has passed, holding one of the `-c` slots meanwhile. A balancer sends it at
+//! once, so a connection almost always goes on right after its accept.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -20,7 +29,9 @@ use std::os::unix::io::RawFd;
 use std::time::{Duration, Instant};
 
 use super::sockets;
-use super::worker;
+use super::worker::{self, Peer};
+use crate::proxy::header::{self, Header, Step};
+use crate::rules::Rule;
 use crate::{chain, conninfo, diag, exit, sys};
 
 /// How long accepting pauses after the process or system ran out of descriptors or
@@ -67,12 +78,36 @@ pub struct Config {
     pub max_use: usize,
     /// The program to run per connection and its arguments.
     pub prog: Vec<OsString>,
+    /// Connections come through load balancers that send a PROXY header (`-P`).
+    pub proxy: Option<ProxyIn>,
+}
+
+/// PROXY protocol in (`-P`, `-t`).
+#[derive(Clone, Debug)]
+pub struct ProxyIn {
+    /// The balancers: only their connections are served, and each must start with a
+    /// valid header.
+    pub from: Vec<Rule>,
+    /// How long a header may take to come whole.
+    pub timeout: Duration,
 }
 
 struct Conn {
     client: SocketAddr,
+    /// The address the client connected to, when a PROXY header named it.
+    local: Option<SocketAddr>,
+    /// The balancer it came through.
+    via: Option<SocketAddr>,
     ip: IpAddr,
     start: Instant,
+}
+
+/// A connection from a balancer whose PROXY header has not all come yet.
+struct Awaiting {
+    fd: RawFd,
+    balancer: SocketAddr,
+    reader: header::Reader,
+    deadline: Instant,
 }
 
 /// A connection process.
@@ -106,6 +141,8 @@ struct Supervisor<'a> {
     /// Set when connection processes are reused.
     done: Option<Done>,
     per_ip: HashMap<IpAddr, usize>,
+    /// Connections waiting for their PROXY header, each holding a `-c` slot.
+    awaiting: Vec<Awaiting>,
     /// Accepting is paused until then (out of fds, memory or processes).
     paused_until: Option<Instant>,
     /// A shortage was already reported and has not ended yet: warn once per episode.
@@ -203,12 +240,22 @@ pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce(usize)) -> 
         idle: Vec::new(),
         done,
         per_ip: HashMap::new(),
+        awaiting: Vec::new(),
         paused_until: None,
         shortage_warned: false,
         stopping: false,
     };
     ready(max_use);
     sup.run()
+}
+
+impl Conn {
+    fn peer(&self) -> Peer {
+        Peer {
+            client: self.client,
+            local: self.local,
+        }
+    }
 }
 
 impl Supervisor<'_> {
@@ -225,8 +272,7 @@ impl Supervisor<'_> {
             if self.paused_until.is_some_and(|t| now >= t) {
                 self.paused_until = None;
             }
-            let accepting =
-                !self.stopping && self.paused_until.is_none() && self.busy < self.cfg.max_conns;
+            let accepting = !self.stopping && self.paused_until.is_none() && self.has_room();
             pfds.clear();
             pfds.push(libc::pollfd {
                 fd: self.signals.fd(),
@@ -247,13 +293,28 @@ impl Supervisor<'_> {
                     revents: 0,
                 }));
             }
-            let timeout = match self.paused_until {
+            let first_awaiting = pfds.len();
+            pfds.extend(self.awaiting.iter().map(|a| libc::pollfd {
+                fd: a.fd,
+                events: libc::POLLIN,
+                revents: 0,
+            }));
+            let mut timeout = match self.paused_until {
                 Some(t) if !self.stopping => t.saturating_duration_since(now).min(TICK),
                 _ => TICK,
             };
+            if let Some(t) = self.awaiting.iter().map(|a| a.deadline).min() {
+                timeout = timeout.min(t.saturating_duration_since(now));
+            }
             if let Err(e) = sys::poll(&mut pfds, Some(timeout)) {
                 diag::die_sys(exit::TEMP, "poll", &e);
             }
+            // Noted now: handling a signal may close them (a stop).
+            let headers: Vec<RawFd> = pfds[first_awaiting..]
+                .iter()
+                .filter(|p| p.revents != 0)
+                .map(|p| p.fd)
+                .collect();
             if pfds[0].revents != 0 {
                 self.take_signals();
             }
@@ -264,8 +325,9 @@ impl Supervisor<'_> {
             // Reaping on every wakeup costs one waitpid and makes a lost SIGCHLD harmless.
             self.reap();
             self.let_go_idle(Instant::now());
+            self.take_headers(&headers, Instant::now());
             if accepting && !self.stopping {
-                for p in &pfds[2..] {
+                for p in &pfds[2..first_awaiting] {
                     if p.revents != 0 {
                         self.accept_from(p.fd);
                     }
@@ -291,6 +353,10 @@ impl Supervisor<'_> {
         self.stopping = true;
         for fd in self.listeners.drain(..) {
             sys::close(fd);
+        }
+        // Not started yet: refused like those of the backlog.
+        for a in self.awaiting.drain(..) {
+            sys::close(a.fd);
         }
         for pid in std::mem::take(&mut self.idle) {
             self.let_go(pid);
@@ -337,6 +403,9 @@ impl Supervisor<'_> {
             // that a connection it took is not taken for one it never took, nor one it
             // ended booked by how it died, nor its report left for a later pid.
             self.take_done();
+            // A process that died serving a connection never said it ended: what it
+            // counted against its user's limit is given back here.
+            crate::auth::loginstate::release_pid(pid);
             let Some(child) = self.children.remove(&pid) else {
                 continue;
             };
@@ -360,8 +429,8 @@ impl Supervisor<'_> {
                      handing the connection on",
                     show(&conn.client)
                 ));
-                if let Some(next) = self.dispatch(fd, conn.client) {
-                    self.log_accept(next, &conn.client);
+                if let Some(next) = self.dispatch(fd, conn.peer()) {
+                    self.log_accept(next, &conn);
                     if let Some(c) = self.children.get_mut(&next) {
                         c.conn = Some(conn);
                     }
@@ -454,8 +523,8 @@ impl Supervisor<'_> {
     }
 
     /// Gives the connection to the child that finished last, if any is idle; returns it.
-    fn hand_to_idle(&mut self, fd: RawFd, client: &SocketAddr) -> Option<libc::pid_t> {
-        let text = client.to_string();
+    fn hand_to_idle(&mut self, fd: RawFd, peer: &Peer) -> Option<libc::pid_t> {
+        let text = peer.encode();
         while let Some(pid) = self.idle.pop() {
             let Some(chan) = self.children.get(&pid).and_then(|c| c.chan) else {
                 continue;
@@ -481,15 +550,33 @@ impl Supervisor<'_> {
         self.paused_until = Some(Instant::now() + PAUSE);
     }
 
+    /// Whether a connection may be accepted under `-c`: those waiting for their PROXY
+    /// header count.
+    fn has_room(&self) -> bool {
+        self.busy + self.awaiting.len() < self.cfg.max_conns
+    }
+
     fn accept_from(&mut self, lfd: RawFd) {
         for _ in 0..BATCH {
-            if self.busy >= self.cfg.max_conns || self.paused_until.is_some() {
+            if !self.has_room() || self.paused_until.is_some() {
                 return;
             }
             match sockets::accept(lfd) {
                 Ok((fd, Some(peer))) => {
                     self.shortage_warned = false;
-                    self.start(fd, peer);
+                    let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
+                    match &self.cfg.proxy {
+                        Some(p) => {
+                            let a = Awaiting {
+                                fd,
+                                balancer: peer,
+                                reader: header::Reader::new(),
+                                deadline: Instant::now() + p.timeout,
+                            };
+                            self.accepted_from_balancer(a);
+                        }
+                        None => self.start(fd, peer, None, None),
+                    }
                 }
                 // Not an IP peer: cannot happen on a TCP listener; drop it.
                 Ok((fd, None)) => sys::close(fd),
@@ -535,42 +622,132 @@ impl Supervisor<'_> {
         }
     }
 
-    fn start(&mut self, fd: RawFd, peer: SocketAddr) {
-        let ip = canonical(peer.ip());
-        let client = SocketAddr::new(ip, peer.port());
+    /// A connection that must start with a PROXY header: refused at once unless it
+    /// comes from a balancer, started when its header is whole, else left waiting.
+    fn accepted_from_balancer(&mut self, mut a: Awaiting) {
+        let trusted = self
+            .cfg
+            .proxy
+            .as_ref()
+            .is_some_and(|p| crate::proxy::trusted(&p.from, &a.balancer));
+        if !trusted {
+            self.drop_conn(a, "not a trusted balancer (-P)");
+            return;
+        }
+        match a.reader.step(a.fd, true) {
+            Step::Done(h) => self.start_proxied(a, h),
+            Step::Wait => self.awaiting.push(a),
+            Step::Fail(why) => self.drop_conn(a, &why),
+        }
+    }
+
+    /// Takes what came of the headers awaited on `ready`, and drops those whose
+    /// deadline has passed.
+    fn take_headers(&mut self, ready: &[RawFd], now: Instant) {
+        if self.awaiting.is_empty() {
+            return;
+        }
+        for mut a in std::mem::take(&mut self.awaiting) {
+            if ready.contains(&a.fd) {
+                match a.reader.step(a.fd, true) {
+                    Step::Done(h) => {
+                        self.start_proxied(a, h);
+                        continue;
+                    }
+                    Step::Fail(why) => {
+                        self.drop_conn(a, &why);
+                        continue;
+                    }
+                    Step::Wait => {}
+                }
+            }
+            if now >= a.deadline {
+                let why = format!(
+                    "no whole PROXY header within {:?} ({} bytes came)",
+                    self.cfg
+                        .proxy
+                        .as_ref()
+                        .map_or(Duration::ZERO, |p| p.timeout),
+                    a.reader.taken()
+                );
+                self.drop_conn(a, &why);
+            } else {
+                self.awaiting.push(a);
+            }
+        }
+    }
+
+    fn start_proxied(&mut self, a: Awaiting, h: Header) {
+        match h {
+            Header::Proxied { client, local } => {
+                let client = SocketAddr::new(canonical(client.ip()), client.port());
+                let local = SocketAddr::new(canonical(local.ip()), local.port());
+                self.start(a.fd, client, Some(local), Some(a.balancer));
+            }
+            // The balancer's own connection (a health check): served as one from it.
+            Header::Local => self.start(a.fd, a.balancer, None, None),
+        }
+    }
+
+    fn drop_conn(&mut self, a: Awaiting, why: &str) {
+        sys::close(a.fd);
+        if !self.cfg.quiet {
+            diag::info(&format!(
+                "drop client={} proxy header: {why}",
+                show(&a.balancer)
+            ));
+        }
+    }
+
+    fn start(
+        &mut self,
+        fd: RawFd,
+        client: SocketAddr,
+        local: Option<SocketAddr>,
+        via: Option<SocketAddr>,
+    ) {
+        let ip = client.ip();
         let here = self.per_ip.get(&ip).copied().unwrap_or(0);
         if let Some(max) = self.cfg.max_per_ip {
             if here >= max {
                 sys::close(fd);
                 if !self.cfg.quiet {
                     diag::info(&format!(
-                        "reject client={} per-source limit {here}/{max}",
-                        show(&client)
+                        "reject client={}{} per-source limit {here}/{max}",
+                        show(&client),
+                        via.map(|v| format!(" via={}", show(&v)))
+                            .unwrap_or_default()
                     ));
                 }
                 return;
             }
         }
-        let Some(pid) = self.dispatch(fd, client) else {
+        let conn = Conn {
+            client,
+            local,
+            via,
+            ip,
+            start: Instant::now(),
+        };
+        let Some(pid) = self.dispatch(fd, conn.peer()) else {
             return;
         };
-        if let Some(c) = self.children.get_mut(&pid) {
-            c.conn = Some(Conn {
-                client,
-                ip,
-                start: Instant::now(),
-            });
-        }
         self.busy += 1;
         *self.per_ip.entry(ip).or_insert(0) += 1;
-        self.log_accept(pid, &client);
+        self.log_accept(pid, &conn);
+        if let Some(c) = self.children.get_mut(&pid) {
+            c.conn = Some(conn);
+        }
     }
 
-    fn log_accept(&self, pid: libc::pid_t, client: &SocketAddr) {
+    fn log_accept(&self, pid: libc::pid_t, conn: &Conn) {
         if !self.cfg.quiet {
             diag::info(&format!(
-                "accept pid={pid} client={} count={}/{}",
-                show(client),
+                "accept pid={pid} client={}{} count={}/{}",
+                show(&conn.client),
+                conn.via
+                    .map(|v| format!(" via={}", show(&v)))
+                    .unwrap_or_default(),
                 self.busy,
                 self.cfg.max_conns
             ));
@@ -579,14 +756,14 @@ impl Supervisor<'_> {
 
     /// Gives the connection on `fd` to an idle child, or else to a new one; returns the
     /// child, or None when none could be had (the connection is closed, accepting pauses).
-    fn dispatch(&mut self, fd: RawFd, client: SocketAddr) -> Option<libc::pid_t> {
-        if let Some(pid) = self.hand_to_idle(fd, &client) {
+    fn dispatch(&mut self, fd: RawFd, peer: Peer) -> Option<libc::pid_t> {
+        if let Some(pid) = self.hand_to_idle(fd, &peer) {
             if let Some(c) = self.children.get_mut(&pid) {
                 c.pending = Some(fd);
             }
             return Some(pid);
         }
-        match self.fork_child(fd, client) {
+        match self.fork_child(fd, peer) {
             Ok(pid) => Some(pid),
             Err((what, e)) => {
                 self.pause(what, &e);
@@ -600,7 +777,7 @@ impl Supervisor<'_> {
     fn fork_child(
         &mut self,
         fd: RawFd,
-        client: SocketAddr,
+        peer: Peer,
     ) -> Result<libc::pid_t, (&'static str, io::Error)> {
         // Out of descriptors, the child is forked without a channel: it serves this
         // connection only, as with -r 1, rather than the client being dropped.
@@ -614,15 +791,11 @@ impl Supervisor<'_> {
             match (pair, &self.done) {
                 (Some((ours, theirs)), Some(done)) => {
                     sys::close(ours);
-                    worker::run(
-                        theirs,
-                        done.write,
-                        self.cfg.max_use,
-                        (fd, client),
-                        |fd, c| self.serve_one(fd, c),
-                    )
+                    worker::run(theirs, done.write, self.cfg.max_use, (fd, peer), |fd, p| {
+                        self.serve_one(fd, p)
+                    })
                 }
-                _ => std::process::exit(self.serve_one(fd, client)),
+                _ => std::process::exit(self.serve_one(fd, peer)),
             }
         }
         sys::close(fd);
@@ -663,11 +836,14 @@ impl Supervisor<'_> {
                 sys::close(*fd);
             }
         }
+        for a in &self.awaiting {
+            sys::close(a.fd);
+        }
     }
 
     /// In the child: the socket onto 0 and 1, the environment, default signals, exec.
     /// Returns only when PROG... ran in this process and ended normally.
-    fn serve_one(&self, fd: RawFd, client: SocketAddr) -> i32 {
+    fn serve_one(&self, fd: RawFd, peer: Peer) -> i32 {
         if let Err(e) = sys::fd_copy(0, fd).and_then(|()| sys::fd_copy(1, fd)) {
             diag::die_sys(exit::TEMP, "move the connection to fds 0 and 1", &e);
         }
@@ -677,11 +853,12 @@ impl Supervisor<'_> {
         if self.cfg.nodelay {
             let _ = sys::setsockopt_int(0, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
         }
-        // The local address is per connection when bound to a wildcard address.
-        match sys::local_addr(0) {
+        // The local address is per connection when bound to a wildcard address; behind
+        // a balancer, the one the client connected to, from the PROXY header.
+        match peer.local.map(Some).map_or_else(|| sys::local_addr(0), Ok) {
             Ok(Some(local)) => {
                 let local = SocketAddr::new(canonical(local.ip()), local.port());
-                conninfo::set_ucspi(&local, &client);
+                conninfo::set_ucspi(&local, &peer.client);
             }
             Ok(None) => diag::die(exit::TEMP, "connection is not an IP socket"),
             Err(e) => diag::die_sys(exit::TEMP, "get the local address", &e),

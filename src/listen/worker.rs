@@ -16,7 +16,8 @@
 //! supervisor's parent was closed or replaced, is not reused: it exits as before.
 //!
 //! The wire: the supervisor passes each accepted socket over a SOCK_SEQPACKET socketpair
-//! (SCM_RIGHTS) with the client's address as text; the process reports that it took the
+//! (SCM_RIGHTS) with the client's address as text ([`Peer`]: and the address it
+//! connected to, when a PROXY header named it); the process reports that it took the
 //! connection, and later its end, as 8 bytes (pid, [`TOOK`] or the exit status) on a pipe
 //! shared by all connection processes, where a write that small is atomic. The process waits for its next
 //! connection until the supervisor closes its end of the socketpair (idle too long,
@@ -56,6 +57,37 @@ pub fn parse_done(m: &[u8]) -> Option<(libc::pid_t, i32)> {
     Some((pid, code))
 }
 
+/// Who a connection is with: the client, and the address it connected to when that is
+/// not the socket's own (a balancer's PROXY header named it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub client: SocketAddr,
+    pub local: Option<SocketAddr>,
+}
+
+impl Peer {
+    /// The text sent with the socket: `client` or `client local`.
+    pub fn encode(&self) -> String {
+        match self.local {
+            Some(l) => format!("{} {l}", self.client),
+            None => self.client.to_string(),
+        }
+    }
+
+    pub fn decode(text: &str) -> Option<Peer> {
+        let mut w = text.split(' ');
+        let client = w.next()?.parse().ok()?;
+        let local = match w.next() {
+            Some(l) => Some(l.parse().ok()?),
+            None => None,
+        };
+        w.next().is_none().then_some(Peer { client, local })
+    }
+}
+
+/// The longest [`Peer::encode`]: two bracketed IPv6 addresses with ports and a space.
+const PEER_TEXT_MAX: usize = 128;
+
 /// What a fresh fork had, to put back between connections.
 struct Fresh {
     env: HashMap<OsString, OsString>,
@@ -83,8 +115,8 @@ pub fn run(
     conns: RawFd,
     done: RawFd,
     max_use: usize,
-    first: (RawFd, SocketAddr),
-    serve: impl Fn(RawFd, SocketAddr) -> i32,
+    first: (RawFd, Peer),
+    serve: impl Fn(RawFd, Peer) -> i32,
 ) -> ! {
     let ch = match reserve(conns, done, first.0) {
         Ok(ch) => ch,
@@ -111,6 +143,9 @@ pub fn run(
         // it to 0 and 1 before the chain goes on: no need to look for others.
         chain::nothing_to_close();
         let code = serve(fd, client);
+        // The connection has ended: it no longer counts against its user's limit
+        // (before the end is reported, so that the user's next connection finds it so).
+        crate::auth::loginstate::end_connection();
         served += 1;
         if served >= max_use || !restore(&ch, &fresh) {
             std::process::exit(code);
@@ -119,14 +154,12 @@ pub fn run(
         if sys::write_all(ch.done, &done_message(pid, code)).is_err() {
             std::process::exit(code);
         }
-        let mut buf = [0u8; 64];
+        let mut buf = [0u8; PEER_TEXT_MAX];
         match sys::recv_fd(ch.conns, &mut buf) {
             Ok(Some((next, n))) => {
                 // If the supervisor is gone, serving the client is still the best.
                 let _ = sys::write_all(ch.done, &done_message(pid, TOOK));
-                let addr = std::str::from_utf8(&buf[..n])
-                    .ok()
-                    .and_then(|t| t.parse().ok());
+                let addr = std::str::from_utf8(&buf[..n]).ok().and_then(Peer::decode);
                 let Some(addr) = addr else {
                     diag::die(
                         exit::TEMP,
@@ -203,6 +236,32 @@ fn restore(ch: &Channel, fresh: &Fresh) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peers_round_trip() {
+        let c: SocketAddr = "[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+            .parse()
+            .unwrap();
+        for p in [
+            Peer {
+                client: c,
+                local: None,
+            },
+            Peer {
+                client: "192.0.2.1:5".parse().unwrap(),
+                local: Some(c),
+            },
+            Peer {
+                client: c,
+                local: Some(c),
+            },
+        ] {
+            assert!(p.encode().len() <= PEER_TEXT_MAX);
+            assert_eq!(Peer::decode(&p.encode()), Some(p));
+        }
+        assert_eq!(Peer::decode("1.2.3.4:5 x"), None);
+        assert_eq!(Peer::decode("1.2.3.4:5 1.2.3.4:5 1.2.3.4:5"), None);
+    }
 
     #[test]
     fn done_messages_round_trip() {
