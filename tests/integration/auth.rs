@@ -177,30 +177,14 @@ fn socks5_domain(name: &str, port: u16) -> Vec<u8> {
     v
 }
 
-fn basic(user: &str, pw: &str) -> String {
-    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let b = format!("{user}:{pw}").into_bytes();
-    let mut s = String::new();
-    for c in b.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                s.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                s.push('=');
-            }
-        }
-    }
-    s
-}
-
 fn http_connect(target: &str, auth: Option<(&str, &str)>) -> Vec<u8> {
     let mut s = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: test\r\n");
     if let Some((u, p)) = auth {
         // PySocks sends the scheme in lower case.
-        s.push_str(&format!("Proxy-Authorization: basic {}\r\n", basic(u, p)));
+        s.push_str(&format!(
+            "Proxy-Authorization: basic {}\r\n",
+            util::basic(u, p)
+        ));
     }
     s.push_str("\r\n");
     s.into_bytes()

@@ -381,24 +381,6 @@ fn free_port() -> u16 {
     closed_port()
 }
 
-/// Waits until something listens on 127.0.0.1:`port`, as /proc/net/tcp shows it; asking
-/// with a connection would start the service.
-fn wait_listening(port: u16, child: &mut Child, what: &str) {
-    let needle = format!("0100007F:{port:04X} 00000000:0000 0A");
-    let end = Instant::now() + LIMIT;
-    loop {
-        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-        if table.contains(&needle) {
-            return;
-        }
-        if let Ok(Some(s)) = child.try_wait() {
-            panic!("{what} exited before listening: {s:?}");
-        }
-        assert!(Instant::now() < end, "{what} did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Kills a supervisor when the test ends, whatever happens.
 struct Supervisor(Child);
 
@@ -513,7 +495,7 @@ fn forwarder_under_xinetd() {
             .spawn()
             .expect("spawn xinetd (apt-get install xinetd)"),
     );
-    wait_listening(port, &mut sup.0, "xinetd");
+    util::wait_listening(port, &mut sup.0, "xinetd");
     // Listening is not enough: the port may be someone else's if xinetd could not bind.
     let ready = "Started working: 1 available service";
     let end = Instant::now() + LIMIT;
@@ -552,7 +534,7 @@ fn forwarder_under_systemd_socket_activate() {
             .spawn()
             .expect("spawn systemd-socket-activate"),
     );
-    wait_listening(port, &mut sup.0, "systemd-socket-activate");
+    util::wait_listening(port, &mut sup.0, "systemd-socket-activate");
     // Its stderr is where the programs' messages go (fd 2 is not the socket here).
     forward_through(port, || std::fs::read_to_string(&log).unwrap_or_default());
     check_seen(seen.join().expect("target"));

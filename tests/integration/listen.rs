@@ -874,16 +874,7 @@ fn man_page_documents_every_option() {
             "man page has no entry for -{l}"
         );
     }
-    for section in [
-        "NAME",
-        "SYNOPSIS",
-        "DESCRIPTION",
-        "OPTIONS",
-        "ENVIRONMENT",
-        "EXIT STATUS",
-        "EXAMPLES",
-        "SEE ALSO",
-    ] {
+    for section in util::MAN_SECTIONS {
         assert!(
             man.contains(&format!(".SH {section}\n")),
             "no {section} section"

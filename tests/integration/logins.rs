@@ -4,7 +4,6 @@
 //! killed in the middle of its check does not keep.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -26,24 +25,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn yescrypt(pw: &str) -> String {
-    let mut child = Command::new("mkpasswd")
-        .args(["-m", "yescrypt", "-s"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("mkpasswd (package whois) is needed");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(pw.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("mkpasswd");
-    assert!(out.status.success());
-    String::from_utf8(out.stdout)
-        .expect("utf8")
-        .trim()
-        .to_string()
+    util::mkpasswd("yescrypt", pw)
 }
 
 /// A target that echoes each connection's bytes until EOF, for as long as the test runs.
@@ -156,71 +138,11 @@ fn login(port: u16, user: &str, pw: &str, target: u16) -> Result<(), u8> {
 
 /// As [`login`], from the loopback address `src`.
 fn login_from(src: &str, port: u16, user: &str, pw: &str, target: u16) -> Result<(), u8> {
-    let sock = socket2_connect(src, port);
-    let mut s = sock;
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    s.write_all(&[5, 1, 2]).expect("greeting");
-    let mut m = [0u8; 2];
-    s.read_exact(&mut m).expect("method choice");
-    assert_eq!(m, [5, 2], "user/password chosen");
-    let mut req = vec![1, user.len() as u8];
-    req.extend_from_slice(user.as_bytes());
-    req.push(pw.len() as u8);
-    req.extend_from_slice(pw.as_bytes());
-    s.write_all(&req).expect("credentials");
-    let mut st = [0u8; 2];
-    s.read_exact(&mut st).expect("auth status");
-    if st[1] != 0 {
-        return Err(st[1]);
+    match util::socks5(src, port, Some((user, pw)), target) {
+        Ok(_) => Ok(()),
+        Err(util::Socks5Error::Auth(st)) => Err(st),
+        Err(e) => panic!("SOCKS5 login of {user}: {e:?}"),
     }
-    let p = target.to_be_bytes();
-    s.write_all(&[5, 1, 0, 1, 127, 0, 0, 1, p[0], p[1]])
-        .expect("connect request");
-    let mut reply = [0u8; 10];
-    s.read_exact(&mut reply).expect("connect reply");
-    assert_eq!(&reply[..2], &[5, 0], "SOCKS5 success");
-    s.write_all(b"ping").expect("ping");
-    let mut b = [0u8; 4];
-    s.read_exact(&mut b).expect("echo");
-    assert_eq!(&b, b"ping");
-    Ok(())
-}
-
-/// A TCP connection to 127.0.0.1:`port` from the loopback address `src`.
-fn socket2_connect(src: &str, port: u16) -> TcpStream {
-    use std::os::fd::FromRawFd;
-    let src: std::net::Ipv4Addr = src.parse().expect("an IPv4 source");
-    // SAFETY: a new socket, owned by the TcpStream made of it below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-    // SAFETY: fd is a socket we just made and own from here on.
-    let s = unsafe { TcpStream::from_raw_fd(fd) };
-    let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(ip).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    let here = sin(src, 0);
-    let there = sin(std::net::Ipv4Addr::LOCALHOST, port);
-    // SAFETY: bind and connect read the sockaddr_in structs we own.
-    unsafe {
-        assert_eq!(
-            libc::bind(fd, (&here as *const libc::sockaddr_in).cast(), len),
-            0
-        );
-        assert_eq!(
-            libc::connect(fd, (&there as *const libc::sockaddr_in).cast(), len),
-            0,
-            "connect: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    s
 }
 
 fn write_users(path: &Path, text: &str) {

@@ -8,4 +8,5 @@ mod chain;
 mod dial;
 mod listen;
 mod logins;
+mod proxyin;
 mod splice;

@@ -296,3 +296,168 @@ pub fn set_nofile(pid: i32, n: u64) {
     let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &lim, std::ptr::null_mut()) };
     assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
 }
+
+/// A TCP connection to 127.0.0.1:`port` from the loopback address `src`.
+pub fn connect_from(src: &str, port: u16) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let src: std::net::Ipv4Addr = src.parse().expect("an IPv4 source");
+    // SAFETY: a new socket, owned by the TcpStream made of it below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: fd is a socket we just made and own from here on.
+    let s = unsafe { TcpStream::from_raw_fd(fd) };
+    let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let here = sin(src, 0);
+    let there = sin(std::net::Ipv4Addr::LOCALHOST, port);
+    // SAFETY: bind and connect read the sockaddr_in structs we own.
+    unsafe {
+        assert_eq!(
+            libc::bind(fd, (&here as *const libc::sockaddr_in).cast(), len),
+            0
+        );
+        assert_eq!(
+            libc::connect(fd, (&there as *const libc::sockaddr_in).cast(), len),
+            0,
+            "connect: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    s
+}
+
+/// The credentials of an HTTP `Proxy-Authorization: Basic` header.
+pub fn basic(user: &str, pw: &str) -> String {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = format!("{user}:{pw}").into_bytes();
+    let mut s = String::new();
+    for c in b.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                s.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
+
+/// Waits until something listens on 127.0.0.1:`port`, as /proc/net/tcp shows it; asking
+/// with a connection would start the service.
+pub fn wait_listening(port: u16, child: &mut Child, what: &str) {
+    let needle = format!("0100007F:{port:04X} 00000000:0000 0A");
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        if table.contains(&needle) {
+            return;
+        }
+        if let Ok(Some(s)) = child.try_wait() {
+            panic!("{what} exited before listening: {s:?}");
+        }
+        assert!(Instant::now() < end, "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The sections every man page of the suite has.
+pub const MAN_SECTIONS: [&str; 8] = [
+    "NAME",
+    "SYNOPSIS",
+    "DESCRIPTION",
+    "OPTIONS",
+    "ENVIRONMENT",
+    "EXIT STATUS",
+    "EXAMPLES",
+    "SEE ALSO",
+];
+
+/// A hash of `pw` made by `mkpasswd -m METHOD` (package whois).
+pub fn mkpasswd(method: &str, pw: &str) -> String {
+    let mut child = Command::new("mkpasswd")
+        .args(["-m", method, "-s"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mkpasswd (package whois) is needed");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(pw.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("mkpasswd");
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_string()
+}
+
+/// How a SOCKS5 connection was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Socks5Error {
+    /// Closed before any answer.
+    Closed,
+    /// The RFC 1929 login failed with this status.
+    Auth(u8),
+    /// The CONNECT was answered with this REP.
+    Rep(u8),
+}
+
+/// A SOCKS5 CONNECT to the echo target on 127.0.0.1:`target` from `src` through
+/// `port`, logging in as `login` when given; Ok(the connection, ready for data) or
+/// Err(how it was refused).
+pub fn socks5(
+    src: &str,
+    port: u16,
+    login: Option<(&str, &str)>,
+    target: u16,
+) -> Result<TcpStream, Socks5Error> {
+    let mut s = connect_from(src, port);
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let method = if login.is_some() { 2 } else { 0 };
+    s.write_all(&[5, 1, method]).expect("greeting");
+    let mut m = [0u8; 2];
+    if s.read_exact(&mut m).is_err() {
+        return Err(Socks5Error::Closed);
+    }
+    assert_eq!(m, [5, method], "method choice");
+    if let Some((u, p)) = login {
+        let mut req = vec![1, u.len() as u8];
+        req.extend_from_slice(u.as_bytes());
+        req.push(p.len() as u8);
+        req.extend_from_slice(p.as_bytes());
+        s.write_all(&req).expect("credentials");
+        let mut st = [0u8; 2];
+        s.read_exact(&mut st).expect("auth status");
+        if st[1] != 0 {
+            return Err(Socks5Error::Auth(st[1]));
+        }
+    }
+    let p = target.to_be_bytes();
+    s.write_all(&[5, 1, 0, 1, 127, 0, 0, 1, p[0], p[1]])
+        .expect("connect request");
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply).expect("connect reply");
+    if reply[1] != 0 {
+        return Err(Socks5Error::Rep(reply[1]));
+    }
+    s.write_all(b"ping").expect("ping");
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).expect("echo");
+    assert_eq!(&b, b"ping");
+    Ok(s)
+}
