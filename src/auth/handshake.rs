@@ -34,7 +34,7 @@ pub fn run(c: &mut Client, policy: &Policy) -> Result<Request, Failure> {
 }
 
 /// Sets the environment the next programs read (DESIGN.md): `TCPSPLICE_TARGET`,
-/// `TCPSPLICE_REPLY`, `TCPSPLICE_USER` and `TCPSPLICE_RULES` (both removed when they do
+/// `TCPSPLICE_REPLY`, `TCPSPLICE_COMMAND`, `TCPSPLICE_USER` and `TCPSPLICE_RULES` (both removed when they do
 /// not apply, so nothing inherited can pass for them), the UCSPI names of the client
 /// when no supervisor set them, and systemd's socket-passing variables unset, as we
 /// consumed the socket.
@@ -42,6 +42,7 @@ pub fn export(req: &Request) {
     crate::conninfo::fill_from_socket(0);
     std::env::set_var("TCPSPLICE_TARGET", &req.target);
     std::env::set_var("TCPSPLICE_REPLY", req.reply);
+    std::env::set_var("TCPSPLICE_COMMAND", req.command);
     match &req.user {
         Some(u) => std::env::set_var("TCPSPLICE_USER", u),
         None => std::env::remove_var("TCPSPLICE_USER"),

@@ -124,6 +124,7 @@ pub fn handshake(c: &mut Client, policy: &Policy, first: u8) -> Result<Request, 
         user,
         rules,
         reply: "http",
+        command: "connect",
     })
 }
 

@@ -28,7 +28,7 @@ use request::{Checker, Client, Policy};
 use crate::{args, chain, conninfo, diag, exit, sys};
 use users::Users;
 
-const USAGE: &str = "tcpsplice-auth [-n] [-f users | -c checkpassword] [-p socks5,socks4,http] \
+const USAGE: &str = "tcpsplice-auth [-n] [-B] [-U] [-f users | -c checkpassword] [-p socks5,socks4,http] \
 [-t timeout] [-d faildelay] [-T checktimeout] [-m headsize] prog...
        tcpsplice-auth -H  (reads a password on stdin, prints its hash)";
 
@@ -47,6 +47,8 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     let mut o = args::options();
     o.optflag("H", "", "print a hash of the password read on stdin");
     o.optflag("n", "", "allow clients without credentials");
+    o.optflag("B", "", "serve SOCKS5 BIND");
+    o.optflag("U", "", "serve SOCKS5 UDP ASSOCIATE");
     o.optopt("f", "", "users file", "FILE");
     o.optopt("c", "", "checkpassword program", "PROG");
     o.optopt("p", "", "protocols", "LIST");
@@ -165,6 +167,8 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         checker: gate.as_ref().map(|g| g as &dyn Checker),
         head_cap,
         fail_delay,
+        bind: m.opt_present("B"),
+        udp: m.opt_present("U"),
     };
     conninfo::fill_from_socket(0);
     let mut client = Client::new(0, 1, timeout);

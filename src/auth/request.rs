@@ -48,6 +48,10 @@ pub struct Policy<'a> {
     pub head_cap: usize,
     /// How long after its check began a failed login is answered.
     pub fail_delay: Duration,
+    /// SOCKS5 BIND is served (`-B`); otherwise it is answered REP 07.
+    pub bind: bool,
+    /// SOCKS5 UDP ASSOCIATE is served (`-U`); otherwise it is answered REP 07.
+    pub udp: bool,
 }
 
 /// What the client asked for and who it is: becomes the next program's environment.
@@ -61,6 +65,8 @@ pub struct Request {
     pub rules: Option<String>,
     /// `socks5`, `socks4` or `http`: how tcpsplice-dial must answer.
     pub reply: &'static str,
+    /// `connect`, `bind` or `udp` (SOCKS5 UDP ASSOCIATE): what tcpsplice-dial must do.
+    pub command: &'static str,
 }
 
 /// A handshake that ends here: what to send the client, what to log, how to exit.
