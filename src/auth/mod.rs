@@ -28,7 +28,8 @@ use request::{Checker, Client, Policy};
 use crate::{args, chain, conninfo, diag, exit, sys};
 use users::Users;
 
-const USAGE: &str = "tcpsplice-auth [-n] [-B] [-U] [-f users | -c checkpassword] [-p socks5,socks4,http] \
+const USAGE: &str =
+    "tcpsplice-auth [-n] [-B] [-U] [-f users | -c checkpassword] [-p socks5,socks4,http] \
 [-t timeout] [-d faildelay] [-T checktimeout] [-m headsize] prog...
        tcpsplice-auth -H  (reads a password on stdin, prints its hash)";
 

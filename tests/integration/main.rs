@@ -9,3 +9,4 @@ mod dial;
 mod listen;
 mod logins;
 mod splice;
+mod udp;

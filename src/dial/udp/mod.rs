@@ -69,8 +69,10 @@ struct Setup<'a> {
     pub any_source: bool,
     /// The control connection's client, whose IP client datagrams must come from.
     pub client: SocketAddr,
-    /// The bound relay socket and the address put in the reply.
+    /// The bound relay socket.
     pub relay: UdpSocket,
+    /// SIGTERM, SIGINT and SIGHUP, blocked before the reply so that none is missed.
+    pub signals: sys::SignalFd,
 }
 
 /// How the association ended.
@@ -141,6 +143,14 @@ struct Relay<'a> {
 /// Opens the relay socket where the client reached us, answers the client, and relays
 /// until the association ends; then logs and exits.
 pub(super) fn start(d: &Dial, client: Option<SocketAddr>) -> ! {
+    let signals =
+        sys::SignalFd::new(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]).unwrap_or_else(|e| {
+            d.fail(
+                Failure::General,
+                exit::TEMP,
+                &format!("unable to make a signalfd: {}", sys::strerror(&e)),
+            )
+        });
     let local = match sys::local_addr(0) {
         Ok(Some(a)) => canonical(a),
         _ => d.usage_fail("unable to serve UDP ASSOCIATE: fd 0 is not a TCP connection"),
@@ -181,6 +191,7 @@ pub(super) fn start(d: &Dial, client: Option<SocketAddr>) -> ! {
         any_source: d.cfg.udp_any_source,
         client,
         relay,
+        signals,
     })
 }
 
@@ -247,10 +258,6 @@ struct Plan {
 
 impl Relay<'_> {
     fn relay(&mut self) -> End {
-        let signals = match sys::SignalFd::new(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]) {
-            Ok(s) => s,
-            Err(e) => return End::Failed(format!("signalfd: {}", sys::strerror(&e))),
-        };
         if let Err(e) = self.s.relay.set_nonblocking(true) {
             return End::Failed(sys::strerror(&e));
         }
@@ -268,7 +275,7 @@ impl Relay<'_> {
             }
             let mut fds = vec![
                 pollfd(0, libc::POLLIN | libc::POLLRDHUP),
-                pollfd(signals.fd(), libc::POLLIN),
+                pollfd(self.s.signals.fd(), libc::POLLIN),
                 pollfd(self.s.relay.as_raw_fd(), libc::POLLIN),
             ];
             for o in [&self.out4, &self.out6] {
@@ -280,7 +287,7 @@ impl Relay<'_> {
                 return End::Failed(format!("poll: {}", sys::strerror(&e)));
             }
             if fds[1].revents != 0 {
-                if let Some(sig) = signals.take() {
+                if let Some(sig) = self.s.signals.take() {
                     return End::Signal(sig);
                 }
             }
