@@ -69,6 +69,8 @@ fn users(dir: &std::path::Path, entries: &[(&str, &str)]) -> PathBuf {
 struct Echo {
     addr: SocketAddr,
     seen: Arc<AtomicUsize>,
+    /// Where the last datagram came from.
+    source: Arc<std::sync::Mutex<Option<SocketAddr>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -81,12 +83,14 @@ impl Echo {
         let addr = sock.local_addr().expect("addr");
         let seen = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (s2, st2) = (seen.clone(), stop.clone());
+        let source = Arc::new(std::sync::Mutex::new(None));
+        let (s2, st2, src2) = (seen.clone(), stop.clone(), source.clone());
         let thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
             let end = Instant::now() + Duration::from_secs(300);
             while !st2.load(Ordering::Relaxed) && Instant::now() < end {
                 if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    *src2.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
                     s2.fetch_add(1, Ordering::Relaxed);
                     if answer {
                         let _ = sock.send_to(&buf[..n], from);
@@ -97,6 +101,7 @@ impl Echo {
         Echo {
             addr,
             seen,
+            source,
             stop,
             thread: Some(thread),
         }
@@ -104,6 +109,10 @@ impl Echo {
 
     fn seen(&self) -> usize {
         self.seen.load(Ordering::Relaxed)
+    }
+
+    fn source(&self) -> Option<SocketAddr> {
+        *self.source.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -647,6 +656,26 @@ fn datagrams_from_another_source_address_are_dropped_unless_m() {
     echo_through(&stranger, relay, &address(echo.addr), echo.addr, b"-m");
     let r = end(child, ctl);
     assert_eq!(field(&end_line(&r), "foreign"), "0");
+}
+
+#[test]
+fn only_destinations_the_client_sent_to_may_answer() {
+    let (echo, child, ctl, relay) = echo_association(&[]);
+    let u = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    echo_through(&u, relay, &address(echo.addr), echo.addr, b"hello");
+    // The relay's outbound socket, as the echo saw it: anyone else who writes to it,
+    // even from the echo's own address, is not relayed to the client.
+    let outbound = echo.source().expect("the echo saw the relay");
+    assert_ne!(outbound, u.local_addr().expect("addr"));
+    let other = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    other.send_to(b"unsolicited", outbound).expect("send");
+    assert!(
+        recv_wrapped(&u, QUIET).is_none(),
+        "an unsolicited datagram came through"
+    );
+    echo_through(&u, relay, &address(echo.addr), echo.addr, b"still");
+    let r = end(child, ctl);
+    assert_eq!(field(&end_line(&r), "dropped"), "1");
 }
 
 #[test]
