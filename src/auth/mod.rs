@@ -25,11 +25,13 @@ use password::Secret;
 use request::MAX_PASSWORD;
 use request::{Checker, Client, Policy};
 
+use crate::rules::Rule;
 use crate::{args, chain, conninfo, diag, exit, sys};
 use users::Users;
 
-const USAGE: &str = "tcpsplice-auth [-n] [-f users | -c checkpassword] [-p socks5,socks4,http] \
-[-t timeout] [-d faildelay] [-T checktimeout] [-m headsize] prog...
+const USAGE: &str = "tcpsplice-auth [-n] [-N cidr]... [-f users | -c checkpassword] \
+[-p socks5,socks4,http] [-t timeout] [-d faildelay] [-T checktimeout] [-m headsize] \
+[-K cachettl] [-j checks] prog...
        tcpsplice-auth -H  (reads a password on stdin, prints its hash)";
 
 /// Says how the user's login went (`cached` or `verified`) for the relay's log line;
@@ -47,6 +49,12 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     let mut o = args::options();
     o.optflag("H", "", "print a hash of the password read on stdin");
     o.optflag("n", "", "allow clients without credentials");
+    o.optmulti(
+        "N",
+        "",
+        "allow clients from this network without credentials",
+        "CIDR",
+    );
     o.optopt("f", "", "users file", "FILE");
     o.optopt("c", "", "checkpassword program", "PROG");
     o.optopt("p", "", "protocols", "LIST");
@@ -108,7 +116,29 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             }
         }
     }
-    let anonymous = m.opt_present("n");
+    // -N: no-auth for clients from these addresses only (the microsocks -w use: some
+    // clients cannot send SOCKS5 passwords at all).
+    let anon_from: Vec<Rule> = m
+        .opt_strs("N")
+        .iter()
+        .map(|r| match Rule::parse(r) {
+            Ok(rule) if !rule.has_ports() => rule,
+            Ok(_) => diag::usage(&format!("-N: a client address or network, no port: {r}")),
+            Err(e) => diag::usage(&format!("-N: {e}")),
+        })
+        .collect();
+    // Who is on the other end, before anything reads the environment for it (inetd and
+    // systemd set none of the UCSPI names).
+    conninfo::fill_from_socket(0);
+    let client_ip: Option<std::net::IpAddr> = std::env::var("TCPREMOTEIP")
+        .ok()
+        .and_then(|ip| ip.parse().ok());
+    let anonymous = m.opt_present("n")
+        || client_ip.is_some_and(|ip| {
+            let a = std::net::SocketAddr::new(ip, 0);
+            anon_from.iter().any(|r| r.matches(&a))
+        });
+    let no_auth_asked = m.opt_present("n") || !anon_from.is_empty();
     let (users, cp) = match (m.opt_str("f"), m.opt_str("c")) {
         (Some(_), Some(_)) => diag::usage("-f and -c exclude each other"),
         (Some(f), None) => {
@@ -127,9 +157,9 @@ pub fn main(argv: Vec<OsString>) -> i32 {
                 timeout: check_timeout,
             }),
         ),
-        (None, None) if anonymous => (None, None),
+        (None, None) if no_auth_asked => (None, None),
         (None, None) => diag::usage(&format!(
-            "give -f users or -c checkpassword, or -n to allow clients without credentials: {USAGE}"
+            "give -f users or -c checkpassword, or -n (or -N) to allow clients without credentials: {USAGE}"
         )),
     };
     let checker: Option<&dyn Checker> = match (&users, &cp) {
@@ -154,7 +184,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         ttl: cache_ttl,
         slots,
         deadline: Instant::now() + timeout,
-        source: std::env::var("TCPREMOTEIP").ok(),
+        source: client_ip.map(|ip| ip.to_string()),
         outcome: Cell::new(None),
     });
     let policy = Policy {
@@ -166,7 +196,6 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         head_cap,
         fail_delay,
     };
-    conninfo::fill_from_socket(0);
     let mut client = Client::new(0, 1, timeout);
     let result = handshake::run(&mut client, &policy);
     match result {
