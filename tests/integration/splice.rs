@@ -409,6 +409,32 @@ fn read_until_end(s: &mut TcpStream) -> Option<std::io::ErrorKind> {
     }
 }
 
+/// The target sends its whole reply and closes (a FIN); what the client sends after
+/// that is answered with a reset by the target's kernel (a TLS server that does not
+/// wait for close_notify). The target's end was clean: so is the relay's.
+#[test]
+fn a_reset_after_the_targets_complete_stream_is_a_clean_end() {
+    let Relay {
+        child,
+        mut client,
+        target,
+        desc,
+    } = Relay::start(&[]);
+    (&target).write_all(b"the whole reply").unwrap();
+    drop(target);
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"the whole reply");
+    // close_notify, say: it reaches a closed socket, whose kernel resets.
+    let _ = (&client).write_all(b"\x15\x03\x03\x00\x02\x01\x00");
+    let ran = util::finish(child, &desc, LIMIT);
+    ran.expect_code(0);
+    assert!(ran.stderr_text().contains("how=eof"), "{}", ran.show());
+}
+
 /// One peer resets after some data; the other must see a reset, not a clean end.
 fn reset_travels(from_client: bool) {
     let Relay {
