@@ -56,8 +56,7 @@ pub fn stderr_is_safe() -> bool {
     if !sys::fd_is_open(2) {
         return false;
     }
-    // SAFETY: isatty only inspects the descriptor.
-    if unsafe { libc::isatty(2) } == 1 {
+    if sys::isatty(2) {
         return true;
     }
     if sys::is_inet_socket(2) {
@@ -85,10 +84,7 @@ fn sinks() -> Sinks {
             "stderr" => (false, true),
             "both" => (true, true),
             "none" => (false, false),
-            _ if std::path::Path::new("/dev/log").exists() => {
-                // SAFETY: isatty only inspects the descriptor.
-                (true, unsafe { libc::isatty(2) } == 1)
-            }
+            _ if std::path::Path::new("/dev/log").exists() => (true, sys::isatty(2)),
             _ => (false, true),
         };
         let stderr = stderr && stderr_is_safe();
