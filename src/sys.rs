@@ -12,6 +12,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::unix::io::{BorrowedFd, IntoRawFd, RawFd};
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag, SpliceFFlags};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigHandler, SigSet, Signal};
 use nix::sys::socket::{
     sockopt, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
     SockaddrIn, SockaddrIn6, SockaddrLike, SockaddrStorage,
@@ -415,9 +417,16 @@ pub fn interface_addresses() -> io::Result<Vec<IpAddr>> {
 /// Sets the disposition of `sig` to ignore (`true`) or default (`false`). The programs
 /// ignore SIGPIPE while they work and restore the default before exec, as ucspi-tcp does.
 pub fn signal_ignore(sig: libc::c_int, ignore: bool) {
-    let handler = if ignore { libc::SIG_IGN } else { libc::SIG_DFL };
+    let Ok(sig) = Signal::try_from(sig) else {
+        return;
+    };
+    let handler = if ignore {
+        SigHandler::SigIgn
+    } else {
+        SigHandler::SigDfl
+    };
     // SAFETY: SIG_IGN and SIG_DFL are valid dispositions; no Rust handler is installed.
-    unsafe { libc::signal(sig, handler) };
+    let _ = unsafe { nix::sys::signal::signal(sig, handler) };
 }
 
 /// Calls `f` with every open descriptor of this process, by reading /proc/self/fd with
@@ -579,19 +588,12 @@ pub fn recv_fd(sock: RawFd, buf: &mut [u8]) -> io::Result<Option<(RawFd, usize)>
 
 /// Sets the name ps and top show for this process (at most 15 bytes are kept).
 pub fn set_process_name(name: &CStr) {
-    // SAFETY: PR_SET_NAME reads a NUL-terminated string.
-    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    let _ = nix::sys::prctl::set_name(name);
 }
 
 /// Empties the signal mask of the calling thread.
 pub fn unblock_all_signals() {
-    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t we own; no old-set pointer.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-    }
+    let _ = SigSet::empty().thread_set_mask();
 }
 
 /// The text of errno `e`, for messages: strerror without the "(os error N)" suffix
@@ -612,63 +614,72 @@ pub fn strerror(e: &io::Error) -> String {
 /// A signalfd that reports `signals`, which are blocked so that they arrive only through
 /// it. The relay polls it beside the data descriptors instead of running a handler.
 pub struct SignalFd {
-    fd: RawFd,
+    // Closed by number in `drop`, as every descriptor here: the OwnedFd inside would add
+    // an fcntl to check it first in debug builds, and abort if it was closed already.
+    inner: std::mem::ManuallyDrop<nix::sys::signalfd::SignalFd>,
 }
 
 impl SignalFd {
     pub fn new(signals: &[libc::c_int]) -> io::Result<SignalFd> {
-        // SAFETY: sigset_t is plain data; sigemptyset initialises it.
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `set` is a valid sigset_t we own.
-        unsafe { libc::sigemptyset(&mut set) };
-        for &s in signals {
-            // SAFETY: as above; an invalid signal number only makes sigaddset fail.
-            unsafe { libc::sigaddset(&mut set, s) };
+        let mut set = SigSet::empty();
+        // An invalid signal number is left out, as sigaddset would refuse it.
+        for s in signals.iter().filter_map(|&s| Signal::try_from(s).ok()) {
+            set.add(s);
         }
-        // SAFETY: we pass a valid set and no old-set pointer.
-        cvt(unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) })?;
-        // SAFETY: a valid set; -1 asks for a new descriptor.
-        let fd = cvt(unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) })?;
-        Ok(SignalFd { fd })
+        set.thread_block()?;
+        use nix::sys::signalfd::SfdFlags;
+        let flags = SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC;
+        let inner = nix::sys::signalfd::SignalFd::with_flags(&set, flags)?;
+        Ok(SignalFd {
+            inner: std::mem::ManuallyDrop::new(inner),
+        })
     }
 
     pub fn fd(&self) -> RawFd {
-        self.fd
+        std::os::unix::io::AsRawFd::as_raw_fd(&*self.inner)
     }
 
     /// The next pending signal, if any.
     pub fn take(&self) -> Option<libc::c_int> {
-        // SAFETY: signalfd_siginfo is plain data.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = size_of::<libc::signalfd_siginfo>();
-        // SAFETY: the kernel writes at most `size` bytes into the struct we own.
-        let n = unsafe {
-            libc::read(
-                self.fd,
-                (&mut info as *mut libc::signalfd_siginfo).cast(),
-                size,
-            )
-        };
-        (n == size as isize).then_some(info.ssi_signo as libc::c_int)
+        let info = self.inner.read_signal().ok()??;
+        Some(info.ssi_signo as libc::c_int)
     }
 }
 
 impl Drop for SignalFd {
     fn drop(&mut self) {
-        close(self.fd);
+        close(self.fd());
     }
 }
 
-/// poll(2) over `fds`, retried on EINTR; `timeout` None waits for ever.
+/// poll(2) over `fds`, retried on EINTR; `timeout` None waits for ever. An entry with a
+/// negative fd is ignored and gets no events, as poll(2) does with it: nix's `PollFd`
+/// cannot hold one, so it is left out of the call.
 pub fn poll(fds: &mut [libc::pollfd], timeout: Option<std::time::Duration>) -> io::Result<usize> {
     let ms = match timeout {
         None => -1,
         // Round up so a deadline is never polled for 0 ms before it has passed.
         Some(d) => libc::c_int::try_from(d.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX),
     };
-    // SAFETY: the kernel reads and writes exactly fds.len() pollfd structs we own.
-    retry(|| cvt(unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) }))
-        .map(|n| n as usize)
+    let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
+    let raw: Vec<RawFd> = fds.iter().map(|p| p.fd).collect();
+    let mut set = Vec::with_capacity(fds.len());
+    let mut at = Vec::with_capacity(fds.len());
+    for (i, (fd, p)) in raw.iter().zip(fds.iter()).enumerate() {
+        if let Ok(b) = borrow(fd) {
+            set.push(PollFd::new(b, PollFlags::from_bits_retain(p.events)));
+            at.push(i);
+        }
+    }
+    let n = retry(|| Ok(nix::poll::poll(&mut set, timeout)?))?;
+    for p in fds.iter_mut() {
+        p.revents = 0;
+    }
+    for (p, &i) in set.iter().zip(&at) {
+        // nix knows every flag poll(2) reports for the events asked here.
+        fds[i].revents = p.revents().map_or(0, |r| r.bits());
+    }
+    Ok(n as usize)
 }
 
 /// Whether `fd` is a terminal.
