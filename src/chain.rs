@@ -130,12 +130,7 @@ pub fn exec(argv: &[OsString]) -> i32 {
     let Ok(cargs) = cargs else {
         diag::die(exit::USAGE, "a program argument contains a NUL byte");
     };
-    let mut ptrs: Vec<*const libc::c_char> = cargs.iter().map(|c| c.as_ptr()).collect();
-    ptrs.push(std::ptr::null());
-    // SAFETY: ptrs is a NULL-terminated array of pointers into `cargs`, which outlive
-    // the call; execvp only returns on failure.
-    unsafe { libc::execvp(ptrs[0], ptrs.as_ptr()) };
-    let err = std::io::Error::last_os_error();
+    let err = sys::execvp(&cargs);
     let code = if err.raw_os_error() == Some(libc::ENOENT) {
         exit::NOTFOUND
     } else {
@@ -204,11 +199,7 @@ fn search_path(prog: &OsStr) -> Option<PathBuf> {
 }
 
 fn is_executable(p: &Path) -> bool {
-    let Ok(c) = CString::new(p.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: access reads a NUL-terminated path we own.
-    unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
+    sys::is_executable(p)
 }
 
 /// Leaves the process as an exec would have: descriptors marked close-on-exec closed

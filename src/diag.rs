@@ -6,10 +6,12 @@
 //! the same file as a data descriptor (0, 1, 6, 7) — a terminal excepted, where the user
 //! reading it is the point. `TCPSPLICE_LOG=syslog|stderr|both|none` overrides the choice.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+
+use nix::syslog::{Facility, LogFlags, Severity};
 
 use crate::exit;
 use crate::sys;
@@ -56,8 +58,7 @@ pub fn stderr_is_safe() -> bool {
     if !sys::fd_is_open(2) {
         return false;
     }
-    // SAFETY: isatty only inspects the descriptor.
-    if unsafe { libc::isatty(2) } == 1 {
+    if sys::isatty(2) {
         return true;
     }
     if sys::is_inet_socket(2) {
@@ -85,17 +86,13 @@ fn sinks() -> Sinks {
             "stderr" => (false, true),
             "both" => (true, true),
             "none" => (false, false),
-            _ if std::path::Path::new("/dev/log").exists() => {
-                // SAFETY: isatty only inspects the descriptor.
-                (true, unsafe { libc::isatty(2) } == 1)
-            }
+            _ if std::path::Path::new("/dev/log").exists() => (true, sys::isatty(2)),
             _ => (false, true),
         };
         let stderr = stderr && stderr_is_safe();
         if syslog {
             let ident = syslog_ident(prog());
-            // SAFETY: ident is a leaked, NUL-terminated string that outlives every call.
-            unsafe { libc::openlog(ident.as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
+            let _ = nix::syslog::openlog(Some(ident), LogFlags::LOG_PID, Facility::LOG_DAEMON);
         }
         Sinks { syslog, stderr }
     })
@@ -106,25 +103,27 @@ fn sinks() -> Sinks {
 /// number closed behind syslog's back and reused by a connection would receive the
 /// next message.
 pub fn forget_syslog() {
-    // SAFETY: closelog takes no arguments and only closes the C library's own socket.
-    unsafe { libc::closelog() };
+    nix::syslog::closelog();
 }
 
 /// openlog keeps the pointer it is given, so the ident must live for the whole process;
 /// one per program name, since a reused connection process names itself again for every
 /// connection.
-fn syslog_ident(prog: &'static str) -> &'static CString {
-    static IDENTS: Mutex<Vec<(&'static str, &'static CString)>> = Mutex::new(Vec::new());
+fn syslog_ident(prog: &'static str) -> &'static CStr {
+    static IDENTS: Mutex<Vec<(&'static str, &'static CStr)>> = Mutex::new(Vec::new());
     let mut idents = IDENTS.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(&(_, ident)) = idents.iter().find(|(p, _)| *p == prog) {
         return ident;
     }
-    let ident: &'static CString = Box::leak(Box::new(CString::new(prog).unwrap_or_default()));
+    let ident: &'static CStr = Box::leak(CString::new(prog).unwrap_or_default().into_boxed_c_str());
     idents.push((prog, ident));
     ident
 }
 
-fn emit(priority: libc::c_int, kind: &str, msg: &str) {
+/// Sends one message with the C library's syslog(3): its connection to /dev/log is made
+/// again when a send fails (the log daemon restarted), which the `syslog` crate's is not
+/// (see Cargo.toml).
+fn emit(severity: Severity, kind: &str, msg: &str) {
     let s = sinks();
     let body = if kind.is_empty() {
         msg.to_string()
@@ -132,10 +131,9 @@ fn emit(priority: libc::c_int, kind: &str, msg: &str) {
         format!("{kind}: {msg}")
     };
     if s.syslog {
-        // A NUL inside a message would truncate it; it can only come from outside input.
-        let text = CString::new(body.replace('\0', "\\0")).unwrap_or_default();
-        // SAFETY: "%s" with one NUL-terminated string argument.
-        unsafe { libc::syslog(priority, c"%s".as_ptr(), text.as_ptr()) };
+        // A NUL inside a message would truncate it (nix refuses it); it can only come
+        // from outside input. The facility is openlog's.
+        let _ = nix::syslog::syslog(severity, &body.replace('\0', "\\0"));
     }
     if s.stderr {
         let line = format!("{}: {}\n", prog(), body);
@@ -145,17 +143,17 @@ fn emit(priority: libc::c_int, kind: &str, msg: &str) {
 
 /// `prog: warning: MSG`.
 pub fn warn(msg: &str) {
-    emit(libc::LOG_WARNING, "warning", msg);
+    emit(Severity::LOG_WARNING, "warning", msg);
 }
 
 /// `prog: info: MSG`, for the one line per connection and per event worth keeping.
 pub fn info(msg: &str) {
-    emit(libc::LOG_INFO, "info", msg);
+    emit(Severity::LOG_INFO, "info", msg);
 }
 
 /// `prog: fatal: MSG`, then exit with `code`.
 pub fn die(code: i32, msg: &str) -> ! {
-    emit(libc::LOG_ERR, "fatal", msg);
+    emit(Severity::LOG_ERR, "fatal", msg);
     std::process::exit(code)
 }
 
@@ -166,7 +164,7 @@ pub fn die_sys(code: i32, what: &str, err: &io::Error) -> ! {
 
 /// `prog: usage: USAGE`, then exit 100.
 pub fn usage(usage: &str) -> ! {
-    emit(libc::LOG_ERR, "usage", usage);
+    emit(Severity::LOG_ERR, "usage", usage);
     std::process::exit(exit::USAGE)
 }
 

@@ -8,8 +8,6 @@
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::io::RawFd;
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -21,15 +19,6 @@ use crate::{diag, sys};
 pub struct CheckPassword {
     pub prog: OsString,
     pub timeout: Duration,
-}
-
-/// The read end of the pipe becomes the child's fd 3 with close-on-exec cleared.
-fn put_on_fd3(rfd: RawFd) -> std::io::Result<()> {
-    if rfd == 3 {
-        sys::set_cloexec(3, false)
-    } else {
-        sys::fd_copy(3, rfd)
-    }
 }
 
 impl CheckPassword {
@@ -63,11 +52,8 @@ impl CheckPassword {
             } else {
                 Stdio::null()
             });
-        // SAFETY: the closure only calls async-signal-safe fcntl/dup2 on descriptors
-        // that exist in the child; it allocates nothing.
-        unsafe {
-            cmd.pre_exec(move || put_on_fd3(rfd));
-        }
+        // The read end of the pipe becomes the child's fd 3 with close-on-exec cleared.
+        sys::pass_fd_to_child(&mut cmd, rfd, 3);
         let spawned = cmd.spawn();
         sys::close(rfd);
         let mut child = match spawned {

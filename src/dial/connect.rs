@@ -3,7 +3,6 @@
 //! a target with non-blocking connects that poll bounds.
 
 use std::io;
-use std::mem::size_of;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -47,32 +46,7 @@ pub fn resolve(host: &str, port: u16, limit: Duration) -> io::Result<Vec<SocketA
 /// This host's addresses, from getifaddrs(3): a client-chosen target must not be the
 /// proxy itself under one of its public addresses.
 pub fn own_addresses() -> io::Result<Vec<IpAddr>> {
-    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs writes a pointer to a list it allocated into `ifap`.
-    sys::cvt(unsafe { libc::getifaddrs(&mut ifap) })?;
-    let mut out = Vec::new();
-    let mut p = ifap;
-    while !p.is_null() {
-        // SAFETY: p is a node of the list getifaddrs returned, not yet freed.
-        let ifa = unsafe { &*p };
-        if !ifa.ifa_addr.is_null() {
-            // SAFETY: ifa_addr points to a sockaddr whose family field is valid.
-            let family = libc::c_int::from(unsafe { (*ifa.ifa_addr).sa_family });
-            let len = match family {
-                libc::AF_INET => size_of::<libc::sockaddr_in>(),
-                libc::AF_INET6 => size_of::<libc::sockaddr_in6>(),
-                _ => 0,
-            };
-            // SAFETY: the family says ifa_addr holds `len` bytes.
-            if let Some(a) = unsafe { sys::sockaddr_from_raw(ifa.ifa_addr, len) } {
-                out.push(a.ip());
-            }
-        }
-        p = ifa.ifa_next;
-    }
-    // SAFETY: ifap came from getifaddrs and is freed once; no reference into it remains.
-    unsafe { libc::freeifaddrs(ifap) };
-    Ok(out)
+    sys::interface_addresses()
 }
 
 /// Whether the routing table delivers `addr` to this host: a route of type local (an
