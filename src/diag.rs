@@ -3,8 +3,8 @@
 //! Under inetd, xinetd and systemd with `StandardInput=socket`, fd 2 may be the client's
 //! socket: a message written there would be read by the client as data. So messages go
 //! to syslog when `/dev/log` exists, and to stderr only when fd 2 is not a TCP socket nor
-//! the same file as a data descriptor (0, 1, 6, 7) — a terminal excepted, where the user
-//! reading it is the point. `TCPSPLICE_LOG=syslog|stderr|both|none` overrides the choice.
+//! the same socket as a data descriptor (0, 1, 6, 7) — a terminal excepted, where the
+//! user reading it is the point. `TCPSPLICE_LOG=syslog|stderr|both|none` overrides the choice.
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -51,9 +51,12 @@ pub fn prog() -> &'static str {
     *PROG.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Whether fd 2 may be written to: not a TCP socket, not the same file as a data
-/// descriptor (0, 1, 6, 7), or else a terminal. Programs a link runs (checkpassword)
-/// inherit fd 2 only when it is.
+/// Whether fd 2 may be written to: not a TCP socket, not the same socket as a data
+/// descriptor (0, 1, 6, 7), or else a terminal. The same file or pipe as fd 1 is fine:
+/// that is `>log 2>&1`, `2>&1 | less`, cron's capture, where the user asked for the
+/// messages beside the output; only a socket shared with the data is a peer reading
+/// them as data (inetd, xinetd, systemd `StandardInput=socket`). Programs a link runs
+/// (checkpassword) inherit fd 2 only when it is safe.
 pub fn stderr_is_safe() -> bool {
     if !sys::fd_is_open(2) {
         return false;
@@ -64,9 +67,12 @@ pub fn stderr_is_safe() -> bool {
     if sys::is_inet_socket(2) {
         return false;
     }
-    let Ok((_, err)) = sys::fd_identity(2) else {
+    let Ok((kind, err)) = sys::fd_identity(2) else {
         return false;
     };
+    if kind != sys::FdKind::Socket {
+        return true;
+    }
     let data: &[i32] = if STDIO_IS_DATA.load(Ordering::Relaxed) {
         &[0, 1, 6, 7]
     } else {
@@ -162,9 +168,15 @@ pub fn die_sys(code: i32, what: &str, err: &io::Error) -> ! {
     die(code, &format!("unable to {what}: {}", sys::strerror(err)))
 }
 
-/// `prog: usage: USAGE`, then exit 100.
+/// `prog: usage: USAGE`, then exit 100. Also on a safe stderr when the messages go to
+/// syslog: a usage error is for whoever typed the command, wherever they read it.
 pub fn usage(usage: &str) -> ! {
     emit(Severity::LOG_ERR, "usage", usage);
+    let s = sinks();
+    if !s.stderr && stderr_is_safe() && std::env::var("TCPSPLICE_LOG").as_deref() != Ok("none") {
+        let line = format!("{}: usage: {usage}\n", prog());
+        let _ = sys::write_all(2, line.as_bytes());
+    }
     std::process::exit(exit::USAGE)
 }
 

@@ -1301,3 +1301,28 @@ fn a_copying_relay_allocates_its_buffers_when_bytes_come_and_grows_them_for_bulk
     ran.expect_code(0);
     copied_with_grown_buffers(&ran);
 }
+
+#[test]
+fn usage_errors_reach_a_stderr_that_is_the_same_file_as_stdout() {
+    // `prog 2>&1 | less`, `$(prog 2>&1)`, cron: fd 2 is fd 1's pipe; not a socket, so
+    // the message is for the user, not data for a peer.
+    // With the messages going to syslog too (TCPSPLICE_LOG=syslog, as when /dev/log
+    // exists): a usage error is still shown to whoever ran the command.
+    let progs = [
+        BIN,
+        env!("CARGO_BIN_EXE_tcpsplice-dial"),
+        env!("CARGO_BIN_EXE_tcpsplice-auth"),
+    ];
+    for (prog, log) in progs.iter().flat_map(|p| [(p, None), (p, Some("syslog"))]) {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "\"$0\" -Z 2>&1", prog]);
+        match log {
+            None => cmd.env_remove("TCPSPLICE_LOG"),
+            Some(l) => cmd.env("TCPSPLICE_LOG", l),
+        };
+        let ran = util::run(&mut cmd, LIMIT);
+        ran.expect_code(100);
+        let out = String::from_utf8_lossy(&ran.stdout);
+        assert!(out.contains("usage"), "{prog}: nothing said{}", ran.show());
+    }
+}
