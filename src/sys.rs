@@ -715,3 +715,23 @@ pub fn pass_fd_to_child(cmd: &mut std::process::Command, fd: RawFd, at: RawFd) {
         cmd.pre_exec(move || fd_copy(at, fd));
     }
 }
+
+/// A descriptor that becomes readable when process `pid` (our child) exits, so that a
+/// wait can have a deadline without polling (pidfd_open(2), Linux 5.3).
+pub fn pidfd_open(pid: u32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; nix
+    // has no wrapper for it.
+    let fd = cvt(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
+    // SAFETY: the descriptor is new and ours alone.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Sends SIGKILL to every process of process group `pgid` (a checker and whatever it
+/// started); a group already gone is no error.
+pub fn kill_group(pgid: u32) {
+    if let Ok(p) = libc::pid_t::try_from(pgid) {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(p), nix::sys::signal::SIGKILL);
+    }
+}

@@ -1114,6 +1114,42 @@ fn checkpassword_delegation() {
 }
 
 #[test]
+fn a_checker_that_times_out_is_killed_with_everything_it_started() {
+    // A shell checker whose sleep is a child of its own: killing only the shell would
+    // leave the sleep behind, one per login attempt. The odd duration names it.
+    let slow = checkpassword_script("cpgroup", "sleep 31.4159 & wait");
+    let bad = cat(&[
+        b"\x05\x01\x02",
+        &socks5_userpass("dave", "nope"),
+        &socks5_domain("example.net", 25),
+    ]);
+    let t = std::time::Instant::now();
+    let (_, r) = over_socket(auth_cmd(&["-T", "0.5", "-c", slow.to_str().unwrap()]), &bad);
+    r.expect_code(111);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "answered after {:?}",
+        t.elapsed()
+    );
+    let left = || {
+        std::fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                    .filter(|c| c.windows(7).any(|w| w == b"31.4159"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    // Killed processes may take a moment to leave the table.
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while left() > 0 && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(left(), 0, "the checker's sleep outlived it{}", r.show());
+}
+
+#[test]
 fn over_long_or_nul_passwords_are_refused_without_a_check() {
     // A checker that leaves a mark when it is run at all.
     let dir = scratch("cpmark");
