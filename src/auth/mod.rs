@@ -23,8 +23,9 @@ use checkpassword::CheckPassword;
 use loginstate::Gate;
 use password::Secret;
 use request::MAX_PASSWORD;
-use request::{Checker, Client, Policy};
+use request::{Checker, Client, Policy, Verdict};
 
+use crate::dial::reply;
 use crate::rules::Rule;
 use crate::{args, chain, conninfo, diag, exit, sys};
 use users::Users;
@@ -33,6 +34,16 @@ const USAGE: &str = "tcpsplice-auth [-n] [-N cidr]... [-f users | -c checkpasswo
 [-p socks5,socks4,http] [-t timeout] [-d faildelay] [-T checktimeout] [-m headsize] \
 [-K cachettl] [-j checks] prog...
        tcpsplice-auth -H  (reads a password on stdin, prints its hash)";
+
+/// The checker when the users file could not be loaded at run time: every login is a
+/// temporary failure (SOCKS5 status 1 and exit 111, HTTP 503), with the reason logged.
+struct Unavailable(String);
+
+impl Checker for Unavailable {
+    fn check(&self, _user: &[u8], _password: &Secret) -> Verdict {
+        Verdict::Temporary(self.0.clone())
+    }
+}
 
 /// Says how the user's login went (`cached` or `verified`) for the relay's log line;
 /// removed for no-auth.
@@ -139,17 +150,27 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             anon_from.iter().any(|r| r.matches(&a))
         });
     let no_auth_asked = m.opt_present("n") || !anon_from.is_empty();
+    let mut broken = None;
     let (users, cp) = match (m.opt_str("f"), m.opt_str("c")) {
         (Some(_), Some(_)) => diag::usage("-f and -c exclude each other"),
-        (Some(f), None) => {
-            let users = Users::load(std::path::Path::new(&f)).unwrap_or_else(|why| {
-                diag::die(exit::USAGE, &format!("unable to load users: {why}"))
-            });
-            if users.is_empty() {
-                diag::warn(&format!("{f} has no users: every login will fail"));
+        (Some(f), None) => match Users::load(std::path::Path::new(&f)) {
+            Ok(users) => {
+                if users.is_empty() {
+                    diag::warn(&format!("{f} has no users: every login will fail"));
+                }
+                (Some(users), None)
             }
-            (Some(users), None)
-        }
+            Err(why) if chain::checking() => {
+                diag::die(exit::USAGE, &format!("unable to load users: {why}"))
+            }
+            // Broken since the check at start (an edit, a permission), or run by a
+            // supervisor that checks nothing: still a configuration error (exit 100),
+            // but the client first gets its protocol's answer, not a bare close.
+            Err(why) => {
+                broken = Some(Unavailable(format!("unable to load users: {why}")));
+                (None, None)
+            }
+        },
         (None, Some(c)) => (
             None,
             Some(CheckPassword {
@@ -162,9 +183,10 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             "give -f users or -c checkpassword, or -n (or -N) to allow clients without credentials: {USAGE}"
         )),
     };
-    let checker: Option<&dyn Checker> = match (&users, &cp) {
-        (Some(u), _) => Some(u),
-        (_, Some(c)) => Some(c),
+    let checker: Option<&dyn Checker> = match (&users, &cp, &broken) {
+        (Some(u), _, _) => Some(u),
+        (_, Some(c), _) => Some(c),
+        (_, _, Some(b)) => Some(b),
         _ => None,
     };
     if m.free.is_empty() {
@@ -177,6 +199,19 @@ pub fn main(argv: Vec<OsString>) -> i32 {
                 &format!("unable to use fd {fd}: it is not open"),
             );
         }
+    }
+    let next: Vec<OsString> = m.free.iter().map(OsString::from).collect();
+    if chain::checking() {
+        if let Some(c) = &cp {
+            if chain::check(std::slice::from_ref(&c.prog)) != exit::OK {
+                return exit::USAGE;
+            }
+        }
+        // What a request would leave for the next link, so that it checks itself as it
+        // will run: a client-chosen target, a client waiting for the answer.
+        std::env::set_var("TCPSPLICE_TARGET", "check.invalid:1");
+        std::env::set_var("TCPSPLICE_REPLY", "socks5");
+        return chain::check(&next);
     }
     let gate = checker.map(|inner| Gate {
         inner,
@@ -198,6 +233,20 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     };
     let mut client = Client::new(0, 1, timeout);
     let result = handshake::run(&mut client, &policy);
+    if let Some(Unavailable(why)) = &broken {
+        if let Ok(req) = &result {
+            // A client let in without credentials (-n): it still waits for an answer.
+            if let Ok(Some(style)) = reply::Style::parse(req.reply) {
+                let _ = client.send(&reply::failure(style, reply::Failure::General));
+            }
+        } else if let Err(f) = &result {
+            if !f.reply.is_empty() {
+                let _ = client.send(&f.reply);
+            }
+        }
+        client.close_gently(Duration::from_millis(200));
+        diag::die(exit::USAGE, why);
+    }
     match result {
         Ok(req) => {
             let login = gate.as_ref().and_then(|g| g.outcome.get());
@@ -209,8 +258,10 @@ pub fn main(argv: Vec<OsString>) -> i32 {
                 Some(l) => std::env::set_var(LOGIN_VAR, l.as_str()),
                 None => std::env::remove_var(LOGIN_VAR),
             }
-            let next: Vec<OsString> = m.free.iter().map(OsString::from).collect();
             drop(m);
+            if let Ok(Some(style)) = reply::Style::parse(req.reply) {
+                chain::reply_on_exec_failure(reply::failure(style, reply::Failure::General));
+            }
             // Everything this program opened (the users file, a checker's pipes) is
             // closed by now, so a sibling continuing here need not scan for more.
             chain::nothing_to_close();
