@@ -395,6 +395,28 @@ pub fn connect(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
     Ok(with_sockaddr(addr, |sa| nix::sys::socket::connect(fd, sa))?)
 }
 
+/// recv(2) into `buf` with `flags` (MSG_PEEK, MSG_DONTWAIT, ...). Ok(0) is end of file.
+pub fn recv(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+    let flags = MsgFlags::from_bits_retain(flags);
+    Ok(nix::sys::socket::recv(fd, buf, flags)?)
+}
+
+/// send(2) of `buf` with `flags`.
+pub fn send(fd: RawFd, buf: &[u8], flags: libc::c_int) -> io::Result<usize> {
+    let flags = MsgFlags::from_bits_retain(flags);
+    Ok(nix::sys::socket::send(fd, buf, flags)?)
+}
+
+/// A netlink socket to the kernel's routing subsystem (NETLINK_ROUTE), close-on-exec.
+pub fn netlink_route_socket() -> io::Result<std::os::unix::io::OwnedFd> {
+    Ok(nix::sys::socket::socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        nix::sys::socket::SockProtocol::NetlinkRoute,
+    )?)
+}
+
 /// The local address of a socket (None when it is not an IP socket).
 pub fn local_addr(fd: RawFd) -> io::Result<Option<SocketAddr>> {
     let sa: SockaddrStorage = nix::sys::socket::getsockname(fd)?;
