@@ -369,6 +369,57 @@ pub unsafe fn sockaddr_from_raw(addr: *const libc::sockaddr, len: usize) -> Opti
     sockaddr_to_ip(&sa)
 }
 
+/// How a getaddrinfo(3) failed: its EAI_ code, which tells a lookup that may work later
+/// (EAI_AGAIN) from a name that does not exist, and the text to show for it.
+#[derive(Debug)]
+pub struct LookupError {
+    pub code: libc::c_int,
+    pub text: String,
+}
+
+/// The first IP address getaddrinfo(3) gives for `host` as a stream socket's, of any
+/// family; Ok(None) when none of them is IP. By hand: nix has no getaddrinfo, and std's
+/// `ToSocketAddrs` hides the EAI_ code.
+pub fn lookup_first(host: &CStr) -> Result<Option<SocketAddr>, LookupError> {
+    let hints = libc::addrinfo {
+        ai_flags: 0,
+        ai_family: libc::AF_UNSPEC,
+        ai_socktype: libc::SOCK_STREAM,
+        ai_protocol: 0,
+        ai_addrlen: 0,
+        ai_addr: std::ptr::null_mut(),
+        ai_canonname: std::ptr::null_mut(),
+        ai_next: std::ptr::null_mut(),
+    };
+    let mut res: *mut libc::addrinfo = std::ptr::null_mut();
+    // SAFETY: `host` is NUL-terminated, `hints` lives across the call, and `res` receives
+    // a list we free below with freeaddrinfo.
+    let rc = unsafe { libc::getaddrinfo(host.as_ptr(), std::ptr::null(), &hints, &mut res) };
+    if rc != 0 {
+        let text = if rc == libc::EAI_SYSTEM {
+            strerror(&io::Error::last_os_error())
+        } else {
+            // SAFETY: gai_strerror returns a static NUL-terminated string.
+            unsafe { CStr::from_ptr(libc::gai_strerror(rc)) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        return Err(LookupError { code: rc, text });
+    }
+    let mut found = None;
+    let mut cur = res;
+    while !cur.is_null() && found.is_none() {
+        // SAFETY: `cur` is a non-null node of the list getaddrinfo returned.
+        let ai = unsafe { &*cur };
+        // SAFETY: ai_addr points to ai_addrlen bytes of a sockaddr (or is null).
+        found = unsafe { sockaddr_from_raw(ai.ai_addr, ai.ai_addrlen as usize) };
+        cur = ai.ai_next;
+    }
+    // SAFETY: `res` came from a successful getaddrinfo and is freed once.
+    unsafe { libc::freeaddrinfo(res) };
+    Ok(found)
+}
+
 /// A new TCP socket of `addr`'s family, non-blocking and close-on-exec.
 pub fn tcp_socket(addr: &SocketAddr) -> io::Result<std::os::unix::io::OwnedFd> {
     let family = if addr.is_ipv4() {
@@ -390,9 +441,59 @@ pub fn bind(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
     Ok(with_sockaddr(addr, |sa| nix::sys::socket::bind(fd, sa))?)
 }
 
+/// listen(2) with a queue of `backlog`. By hand: nix's `Backlog` refuses a value over
+/// SOMAXCONN (4096), where the kernel takes any and caps it at net.core.somaxconn, which
+/// may be set higher (tcpsplice-listen -b takes up to 65535).
+pub fn listen(fd: RawFd, backlog: libc::c_int) -> io::Result<()> {
+    // SAFETY: listen takes integers only.
+    cvt(unsafe { libc::listen(fd, backlog) }).map(drop)
+}
+
+/// accept4(2) with close-on-exec: the new socket, blocking (Linux does not pass
+/// O_NONBLOCK on from the listener), and the client's address (None when not IP). By
+/// hand: nix's accept4 drops the address, and a getpeername after it would be a second
+/// call for every connection.
+pub fn accept_cloexec(fd: RawFd) -> io::Result<(RawFd, Option<SocketAddr>)> {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: accept4 writes at most `len` bytes into the storage we own.
+    let s = cvt(unsafe {
+        libc::accept4(
+            fd,
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+            libc::SOCK_CLOEXEC,
+        )
+    })?;
+    Ok((s, sockaddr_to_std(&ss)))
+}
+
 /// connect(2) to `addr`; on a non-blocking socket EINPROGRESS comes back as an error.
 pub fn connect(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
     Ok(with_sockaddr(addr, |sa| nix::sys::socket::connect(fd, sa))?)
+}
+
+/// recv(2) into `buf` with `flags` (MSG_PEEK, MSG_DONTWAIT, ...). Ok(0) is end of file.
+pub fn recv(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+    let flags = MsgFlags::from_bits_retain(flags);
+    Ok(nix::sys::socket::recv(fd, buf, flags)?)
+}
+
+/// send(2) of `buf` with `flags`.
+pub fn send(fd: RawFd, buf: &[u8], flags: libc::c_int) -> io::Result<usize> {
+    let flags = MsgFlags::from_bits_retain(flags);
+    Ok(nix::sys::socket::send(fd, buf, flags)?)
+}
+
+/// A netlink socket to the kernel's routing subsystem (NETLINK_ROUTE), close-on-exec.
+pub fn netlink_route_socket() -> io::Result<std::os::unix::io::OwnedFd> {
+    Ok(nix::sys::socket::socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        nix::sys::socket::SockProtocol::NetlinkRoute,
+    )?)
 }
 
 /// The local address of a socket (None when it is not an IP socket).
