@@ -70,6 +70,19 @@ pub(super) fn run(d: &Dial, client: Option<SocketAddr>, client_local: Option<Soc
     d.hand_over(sock, peer, client, client_local, Some(peer))
 }
 
+/// Whether the client on fd 0, which poll found readable, has closed or reset its
+/// connection, rather than sent bytes (which are left where they are, for the peer).
+fn client_left() -> bool {
+    let mut b = [0u8; 1];
+    match sys::recv(0, &mut b, libc::MSG_PEEK | libc::MSG_DONTWAIT) {
+        Ok(n) => n == 0,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+        ),
+    }
+}
+
 /// Waits for a connection from one of `peers`' addresses (any port), resetting any
 /// other; fails with the second reply at the deadline, and exits without one when the
 /// client closes its connection first.
@@ -81,6 +94,10 @@ fn accept_from(
 ) -> (OwnedFd, SocketAddr) {
     let deadline = Instant::now() + d.cfg.bind_timeout;
     let mut wrong = 0;
+    // Whether to watch the client for its end of file: not once it has sent bytes,
+    // which are for the peer and stay unread (fd 0 would then be readable for ever);
+    // such a client's leaving is noticed at the deadline.
+    let mut watch_client = true;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -99,10 +116,9 @@ fn accept_from(
                 events: libc::POLLIN,
                 revents: 0,
             },
-            // The client's end of file (or reset), not its data: that is for the peer.
             libc::pollfd {
-                fd: 0,
-                events: libc::POLLRDHUP,
+                fd: if watch_client { 0 } else { -1 },
+                events: libc::POLLIN,
                 revents: 0,
             },
         ];
@@ -113,11 +129,14 @@ fn accept_from(
                 &format!("unable to wait for the peer: {}", sys::strerror(&e)),
             );
         }
-        if fds[1].revents != 0 {
+        if fds[1].revents != 0 && client_left() {
             diag::die(
                 exit::POLICY,
                 &format!("bind for {shown}: the client closed its connection before a peer came"),
             );
+        }
+        if fds[1].revents != 0 {
+            watch_client = false;
         }
         if fds[0].revents == 0 {
             continue;

@@ -1022,4 +1022,24 @@ fn bind_for_a_peer_the_rules_refuse_or_that_never_comes_fails() {
     assert_eq!(rep, 6);
     assert!(t.elapsed() < Duration::from_secs(5));
     end(child, ctl).expect_code(111);
+    // The client leaves first: no wait for the peer.
+    let (child, ctl, rep, _) = bind(
+        &address(SocketAddr::new([127, 0, 0, 1].into(), 0)),
+        &["-a", "127.0.0.1"],
+    );
+    assert_eq!(rep, 0);
+    let (r, took) = wait_exit_after(child, ctl, Duration::from_secs(10));
+    r.expect_code(1);
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(
+        r.stderr_text().contains("before a peer came"),
+        "{}",
+        r.show()
+    );
+}
+
+/// Closes the control connection and waits for the chain's end: the run and how long.
+fn wait_exit_after(child: Child, ctl: TcpStream, within: Duration) -> (Ran, Duration) {
+    drop(ctl);
+    wait_exit(child, within)
 }

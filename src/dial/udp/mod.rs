@@ -274,7 +274,7 @@ impl Relay<'_> {
                 return End::Idle;
             }
             let mut fds = vec![
-                pollfd(0, libc::POLLIN | libc::POLLRDHUP),
+                pollfd(0, libc::POLLIN),
                 pollfd(self.s.signals.fd(), libc::POLLIN),
                 pollfd(self.s.relay.as_raw_fd(), libc::POLLIN),
             ];
