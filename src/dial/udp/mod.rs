@@ -361,6 +361,9 @@ impl Relay<'_> {
             }
         }
         for v6 in [false, true] {
+            if !plans.iter().any(|p| p.to.is_ipv6() == v6) {
+                continue;
+            }
             let sock = match self.out(v6) {
                 Some(s) => s.as_raw_fd(),
                 None => {
@@ -374,9 +377,6 @@ impl Relay<'_> {
                 .filter(|p| p.to.is_ipv6() == v6)
                 .map(|p| (&bufs[p.slot][p.offset..meta[p.slot].len], p.to))
                 .collect();
-            if msgs.is_empty() {
-                continue;
-            }
             let now = Instant::now();
             let sent = send_all(sock, &msgs);
             for (i, (data, to)) in msgs.iter().enumerate() {
