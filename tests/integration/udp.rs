@@ -678,6 +678,56 @@ fn only_destinations_the_client_sent_to_may_answer() {
     assert_eq!(field(&end_line(&r), "dropped"), "1");
 }
 
+/// The resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn memory_stays_bounded_however_many_destinations() {
+    // Every port of 127.0.0.1 is allowed: each datagram goes to a new destination, which
+    // the relay remembers (for replies) and judges (a cached verdict), up to a bound.
+    let (child, mut ctl) = chain(&["-n", "-U"], &["-a", "127.0.0.1"]);
+    let relay = associate(&mut ctl, None);
+    let u = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let mut sent = 0u32;
+    let mut send_to_new_ports = |n: u32| {
+        for _ in 0..n {
+            let port = 10000 + (sent % 50000) as u16;
+            sent += 1;
+            let to = address(SocketAddr::new([127, 0, 0, 1].into(), port));
+            u.send_to(&wrap(&to, b"x"), relay).expect("send");
+            // Slower than the relay judges new destinations (a netlink request each in a
+            // debug build), so that most are not lost to a full socket buffer.
+            if sent % 20 == 0 {
+                std::thread::sleep(Duration::from_millis(3));
+            }
+        }
+    };
+    // Past the table's bound (4096) once, then three times as many again.
+    send_to_new_ports(6000);
+    std::thread::sleep(Duration::from_millis(500));
+    let after_first = rss_kib(child.id());
+    send_to_new_ports(18000);
+    std::thread::sleep(Duration::from_millis(500));
+    let after_more = rss_kib(child.id());
+    assert!(
+        after_more <= after_first + 1024,
+        "the relay grew from {after_first} to {after_more} KiB with 18000 more destinations"
+    );
+    let r = end(child, ctl);
+    let line = end_line(&r);
+    let relayed: u32 = field(&line, "up_dgrams").parse().expect("number");
+    // A datagram or two lost to a full socket buffer would not matter; most must go.
+    assert!(relayed > 18000, "{line}");
+    assert_eq!(field(&line, "dests"), relayed.to_string(), "{line}");
+}
+
 #[test]
 fn fragments_and_malformed_datagrams_are_dropped_and_the_relay_goes_on() {
     let (echo, child, ctl, relay) = echo_association(&[]);

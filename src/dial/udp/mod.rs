@@ -13,7 +13,8 @@
 //!   a refused one is dropped and counted. Verdicts are cached per destination.
 //! - Datagrams leave from one socket per family, so every destination sees the same
 //!   source port; what comes back is relayed only from a destination the client sent
-//!   to (at most [`MAX_DESTS`] remembered), with its source as an IP in the header.
+//!   to (at most [`MAX_DESTS`] remembered; when full, the less recent half is
+//!   forgotten), with its source as an IP in the header.
 //! - It ends at the control connection's end of file or reset, after `-i` seconds
 //!   without a datagram relayed either way, or on SIGTERM, SIGINT or SIGHUP; one log
 //!   line then says what it did.
@@ -547,9 +548,12 @@ impl Relay<'_> {
             return;
         }
         if self.dests.len() >= MAX_DESTS {
-            if let Some(oldest) = self.dests.iter().min_by_key(|(_, t)| **t).map(|(a, _)| *a) {
-                self.dests.remove(&oldest);
-            }
+            // The older half goes, in one pass: a client that sends to ever new
+            // destinations costs O(1) per datagram, not a scan of the table each.
+            let mut times: Vec<Instant> = self.dests.values().copied().collect();
+            let mid = times.len() / 2;
+            let (_, &mut cut, _) = times.select_nth_unstable(mid);
+            self.dests.retain(|_, t| *t > cut);
         }
         self.dests.insert(to, now);
         self.counts.dests += 1;
