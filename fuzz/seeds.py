@@ -14,8 +14,13 @@ rng = random.Random(14)
 
 seeds = {t: [] for t in ("handshake", "users", "hash", "rules", "proxy")}
 
-# handshake: a configuration byte, then the client's bytes (fuzz/src/handshake.rs).
+# handshake: a configuration byte, a piece size, then the client's bytes
+# (fuzz/src/handshake.rs).
 CHECKER, ANON, ANON_ONLY, PIPES = 0x00, 0x08, 0x18, 0x80
+
+
+def hs(cfg, client, chunk=0):
+    seeds["handshake"].append(bytes([cfg, chunk]) + client)
 
 
 def socks5_userpass(user, pw, req):
@@ -25,23 +30,24 @@ def socks5_userpass(user, pw, req):
 V4_REQ = bytes([5, 1, 0, 1, 93, 184, 216, 34, 1, 187])
 NAME_REQ = bytes([5, 1, 0, 3, 11]) + b"example.com" + bytes([0, 80])
 V6_REQ = bytes([5, 1, 0, 4]) + bytes.fromhex("20010db8000000000000000000000001") + bytes([0, 22])
+HTTP_AUTH = (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n"
+             b"Proxy-Authorization: Basic YWxpY2U6cHc=\r\n\r\n")
 for cfg in (CHECKER, CHECKER | PIPES):
-    seeds["handshake"] += [
-        bytes([cfg]) + socks5_userpass(b"alice", b"pw", V4_REQ),
-        bytes([cfg]) + socks5_userpass(b"bob", b"pw!", NAME_REQ),
-        bytes([cfg]) + socks5_userpass(b"carol", b"tmp", V6_REQ),
-        bytes([cfg]) + b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n"
-        b"Proxy-Authorization: Basic YWxpY2U6cHc=\r\n\r\n",
-    ]
+    hs(cfg, socks5_userpass(b"alice", b"pw", V4_REQ))
+    hs(cfg, socks5_userpass(b"bob", b"pw!", NAME_REQ))
+    hs(cfg, socks5_userpass(b"carol", b"tmp", V6_REQ))
+    hs(cfg, HTTP_AUTH)
 for cfg in (ANON, ANON_ONLY | PIPES):
-    seeds["handshake"] += [
-        bytes([cfg, 5, 1, 0]) + V4_REQ,
-        bytes([cfg | 0x10, 5, 2, 0, 2]) + V6_REQ,
-        bytes([cfg, 4, 1, 0, 80, 93, 184, 216, 34]) + b"user\0",
-        bytes([cfg, 4, 1, 1, 187, 0, 0, 0, 1]) + b"\0example.com\0",
-        bytes([cfg]) + b"CONNECT [2001:db8::1]:443 HTTP/1.1\r\n\r\n",
-    ]
-seeds["handshake"].append(bytes([0x20 | ANON]) + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    hs(cfg, bytes([5, 1, 0]) + V4_REQ)
+    hs(cfg | 0x10, bytes([5, 2, 0, 2]) + V6_REQ)
+    hs(cfg, bytes([4, 1, 0, 80, 93, 184, 216, 34]) + b"user\0")
+    hs(cfg, bytes([4, 1, 1, 187, 0, 0, 0, 1]) + b"\0example.com\0")
+    hs(cfg, b"CONNECT [2001:db8::1]:443 HTTP/1.1\r\n\r\n")
+hs(0x20 | ANON, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+# In pieces: a peek sees part of the head; the terminator is split.
+hs(CHECKER, HTTP_AUTH, chunk=7)
+hs(ANON, b"CONNECT a.example:22 HTTP/1.0\r\n\r\n", chunk=1)
+hs(CHECKER, socks5_userpass(b"alice", b"pw", NAME_REQ), chunk=3)
 
 # users: files (hashes made with mkpasswd, htpasswd -B -C 10 and argon2).
 Y = "$y$j9T$S8KjiwYSEUcrKLwZmUN.g0$8PbySdTCt/6GKzvWZER3k13SUNV1w/53qXpY8red8j8"

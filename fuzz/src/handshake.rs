@@ -2,10 +2,12 @@
 //! on a pair of pipes in this process.
 //!
 //! Input: one byte of configuration (which protocols, credentials or no-auth, the head
-//! cap, and the transport: bit 7 set = pipes), then the client's bytes. The client's
-//! bytes and [`TRAILER`] (what a client pipelines behind its request) are written to the
-//! handshake's input, which is then closed; the handshake runs; what it left unread and
-//! what it answered are read back.
+//! cap, and the transport: bit 7 set = pipes), one byte of piece size, then the client's
+//! bytes. The client's bytes and [`TRAILER`] (what a client pipelines behind its request)
+//! are written to the handshake's input, at once (piece size 0) or in pieces, each when
+//! the handshake has read the one before (so that a peek sees part of an HTTP head), and
+//! the input is then closed; what the handshake left unread and what it answered are read
+//! back.
 //!
 //! Checked, against a model of SOCKS5 (RFC 1928/1929), SOCKS4/4a and HTTP CONNECT
 //! written here:
@@ -23,6 +25,7 @@ use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tcpsplice::auth::handshake;
@@ -38,6 +41,9 @@ pub const TRAILER: &[u8] = b"\x00PIPELINED\r\n\r\n\x05\x01\x00\x01bytes";
 
 /// Client input beyond this is cut, so that a write never fills a pipe.
 const MAX_CLIENT: usize = 16 * 1024;
+
+/// Bytes sent in pieces at most this many pieces, then the rest at once.
+const MAX_PIECES: usize = 64;
 
 /// Head caps a configuration byte picks from (tcpsplice-auth -m takes 256 to 1m).
 const CAPS: [usize; 4] = [8192, 256, 1024, 20000];
@@ -109,10 +115,13 @@ struct Config {
     checker: bool,
     head_cap: usize,
     pipes: bool,
+    /// The client's bytes come in pieces of this size, each once the one before is
+    /// read; 0: all at once.
+    chunk: usize,
 }
 
 impl Config {
-    fn from_byte(b: u8) -> Config {
+    fn new(b: u8, chunk: u8) -> Config {
         Config {
             socks5: b & 0x01 == 0,
             socks4: b & 0x02 == 0,
@@ -121,6 +130,7 @@ impl Config {
             checker: b & 0x10 == 0,
             head_cap: CAPS[usize::from(b >> 5) & 3],
             pipes: b & 0x80 != 0,
+            chunk: usize::from(chunk),
         }
     }
 }
@@ -502,19 +512,6 @@ impl Wires {
         }
     }
 
-    /// The client sends `bytes` and ends its direction.
-    fn send(&mut self, bytes: &[u8]) {
-        let out = self.client_out.take().unwrap();
-        write_all(out.as_raw_fd(), bytes);
-        if self.socket {
-            // SAFETY: shutdown takes no pointer.
-            cvt(
-                unsafe { libc::shutdown(out.as_raw_fd(), libc::SHUT_WR) },
-                "shutdown",
-            );
-        }
-    }
-
     /// After the handshake: what it left unread, and what it sent the client.
     fn finish(mut self) -> (Vec<u8>, Vec<u8>) {
         let left = read_to_end(self.server_in.as_raw_fd());
@@ -531,15 +528,54 @@ impl Wires {
     }
 }
 
+/// Bytes waiting to be read on `fd`.
+fn unread(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the address given.
+    cvt(unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) }, "ioctl");
+    n as usize
+}
+
+/// The client sends `bytes` on `out`, then ends its direction: `chunk` bytes at a time,
+/// each once the handshake has taken all of the one before from `server_in` (at most
+/// MAX_PIECES pieces, then the rest), or all at once for chunk 0; all that is left once
+/// `done` says the handshake has returned.
+fn send(out: OwnedFd, bytes: &[u8], chunk: usize, server_in: RawFd, done: &AtomicBool) {
+    let mut rest = bytes;
+    let mut pieces = 0;
+    while chunk > 0 && !rest.is_empty() && pieces < MAX_PIECES {
+        let mut spins = 0u32;
+        while unread(server_in) > 0 && !done.load(Ordering::Acquire) {
+            if spins < 1000 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            spins += 1;
+        }
+        if done.load(Ordering::Acquire) {
+            break;
+        }
+        let n = chunk.min(rest.len());
+        write_all(out.as_raw_fd(), &rest[..n]);
+        rest = &rest[n..];
+        pieces += 1;
+    }
+    write_all(out.as_raw_fd(), rest);
+    // Ends the direction: a socket's other fd stays open, so shutdown.
+    // SAFETY: shutdown takes no pointer; on a pipe it fails with ENOTSOCK, ignored.
+    unsafe { libc::shutdown(out.as_raw_fd(), libc::SHUT_WR) };
+}
+
 fn no_nul(what: &str, v: &str) {
     assert!(!v.contains('\0'), "exported {what} {v:?} has a NUL");
 }
 
 pub fn run(data: &[u8]) {
-    let Some((&cfg_byte, client)) = data.split_first() else {
+    let [cfg_byte, chunk, client @ ..] = data else {
         return;
     };
-    let cfg = Config::from_byte(cfg_byte);
+    let cfg = Config::new(*cfg_byte, *chunk);
     let client = &client[..client.len().min(MAX_CLIENT)];
     let mut stream = client.to_vec();
     stream.extend_from_slice(TRAILER);
@@ -555,14 +591,28 @@ pub fn run(data: &[u8]) {
         fail_delay: Duration::ZERO,
     };
     let mut wires = Wires::new(cfg.pipes);
-    wires.send(&stream);
     let mut c = Client::new(
         wires.server_in.as_raw_fd(),
         wires.server_out.as_ref().unwrap().as_raw_fd(),
         Duration::from_secs(10),
     );
     assert_eq!(c.is_socket(), !cfg.pipes);
-    let result = handshake::run(&mut c, &policy);
+    let (out, server_in) = (
+        wires.client_out.take().unwrap(),
+        wires.server_in.as_raw_fd(),
+    );
+    let done = AtomicBool::new(false);
+    let result = if cfg.chunk == 0 {
+        send(out, &stream, 0, server_in, &done);
+        handshake::run(&mut c, &policy)
+    } else {
+        std::thread::scope(|s| {
+            s.spawn(|| send(out, &stream, cfg.chunk, server_in, &done));
+            let result = handshake::run(&mut c, &policy);
+            done.store(true, Ordering::Release);
+            result
+        })
+    };
     let (left, sent) = wires.finish();
 
     assert!(
