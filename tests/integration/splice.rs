@@ -1233,6 +1233,22 @@ fn the_user_timeout_ends_the_relay_of_a_client_that_stopped_acking() {
     vanished_client(&["-u", "3"], true, s(2), s(10));
 }
 
+// The defaults (-k 120,30,6 and a 300 s user timeout), for the figures in README: five
+// minutes each, so run by hand: cargo test --test integration -- --ignored vanished.
+#[test]
+#[ignore]
+fn vanished_quiet_client_with_the_defaults() {
+    let s = Duration::from_secs;
+    vanished_client(&[], false, s(280), s(330));
+}
+
+#[test]
+#[ignore]
+fn vanished_client_with_bytes_in_flight_with_the_defaults() {
+    let s = Duration::from_secs;
+    vanished_client(&[], true, s(280), s(330));
+}
+
 /// Private dirty memory of `pid` outside its files (heap, anonymous mappings, stack), in
 /// KiB: what one more connection costs, where the program's own pages are the same for
 /// every connection.
