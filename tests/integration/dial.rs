@@ -783,8 +783,8 @@ fn ipv6_target_in_brackets_needs_a_bracketed_rule() {
 
 #[test]
 fn only_the_allowed_addresses_of_a_name_are_used() {
-    let (name, _) = two_family_name()
-        .expect("no name resolves to both ::1 and 127.0.0.1, and /etc/hosts cannot be extended");
+    let names = TwoFamilies::new();
+    let name = &names.name;
     // The same port on both; only 127.0.0.1 is allowed, and ::1 must stay untouched.
     let (v4, v6) = (0..50)
         .find_map(|_| {
@@ -803,7 +803,7 @@ fn only_the_allowed_addresses_of_a_name_are_used() {
     cmd.env("TCPSPLICE_TARGET", format!("{name}:{port}"))
         .args(["-a", &format!("127.0.0.1:{port}"), SPLICE])
         .stdin(Stdio::null());
-    let ran = util::run(&mut cmd, LIMIT);
+    let ran = util::run(names.apply(&mut cmd), LIMIT);
     ran.expect_code(0);
     h.join().expect("listener");
     assert_eq!(ran.stdout, b"reached", "{}", ran.show());
@@ -818,37 +818,105 @@ fn only_the_allowed_addresses_of_a_name_are_used() {
 
 // --- every address, timeouts ------------------------------------------------------------
 
-/// A name that resolves to ::1 and 127.0.0.1. `localhost` does on most systems; where it
-/// resolves to one address only, a name of our own is added to /etc/hosts (as root).
-fn two_family_name() -> Option<(String, Vec<SocketAddr>)> {
-    let lookup = |n: &str| -> Vec<SocketAddr> {
-        (n, 1)
+/// A name that resolves to ::1 and 127.0.0.1 for the dialers a test runs, and its
+/// addresses in the order they get them. `localhost` does on many systems; elsewhere the
+/// name is one of our own, in a hosts file that only the dialer sees (a mount namespace
+/// of its own, as root): the machine's /etc/hosts is never changed.
+struct TwoFamilies {
+    name: String,
+    addrs: Vec<SocketAddr>,
+    hosts: Option<PathBuf>,
+}
+
+const TWO_FAMILY_NAME: &str = "two-families.tcpsplice.test";
+
+impl TwoFamilies {
+    fn new() -> TwoFamilies {
+        let two = |v: &[SocketAddr]| v.iter().any(|a| a.is_ipv4()) && v.iter().any(|a| a.is_ipv6());
+        let a: Vec<SocketAddr> = ("localhost", 1)
             .to_socket_addrs()
             .map(|a| a.collect())
-            .unwrap_or_default()
-    };
-    let two = |v: &[SocketAddr]| v.iter().any(|a| a.is_ipv4()) && v.iter().any(|a| a.is_ipv6());
-    let a = lookup("localhost");
-    if two(&a) {
-        return Some(("localhost".into(), a));
+            .unwrap_or_default();
+        if two(&a) {
+            return TwoFamilies {
+                name: "localhost".into(),
+                addrs: a,
+                hosts: None,
+            };
+        }
+        assert!(
+            util::is_root(),
+            "localhost resolves to one family, and a hosts file of our own needs root"
+        );
+        let hosts = tempdir("hosts").join("hosts");
+        let text = format!("::1 {TWO_FAMILY_NAME}\n127.0.0.1 {TWO_FAMILY_NAME}\n");
+        std::fs::write(&hosts, text).expect("write hosts file");
+        let mut t = TwoFamilies {
+            name: TWO_FAMILY_NAME.into(),
+            addrs: Vec::new(),
+            hosts: Some(hosts),
+        };
+        // The order is getaddrinfo's (RFC 6724 sorting, /etc/gai.conf), as the dialer
+        // will get it: asked in the same namespace.
+        let mut cmd = Command::new("python3");
+        cmd.args([
+            "-c",
+            "import socket, sys\n\
+             for a in socket.getaddrinfo(sys.argv[1], 1, type=socket.SOCK_STREAM):\n\
+             \tprint(a[4][0])",
+            TWO_FAMILY_NAME,
+        ]);
+        let ran = util::run(t.apply(&mut cmd), LIMIT);
+        ran.expect_code(0);
+        t.addrs = String::from_utf8_lossy(&ran.stdout)
+            .lines()
+            .map(|ip| SocketAddr::new(ip.parse().expect("an address"), 1))
+            .collect();
+        assert!(two(&t.addrs), "{TWO_FAMILY_NAME} resolves to {:?}", t.addrs);
+        t
     }
-    let name = "tcpsplice-dial-two-families.test";
-    if !two(&lookup(name)) && util::is_root() {
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open("/etc/hosts")
-            .ok()?;
-        f.write_all(format!("::1 {name}\n127.0.0.1 {name}\n").as_bytes())
-            .ok()?;
+
+    /// Makes `cmd` see the name.
+    fn apply<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
+        if let Some(h) = &self.hosts {
+            util::with_hosts_file(cmd, h);
+        }
+        cmd
     }
-    let a = lookup(name);
-    two(&a).then(|| (name.to_string(), a))
+}
+
+impl Drop for TwoFamilies {
+    fn drop(&mut self) {
+        let etc = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+        if let Some(h) = self.hosts.take() {
+            let _ = std::fs::remove_dir_all(h.parent().expect("temp dir"));
+        }
+        if !std::thread::panicking() {
+            assert!(
+                !etc.contains(TWO_FAMILY_NAME),
+                "/etc/hosts of the machine was changed:\n{etc}"
+            );
+        }
+    }
+}
+
+/// `run_dial` for a target named by `names`.
+fn run_dial_named<S: AsRef<std::ffi::OsStr>>(
+    names: &TwoFamilies,
+    args: impl IntoIterator<Item = S>,
+    code: i32,
+) -> Ran {
+    let mut cmd = dial();
+    cmd.args(args).stdin(Stdio::null());
+    let ran = util::run(names.apply(&mut cmd), LIMIT);
+    ran.expect_code(code);
+    ran
 }
 
 #[test]
 fn every_address_is_tried_when_the_first_refuses() {
-    let (name, addrs) = two_family_name()
-        .expect("no name resolves to both ::1 and 127.0.0.1, and /etc/hosts cannot be extended");
+    let names = TwoFamilies::new();
+    let (name, addrs) = (&names.name, &names.addrs);
     // Listen on the address tried last, on a port where the first one refuses.
     let last = addrs[addrs.len() - 1];
     let first = addrs[0];
@@ -862,7 +930,7 @@ fn every_address_is_tried_when_the_first_refuses() {
         let mut s = util::accept_timeout(&l, LIMIT);
         s.write_all(b"reached").expect("write");
     });
-    let ran = run_dial([&name, &port.to_string(), SPLICE], 0);
+    let ran = run_dial_named(&names, [name, &port.to_string(), SPLICE], 0);
     h.join().expect("listener");
     assert_eq!(ran.stdout, b"reached", "{}", ran.show());
     let refused = format!("unable to connect to {}", SocketAddr::new(first.ip(), port));
@@ -895,8 +963,8 @@ fn unanswering_on(l: TcpListener) -> (TcpListener, SocketAddr, Vec<TcpStream>) {
 
 #[test]
 fn a_silent_first_address_does_not_hold_up_the_next() {
-    let (name, addrs) = two_family_name()
-        .expect("no name resolves to both ::1 and 127.0.0.1, and /etc/hosts cannot be extended");
+    let names = TwoFamilies::new();
+    let (name, addrs) = (&names.name, &names.addrs);
     let (first, last) = (addrs[0].ip(), addrs[addrs.len() - 1].ip());
     // The first address never answers; the last one, on the same port, does.
     let (silent, good) = (0..50)
@@ -913,7 +981,7 @@ fn a_silent_first_address_does_not_hold_up_the_next() {
         let mut s = util::accept_timeout(&good, LIMIT);
         s.write_all(b"reached").expect("write");
     });
-    let ran = run_dial(["-t", "5", &name, &port.to_string(), SPLICE], 0);
+    let ran = run_dial_named(&names, ["-t", "5", name, &port.to_string(), SPLICE], 0);
     h.join().expect("listener");
     assert_eq!(ran.stdout, b"reached", "{}", ran.show());
     // Tried in turn, the first address would have timed out before the second was tried.

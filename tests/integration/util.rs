@@ -296,3 +296,40 @@ pub fn set_nofile(pid: i32, n: u64) {
     let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &lim, std::ptr::null_mut()) };
     assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
 }
+
+/// Runs `cmd` with `hosts` in place of /etc/hosts, seen by it alone: the child makes a
+/// mount namespace of its own and bind-mounts the file there (needs root), so the
+/// machine's /etc/hosts is never touched.
+pub fn with_hosts_file(cmd: &mut Command, hosts: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let src = std::ffi::CString::new(hosts.as_os_str().as_bytes()).expect("hosts path");
+    // SAFETY: unshare and mount are system calls, safe between fork and exec; every
+    // pointer is a NUL-terminated string that the closure owns, or NULL.
+    unsafe {
+        cmd.pre_exec(move || {
+            let none = std::ptr::null();
+            let ok = libc::unshare(libc::CLONE_NEWNS) == 0
+                // Private first, so that the bind mount stays in this namespace.
+                && libc::mount(
+                    c"none".as_ptr(),
+                    c"/".as_ptr(),
+                    none,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) == 0
+                && libc::mount(
+                    src.as_ptr(),
+                    c"/etc/hosts".as_ptr(),
+                    none,
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) == 0;
+            if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
