@@ -18,7 +18,7 @@ use crate::util::{self, Ran};
 
 const AUTH: &str = env!("CARGO_BIN_EXE_tcpsplice-auth");
 const LIMIT: Duration = Duration::from_secs(30);
-const PW: &str = "s3cret pass:word";
+pub(super) const PW: &str = "s3cret pass:word";
 
 /// The next program: prints the environment it got, then echoes its input.
 const SHOW_ENV: &[&str] = &[
@@ -89,7 +89,7 @@ fn over_pipes(mut cmd: Command, input: &[u8]) -> (Vec<u8>, Ran) {
 }
 
 /// A scratch directory of the test's own.
-fn scratch(name: &str) -> PathBuf {
+pub(super) fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("tcpsplice-auth-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("scratch dir");
@@ -1018,7 +1018,7 @@ fn usage_errors() {
 
 // ---------------------------------------------------------------- checkpassword
 
-fn checkpassword_script(name: &str, body: &str) -> PathBuf {
+pub(super) fn checkpassword_script(name: &str, body: &str) -> PathBuf {
     let p = scratch(name).join("checkpassword");
     std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
     let mut perm = std::fs::metadata(&p).unwrap().permissions();
@@ -1146,12 +1146,12 @@ const SPLICE: &str = env!("CARGO_BIN_EXE_tcpsplice");
 
 /// A target on loopback: answers `GET` with a 200 and a pattern body, echoes anything
 /// else back. Runs until the test process ends.
-struct Target {
-    port: u16,
-    body: Vec<u8>,
+pub(super) struct Target {
+    pub(super) port: u16,
+    pub(super) body: Vec<u8>,
 }
 
-fn target() -> Target {
+pub(super) fn target() -> Target {
     let (l, a) = util::listener();
     let body = util::pattern(42, 256 * 1024);
     let b = body.clone();
@@ -1298,7 +1298,7 @@ fn client(cmd: &str, args: &[String], input: &[u8]) -> Ran {
 }
 
 /// curl through `proxy` (with `-p`, an HTTP proxy tunnels with CONNECT), bounded to 20 s.
-fn curl(tunnel: bool, proxy: &str, url: &str) -> Ran {
+pub(super) fn curl(tunnel: bool, proxy: &str, url: &str) -> Ran {
     let mut args = strings(&["-sS", "--max-time", "20"]);
     if tunnel {
         args.push("-p".into());

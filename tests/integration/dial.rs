@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -381,34 +381,6 @@ fn free_port() -> u16 {
     closed_port()
 }
 
-/// Waits until something listens on 127.0.0.1:`port`, as /proc/net/tcp shows it; asking
-/// with a connection would start the service.
-fn wait_listening(port: u16, child: &mut Child, what: &str) {
-    let needle = format!("0100007F:{port:04X} 00000000:0000 0A");
-    let end = Instant::now() + LIMIT;
-    loop {
-        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-        if table.contains(&needle) {
-            return;
-        }
-        if let Ok(Some(s)) = child.try_wait() {
-            panic!("{what} exited before listening: {s:?}");
-        }
-        assert!(Instant::now() < end, "{what} did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Kills a supervisor when the test ends, whatever happens.
-struct Supervisor(Child);
-
-impl Drop for Supervisor {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A client through the supervisor on `port`; `log` tells the supervisor's side of a
 /// failure.
 fn forward_through(port: u16, log: impl Fn() -> String) {
@@ -501,7 +473,7 @@ fn forwarder_under_xinetd() {
     let conf = dir.join("xinetd.conf");
     std::fs::write(&conf, conf_text).expect("write conf");
     let log = dir.join("log");
-    let mut sup = Supervisor(
+    let mut sup = util::Supervisor(
         Command::new("xinetd")
             .arg("-dontfork")
             .arg("-f")
@@ -513,7 +485,7 @@ fn forwarder_under_xinetd() {
             .spawn()
             .expect("spawn xinetd (apt-get install xinetd)"),
     );
-    wait_listening(port, &mut sup.0, "xinetd");
+    util::wait_listening(port, &mut sup.0, "xinetd");
     // Listening is not enough: the port may be someone else's if xinetd could not bind.
     let ready = "Started working: 1 available service";
     let end = Instant::now() + LIMIT;
@@ -542,7 +514,7 @@ fn forwarder_under_systemd_socket_activate() {
         .expect("ExecStart=")
         .split_whitespace()
         .collect();
-    let mut sup = Supervisor(
+    let mut sup = util::Supervisor(
         Command::new("systemd-socket-activate")
             .args(["--inetd", "-a", "-l", &format!("127.0.0.1:{port}")])
             .args(["-E", "TCPSPLICE_LOG=stderr"])
@@ -552,7 +524,7 @@ fn forwarder_under_systemd_socket_activate() {
             .spawn()
             .expect("spawn systemd-socket-activate"),
     );
-    wait_listening(port, &mut sup.0, "systemd-socket-activate");
+    util::wait_listening(port, &mut sup.0, "systemd-socket-activate");
     // Its stderr is where the programs' messages go (fd 2 is not the socket here).
     forward_through(port, || std::fs::read_to_string(&log).unwrap_or_default());
     check_seen(seen.join().expect("target"));
@@ -577,7 +549,7 @@ fn forwarder_under_tcpserver_keeps_the_client_address() {
         .spawn()
         .expect("spawn tcpserver (apt-get install ucspi-tcp)");
     let mut out = child.stdout.take().expect("stdout");
-    let sup = Supervisor(child);
+    let sup = util::Supervisor(child);
     // -1: tcpserver prints the port it bound, then serves.
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {

@@ -6,6 +6,7 @@ mod util;
 mod auth;
 mod chain;
 mod dial;
+mod docs;
 mod listen;
 mod logins;
 mod splice;

@@ -333,3 +333,31 @@ pub fn with_hosts_file(cmd: &mut Command, hosts: &std::path::Path) {
         });
     }
 }
+
+/// Waits until something listens on 127.0.0.1:`port`, as /proc/net/tcp shows it; asking
+/// with a connection would start the service.
+pub fn wait_listening(port: u16, child: &mut Child, what: &str) {
+    let needle = format!("0100007F:{port:04X} 00000000:0000 0A");
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        if table.contains(&needle) {
+            return;
+        }
+        if let Ok(Some(s)) = child.try_wait() {
+            panic!("{what} exited before listening: {s:?}");
+        }
+        assert!(Instant::now() < end, "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Kills a supervisor when the test ends, whatever happens.
+pub struct Supervisor(pub Child);
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

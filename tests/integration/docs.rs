@@ -1,0 +1,220 @@
+//! The documentation as a reader uses it: every inetd line of the man pages, README and
+//! examples/ under real openbsd-inetd, the shipped systemd units through
+//! `systemd-analyze verify`, the man pages through `mandoc -Tlint`, and the README's
+//! recipes run as written.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use super::auth::{self, Target};
+use super::util;
+
+const AUTH: &str = env!("CARGO_BIN_EXE_tcpsplice-auth");
+const DIAL: &str = env!("CARGO_BIN_EXE_tcpsplice-dial");
+const SPLICE: &str = env!("CARGO_BIN_EXE_tcpsplice");
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+const MAN_PAGES: &[&str] = &[
+    "man/tcpsplice.1",
+    "man/tcpsplice-auth.1",
+    "man/tcpsplice-dial.1",
+    "man/tcpsplice-listen.1",
+];
+
+/// A roff source line as it reads on the page, for the few escapes an example uses.
+fn unroff(line: &str) -> String {
+    line.replace("\\-", "-")
+        .replace("\\(aq", "'")
+        .replace("\\e", "\\")
+}
+
+// ---------------------------------------------------------------- inetd
+
+/// The openbsd-inetd binary, unpacked from its Debian package into target/debs (it
+/// conflicts with xinetd, so it is never installed): scripts/install-deps does it, and
+/// so does this when it has not been done.
+fn openbsd_inetd() -> PathBuf {
+    let bin = repo("target/debs/openbsd-inetd/usr/sbin/inetd");
+    if !bin.exists() {
+        let r = util::run(
+            Command::new(repo("scripts/deps/unpack")).arg("openbsd-inetd"),
+            Duration::from_secs(120),
+        );
+        assert!(
+            bin.exists(),
+            "no {} (run scripts/install-deps test){}",
+            bin.display(),
+            r.show()
+        );
+    }
+    bin
+}
+
+/// Every inetd.conf line the documentation shows (`SERVICE stream tcp nowait ...`), as a
+/// reader would paste it, with where it came from.
+fn documented_inetd_lines() -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let mut sources = vec!["examples/inetd.conf", "README.md"];
+    sources.extend_from_slice(MAN_PAGES);
+    for src in sources {
+        for line in read(src).lines() {
+            let text = if src.starts_with("man/") {
+                unroff(line)
+            } else {
+                line.trim().to_string()
+            };
+            let f: Vec<&str> = text.split_whitespace().collect();
+            if f.len() > 6 && f[1..4] == ["stream", "tcp", "nowait"] {
+                found.push((src.to_string(), text.clone()));
+            }
+        }
+    }
+    found
+}
+
+/// A documented inetd line made to run here, field by field; nothing else is changed:
+/// the service (a port) becomes `127.0.0.1:PORT`, the user root (the test's programs
+/// need not be readable by another user, and no `tcpsplice` user exists), each
+/// `/usr/local/bin/PROGRAM` the built program, `/usr/local/bin/checkpassword` the
+/// test's, a target host (`db.internal`, `backend`) and the port after it the test's
+/// target, and the rule `*:443` the target's address and port (loopback is denied
+/// otherwise).
+fn runnable(line: &str, port: u16, t: &Target, checkpassword: &Path) -> String {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let service = format!("127.0.0.1:{port}");
+    let target_port = t.port.to_string();
+    let rule = format!("127.0.0.1:{}", t.port);
+    let mut out: Vec<&str> = vec![&service, f[1], f[2], f[3], "root"];
+    let mut after_host = false;
+    for w in &f[5..] {
+        let w = match *w {
+            "/usr/local/bin/tcpsplice" => SPLICE,
+            "/usr/local/bin/tcpsplice-dial" => DIAL,
+            "/usr/local/bin/tcpsplice-auth" => AUTH,
+            "/usr/local/bin/checkpassword" => checkpassword.to_str().expect("path"),
+            "db.internal" | "backend" => {
+                after_host = true;
+                out.push("127.0.0.1");
+                continue;
+            }
+            "*:443" => &rule,
+            _ if after_host => &target_port,
+            w => w,
+        };
+        after_host = false;
+        out.push(w);
+    }
+    out.join(" ")
+}
+
+#[test]
+fn every_documented_inetd_line_works_under_openbsd_inetd() {
+    let lines = documented_inetd_lines();
+    for src in ["examples/inetd.conf", "README.md", "man/tcpsplice.1"] {
+        assert!(
+            lines.iter().any(|(s, _)| s == src),
+            "no inetd line found in {src}"
+        );
+    }
+    for page in ["man/tcpsplice-dial.1", "man/tcpsplice-auth.1"] {
+        assert!(lines.iter().any(|(s, _)| s == page), "none in {page}");
+    }
+    for (src, line) in &lines {
+        // inetd passes quotes and backslashes to the program as they are, and reads no
+        // continuation lines; it runs services with no PATH.
+        assert!(
+            !line.contains(['\'', '"', '\\']),
+            "{src}: inetd does no shell quoting: {line}"
+        );
+        for prog in line
+            .split_whitespace()
+            .skip(5)
+            .filter(|w| w.starts_with("tcpsplice"))
+        {
+            assert!(
+                line.split_whitespace().nth(6) == Some(prog),
+                "{src}: {prog} is not named by its full path (inetd sets no PATH): {line}"
+            );
+        }
+    }
+    let inetd = openbsd_inetd();
+    let t = auth::target();
+    let dir = auth::scratch("docs-inetd");
+    let cp = auth::checkpassword_script(
+        "docs-inetd-cp",
+        &format!(
+            "tr '\\000' '\\n' <&3 | {{ read -r u; read -r p; [ \"$u\" = alice ] && [ \"$p\" = '{}' ]; }} || exit 1\nexec \"$@\"",
+            auth::PW
+        ),
+    );
+    let mut conf = String::new();
+    let mut services = Vec::new();
+    for (src, line) in &lines {
+        let port = util::listener().1.port();
+        let run = runnable(line, port, &t, &cp);
+        assert!(!run.contains("/usr/local"), "{src}: {run}");
+        conf.push_str(&run);
+        conf.push('\n');
+        services.push((src, port, line.contains("tcpsplice-auth")));
+    }
+    let conf_path = dir.join("inetd.conf");
+    std::fs::write(&conf_path, &conf).expect("write inetd.conf");
+    let log = dir.join("log");
+    // -d: in the foreground, messages on stderr; the environment is laundered as always.
+    let mut sup = util::Supervisor(
+        Command::new(&inetd)
+            .arg("-d")
+            .arg(&conf_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn inetd"),
+    );
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    for &(src, port, proxy) in &services {
+        util::wait_listening(port, &mut sup.0, "inetd");
+        let url = format!("http://127.0.0.1:{}/", t.port);
+        let tries: Vec<(bool, String, String)> = if proxy {
+            let pw = auth::PW.replace(' ', "%20").replace(':', "%3A");
+            vec![
+                (
+                    false,
+                    format!("socks5h://alice:{pw}@127.0.0.1:{port}"),
+                    url.clone(),
+                ),
+                (true, format!("http://alice:{pw}@127.0.0.1:{port}"), url),
+            ]
+        } else {
+            // A forwarder: the client talks to the target through it.
+            vec![(false, String::new(), format!("http://127.0.0.1:{port}/"))]
+        };
+        for (tunnel, proxy, url) in tries {
+            let r = if proxy.is_empty() {
+                util::run(
+                    Command::new("curl").args(["-sS", "--max-time", "20", &url]),
+                    LIMIT,
+                )
+            } else {
+                auth::curl(tunnel, &proxy, &url)
+            };
+            assert!(
+                r.status.success() && util::hash_of(&r.stdout) == util::hash_of(&t.body),
+                "{src}: the line under inetd did not serve{}--- conf:\n{conf}--- inetd log:\n{}",
+                r.show(),
+                read_log()
+            );
+        }
+    }
+    drop(sup);
+    let _ = std::fs::remove_dir_all(&dir);
+}
