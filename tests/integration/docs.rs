@@ -13,6 +13,7 @@ use super::util;
 const AUTH: &str = env!("CARGO_BIN_EXE_tcpsplice-auth");
 const DIAL: &str = env!("CARGO_BIN_EXE_tcpsplice-dial");
 const SPLICE: &str = env!("CARGO_BIN_EXE_tcpsplice");
+const LISTEN: &str = env!("CARGO_BIN_EXE_tcpsplice-listen");
 const LIMIT: Duration = Duration::from_secs(30);
 
 fn repo(path: &str) -> PathBuf {
@@ -217,4 +218,105 @@ fn every_documented_inetd_line_works_under_openbsd_inetd() {
     }
     drop(sup);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------- systemd units
+
+/// The unit files the README shows: each code block line `# [/etc/systemd/system/]NAME`
+/// for a .socket or .service starts one, which runs to the next such line or the end of
+/// the block. Units shown in one block go together.
+fn readme_units() -> Vec<Vec<(String, String)>> {
+    let mut blocks = Vec::new();
+    let mut units: Vec<(String, String)> = Vec::new();
+    for line in read("README.md").lines() {
+        let code = line.strip_prefix("    ");
+        if code.is_none() && !line.trim().is_empty() {
+            if !units.is_empty() {
+                blocks.push(std::mem::take(&mut units));
+            }
+            continue;
+        }
+        let code = code.unwrap_or("");
+        let name = code
+            .strip_prefix("# ")
+            .map(|n| n.trim_start_matches("/etc/systemd/system/"))
+            .filter(|n| !n.contains(' ') && (n.ends_with(".socket") || n.ends_with(".service")));
+        match (name, units.last_mut()) {
+            (Some(n), _) => units.push((n.to_string(), String::new())),
+            (None, Some((_, text))) => {
+                text.push_str(code);
+                text.push('\n');
+            }
+            (None, None) => {}
+        }
+    }
+    blocks.extend((!units.is_empty()).then_some(units));
+    blocks
+}
+
+/// `systemd-analyze verify` of `units` written to a folder of their own, with the
+/// installed programs' paths put to the built ones (verify checks that ExecStart= names
+/// an executable). Returns what it said.
+fn verify_units(tag: &str, units: &[(String, String)]) -> util::Ran {
+    let dir = auth::scratch(tag);
+    let mut names = Vec::new();
+    for (name, text) in units {
+        let mut text = text.clone();
+        for (from, to) in [
+            ("/usr/local/bin/tcpsplice-auth", AUTH),
+            ("/usr/local/bin/tcpsplice-dial", DIAL),
+            ("/usr/local/bin/tcpsplice-listen", LISTEN),
+            ("/usr/local/bin/tcpsplice ", &format!("{SPLICE} ")),
+            ("/usr/local/bin/tcpsplice\n", &format!("{SPLICE}\n")),
+        ] {
+            text = text.replace(from, to);
+        }
+        assert!(!text.contains("/usr/local/bin"), "{name}: {text}");
+        std::fs::write(dir.join(name), text).expect("write unit");
+        names.push(dir.join(name));
+    }
+    let ran = util::run(
+        Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .args(&names)
+            .current_dir(&dir),
+        LIMIT,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    ran
+}
+
+#[test]
+fn every_shipped_systemd_unit_verifies_clean() {
+    let mut sets = Vec::new();
+    let mut examples = Vec::new();
+    for e in std::fs::read_dir(repo("examples"))
+        .expect("examples/")
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".socket") || name.ends_with(".service") {
+            let text = std::fs::read_to_string(e.path()).expect("unit");
+            examples.push((name, text));
+        }
+    }
+    assert!(examples.len() >= 2, "examples/ has no units: {examples:?}");
+    sets.push(("examples".to_string(), examples));
+    let readme = readme_units();
+    assert!(
+        readme.iter().flatten().count() >= 4,
+        "README's units not found: {readme:?}"
+    );
+    for (i, units) in readme.into_iter().enumerate() {
+        sets.push((format!("README block {i}"), units));
+    }
+    for (i, (what, units)) in sets.iter().enumerate() {
+        let ran = verify_units(&format!("units-{i}"), units);
+        let names: Vec<&str> = units.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(
+            ran.status.success() && ran.stderr.is_empty() && ran.stdout.is_empty(),
+            "{what} {names:?}: systemd-analyze verify is not clean{}",
+            ran.show()
+        );
+    }
 }
