@@ -636,7 +636,7 @@ fn http_truncated_and_slow_heads() {
 
 // ---------------------------------------------------------------- users file and hashes
 
-fn login_http(users: &std::path::Path, user: &str, pw: &str) -> Ran {
+pub(super) fn login_http(users: &std::path::Path, user: &str, pw: &str) -> Ran {
     timed_login(users, "0", user, pw).1
 }
 

@@ -320,3 +320,114 @@ fn every_shipped_systemd_unit_verifies_clean() {
         );
     }
 }
+
+// ---------------------------------------------------------------- README recipes
+
+/// The README's code block that starts with the line `first`, as the lines to type.
+fn readme_block(first: &str) -> Vec<String> {
+    let text = read("README.md");
+    let start = text
+        .find(&format!("\n    {first}"))
+        .unwrap_or_else(|| panic!("README has no block starting {first:?}"));
+    text[start + 1..]
+        .lines()
+        .map_while(|l| l.strip_prefix("    "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Runs `script` with sh in a session of its own (no terminal: htpasswd then reads the
+/// password from standard input), `input` on stdin.
+fn sh(script: &str, input: &str) -> util::Ran {
+    use std::io::Write;
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("sh");
+    cmd.args(["-euc", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: setsid is a system call, safe between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("sh");
+    let _ = child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes());
+    util::finish(child, script, LIMIT)
+}
+
+#[test]
+fn readme_users_file_recipe_makes_a_0640_file_that_logs_in() {
+    // The README's lines as typed, but for `adduser` (the test makes no user on the
+    // machine), with /etc/tcpsplice in a scratch folder and the group tcpsplice the
+    // test's own group.
+    use std::os::unix::fs::MetadataExt;
+    let block = readme_block("adduser --system --group --no-create-home tcpsplice");
+    assert!(block.len() >= 4, "{block:?}");
+    let dir = auth::scratch("docs-users-recipe");
+    let etc = dir.join("etc-tcpsplice");
+    // SAFETY: getgid cannot fail.
+    let gid = unsafe { libc::getgid() };
+    let script: Vec<String> = block[1..]
+        .iter()
+        .map(|l| {
+            l.replace("/etc/tcpsplice", etc.to_str().expect("path"))
+                .replace("-g tcpsplice", &format!("-g {gid}"))
+        })
+        .collect();
+    let script = script.join("\n");
+    let pw = "correct horse";
+    let ran = sh(&script, &format!("{pw}\n{pw}\n"));
+    ran.expect_code(0);
+    let users = etc.join("users");
+    let meta = std::fs::metadata(&users).expect("the users file");
+    assert_eq!(meta.mode() & 0o7777, 0o640, "{}", ran.show());
+    assert_eq!(meta.gid(), gid);
+    let text = std::fs::read_to_string(&users).expect("users");
+    assert!(text.starts_with("alice:$2y$12$"), "{text}");
+    auth::login_http(&users, "alice", pw).expect_code(0);
+    auth::login_http(&users, "alice", "wrong").expect_code(1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn readme_install_line_installs_the_four_programs_and_nothing_else() {
+    let line = readme_block("install -m 755 target/release/")
+        .into_iter()
+        .next()
+        .expect("the install line");
+    // The debug build stands for the release one: cargo leaves the same .d files beside.
+    let built = Path::new(SPLICE).parent().expect("bin dir");
+    assert!(
+        built.join("tcpsplice.d").exists(),
+        "no .d files to leave out"
+    );
+    let dir = auth::scratch("docs-install");
+    let line = line
+        .replace("target/release/", &format!("{}/", built.display()))
+        .replace("/usr/local/bin/", &format!("{}/", dir.display()));
+    sh(&line, "").expect_code(0);
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .expect("installed")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "tcpsplice",
+            "tcpsplice-auth",
+            "tcpsplice-dial",
+            "tcpsplice-listen"
+        ],
+        "{line}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
