@@ -1151,6 +1151,19 @@ pub(super) struct Target {
     pub(super) body: Vec<u8>,
 }
 
+impl Target {
+    /// Checks that `r` (a client's run) ended well with the whole body on its stdout.
+    pub(super) fn expect_body(&self, r: &Ran) {
+        r.expect_code(0);
+        assert_eq!(
+            util::hash_of(&r.stdout),
+            util::hash_of(&self.body),
+            "{}",
+            r.show()
+        );
+    }
+}
+
 pub(super) fn target() -> Target {
     let (l, a) = util::listener();
     let body = util::pattern(42, 256 * 1024);
@@ -1570,13 +1583,7 @@ fn chain_netcat_ncat_and_curl_socks4a_clients() {
         &format!("socks4a://127.0.0.1:{}", anon.port),
         &format!("http://localhost:{}/", t.port),
     );
-    r.expect_code(0);
-    assert_eq!(
-        util::hash_of(&r.stdout),
-        util::hash_of(&t.body),
-        "{}",
-        r.show()
-    );
+    t.expect_body(&r);
     // nc -P asks for the password on its terminal: give it one with script(1). It tries
     // without credentials first, gets 407, and comes back with Basic.
     let sh = format!(
@@ -1592,84 +1599,6 @@ fn chain_netcat_ncat_and_curl_socks4a_clients() {
         auth.log()
     );
     assert!(auth.log().contains("user=alice "), "{}", auth.log());
-}
-
-#[test]
-fn readme_proxy_script_serves_curl() {
-    let t = target();
-    let state = scratch("proxy-script");
-    // A free port for the script, which takes a number.
-    let port = util::listener().1.port();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/proxy");
-    let bin = std::path::Path::new(AUTH).parent().unwrap();
-    let mut cmd = Command::new(script);
-    cmd.args([
-        "-p",
-        &port.to_string(),
-        "-a",
-        &format!("127.0.0.1/32:{}", t.port),
-    ])
-    .env("TCPSPLICE_BIN", bin)
-    .env("XDG_STATE_HOME", &state)
-    .env("TCPSPLICE_LOG", "stderr")
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("scripts/proxy");
-    let mut err = child.stderr.take().unwrap();
-    let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let o2 = out.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = err.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            o2.lock().unwrap().extend_from_slice(&buf[..n]);
-        }
-    });
-    // The printed curl line, with the printed password, is what a reader pastes.
-    let mut line = None;
-    for _ in 0..400 {
-        let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
-        if let Some(l) = text
-            .lines()
-            .find(|l| l.trim_start().starts_with("curl -x socks5h://"))
-        {
-            line = Some(l.trim().to_string());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let Some(line) = line else {
-        let _ = child.kill();
-        panic!(
-            "no curl line: {}",
-            String::from_utf8_lossy(&out.lock().unwrap())
-        );
-    };
-    let proxy = line.split_whitespace().nth(2).unwrap().to_string();
-    let mut result = None;
-    for _ in 0..100 {
-        let r = curl(false, &proxy, &format!("http://localhost:{}/", t.port));
-        if r.status.code() != Some(7) {
-            result = Some(r);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50)); // not listening yet
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let r = result.expect("the proxy never listened");
-    r.expect_code(0);
-    assert_eq!(
-        util::hash_of(&r.stdout),
-        util::hash_of(&t.body),
-        "{}",
-        r.show()
-    );
-    let users = std::fs::read_to_string(state.join("tcpsplice/users")).unwrap();
-    assert!(users.contains("\ndemo:$y$"), "{users}");
 }
 
 /// The README's text for a supervisor, with the installed paths replaced by the built
@@ -1715,13 +1644,7 @@ fn curl_until_listening(port: u16, t: &Target, child: &mut std::process::Child) 
     let _ = child.kill();
     let _ = child.wait();
     let r = result.expect("the supervisor never listened");
-    r.expect_code(0);
-    assert_eq!(
-        util::hash_of(&r.stdout),
-        util::hash_of(&t.body),
-        "{}",
-        r.show()
-    );
+    t.expect_body(&r);
 }
 
 #[test]

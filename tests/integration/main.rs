@@ -9,4 +9,5 @@ mod dial;
 mod docs;
 mod listen;
 mod logins;
+mod proxy;
 mod splice;
