@@ -29,7 +29,7 @@ use crate::{args, chain, conninfo, diag, exit, sys};
 use users::Users;
 
 const USAGE: &str = "tcpsplice-auth [-n] [-f users | -c checkpassword] [-p socks5,socks4,http] \
-[-t timeout] [-d faildelay] [-T checktimeout] [-m headsize] prog...
+[-t timeout] [-d faildelay] [-T checktimeout] [-m headsize] [-K cachesecs] [-j checks] prog...
        tcpsplice-auth -H  (reads a password on stdin, prints its hash)";
 
 /// Says how the user's login went (`cached` or `verified`) for the relay's log line;

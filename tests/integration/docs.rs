@@ -431,3 +431,97 @@ fn readme_install_line_installs_the_four_programs_and_nothing_else() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---------------------------------------------------------------- usage and man pages
+
+#[test]
+fn every_program_prints_its_usage_on_stdout_for_h_and_help() {
+    for (name, bin) in [
+        ("tcpsplice", SPLICE),
+        ("tcpsplice-auth", AUTH),
+        ("tcpsplice-dial", DIAL),
+        ("tcpsplice-listen", LISTEN),
+    ] {
+        for flag in ["-h", "--help"] {
+            let r = util::run(Command::new(bin).arg(flag).stdin(Stdio::null()), LIMIT);
+            r.expect_code(0);
+            let out = String::from_utf8_lossy(&r.stdout);
+            assert!(
+                out.starts_with(&format!("usage: {name} ")) && r.stderr.is_empty(),
+                "{}",
+                r.show()
+            );
+            if name == "tcpsplice-listen" {
+                assert!(out.contains(" - - PROG"), "no systemd form: {out}");
+            }
+        }
+    }
+}
+
+/// A page as `mandoc -Tascii` lays it out in 80 columns, without overstrikes and tabs.
+fn rendered(page: &str) -> String {
+    let r = util::run(
+        Command::new("mandoc")
+            .args(["-Tascii", "-Owidth=80"])
+            .arg(repo(page)),
+        LIMIT,
+    );
+    r.expect_code(0);
+    let mut out = String::new();
+    for line in String::from_utf8_lossy(&r.stdout).lines() {
+        let mut col = String::new();
+        for c in line.chars() {
+            match c {
+                '\u{8}' => {
+                    col.pop();
+                }
+                '\t' => col.push_str(&" ".repeat(8 - col.chars().count() % 8)),
+                c => col.push(c),
+            }
+        }
+        out.push_str(&col);
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn man_pages_pass_mandoc_lint_and_their_examples_fit_80_columns() {
+    for page in MAN_PAGES {
+        let r = util::run(Command::new("mandoc").arg("-Tlint").arg(repo(page)), LIMIT);
+        assert!(
+            r.status.success() && r.stdout.is_empty() && r.stderr.is_empty(),
+            "mandoc -Tlint {page} (package mandoc){}",
+            r.show()
+        );
+        let text = rendered(page);
+        for section in [
+            "NAME",
+            "SYNOPSIS",
+            "DESCRIPTION",
+            "OPTIONS",
+            "ENVIRONMENT",
+            "EXIT STATUS",
+            "EXAMPLES",
+            "SEE ALSO",
+        ] {
+            assert!(
+                text.lines().any(|l| l == section),
+                "{page} has no {section}"
+            );
+        }
+        let examples = text
+            .lines()
+            .skip_while(|l| *l != "EXAMPLES")
+            .skip(1)
+            .take_while(|l| l.is_empty() || l.starts_with(' '));
+        for line in examples {
+            // An inetd.conf entry cannot be cut: inetd reads no continuation lines.
+            let inetd = line.split_whitespace().nth(1) == Some("stream");
+            assert!(
+                line.chars().count() <= 80 || inetd,
+                "{page}: an EXAMPLES line wider than 80 columns:\n{line}"
+            );
+        }
+    }
+}
