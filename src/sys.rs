@@ -717,3 +717,23 @@ pub fn poll(fds: &mut [libc::pollfd], timeout: Option<std::time::Duration>) -> i
     retry(|| cvt(unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) }))
         .map(|n| n as usize)
 }
+
+/// The terminal settings of `fd` with echo turned off, and the settings to put back
+/// (tcpsplice-auth -H asking for a password on a terminal).
+pub fn tty_echo_off(fd: RawFd) -> io::Result<libc::termios> {
+    // SAFETY: termios is plain data; tcgetattr fills it in.
+    let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: tcgetattr writes into the struct we own.
+    cvt(unsafe { libc::tcgetattr(fd, &mut saved) })?;
+    let mut quiet = saved;
+    quiet.c_lflag &= !(libc::ECHO | libc::ECHOE | libc::ECHOK | libc::ECHONL);
+    // SAFETY: tcsetattr reads the struct we own.
+    cvt(unsafe { libc::tcsetattr(fd, libc::TCSAFLUSH, &quiet) })?;
+    Ok(saved)
+}
+
+/// Puts back terminal settings that [`tty_echo_off`] returned.
+pub fn tty_restore(fd: RawFd, saved: &libc::termios) -> io::Result<()> {
+    // SAFETY: tcsetattr reads the struct we own.
+    cvt(unsafe { libc::tcsetattr(fd, libc::TCSAFLUSH, saved) }).map(drop)
+}

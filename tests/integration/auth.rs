@@ -698,6 +698,76 @@ fn hash_option_makes_a_hash_that_logs_in() {
     login_http(&users, "carol", "x").expect_code(1);
 }
 
+/// `tcpsplice-auth -H` on a terminal, typing `first` then `second` at its prompts;
+/// returns its result (the hash on stdout) and everything the terminal showed.
+fn hash_on_a_terminal(first: &str, second: &str) -> (Ran, String) {
+    use std::sync::{Arc, Mutex};
+    let mut c = Command::new(AUTH);
+    c.arg("-H").stdout(Stdio::piped());
+    let mut master = util::on_pty(&mut c);
+    let child = c.spawn().expect("tcpsplice-auth -H");
+    drop(c); // the terminal's end that the child has
+    let screen = Arc::new(Mutex::new(Vec::new()));
+    let (s2, mut reader) = (screen.clone(), master.try_clone().expect("dup"));
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        // Ends with EIO once the child has exited and closed the terminal.
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            s2.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let shown = || String::from_utf8_lossy(&screen.lock().unwrap()).into_owned();
+    for (prompt, typed) in [("Password: ", first), ("Password again: ", second)] {
+        let end = std::time::Instant::now() + LIMIT;
+        while !shown().contains(prompt) {
+            assert!(
+                std::time::Instant::now() < end,
+                "no {prompt:?}: {:?}",
+                shown()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        master
+            .write_all(format!("{typed}\n").as_bytes())
+            .expect("type");
+        // The next prompt only after this line was read.
+        let now = shown().len();
+        let end = std::time::Instant::now() + LIMIT;
+        while shown().len() == now && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let r = util::finish(child, "tcpsplice-auth -H on a terminal", LIMIT);
+    std::thread::sleep(Duration::from_millis(50));
+    (r, shown())
+}
+
+#[test]
+fn hash_option_on_a_terminal_asks_twice_without_echo() {
+    let (r, screen) = hash_on_a_terminal(PW, PW);
+    r.expect_code(0);
+    assert!(
+        !screen.contains("s3cret"),
+        "the password was echoed: {screen:?}"
+    );
+    assert!(screen.contains("Password again: "), "{screen:?}");
+    let hash = String::from_utf8(r.stdout.clone()).unwrap();
+    assert!(
+        !hash.contains("Password"),
+        "a prompt went to stdout: {hash:?}"
+    );
+    let users = write_users("hashtty", &format!("carol:{}", hash.trim()));
+    login_http(&users, "carol", PW).expect_code(0);
+    // Two different answers: no hash, a usage failure.
+    let (r, screen) = hash_on_a_terminal(PW, "something else");
+    r.expect_code(100);
+    assert!(r.stdout.is_empty(), "{}", r.show());
+    assert!(screen.contains("differ"), "{screen:?}");
+}
+
 #[test]
 fn weak_and_unknown_hashes_are_refused_at_load() {
     let cases = [

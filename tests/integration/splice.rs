@@ -915,20 +915,7 @@ fn a_unix_socket_client_that_sends_and_closes_is_not_a_reset() {
 
 #[test]
 fn a_terminal_on_0_and_1_gets_its_flags_back_after_an_idle_end() {
-    let (mut master, mut slave) = (-1, -1);
-    // SAFETY: openpty writes two descriptors; the other pointers may be null.
-    let rc = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: fresh descriptors from openpty, owned from here on.
-    let (_master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let (_master, slave) = util::openpty();
     let (_target, target_peer) = util::tcp_pair();
     let mut cmd = Command::new(BIN);
     cmd.args(["-t", "0.3"])

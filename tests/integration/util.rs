@@ -361,3 +361,48 @@ impl Drop for Supervisor {
         let _ = self.0.wait();
     }
 }
+
+/// A new pseudo-terminal: (the terminal's other end, the terminal), both close-on-exec.
+pub fn openpty() -> (std::os::unix::io::OwnedFd, std::os::unix::io::OwnedFd) {
+    use std::os::unix::io::{FromRawFd, OwnedFd};
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the ints we own; the name, settings
+    // and size may be NULL.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    for fd in [master, slave] {
+        // SAFETY: fcntl on a descriptor we own; no pointer.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    // SAFETY: both descriptors are fresh and owned by nobody else.
+    unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
+}
+
+/// Gives `cmd` a new pseudo-terminal as its controlling terminal, stdin and stderr (a
+/// session of its own), and returns the terminal's other end, where a test reads what
+/// the program shows and types what a user would.
+pub fn on_pty(cmd: &mut Command) -> std::fs::File {
+    use std::os::unix::process::CommandExt;
+    let (master, slave) = openpty();
+    cmd.stdin(Stdio::from(slave.try_clone().expect("dup pty")))
+        .stderr(Stdio::from(slave));
+    // SAFETY: setsid and ioctl are system calls, safe between fork and exec; TIOCSCTTY
+    // takes an int argument, no pointer.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    std::fs::File::from(master)
+}
