@@ -709,7 +709,7 @@ fn hash_on_a_terminal(first: &str, second: &str) -> (Ran, String) {
     drop(c); // the terminal's end that the child has
     let screen = Arc::new(Mutex::new(Vec::new()));
     let (s2, mut reader) = (screen.clone(), master.try_clone().expect("dup"));
-    std::thread::spawn(move || {
+    let reading = std::thread::spawn(move || {
         let mut buf = [0u8; 256];
         // Ends with EIO once the child has exited and closed the terminal.
         while let Ok(n) = reader.read(&mut buf) {
@@ -733,15 +733,13 @@ fn hash_on_a_terminal(first: &str, second: &str) -> (Ran, String) {
         master
             .write_all(format!("{typed}\n").as_bytes())
             .expect("type");
-        // The next prompt only after this line was read.
-        let now = shown().len();
-        let end = std::time::Instant::now() + LIMIT;
-        while shown().len() == now && std::time::Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(10));
-        }
     }
     let r = util::finish(child, "tcpsplice-auth -H on a terminal", LIMIT);
-    std::thread::sleep(Duration::from_millis(50));
+    // What it wrote before it exited: read once the terminal is closed.
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while !reading.is_finished() && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     (r, shown())
 }
 
