@@ -423,6 +423,11 @@ fn protocols_can_be_restricted() {
     );
     r.expect_code(1);
     assert!(got.starts_with(b"HTTP/1.1 403 "), "{}", r.show());
+    let body = refusal_body(&String::from_utf8_lossy(&got));
+    assert!(
+        body.contains("use SOCKS5 (curl -x socks5h://HOST:PORT)"),
+        "{body:?}"
+    );
     let (got, r) = over_socket(
         auth_cmd(&["-n", "-p", "socks5,http"]),
         b"\x04\x01\x00\x50\x01\x02\x03\x04\x00",
@@ -544,6 +549,25 @@ fn http_head_in_slow_pieces_is_read_exactly() {
     );
 }
 
+/// The body of an HTTP refusal, checked to be one line of plain text that
+/// Content-Length counts.
+fn refusal_body(text: &str) -> String {
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+    assert!(
+        head.contains("\r\nContent-Type: text/plain\r\n"),
+        "{text:?}"
+    );
+    assert!(
+        head.contains(&format!("\r\nContent-Length: {}\r\n", body.len())),
+        "{text:?}"
+    );
+    assert!(
+        body.ends_with('\n') && body.matches('\n').count() == 1,
+        "not one line: {body:?}"
+    );
+    body.to_string()
+}
+
 #[test]
 fn http_refusals() {
     let users = sha512_users("http-bad");
@@ -600,6 +624,15 @@ fn http_refusals() {
         if status == "405 " {
             assert!(text.contains("\r\nAllow: CONNECT\r\n"), "{text:?}");
         }
+        // One line that says what to do instead.
+        let advice = match status {
+            "405 " => "This proxy only tunnels: use CONNECT (curl -p -x http://HOST:PORT",
+            "407 " => "needs a user name and password: put them in the proxy URL (curl -p -x http://USER:PASSWORD@HOST:PORT)",
+            "400 " => "send \"CONNECT host:port HTTP/1.1\"",
+            _ => "send the CONNECT with fewer or shorter headers",
+        };
+        let body = refusal_body(&text);
+        assert!(body.contains(advice), "{status}: {body:?}");
         assert!(env_line(&r).is_none(), "{}", r.show());
     }
 }
@@ -631,6 +664,11 @@ fn http_truncated_and_slow_heads() {
         "{:?}{}",
         String::from_utf8_lossy(&got),
         r.show()
+    );
+    let body = refusal_body(&String::from_utf8_lossy(&got));
+    assert!(
+        body.contains("send the whole CONNECT request at once"),
+        "{body:?}"
     );
 }
 

@@ -1008,6 +1008,15 @@ fn reply_run(style: &str, target: &str, args: &[&str]) -> (Vec<u8>, Ran) {
     )
 }
 
+/// The bodies of the HTTP failures: what went wrong, and what to do instead.
+const REFUSED: &str =
+    "Connection refused by the target: check the port, and that its service runs.\n";
+const NOT_ALLOWED: &str = "Target not allowed: this proxy's rules do not let it reach that \
+    address and port (private, loopback and link-local ones need a rule); ask for another \
+    target.\n";
+const TIMED_OUT: &str = "Connection timed out: the target did not answer; check its address \
+    and port, or try again later.\n";
+
 fn http_failure(status: &str, body: &str) -> Vec<u8> {
     format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -1083,7 +1092,7 @@ fn replies_on_refusal_denial_and_timeout() {
             111,
             vec![5, 5, 0, 1, 0, 0, 0, 0, 0, 0],
             vec![0, 0x5b, 0, 0, 0, 0, 0, 0],
-            http_failure("502 Bad Gateway", "connection refused\n"),
+            http_failure("502 Bad Gateway", REFUSED),
         ),
         (
             &refused,
@@ -1091,7 +1100,7 @@ fn replies_on_refusal_denial_and_timeout() {
             1,
             vec![5, 2, 0, 1, 0, 0, 0, 0, 0, 0],
             vec![0, 0x5b, 0, 0, 0, 0, 0, 0],
-            http_failure("403 Forbidden", "target not allowed\n"),
+            http_failure("403 Forbidden", NOT_ALLOWED),
         ),
         (
             &slow,
@@ -1099,7 +1108,7 @@ fn replies_on_refusal_denial_and_timeout() {
             111,
             vec![5, 6, 0, 1, 0, 0, 0, 0, 0, 0],
             vec![0, 0x5b, 0, 0, 0, 0, 0, 0],
-            http_failure("504 Gateway Timeout", "connection timed out\n"),
+            http_failure("504 Gateway Timeout", TIMED_OUT),
         ),
     ];
     for (target, args, code, s5, s4, http) in cases {
@@ -1138,7 +1147,7 @@ fn failure_reply_is_all_the_client_gets_when_fd_2_is_its_socket() {
     util::finish(child, "tcpsplice-dial reply=http, fd 2 = client", LIMIT).expect_code(111);
     assert_eq!(
         String::from_utf8_lossy(&got),
-        String::from_utf8_lossy(&http_failure("502 Bad Gateway", "connection refused\n"))
+        String::from_utf8_lossy(&http_failure("502 Bad Gateway", REFUSED))
     );
 }
 
