@@ -161,6 +161,11 @@ impl Rule {
         Ok(Rule { net, ports })
     }
 
+    /// Whether the rule names ports (`CIDR:PORT`), not just addresses.
+    pub fn has_ports(&self) -> bool {
+        self.ports.is_some()
+    }
+
     /// Whether `addr` (IP and port) is inside this rule.
     pub fn matches(&self, addr: &SocketAddr) -> bool {
         if let Some((lo, hi)) = self.ports {

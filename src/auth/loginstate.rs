@@ -49,6 +49,8 @@ pub struct Region {
     released: AtomicU32,
     /// The pid of the process running a check in each slot, 0 when free.
     slots: [AtomicU32; MAX_SLOTS],
+    /// The client address each slot's check is for (a hash of it; 0 for none known).
+    sources: [AtomicU64; MAX_SLOTS],
     entries: [Entry; ENTRIES],
 }
 
@@ -109,6 +111,9 @@ pub struct Gate<'a> {
     pub slots: usize,
     /// When waiting for a slot must give up: the handshake's deadline.
     pub deadline: Instant,
+    /// The client's address (`TCPREMOTEIP`), so that one address cannot hold more than
+    /// half of the slots.
+    pub source: Option<String>,
     pub outcome: std::cell::Cell<Option<Login>>,
 }
 
@@ -159,10 +164,20 @@ impl Gate<'_> {
                     0 => std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8)),
                     n => n,
                 };
-                r.acquire(n, self.deadline).map(Some)
+                r.acquire(n, source_key(self.source.as_deref()), self.deadline)
+                    .map(Some)
             }
         }
     }
+}
+
+/// A nonzero key for a client address (FNV-1a; only compared, never a secret).
+fn source_key(source: Option<&str>) -> u64 {
+    let Some(s) = source else { return 0 };
+    let h = s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    h.max(1)
 }
 
 fn tag(r: &Region, identity: &[u8], user: &[u8], password: &Secret) -> [u64; 4] {
@@ -198,9 +213,12 @@ pub struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.region.sources[self.index].store(0, Ordering::Relaxed);
         self.region.slots[self.index].store(0, Ordering::Release);
         self.region.released.fetch_add(1, Ordering::Release);
-        shm::wake(&self.region.released, 1);
+        // All of them: a waiter whose address already holds its share cannot take this
+        // slot, and must not be the only one told of it.
+        shm::wake(&self.region.released, i32::MAX);
     }
 }
 
@@ -273,21 +291,32 @@ impl Region {
         e.seq.store(seq.wrapping_add(2), Ordering::Release);
     }
 
-    /// Takes one of the first `n` slots, waiting for one until `deadline`.
-    fn acquire(&'static self, n: usize, deadline: Instant) -> Result<Slot, String> {
+    /// Takes one of the first `n` slots for a check for the client `source` (a key
+    /// from `source_key`), waiting for one until `deadline`. One address may hold at
+    /// most half of them (at least one): a flood of logins from it queues behind
+    /// itself, and the other slots stay free for everyone else.
+    fn acquire(&'static self, n: usize, source: u64, deadline: Instant) -> Result<Slot, String> {
         let n = n.clamp(1, MAX_SLOTS);
+        let share = (n / 2).max(1);
         let me = shm::pid();
         loop {
             // Read before looking, so that a release after the look wakes the wait.
             let released = self.released.load(Ordering::Acquire);
-            for (index, s) in self.slots[..n].iter().enumerate() {
-                if s.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    return Ok(Slot {
-                        region: self,
-                        index,
-                    });
+            let held = self.sources[..n]
+                .iter()
+                .filter(|s| source != 0 && s.load(Ordering::Relaxed) == source)
+                .count();
+            if held < share {
+                for (index, s) in self.slots[..n].iter().enumerate() {
+                    if s.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        self.sources[index].store(source, Ordering::Relaxed);
+                        return Ok(Slot {
+                            region: self,
+                            index,
+                        });
+                    }
                 }
             }
             let now = Instant::now();
@@ -302,9 +331,10 @@ impl Region {
                 deadline.saturating_duration_since(now).min(RECHECK),
             );
             // A process killed during its check never gives its slot back.
-            for s in &self.slots[..n] {
+            for (s, src) in self.slots[..n].iter().zip(&self.sources) {
                 let owner = s.load(Ordering::Relaxed);
                 if owner != 0 && !shm::alive(owner) {
+                    src.store(0, Ordering::Relaxed);
                     let _ = s.compare_exchange(owner, 0, Ordering::Relaxed, Ordering::Relaxed);
                 }
             }

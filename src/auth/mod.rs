@@ -23,14 +23,27 @@ use checkpassword::CheckPassword;
 use loginstate::Gate;
 use password::Secret;
 use request::MAX_PASSWORD;
-use request::{Checker, Client, Policy};
+use request::{Checker, Client, Policy, Verdict};
 
+use crate::dial::reply;
+use crate::rules::Rule;
 use crate::{args, chain, conninfo, diag, exit, sys};
 use users::Users;
 
-const USAGE: &str = "tcpsplice-auth [-n] [-f users | -c checkpassword] [-p socks5,socks4,http] \
-[-t timeout] [-d faildelay] [-T checktimeout] [-m headsize] [-K cachesecs] [-j checks] prog...
+const USAGE: &str = "tcpsplice-auth [-n] [-N cidr]... [-f users | -c checkpassword] \
+[-p socks5,socks4,http] [-t timeout] [-d faildelay] [-T checktimeout] [-m headsize] \
+[-K cachettl] [-j checks] prog...
        tcpsplice-auth -H  (reads a password on stdin, prints its hash)";
+
+/// The checker when the users file could not be loaded at run time: every login is a
+/// temporary failure (SOCKS5 status 1 and exit 111, HTTP 503), with the reason logged.
+struct Unavailable(String);
+
+impl Checker for Unavailable {
+    fn check(&self, _user: &[u8], _password: &Secret) -> Verdict {
+        Verdict::Temporary(self.0.clone())
+    }
+}
 
 /// Says how the user's login went (`cached` or `verified`) for the relay's log line;
 /// removed for no-auth.
@@ -47,6 +60,12 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     let mut o = args::options();
     o.optflag("H", "", "print a hash of the password read on stdin");
     o.optflag("n", "", "allow clients without credentials");
+    o.optmulti(
+        "N",
+        "",
+        "allow clients from this network without credentials",
+        "CIDR",
+    );
     o.optopt("f", "", "users file", "FILE");
     o.optopt("c", "", "checkpassword program", "PROG");
     o.optopt("p", "", "protocols", "LIST");
@@ -108,18 +127,50 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             }
         }
     }
-    let anonymous = m.opt_present("n");
+    // -N: no-auth for clients from these addresses only (the microsocks -w use: some
+    // clients cannot send SOCKS5 passwords at all).
+    let anon_from: Vec<Rule> = m
+        .opt_strs("N")
+        .iter()
+        .map(|r| match Rule::parse(r) {
+            Ok(rule) if !rule.has_ports() => rule,
+            Ok(_) => diag::usage(&format!("-N: a client address or network, no port: {r}")),
+            Err(e) => diag::usage(&format!("-N: {e}")),
+        })
+        .collect();
+    // Who is on the other end, before anything reads the environment for it (inetd and
+    // systemd set none of the UCSPI names).
+    conninfo::fill_from_socket(0);
+    let client_ip: Option<std::net::IpAddr> = std::env::var("TCPREMOTEIP")
+        .ok()
+        .and_then(|ip| ip.parse().ok());
+    let anonymous = m.opt_present("n")
+        || client_ip.is_some_and(|ip| {
+            let a = std::net::SocketAddr::new(ip, 0);
+            anon_from.iter().any(|r| r.matches(&a))
+        });
+    let no_auth_asked = m.opt_present("n") || !anon_from.is_empty();
+    let mut broken = None;
     let (users, cp) = match (m.opt_str("f"), m.opt_str("c")) {
         (Some(_), Some(_)) => diag::usage("-f and -c exclude each other"),
-        (Some(f), None) => {
-            let users = Users::load(std::path::Path::new(&f)).unwrap_or_else(|why| {
-                diag::die(exit::USAGE, &format!("unable to load users: {why}"))
-            });
-            if users.is_empty() {
-                diag::warn(&format!("{f} has no users: every login will fail"));
+        (Some(f), None) => match Users::load(std::path::Path::new(&f)) {
+            Ok(users) => {
+                if users.is_empty() {
+                    diag::warn(&format!("{f} has no users: every login will fail"));
+                }
+                (Some(users), None)
             }
-            (Some(users), None)
-        }
+            Err(why) if chain::checking() => {
+                diag::die(exit::USAGE, &format!("unable to load users: {why}"))
+            }
+            // Broken since the check at start (an edit, a permission), or run by a
+            // supervisor that checks nothing: still a configuration error (exit 100),
+            // but the client first gets its protocol's answer, not a bare close.
+            Err(why) => {
+                broken = Some(Unavailable(format!("unable to load users: {why}")));
+                (None, None)
+            }
+        },
         (None, Some(c)) => (
             None,
             Some(CheckPassword {
@@ -127,14 +178,15 @@ pub fn main(argv: Vec<OsString>) -> i32 {
                 timeout: check_timeout,
             }),
         ),
-        (None, None) if anonymous => (None, None),
+        (None, None) if no_auth_asked => (None, None),
         (None, None) => diag::usage(&format!(
-            "give -f users or -c checkpassword, or -n to allow clients without credentials: {USAGE}"
+            "give -f users or -c checkpassword, or -n (or -N) to allow clients without credentials: {USAGE}"
         )),
     };
-    let checker: Option<&dyn Checker> = match (&users, &cp) {
-        (Some(u), _) => Some(u),
-        (_, Some(c)) => Some(c),
+    let checker: Option<&dyn Checker> = match (&users, &cp, &broken) {
+        (Some(u), _, _) => Some(u),
+        (_, Some(c), _) => Some(c),
+        (_, _, Some(b)) => Some(b),
         _ => None,
     };
     if m.free.is_empty() {
@@ -148,12 +200,26 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             );
         }
     }
+    let next: Vec<OsString> = m.free.iter().map(OsString::from).collect();
+    if chain::checking() {
+        if let Some(c) = &cp {
+            if chain::check(std::slice::from_ref(&c.prog)) != exit::OK {
+                return exit::USAGE;
+            }
+        }
+        // What a request would leave for the next link, so that it checks itself as it
+        // will run: a client-chosen target, a client waiting for the answer.
+        std::env::set_var("TCPSPLICE_TARGET", "check.invalid:1");
+        std::env::set_var("TCPSPLICE_REPLY", "socks5");
+        return chain::check(&next);
+    }
     let gate = checker.map(|inner| Gate {
         inner,
         region: loginstate::region(),
         ttl: cache_ttl,
         slots,
         deadline: Instant::now() + timeout,
+        source: client_ip.map(|ip| ip.to_string()),
         outcome: Cell::new(None),
     });
     let policy = Policy {
@@ -165,9 +231,22 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         head_cap,
         fail_delay,
     };
-    conninfo::fill_from_socket(0);
     let mut client = Client::new(0, 1, timeout);
     let result = handshake::run(&mut client, &policy);
+    if let Some(Unavailable(why)) = &broken {
+        if let Ok(req) = &result {
+            // A client let in without credentials (-n): it still waits for an answer.
+            if let Ok(Some(style)) = reply::Style::parse(req.reply) {
+                let _ = client.send(&reply::failure(style, reply::Failure::General));
+            }
+        } else if let Err(f) = &result {
+            if !f.reply.is_empty() {
+                let _ = client.send(&f.reply);
+            }
+        }
+        client.close_gently(Duration::from_millis(200));
+        diag::die(exit::USAGE, why);
+    }
     match result {
         Ok(req) => {
             let login = gate.as_ref().and_then(|g| g.outcome.get());
@@ -179,8 +258,10 @@ pub fn main(argv: Vec<OsString>) -> i32 {
                 Some(l) => std::env::set_var(LOGIN_VAR, l.as_str()),
                 None => std::env::remove_var(LOGIN_VAR),
             }
-            let next: Vec<OsString> = m.free.iter().map(OsString::from).collect();
             drop(m);
+            if let Ok(Some(style)) = reply::Style::parse(req.reply) {
+                chain::reply_on_exec_failure(reply::failure(style, reply::Failure::General));
+            }
             // Everything this program opened (the users file, a checker's pipes) is
             // closed by now, so a sibling continuing here need not scan for more.
             chain::nothing_to_close();

@@ -155,6 +155,9 @@ impl Client {
 
     /// Reads at most `buf.len()` bytes; never returns 0.
     pub fn read_some(&mut self, buf: &mut [u8]) -> Result<usize, ReadError> {
+        if self.socket {
+            return self.recv(buf, 0);
+        }
         loop {
             self.wait_readable()?;
             match sys::read(self.rfd, buf) {
@@ -166,6 +169,23 @@ impl Client {
                 {
                     continue
                 }
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+    }
+
+    /// recv on the socket, polled for only when nothing is there yet: a client sends
+    /// its request at once, so most reads of a handshake need no poll before them.
+    fn recv(&mut self, buf: &mut [u8], flags: libc::c_int) -> Result<usize, ReadError> {
+        loop {
+            if Instant::now() >= self.deadline {
+                return Err(ReadError::Timeout);
+            }
+            match sys::recv(self.rfd, buf, flags | libc::MSG_DONTWAIT) {
+                Ok(0) => return Err(ReadError::Eof),
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_readable()?,
                 Err(e) => return Err(ReadError::Io(e)),
             }
         }
@@ -188,29 +208,7 @@ impl Client {
 
     /// Looks at what is waiting on the socket without taking it; never returns 0.
     pub fn peek(&mut self, buf: &mut [u8]) -> Result<usize, ReadError> {
-        loop {
-            self.wait_readable()?;
-            // SAFETY: the kernel writes at most buf.len() bytes into memory we own.
-            let n = unsafe {
-                libc::recv(
-                    self.rfd,
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
-                )
-            };
-            match sys::cvt(n) {
-                Ok(0) => return Err(ReadError::Eof),
-                Ok(n) => return Ok(n as usize),
-                Err(e)
-                    if e.kind() == io::ErrorKind::Interrupted
-                        || e.kind() == io::ErrorKind::WouldBlock =>
-                {
-                    continue
-                }
-                Err(e) => return Err(ReadError::Io(e)),
-            }
-        }
+        self.recv(buf, libc::MSG_PEEK)
     }
 
     /// Sends an intermediate message of the handshake (SOCKS5 method choice, auth

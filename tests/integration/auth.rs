@@ -340,6 +340,44 @@ fn socks5_no_auth_refused_unless_asked_for() {
 }
 
 #[test]
+fn no_auth_only_for_clients_from_n_rules() {
+    // -N: the client's address (TCPREMOTEIP, as a supervisor sets it) decides.
+    let users = sha512_users("s5noauthfrom");
+    let f = users.to_str().unwrap();
+    let input = cat(&[b"\x05\x01\x00", &socks5_domain("example.com", 80)]);
+    let from = |ip: &str, opts: &[&str]| {
+        let mut cmd = auth_cmd(opts);
+        cmd.env("TCPREMOTEIP", ip).env("TCPREMOTEPORT", "4711");
+        over_socket(cmd, &input)
+    };
+    let (got, r) = from("192.0.2.5", &["-N", "192.0.2.0/28", "-f", f]);
+    r.expect_code(0);
+    assert_eq!(got, b"\x05\x00", "inside the rule{}", r.show());
+    let (got, r) = from("192.0.2.50", &["-N", "192.0.2.0/28", "-f", f]);
+    r.expect_code(1);
+    assert_eq!(got, b"\x05\xff", "outside the rule{}", r.show());
+    // Without -f: those inside get in, nobody else.
+    let (got, r) = from(
+        "2001:db8::7",
+        &["-N", "192.0.2.0/28", "-N", "2001:db8::/64"],
+    );
+    r.expect_code(0);
+    assert_eq!(got, b"\x05\x00", "{}", r.show());
+    let (got, r) = from("198.51.100.1", &["-N", "192.0.2.0/28"]);
+    r.expect_code(1);
+    assert_eq!(got, b"\x05\xff", "{}", r.show());
+    // SOCKS4 has no credentials at all: the same rule lets it in.
+    let s4 = b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00".to_vec();
+    let mut cmd = auth_cmd(&["-N", "192.0.2.0/28", "-f", f]);
+    cmd.env("TCPREMOTEIP", "192.0.2.1");
+    let (_, r) = over_socket(cmd, &s4);
+    r.expect_code(0);
+    // A rule with a port is refused at start.
+    let (_, r) = from("192.0.2.5", &["-N", "192.0.2.0/28:80", "-f", f]);
+    r.expect_code(100);
+}
+
+#[test]
 fn socks5_refusals_use_the_protocol_codes() {
     let cases: &[(&[u8], &[u8])] = &[
         // BIND: command not supported.
@@ -1179,6 +1217,42 @@ fn checkpassword_delegation() {
     r.expect_code(111);
     assert_eq!(got, b"\x05\x02\x01\x01", "{}", r.show());
     assert!(r.stderr_text().contains("did not answer"), "{}", r.show());
+}
+
+#[test]
+fn a_checker_that_times_out_is_killed_with_everything_it_started() {
+    // A shell checker whose sleep is a child of its own: killing only the shell would
+    // leave the sleep behind, one per login attempt. The odd duration names it.
+    let slow = checkpassword_script("cpgroup", "sleep 31.4159 & wait");
+    let bad = cat(&[
+        b"\x05\x01\x02",
+        &socks5_userpass("dave", "nope"),
+        &socks5_domain("example.net", 25),
+    ]);
+    let t = std::time::Instant::now();
+    let (_, r) = over_socket(auth_cmd(&["-T", "0.5", "-c", slow.to_str().unwrap()]), &bad);
+    r.expect_code(111);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "answered after {:?}",
+        t.elapsed()
+    );
+    let left = || {
+        std::fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                    .filter(|c| c.windows(7).any(|w| w == b"31.4159"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    // Killed processes may take a moment to leave the table.
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while left() > 0 && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(left(), 0, "the checker's sleep outlived it{}", r.show());
 }
 
 #[test]

@@ -685,6 +685,45 @@ fn ipv4_translated_addresses_are_denied() {
 }
 
 #[test]
+fn a_refused_target_is_a_warning_naming_the_client_and_the_user() {
+    let (l, addr) = util::listener();
+    let target = format!("127.0.0.1:{}", addr.port());
+    let (mut mine, theirs) = util::tcp_pair();
+    let child = dial()
+        .env("TCPSPLICE_TARGET", &target)
+        .env("TCPSPLICE_REPLY", "socks5")
+        .env("TCPSPLICE_USER", "alice")
+        .env("TCPREMOTEIP", "192.0.2.9")
+        .env("TCPREMOTEPORT", "4711")
+        .arg(SPLICE)
+        .stdin(stdio(&theirs))
+        .stdout(stdio(&theirs))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(theirs);
+    mine.set_read_timeout(Some(LIMIT)).expect("timeout");
+    mine.shutdown(Shutdown::Write).expect("half-close");
+    let mut got = Vec::new();
+    mine.read_to_end(&mut got).expect("read reply");
+    let ran = util::finish(child, "tcpsplice-dial refused", LIMIT);
+    ran.expect_code(1);
+    assert_eq!(&got[..2], &[5, 2], "{}", ran.show());
+    let log = ran.stderr_text();
+    assert!(
+        log.contains("tcpsplice-dial: warning: refused client=192.0.2.9:4711 user=alice: "),
+        "{}",
+        ran.show()
+    );
+    assert!(
+        !log.contains("fatal"),
+        "a refusal logged as fatal{}",
+        ran.show()
+    );
+    assert!(!has_connection(&l));
+}
+
+#[test]
 fn allow_rule_lets_a_loopback_target_through() {
     let (addr, seen) = target();
     let rule = format!("127.0.0.0/8:{}", addr.port());

@@ -151,7 +151,13 @@ impl Drop for Proxy {
 /// One SOCKS5 user/password login and CONNECT to the echo target, then a round trip.
 /// Ok(()) when it all worked; Err(the RFC 1929 status) when the login was refused.
 fn login(port: u16, user: &str, pw: &str, target: u16) -> Result<(), u8> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the proxy");
+    login_from("127.0.0.1", port, user, pw, target)
+}
+
+/// As [`login`], from the loopback address `src`.
+fn login_from(src: &str, port: u16, user: &str, pw: &str, target: u16) -> Result<(), u8> {
+    let sock = socket2_connect(src, port);
+    let mut s = sock;
     s.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
     s.write_all(&[5, 1, 2]).expect("greeting");
@@ -181,6 +187,42 @@ fn login(port: u16, user: &str, pw: &str, target: u16) -> Result<(), u8> {
     Ok(())
 }
 
+/// A TCP connection to 127.0.0.1:`port` from the loopback address `src`.
+fn socket2_connect(src: &str, port: u16) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let src: std::net::Ipv4Addr = src.parse().expect("an IPv4 source");
+    // SAFETY: a new socket, owned by the TcpStream made of it below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: fd is a socket we just made and own from here on.
+    let s = unsafe { TcpStream::from_raw_fd(fd) };
+    let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let here = sin(src, 0);
+    let there = sin(std::net::Ipv4Addr::LOCALHOST, port);
+    // SAFETY: bind and connect read the sockaddr_in structs we own.
+    unsafe {
+        assert_eq!(
+            libc::bind(fd, (&here as *const libc::sockaddr_in).cast(), len),
+            0
+        );
+        assert_eq!(
+            libc::connect(fd, (&there as *const libc::sockaddr_in).cast(), len),
+            0,
+            "connect: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    s
+}
+
 fn write_users(path: &Path, text: &str) {
     // Written beside and renamed, as an editor or a deployment would.
     let tmp = path.with_extension("new");
@@ -198,9 +240,14 @@ fn a_second_login_skips_the_hash_until_the_entry_changes() {
     let proxy = Proxy::start(&["-d", "0.5", "-f", &f], target, &[]);
     let port = proxy.port;
 
-    assert_eq!(login(port, "alice", PW, target), Ok(()), "{}", proxy.show());
-    assert_eq!(login(port, "alice", PW, target), Ok(()), "{}", proxy.show());
-    assert_eq!(proxy.logins(2), ["verified", "cached"], "{}", proxy.show());
+    // Each login's end line is awaited before the next login, so the lines come in
+    // the order of the logins.
+    let ok = |n: usize| {
+        assert_eq!(login(port, "alice", PW, target), Ok(()), "{}", proxy.show());
+        proxy.logins(n)
+    };
+    ok(1);
+    assert_eq!(ok(2), ["verified", "cached"], "{}", proxy.show());
 
     // A wrong password after a cached success is checked in full and waits.
     let t = Instant::now();
@@ -214,10 +261,9 @@ fn a_second_login_skips_the_hash_until_the_entry_changes() {
     // The same password under a new hash (a new salt): the entry changed, so the next
     // login is checked again, and the one after it comes from the cache once more.
     write_users(&users, &format!("alice:{}\n", yescrypt(PW)));
-    assert_eq!(login(port, "alice", PW, target), Ok(()), "{}", proxy.show());
-    assert_eq!(login(port, "alice", PW, target), Ok(()), "{}", proxy.show());
+    ok(3);
     assert_eq!(
-        proxy.logins(4),
+        ok(4),
         ["verified", "cached", "verified", "cached"],
         "{}",
         proxy.show()
@@ -323,17 +369,22 @@ fn overlapping(c: &[(String, f64, f64)]) -> bool {
         .any(|(i, a)| c[i + 1..].iter().any(|b| a.1 < b.2 && b.1 < a.2))
 }
 
-/// Three concurrent logins of three users through a checker taking 0.4 s each.
+/// Three concurrent logins of three users from three addresses (so that no address
+/// holds its share of the slots) through a checker taking 0.4 s each.
 fn three_concurrent_logins(j: &str) -> (Proxy, Vec<(String, f64, f64)>, u16, PathBuf) {
     let target = echo_target();
     let dir = scratch(&format!("slots{j}"));
     let (prog, record) = recording_checker(&dir, 0.4);
     let proxy = Proxy::start(&["-j", j, "-c", &prog.to_string_lossy()], target, &[]);
     let port = proxy.port;
-    let clients: Vec<_> = ["u1", "u2", "u3"]
-        .iter()
-        .map(|u| std::thread::spawn(move || login(port, u, "pw", target)))
-        .collect();
+    let clients: Vec<_> = [
+        ("127.0.0.11", "u1"),
+        ("127.0.0.12", "u2"),
+        ("127.0.0.13", "u3"),
+    ]
+    .iter()
+    .map(|&(src, u)| std::thread::spawn(move || login_from(src, port, u, "pw", target)))
+    .collect();
     for c in clients {
         assert_eq!(c.join().expect("client thread"), Ok(()), "{}", proxy.show());
     }
@@ -416,4 +467,87 @@ fn a_process_killed_during_its_check_gives_its_slot_back() {
         t.elapsed()
     );
     let _ = slow.join();
+}
+
+#[test]
+fn one_address_holds_at_most_half_of_the_check_slots() {
+    // -j 2: two checks at once, at most one for 127.0.0.2; a client from 127.0.0.3
+    // gets the other slot while 127.0.0.2's logins wait for each other.
+    let target = echo_target();
+    let dir = scratch("share");
+    let (prog, record) = recording_checker(&dir, 0.5);
+    let proxy = Proxy::start(&["-j", "2", "-c", &prog.to_string_lossy()], target, &[]);
+    let port = proxy.port;
+    let clients: Vec<_> = [
+        ("127.0.0.2", "a1"),
+        ("127.0.0.2", "a2"),
+        ("127.0.0.3", "b1"),
+    ]
+    .iter()
+    .map(|&(src, u)| std::thread::spawn(move || login_from(src, port, u, "pw", target)))
+    .collect();
+    for c in clients {
+        assert_eq!(c.join().expect("client thread"), Ok(()), "{}", proxy.show());
+    }
+    let c = checks(&record);
+    let of = |u: &str| c.iter().filter(|x| x.0 == u).cloned().collect::<Vec<_>>();
+    let (a1, a2, b1) = (of("a1"), of("a2"), of("b1"));
+    assert!(
+        !overlapping(&[a1.clone(), a2.clone()].concat()),
+        "one address's checks overlapped: {c:?}"
+    );
+    assert!(
+        overlapping(&[a1, b1.clone()].concat()) || overlapping(&[a2, b1].concat()),
+        "the other address waited for the first one's checks: {c:?}"
+    );
+}
+
+#[test]
+fn an_authenticating_chain_gets_a_per_source_limit_unless_told() {
+    let target = echo_target();
+    let dir = scratch("persource");
+    let users = dir.join("users");
+    write_users(&users, &format!("alice:{}\n", yescrypt(PW)));
+    let f = users.to_string_lossy().into_owned();
+    for (opts, want) in [
+        (&[][..], Some(" max_per_ip=25 ")),
+        (&["-c", "8"][..], Some(" max_per_ip=2 ")),
+        (&["-C", "0"][..], None),
+        (&["-C", "7"][..], Some(" max_per_ip=7 ")),
+    ] {
+        let rule = format!("127.0.0.1/32:{target}");
+        let mut child = Command::new(LISTEN)
+            .args(opts)
+            .args([
+                "-1",
+                "127.0.0.1",
+                "0",
+                AUTH,
+                "-f",
+                &f,
+                DIAL,
+                "-a",
+                &rule,
+                SPLICE,
+            ])
+            .env("TCPSPLICE_LOG", "stderr")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tcpsplice-listen");
+        let err = BufReader::new(child.stderr.take().expect("stderr"));
+        // The check run's warnings (a world-readable users file) come first.
+        let line = err
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("listening on"))
+            .unwrap_or_default();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(line.contains("listening on"), "{opts:?}: {line}");
+        match want {
+            Some(w) => assert!(line.contains(w), "{opts:?}: {line}"),
+            None => assert!(!line.contains("max_per_ip"), "{opts:?}: {line}"),
+        }
+    }
 }

@@ -409,6 +409,32 @@ fn read_until_end(s: &mut TcpStream) -> Option<std::io::ErrorKind> {
     }
 }
 
+/// The target sends its whole reply and closes (a FIN); what the client sends after
+/// that is answered with a reset by the target's kernel (a TLS server that does not
+/// wait for close_notify). The target's end was clean: so is the relay's.
+#[test]
+fn a_reset_after_the_targets_complete_stream_is_a_clean_end() {
+    let Relay {
+        child,
+        mut client,
+        target,
+        desc,
+    } = Relay::start(&[]);
+    (&target).write_all(b"the whole reply").unwrap();
+    drop(target);
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"the whole reply");
+    // close_notify, say: it reaches a closed socket, whose kernel resets.
+    let _ = (&client).write_all(b"\x15\x03\x03\x00\x02\x01\x00");
+    let ran = util::finish(child, &desc, LIMIT);
+    ran.expect_code(0);
+    assert!(ran.stderr_text().contains("how=eof"), "{}", ran.show());
+}
+
 /// One peer resets after some data; the other must see a reset, not a clean end.
 fn reset_travels(from_client: bool) {
     let Relay {
@@ -1332,4 +1358,29 @@ fn after_tcpclient_the_log_names_the_client_and_the_target() {
         end.contains(&format!(" client={client} ")) && end.contains(&format!(" target={target} ")),
         "the log line names the client {client} and the target {target}: {end}"
     );
+}
+
+#[test]
+fn usage_errors_reach_a_stderr_that_is_the_same_file_as_stdout() {
+    // `prog 2>&1 | less`, `$(prog 2>&1)`, cron: fd 2 is fd 1's pipe; not a socket, so
+    // the message is for the user, not data for a peer.
+    // With the messages going to syslog too (TCPSPLICE_LOG=syslog, as when /dev/log
+    // exists): a usage error is still shown to whoever ran the command.
+    let progs = [
+        BIN,
+        env!("CARGO_BIN_EXE_tcpsplice-dial"),
+        env!("CARGO_BIN_EXE_tcpsplice-auth"),
+    ];
+    for (prog, log) in progs.iter().flat_map(|p| [(p, None), (p, Some("syslog"))]) {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "\"$0\" -Z 2>&1", prog]);
+        match log {
+            None => cmd.env_remove("TCPSPLICE_LOG"),
+            Some(l) => cmd.env("TCPSPLICE_LOG", l),
+        };
+        let ran = util::run(&mut cmd, LIMIT);
+        ran.expect_code(100);
+        let out = String::from_utf8_lossy(&ran.stdout);
+        assert!(out.contains("usage"), "{prog}: nothing said{}", ran.show());
+    }
 }
