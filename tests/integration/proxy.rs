@@ -189,3 +189,23 @@ fn two_first_runs_at_once_make_one_password() {
     let line = a.line("curl -x socks5h://");
     assert!(line.contains(&format!("demo:{pw}@")), "{line}");
 }
+
+#[test]
+fn a_rule_with_a_space_reaches_the_dialer_as_one_word() {
+    // Word-split, "127.0.0.1/32:1 x" would become the rule 127.0.0.1/32:1 and a program
+    // named x; whole, it is a bad rule, and the check at start says so.
+    let st = state("rule-words");
+    let r = util::run(
+        &mut script(
+            &st,
+            &["-p", &free_port().to_string(), "-a", "127.0.0.1/32:1 x"],
+        ),
+        LIMIT,
+    );
+    r.expect_code(100);
+    assert!(
+        r.stderr_text().contains("bad rule \"127.0.0.1/32:1 x\""),
+        "{}",
+        r.show()
+    );
+}
