@@ -6,6 +6,8 @@ mod util;
 mod auth;
 mod chain;
 mod dial;
+mod docs;
 mod listen;
 mod logins;
+mod proxy;
 mod splice;
