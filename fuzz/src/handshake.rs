@@ -407,7 +407,34 @@ fn model(s: &[u8], cfg: &Config) -> Model {
         0x05 => model_socks5(s, cfg),
         0x04 => model_socks4(s, cfg),
         b if b.is_ascii_alphabetic() => model_http(s, cfg),
+        b'\r' | b'\n' => model_after_empty_line(s, cfg),
         _ => refused(1),
+    }
+}
+
+/// One empty line (CRLF or LF) before an HTTP request line is ignored (RFC 9112 2.2):
+/// the HTTP model, `skip` bytes later; anything else after it is refused at once.
+fn model_after_empty_line(s: &[u8], cfg: &Config) -> Model {
+    let skip = match (s[0], s.get(1)) {
+        (b'\r', Some(b'\n')) => 2,
+        (b'\r', None) => return Model::Truncated,
+        (b'\r', Some(_)) => return refused(2),
+        _ => 1,
+    };
+    match s.get(skip) {
+        None => Model::Truncated,
+        Some(b) if b.is_ascii_alphabetic() => match model_http(&s[skip..], cfg) {
+            Model::Truncated => Model::Truncated,
+            Model::Whole { end, accept } => Model::Whole {
+                end: end + skip,
+                accept,
+            },
+            Model::Head { end, target } => Model::Head {
+                end: end + skip,
+                target,
+            },
+        },
+        Some(_) => refused(skip + 1),
     }
 }
 
