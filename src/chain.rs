@@ -15,7 +15,7 @@
 //! connection (see `listen::worker`).
 
 use std::ffi::{CString, OsStr, OsString};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -182,7 +182,12 @@ pub fn exec(argv: &[OsString]) -> i32 {
     let Ok(cargs) = cargs else {
         diag::die(exit::USAGE, "a program argument contains a NUL byte");
     };
-    let err = sys::execvp(&cargs);
+    // With no PATH, a sibling named bare is run from beside this binary.
+    let beside = beside_self(first).and_then(|p| CString::new(p.into_os_string().into_vec()).ok());
+    let err = match beside {
+        Some(file) => sys::execv(&file, &cargs),
+        None => sys::execvp(&cargs),
+    };
     let code = if err.raw_os_error() == Some(libc::ENOENT) {
         exit::NOTFOUND
     } else {
@@ -243,15 +248,35 @@ fn is_elf(p: &Path) -> bool {
         && magic == *b"\x7fELF"
 }
 
-/// Where execvp would find `prog`.
+/// Where [`exec`] finds `prog`: as execvp would, but for a sibling named bare when no
+/// PATH is set (inetd removes it), which is the file beside the running binary.
 fn search_path(prog: &OsStr) -> Option<PathBuf> {
     if prog.as_bytes().contains(&b'/') {
         return Some(PathBuf::from(prog));
+    }
+    if let Some(p) = beside_self(prog) {
+        return Some(p);
     }
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/bin:/usr/bin".into());
     std::env::split_paths(&path)
         .map(|dir| dir.join(prog))
         .find(|p| is_executable(p))
+}
+
+/// With no PATH in the environment, a program of the installation named without a
+/// directory (`tcpsplice`) is the executable file of that name beside the running binary:
+/// execvp's default path (/bin:/usr/bin) would miss a suite installed in /usr/local/bin.
+fn beside_self(prog: &OsStr) -> Option<PathBuf> {
+    if std::env::var_os("PATH").is_some() || prog.as_bytes().contains(&b'/') {
+        return None;
+    }
+    let programs: &[Program] = *PROGRAMS.lock().unwrap_or_else(|e| e.into_inner());
+    programs
+        .iter()
+        .find(|(n, _)| n.as_bytes() == prog.as_bytes())?;
+    let here = std::fs::read_link("/proc/self/exe").ok()?;
+    let p = here.parent()?.join(prog);
+    is_executable(&p).then_some(p)
 }
 
 fn is_executable(p: &Path) -> bool {

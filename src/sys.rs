@@ -805,6 +805,14 @@ pub fn execvp(argv: &[std::ffi::CString]) -> io::Error {
     }
 }
 
+/// execv(3): runs the file `path` with `argv`; returns only on failure, with its error.
+pub fn execv(path: &std::ffi::CStr, argv: &[std::ffi::CString]) -> io::Error {
+    match nix::unistd::execv(path, argv) {
+        Err(e) => e.into(),
+        Ok(never) => match never {},
+    }
+}
+
 /// Arranges for the child `cmd` starts to get a copy of `fd` as descriptor `at`, with
 /// close-on-exec cleared (a checkpassword program reads fd 3).
 pub fn pass_fd_to_child(cmd: &mut std::process::Command, fd: RawFd, at: RawFd) {
@@ -835,4 +843,24 @@ pub fn kill_group(pgid: u32) {
     if let Ok(p) = libc::pid_t::try_from(pgid) {
         let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(p), nix::sys::signal::SIGKILL);
     }
+}
+
+/// The terminal settings of `fd` with echo turned off, and the settings to put back
+/// (tcpsplice-auth -H asking for a password on a terminal).
+pub fn tty_echo_off(fd: RawFd) -> io::Result<libc::termios> {
+    // SAFETY: termios is plain data; tcgetattr fills it in.
+    let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: tcgetattr writes into the struct we own.
+    cvt(unsafe { libc::tcgetattr(fd, &mut saved) })?;
+    let mut quiet = saved;
+    quiet.c_lflag &= !(libc::ECHO | libc::ECHOE | libc::ECHOK | libc::ECHONL);
+    // SAFETY: tcsetattr reads the struct we own.
+    cvt(unsafe { libc::tcsetattr(fd, libc::TCSAFLUSH, &quiet) })?;
+    Ok(saved)
+}
+
+/// Puts back terminal settings that [`tty_echo_off`] returned.
+pub fn tty_restore(fd: RawFd, saved: &libc::termios) -> io::Result<()> {
+    // SAFETY: tcsetattr reads the struct we own.
+    cvt(unsafe { libc::tcsetattr(fd, libc::TCSAFLUSH, saved) }).map(drop)
 }

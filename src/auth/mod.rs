@@ -283,18 +283,68 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     }
 }
 
-/// `-H`: hashes the first line of stdin (without its newline) and prints the hash.
+/// `-H`: hashes the first line of stdin (without its newline) and prints the hash. On a
+/// terminal it asks on the terminal itself, without echo, twice, and refuses two
+/// different answers.
 fn print_hash() -> ! {
+    use std::io::IsTerminal;
+    let pw = if std::io::stdin().is_terminal() {
+        ask_twice()
+    } else {
+        read_line(0)
+    };
+    if pw.as_bytes().is_empty() {
+        diag::die(exit::USAGE, "unable to hash: the password is empty");
+    }
+    match password::hash_new(pw.as_bytes()) {
+        Ok(h) => {
+            let _ = sys::write_all(1, format!("{h}\n").as_bytes());
+            std::process::exit(exit::OK)
+        }
+        Err(e) => diag::die(exit::TEMP, &format!("unable to hash: {e}")),
+    }
+}
+
+/// Asks for the password on the terminal (/dev/tty, not stdout, which may be where the
+/// hash goes), with echo off, and once more to confirm.
+fn ask_twice() -> Secret {
+    use std::os::unix::io::AsRawFd;
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .unwrap_or_else(|e| diag::die_sys(exit::TEMP, "open /dev/tty", &e));
+    let fd = tty.as_raw_fd();
+    let saved = sys::tty_echo_off(fd)
+        .unwrap_or_else(|e| diag::die_sys(exit::TEMP, "turn off the echo of the terminal", &e));
+    let ask = |prompt: &str| {
+        let _ = sys::write_all(fd, prompt.as_bytes());
+        let pw = read_line(fd);
+        // The newline typed was not echoed either.
+        let _ = sys::write_all(fd, b"\n");
+        pw
+    };
+    let first = ask("Password: ");
+    let second = ask("Password again: ");
+    let _ = sys::tty_restore(fd, &saved);
+    if first.as_bytes() != second.as_bytes() {
+        diag::die(exit::USAGE, "unable to hash: the two passwords differ");
+    }
+    first
+}
+
+/// Reads `fd` up to the first newline (or the end), without it or a CR before it.
+fn read_line(fd: i32) -> Secret {
     let mut pw = Secret::new(Vec::new());
     let mut buf = [0u8; 1024];
-    loop {
-        match sys::read(0, &mut buf) {
+    while !pw.as_bytes().contains(&b'\n') {
+        match sys::read(fd, &mut buf) {
             Ok(0) => break,
             Ok(n) => pw.vec_mut().extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => diag::die_sys(exit::TEMP, "read the password", &e),
         }
-        if pw.as_bytes().len() > MAX_PASSWORD {
+        if pw.as_bytes().len() > MAX_PASSWORD + 2 {
             diag::die(
                 exit::USAGE,
                 "unable to hash: the password is longer than 4096 bytes",
@@ -310,14 +360,11 @@ fn print_hash() -> ! {
     if v.last() == Some(&b'\r') {
         v.pop();
     }
-    if pw.as_bytes().is_empty() {
-        diag::die(exit::USAGE, "unable to hash: the password is empty");
+    if v.len() > MAX_PASSWORD {
+        diag::die(
+            exit::USAGE,
+            "unable to hash: the password is longer than 4096 bytes",
+        );
     }
-    match password::hash_new(pw.as_bytes()) {
-        Ok(h) => {
-            let _ = sys::write_all(1, format!("{h}\n").as_bytes());
-            std::process::exit(exit::OK)
-        }
-        Err(e) => diag::die(exit::TEMP, &format!("unable to hash: {e}")),
-    }
+    pw
 }

@@ -13,7 +13,8 @@ use supervisor::Config;
 use crate::{args, chain, diag, exit, sys};
 
 const USAGE: &str = "tcpsplice-listen [-1Dhq] [-b backlog] [-c max] [-C max_per_ip] \
-                     [-r max_use] [-u user] [-g group] [-U] HOST PORT PROG...";
+                     [-r max_use] [-u user] [-g group] [-U] HOST PORT PROG...
+       tcpsplice-listen [options] - - PROG...  (listening sockets from systemd, Accept=no)";
 
 /// The program: `argv` is its command line without the program name.
 pub fn main(argv: Vec<OsString>) -> ! {

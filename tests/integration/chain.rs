@@ -1206,3 +1206,26 @@ fn a_link_that_fails_after_the_start_answers_in_the_clients_protocol() {
         ran.show()
     );
 }
+
+#[test]
+fn with_no_path_a_sibling_named_bare_is_the_one_beside_the_running_binary() {
+    // inetd starts services with no PATH at all: `tcpsplice-dial HOST PORT tcpsplice`
+    // must still find tcpsplice, whether it continues in-process or is exec'd.
+    for exec in ["", "always"] {
+        let (l, addr) = util::listener();
+        let t = std::thread::spawn(move || {
+            let mut s = util::accept_timeout(&l, Duration::from_secs(30));
+            s.write_all(b"from the target").expect("write");
+        });
+        let mut cmd = Command::new(DIAL);
+        cmd.env_clear()
+            .env("TCPSPLICE_LOG", "stderr")
+            .env("TCPSPLICE_EXEC", exec)
+            .args(["127.0.0.1", &addr.port().to_string(), "tcpsplice"])
+            .stdin(Stdio::null());
+        let ran = util::run(&mut cmd, Duration::from_secs(30));
+        ran.expect_code(0);
+        t.join().expect("target");
+        assert_eq!(ran.stdout, b"from the target", "{}", ran.show());
+    }
+}

@@ -941,20 +941,7 @@ fn a_unix_socket_client_that_sends_and_closes_is_not_a_reset() {
 
 #[test]
 fn a_terminal_on_0_and_1_gets_its_flags_back_after_an_idle_end() {
-    let (mut master, mut slave) = (-1, -1);
-    // SAFETY: openpty writes two descriptors; the other pointers may be null.
-    let rc = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: fresh descriptors from openpty, owned from here on.
-    let (_master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let (_master, slave) = util::openpty();
     let (_target, target_peer) = util::tcp_pair();
     let mut cmd = Command::new(BIN);
     cmd.args(["-t", "0.3"])
@@ -1233,6 +1220,22 @@ fn the_user_timeout_ends_the_relay_of_a_client_that_stopped_acking() {
     vanished_client(&["-u", "3"], true, s(2), s(10));
 }
 
+// The defaults (-k 120,30,6 and a 300 s user timeout), for the figures in README: five
+// minutes each, so run by hand: cargo test --test integration -- --ignored vanished.
+#[test]
+#[ignore]
+fn vanished_quiet_client_with_the_defaults() {
+    let s = Duration::from_secs;
+    vanished_client(&[], false, s(280), s(330));
+}
+
+#[test]
+#[ignore]
+fn vanished_client_with_bytes_in_flight_with_the_defaults() {
+    let s = Duration::from_secs;
+    vanished_client(&[], true, s(280), s(330));
+}
+
 /// Private dirty memory of `pid` outside its files (heap, anonymous mappings, stack), in
 /// KiB: what one more connection costs, where the program's own pages are the same for
 /// every connection.
@@ -1300,6 +1303,77 @@ fn a_copying_relay_allocates_its_buffers_when_bytes_come_and_grows_them_for_bulk
     let ran = flood(r, 16 << 20, (16 << 20) + 5);
     ran.expect_code(0);
     copied_with_grown_buffers(&ran);
+}
+
+#[test]
+fn after_tcpclient_the_log_names_the_client_and_the_target() {
+    // `tcpserver ... tcpclient HOST PORT tcpsplice` (in place of ucspi-proxy): tcpclient
+    // rewrites TCPREMOTEIP/PORT to the backend and keeps nothing of the client, so the
+    // relay must ask the sockets who is who.
+    use std::io::BufRead;
+    let (l, target) = util::listener();
+    let t = thread::spawn(move || {
+        let mut s = util::accept_timeout(&l, LIMIT);
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).expect("target read");
+        s.write_all(b"pong").expect("target write");
+        got
+    });
+    let mut child = Command::new("tcpserver")
+        .args(["-1", "-R", "-H", "-l0", "127.0.0.1", "0"])
+        .args(["tcpclient", "-R", "-H", "-l0", "127.0.0.1"])
+        .arg(target.port().to_string())
+        .arg(BIN)
+        .env("TCPSPLICE_LOG", "stderr")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tcpserver and tcpclient (package ucspi-tcp)");
+    let out = child.stdout.take().expect("stdout");
+    let err = child.stderr.take().expect("stderr");
+    let _sup = util::Supervisor(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx2 = tx.clone();
+    thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx2.send(l);
+        }
+    });
+    thread::spawn(move || {
+        for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let port: u16 = rx
+        .recv_timeout(LIMIT)
+        .expect("tcpserver printed no port")
+        .trim()
+        .parse()
+        .expect("a port");
+    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect to tcpserver");
+    let client = c.local_addr().expect("client address");
+    c.write_all(b"ping").expect("write");
+    c.shutdown(Shutdown::Write).expect("shutdown");
+    let mut back = Vec::new();
+    c.set_read_timeout(Some(LIMIT)).expect("timeout");
+    c.read_to_end(&mut back).expect("read");
+    assert_eq!(back, b"pong");
+    assert_eq!(t.join().expect("target"), b"ping");
+    let mut seen = Vec::new();
+    let end = loop {
+        let l = rx
+            .recv_timeout(LIMIT)
+            .unwrap_or_else(|_| panic!("no end line: {seen:?}"));
+        if l.starts_with("tcpsplice: info: end ") {
+            break l;
+        }
+        seen.push(l);
+    };
+    assert!(
+        end.contains(&format!(" client={client} ")) && end.contains(&format!(" target={target} ")),
+        "the log line names the client {client} and the target {target}: {end}"
+    );
 }
 
 #[test]
