@@ -12,7 +12,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "corpus")
 rng = random.Random(14)
 
-seeds = {t: [] for t in ("handshake", "users", "hash", "rules", "proxy")}
+seeds = {t: [] for t in ("handshake", "users", "hash", "rules", "proxy", "udp")}
 
 # handshake: a configuration byte, a piece size, then the client's bytes
 # (fuzz/src/handshake.rs).
@@ -91,6 +91,19 @@ for _ in range(4):
     seeds["proxy"].append(bytes(rng.randrange(256) for _ in range(64)))
 for raw in (b"192.0.2.1:56324", b"[2001:db8::1]:443", b"::1:5", b"[::ffff:127.0.0.1]:80"):
     seeds["proxy"].append(struct.pack(">HBIBH", 1080, 1, 0x7F000001, 0, 0) + raw)
+
+# udp: datagrams as a client sends them to the relay (RSV FRAG ATYP DST PORT DATA).
+V6 = bytes.fromhex("20010db8000000000000000000000001")
+MAPPED = bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 1])
+seeds["udp"] += [
+    bytes([0, 0, 0, 1, 192, 0, 2, 1, 0, 53]) + b"query",
+    bytes([0, 0, 0, 4]) + V6 + bytes([1, 187]) + b"\x00" * 16,
+    bytes([0, 0, 0, 4]) + MAPPED + bytes([0, 9]),
+    bytes([0, 0, 0, 3, 11]) + b"example.com" + bytes([0, 53]) + b"q",
+    bytes([0, 0, 1, 1, 127, 0, 0, 1, 0, 7]) + b"fragment",
+    bytes([0, 0, 0, 3, 3]) + b"a b" + bytes([0, 1]),
+    bytes([0, 0, 0, 9, 1, 2, 3]),
+]
 
 for target, inputs in seeds.items():
     d = os.path.join(CORPUS, target)

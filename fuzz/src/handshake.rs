@@ -616,6 +616,10 @@ pub fn run(data: &[u8]) {
         checker: cfg.checker.then_some(&harness as &dyn Checker),
         head_cap: cfg.head_cap,
         fail_delay: Duration::ZERO,
+        // BIND and UDP ASSOCIATE off, as by default: the model refuses every command
+        // but CONNECT (REP 07 after the request's first 4 bytes).
+        bind: false,
+        udp: false,
     };
     let mut wires = Wires::new(cfg.pipes);
     let mut c = Client::new(

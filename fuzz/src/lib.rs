@@ -9,12 +9,14 @@
 //! - [`rules`]: target rules and the deny list, against a list of dangerous addresses
 //!   kept here.
 //! - [`proxy`]: the PROXY header, read back by a parser written here.
+//! - [`udp`]: the SOCKS5 UDP datagram header, against a reference reading.
 
 pub mod bytes;
 pub mod handshake;
 pub mod hash;
 pub mod proxy;
 pub mod rules;
+pub mod udp;
 pub mod users;
 
 /// A user name tcpsplice may export and log: 1 to 255 printable ASCII bytes, no colon

@@ -162,6 +162,8 @@ pub(super) fn start(d: &Dial, client: Option<SocketAddr>) -> ! {
     else {
         d.usage_fail("unable to serve UDP ASSOCIATE: the client's address is not known")
     };
+    // Before the reply: a failure here is still answered as one.
+    let (user, own) = d.policy_inputs();
     let mut at = local;
     at.set_port(0);
     let relay = UdpSocket::bind(at).unwrap_or_else(|e| {
@@ -180,7 +182,6 @@ pub(super) fn start(d: &Dial, client: Option<SocketAddr>) -> ! {
         diag::die_sys(exit::POLICY, "send the reply to the client", &e);
     }
     std::env::remove_var(dialer::REPLY_VAR);
-    let (user, own) = d.policy_inputs();
     run(Setup {
         allow: &d.cfg.allow,
         user,
