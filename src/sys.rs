@@ -12,7 +12,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::unix::io::{BorrowedFd, IntoRawFd, RawFd};
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag, SpliceFFlags};
-use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigHandler, SigSet, Signal};
 use nix::sys::socket::{
     sockopt, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
@@ -762,25 +761,13 @@ pub fn poll(fds: &mut [libc::pollfd], timeout: Option<std::time::Duration>) -> i
         // Round up so a deadline is never polled for 0 ms before it has passed.
         Some(d) => libc::c_int::try_from(d.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX),
     };
-    let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
-    let raw: Vec<RawFd> = fds.iter().map(|p| p.fd).collect();
-    let mut set = Vec::with_capacity(fds.len());
-    let mut at = Vec::with_capacity(fds.len());
-    for (i, (fd, p)) in raw.iter().zip(fds.iter()).enumerate() {
-        if let Ok(b) = borrow(fd) {
-            set.push(PollFd::new(b, PollFlags::from_bits_retain(p.events)));
-            at.push(i);
-        }
-    }
-    let n = retry(|| Ok(nix::poll::poll(&mut set, timeout)?))?;
-    for p in fds.iter_mut() {
-        p.revents = 0;
-    }
-    for (p, &i) in set.iter().zip(&at) {
-        // nix knows every flag poll(2) reports for the events asked here.
-        fds[i].revents = p.revents().map_or(0, |r| r.bits());
-    }
-    Ok(n as usize)
+    // Not nix's poll: its PollFd wants a BorrowedFd for every entry (three vectors per
+    // call on the relay's wake-up path) and its revents() drops a whole answer holding
+    // a flag it does not know (POLLRDHUP), where poll(2) takes and fills the array as
+    // it is. Negative descriptors are ignored by the kernel, as the callers expect.
+    // SAFETY: the kernel reads and writes exactly fds.len() pollfd structs we own.
+    retry(|| cvt(unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) }))
+        .map(|n| n as usize)
 }
 
 /// Whether `fd` is a terminal.
