@@ -23,12 +23,14 @@
 //! - [`exit`]: the one exit-code table of the suite;
 //! - [`args`]: option values shared by the programs (durations, fds, sizes);
 //! - [`sys`]: the syscall layer, errno turned into `io::Error`;
+//! - [`dgram`]: datagrams in batches (recvmmsg, sendmmsg), for the UDP relay;
 //! - [`shm`]: memory shared by tcpsplice-listen's process tree (mapping, futex).
 
 pub mod args;
 pub mod auth;
 pub mod chain;
 pub mod conninfo;
+pub mod dgram;
 pub mod diag;
 pub mod dial;
 pub mod exit;

@@ -16,10 +16,35 @@ use crate::exit;
 /// Err says what to answer before exiting. Replies of the handshake's middle steps are
 /// sent here; the final answer is tcpsplice-dial's.
 pub fn run(c: &mut Client, policy: &Policy) -> Result<Request, Failure> {
-    let first = match c.read_byte() {
+    let mut first = match c.read_byte() {
         Ok(b) => b,
         Err(e) => return Err(e.fail("-", b"")),
     };
+    // One empty line before an HTTP request line is ignored (RFC 9112 2.2): some
+    // clients send a CRLF after a previous request's body.
+    if first == b'\r' || first == b'\n' {
+        let next = match c.read_byte() {
+            Ok(b) => b,
+            Err(e) => return Err(e.fail("-", b"")),
+        };
+        first = match (first, next) {
+            (b'\r', b'\n') => match c.read_byte() {
+                Ok(b) => b,
+                Err(e) => return Err(e.fail("-", b"")),
+            },
+            (b'\n', b) => b,
+            // A CR alone is no empty line.
+            _ => 0,
+        };
+        if !first.is_ascii_alphabetic() {
+            return Err(Failure::new(
+                "-",
+                b"",
+                exit::POLICY,
+                String::from("unknown protocol (an empty line, then no request line)"),
+            ));
+        }
+    }
     match first {
         0x05 => socks5::handshake(c, policy),
         0x04 => socks4::handshake(c, policy),
@@ -34,7 +59,7 @@ pub fn run(c: &mut Client, policy: &Policy) -> Result<Request, Failure> {
 }
 
 /// Sets the environment the next programs read (DESIGN.md): `TCPSPLICE_TARGET`,
-/// `TCPSPLICE_REPLY`, `TCPSPLICE_USER` and `TCPSPLICE_RULES` (both removed when they do
+/// `TCPSPLICE_REPLY`, `TCPSPLICE_COMMAND`, `TCPSPLICE_USER` and `TCPSPLICE_RULES` (both removed when they do
 /// not apply, so nothing inherited can pass for them), the UCSPI names of the client
 /// when no supervisor set them, and systemd's socket-passing variables unset, as we
 /// consumed the socket.
@@ -42,6 +67,7 @@ pub fn export(req: &Request) {
     crate::conninfo::fill_from_socket(0);
     std::env::set_var("TCPSPLICE_TARGET", &req.target);
     std::env::set_var("TCPSPLICE_REPLY", req.reply);
+    std::env::set_var("TCPSPLICE_COMMAND", req.command);
     match &req.user {
         Some(u) => std::env::set_var("TCPSPLICE_USER", u),
         None => std::env::remove_var("TCPSPLICE_USER"),
@@ -62,7 +88,11 @@ pub fn over_limit(reply: &str) -> Vec<u8> {
     match reply {
         "socks5" => socks5::reply(socks5::REP_NOT_ALLOWED),
         "socks4" => socks4::REJECTED.to_vec(),
-        _ => httpconnect::response("429 Too Many Requests", ""),
+        _ => httpconnect::response(
+            "429 Too Many Requests",
+            "",
+            "This user has as many connections open as allowed: try again when one has ended.",
+        ),
     }
 }
 
@@ -71,6 +101,10 @@ pub fn unavailable(reply: &str) -> Vec<u8> {
     match reply {
         "socks5" => socks5::reply(socks5::REP_GENERAL),
         "socks4" => socks4::REJECTED.to_vec(),
-        _ => httpconnect::response("503 Service Unavailable", ""),
+        _ => httpconnect::response(
+            "503 Service Unavailable",
+            "",
+            "The proxy cannot take more connections just now: try again later.",
+        ),
     }
 }

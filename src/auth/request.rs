@@ -48,6 +48,10 @@ pub struct Policy<'a> {
     pub head_cap: usize,
     /// How long after its check began a failed login is answered.
     pub fail_delay: Duration,
+    /// SOCKS5 BIND is served (`-B`); otherwise it is answered REP 07.
+    pub bind: bool,
+    /// SOCKS5 UDP ASSOCIATE is served (`-U`); otherwise it is answered REP 07.
+    pub udp: bool,
 }
 
 /// What the client asked for and who it is: becomes the next program's environment.
@@ -61,6 +65,8 @@ pub struct Request {
     pub rules: Option<String>,
     /// `socks5`, `socks4` or `http`: how tcpsplice-dial must answer.
     pub reply: &'static str,
+    /// `connect`, `bind` or `udp` (SOCKS5 UDP ASSOCIATE): what tcpsplice-dial must do.
+    pub command: &'static str,
 }
 
 /// A handshake that ends here: what to send the client, what to log, how to exit.
@@ -181,18 +187,9 @@ impl Client {
             if Instant::now() >= self.deadline {
                 return Err(ReadError::Timeout);
             }
-            // SAFETY: the kernel writes at most buf.len() bytes into memory we own.
-            let n = unsafe {
-                libc::recv(
-                    self.rfd,
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    flags | libc::MSG_DONTWAIT,
-                )
-            };
-            match sys::cvt(n) {
+            match sys::recv(self.rfd, buf, flags | libc::MSG_DONTWAIT) {
                 Ok(0) => return Err(ReadError::Eof),
-                Ok(n) => return Ok(n as usize),
+                Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_readable()?,
                 Err(e) => return Err(ReadError::Io(e)),

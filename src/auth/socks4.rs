@@ -68,6 +68,7 @@ pub fn handshake(c: &mut Client, policy: &Policy) -> Result<Request, Failure> {
         user: None,
         rules: None,
         reply: "socks4",
+        command: "connect",
     })
 }
 

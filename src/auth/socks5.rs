@@ -1,6 +1,6 @@
-//! SOCKS5 (RFC 1928) CONNECT, with the no-auth and username/password (RFC 1929)
-//! methods. Every field has a length we know before reading it, so exactly the request's
-//! bytes are read.
+//! SOCKS5 (RFC 1928) CONNECT, and BIND and UDP ASSOCIATE when they are enabled (`-B`,
+//! `-U`), with the no-auth and username/password (RFC 1929) methods. Every field has a
+//! length we know before reading it, so exactly the request's bytes are read.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -75,12 +75,13 @@ pub fn handshake(c: &mut Client, policy: &Policy) -> Result<Request, Failure> {
         }
         send(c, AUTH_OK)?;
     }
-    let target = read_request(c)?;
+    let (command, target) = read_request(c, policy)?;
     Ok(Request {
         target,
         user,
         rules,
         reply: "socks5",
+        command,
     })
 }
 
@@ -117,8 +118,10 @@ fn read_credentials(c: &mut Client) -> Result<(Vec<u8>, Secret), Failure> {
     Ok((name, password))
 }
 
-/// `05 CMD 00 ATYP DST.ADDR DST.PORT` -> the target text.
-fn read_request(c: &mut Client) -> Result<String, Failure> {
+/// `05 CMD 00 ATYP DST.ADDR DST.PORT` -> the command and the target text. For BIND the
+/// target is the peer expected to connect; for UDP ASSOCIATE what the client said it
+/// would send from, often all zeros (port 0 is accepted for both).
+fn read_request(c: &mut Client, policy: &Policy) -> Result<(&'static str, String), Failure> {
     let general = reply(REP_GENERAL);
     let trunc = |e: request::ReadError| e.fail("socks5", &general);
     let mut head = [0u8; 4];
@@ -131,13 +134,19 @@ fn read_request(c: &mut Client) -> Result<String, Failure> {
             format!("bad request version 0x{ver:02x}"),
         ));
     }
-    if cmd != 0x01 {
-        return Err(fail(
-            &reply(REP_COMMAND),
-            exit::POLICY,
-            format!("command 0x{cmd:02x} not supported"),
-        ));
-    }
+    let command = match cmd {
+        0x01 => "connect",
+        0x02 if policy.bind => "bind",
+        0x03 if policy.udp => "udp",
+        _ => {
+            let why = match cmd {
+                0x02 => "command BIND not enabled (-B)".to_string(),
+                0x03 => "command UDP ASSOCIATE not enabled (-U)".to_string(),
+                _ => format!("command 0x{cmd:02x} not supported"),
+            };
+            return Err(fail(&reply(REP_COMMAND), exit::POLICY, why));
+        }
+    };
     let host = match atyp {
         0x01 => {
             let mut a = [0u8; 4];
@@ -178,10 +187,10 @@ fn read_request(c: &mut Client) -> Result<String, Failure> {
     let mut p = [0u8; 2];
     c.read_exact(&mut p).map_err(trunc)?;
     let port = u16::from_be_bytes(p);
-    if port == 0 {
+    if port == 0 && command == "connect" {
         return Err(fail(&general, exit::POLICY, "target port 0"));
     }
-    Ok(request::target_text(&host, port))
+    Ok((command, request::target_text(&host, port)))
 }
 
 fn hex(b: &[u8]) -> String {

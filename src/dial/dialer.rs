@@ -1,7 +1,8 @@
 //! tcpsplice-dial's work: resolve the target, check client-chosen addresses against the
 //! rules, connect with a bound, put the connection on fds 6 and 7, describe it in the
 //! UCSPI variables (keeping the client in `TCPSPLICE_CLIENT`), answer a waiting SOCKS or
-//! HTTP client, and exec the next program.
+//! HTTP client, and exec the next program. A SOCKS5 BIND accepts the connection instead
+//! of making it (`bind`); a UDP ASSOCIATE makes this process the datagram relay (`udp`).
 
 use std::ffi::OsString;
 use std::io;
@@ -21,6 +22,18 @@ pub const TARGET_VAR: &str = "TCPSPLICE_TARGET";
 pub const REPLY_VAR: &str = "TCPSPLICE_REPLY";
 /// The variable carrying the user's own target rules.
 pub const RULES_VAR: &str = "TCPSPLICE_RULES";
+/// The variable naming what the client asked for: `connect`, `bind` or `udp`.
+pub const COMMAND_VAR: &str = "TCPSPLICE_COMMAND";
+
+/// What a client-chosen target is for (`TCPSPLICE_COMMAND`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Connect,
+    /// SOCKS5 BIND: accept one connection from the target.
+    Bind,
+    /// SOCKS5 UDP ASSOCIATE: relay datagrams.
+    Udp,
+}
 
 /// Which address families to try.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,6 +68,15 @@ pub struct Config {
     /// PROXY protocol version to send first, if any.
     pub proxy: Option<u8>,
     pub prog: Vec<OsString>,
+    /// BIND: how long to wait for the peer's connection (`-b`).
+    pub bind_timeout: Duration,
+    /// UDP ASSOCIATE: the idle timeout (`-i`).
+    pub udp_idle: Duration,
+    /// BIND and UDP ASSOCIATE: datagrams from any address may be the client's (`-m`).
+    pub udp_any_source: bool,
+    /// BIND and UDP ASSOCIATE: the address put in the reply instead of the bound one
+    /// (`-A`, behind NAT).
+    pub advertise: Option<IpAddr>,
 }
 
 /// Parses a port number (1 to 65535).
@@ -64,6 +86,16 @@ pub fn parse_port(s: &str) -> Option<u16> {
 
 /// Splits `host:port` or `[v6addr]:port`.
 pub fn split_target(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = split_endpoint(s)?;
+    if port == 0 {
+        return Err("not a port from 1 to 65535: 0".into());
+    }
+    Ok((host, port))
+}
+
+/// Splits `host:port` or `[v6addr]:port` where the port may be 0: the peer a BIND
+/// expects, or the address a UDP ASSOCIATE names, often all zeros.
+pub fn split_endpoint(s: &str) -> Result<(String, u16), String> {
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let (host, after) = rest.split_once(']').ok_or("no closing ]")?;
         let port = after.strip_prefix(':').ok_or("no :PORT after ]")?;
@@ -76,7 +108,9 @@ pub fn split_target(s: &str) -> Result<(String, u16), String> {
         (host, port)
     };
     let host = parse_host(host)?;
-    let port = parse_port(port).ok_or_else(|| format!("not a port from 1 to 65535: {port}"))?;
+    let port = port
+        .parse::<u16>()
+        .map_err(|_| format!("not a port from 0 to 65535: {port}"))?;
     Ok((host, port))
 }
 
@@ -145,12 +179,19 @@ fn save_client() -> (Option<SocketAddr>, Option<SocketAddr>) {
 }
 
 /// Ends the connection with the failure reply the client waits for, if it waits for one,
-/// then logs and exits.
+/// then logs and exits. A refusal by policy is the client's doing, not a fault of ours:
+/// a warning that names the client and the user, as tcpsplice-auth's refusals do.
 fn fail(style: Option<Style>, f: Failure, code: i32, msg: &str) -> ! {
     if let Some(style) = style {
         if sys::write_all(1, &reply::failure(style, f)).is_ok() {
             linger();
         }
+    }
+    if code == exit::POLICY {
+        let client = conninfo::client().unwrap_or_else(|| "-".into());
+        let user = std::env::var("TCPSPLICE_USER").unwrap_or_else(|_| "-".into());
+        diag::warn(&format!("refused client={client} user={user}: {msg}"));
+        std::process::exit(code)
     }
     diag::die(code, msg)
 }
@@ -189,36 +230,84 @@ fn linger() {
 }
 
 /// The target as the command line or the client named it.
-struct Target {
+pub(super) struct Target {
     host: String,
-    port: u16,
+    pub(super) port: u16,
     /// From the command line: connected to without checks.
     trusted: bool,
     /// `host:port` for messages.
-    shown: String,
+    pub(super) shown: String,
+}
+
+/// Judges one address of a client-chosen target: the rules and the deny list, then
+/// whether the routing table delivers it to this host although the interface list does
+/// not show it (`ip route add local 203.0.113.0/24 dev lo`, an address added since),
+/// which is judged as one of this host's own addresses, so an `-a` rule for it can
+/// still lift it. Ok(Err(why)) refuses it; Err: the routing table could not be asked.
+pub(super) fn judge(policy: &Policy, a: &SocketAddr) -> io::Result<Result<(), String>> {
+    if let Err(why) = policy.check(a) {
+        return Ok(Err(why));
+    }
+    if !connect::routes_to_this_host(a)? {
+        return Ok(Ok(()));
+    }
+    Ok(Policy {
+        allow: policy.allow,
+        user: policy.user,
+        own: &[a.ip()],
+    }
+    .check(a)
+    .map_err(|why| format!("{why} (a local route delivers it to this host)")))
 }
 
 /// One run: the configuration and the reply style, which every failure needs.
-struct Dial<'a> {
-    cfg: &'a Config,
-    style: Option<Style>,
+pub(super) struct Dial<'a> {
+    pub(super) cfg: &'a Config,
+    pub(super) style: Option<Style>,
 }
 
 impl Dial<'_> {
-    fn fail(&self, f: Failure, code: i32, msg: &str) -> ! {
+    pub(super) fn fail(&self, f: Failure, code: i32, msg: &str) -> ! {
         fail(self.style, f, code, msg)
     }
 
-    fn usage_fail(&self, msg: &str) -> ! {
+    pub(super) fn usage_fail(&self, msg: &str) -> ! {
         self.fail(Failure::General, exit::USAGE, msg)
     }
 
-    fn target(&self) -> Target {
+    /// What the client asked for: `TCPSPLICE_COMMAND` for a client-chosen target (unset:
+    /// connect); a target on the command line is always connected to.
+    fn command(&self) -> Command {
+        if self.cfg.fixed.is_some() {
+            return Command::Connect;
+        }
+        let c = match std::env::var(COMMAND_VAR).as_deref() {
+            Err(_) | Ok("") | Ok("connect") => Command::Connect,
+            Ok("bind") => Command::Bind,
+            Ok("udp") => Command::Udp,
+            Ok(other) => self.usage_fail(&format!(
+                "{COMMAND_VAR} must be connect, bind or udp, not {other:?}"
+            )),
+        };
+        if c != Command::Connect && self.style != Some(Style::Socks5) {
+            self.usage_fail(&format!(
+                "{COMMAND_VAR}={}: only a SOCKS5 client (TCPSPLICE_REPLY=socks5) can ask for it",
+                if c == Command::Bind { "bind" } else { "udp" }
+            ));
+        }
+        c
+    }
+
+    pub(super) fn target(&self, command: Command) -> Target {
         let (host, port, trusted) = match &self.cfg.fixed {
             Some((h, p)) => (h.clone(), *p, true),
             None => {
                 let t = std::env::var(TARGET_VAR).unwrap_or_default();
-                match split_target(&t) {
+                let parsed = match command {
+                    Command::Connect => split_target(&t),
+                    _ => split_endpoint(&t),
+                };
+                match parsed {
                     Ok((h, p)) => (h, p, false),
                     Err(e) => self.usage_fail(&format!("unable to use {TARGET_VAR} {t:?}: {e}")),
                 }
@@ -233,7 +322,7 @@ impl Dial<'_> {
         }
     }
 
-    fn source(&self, client_local: Option<SocketAddr>) -> Option<SocketAddr> {
+    pub(super) fn source(&self, client_local: Option<SocketAddr>) -> Option<SocketAddr> {
         match self.cfg.source {
             Source::Kernel => None,
             Source::Addr(a) => Some(a),
@@ -256,7 +345,7 @@ impl Dial<'_> {
     }
 
     /// The user's rules and this host's addresses, for a client-chosen target.
-    fn policy_inputs(&self) -> (Option<Vec<Rule>>, Vec<IpAddr>) {
+    pub(super) fn policy_inputs(&self) -> (Option<Vec<Rule>>, Vec<IpAddr>) {
         let user = self.user_rules();
         let own = own_addresses().unwrap_or_else(|e| {
             self.fail(
@@ -271,35 +360,9 @@ impl Dial<'_> {
         (user, own)
     }
 
-    /// Refuses an address that the routing table delivers to this host although the
-    /// interface list does not show it (`ip route add local 203.0.113.0/24 dev lo`, an
-    /// address added since), before anything connects to it. Judged as one of this
-    /// host's own addresses, so an `-a` rule for it can still lift it.
-    fn check_route(&self, policy: &Policy, a: &SocketAddr) -> Result<(), String> {
-        match connect::routes_to_this_host(a) {
-            Ok(false) => Ok(()),
-            Ok(true) => Policy {
-                allow: policy.allow,
-                user: policy.user,
-                own: &[a.ip()],
-            }
-            .check(a)
-            .map_err(|why| format!("{why} (a local route delivers it to this host)")),
-            Err(e) => self.fail(
-                Failure::General,
-                exit::TEMP,
-                &format!(
-                    "unable to ask the routing table about {}: {}",
-                    a.ip(),
-                    sys::strerror(&e)
-                ),
-            ),
-        }
-    }
-
     /// The addresses to try: resolved, of the wanted family, and for a client-chosen
     /// target allowed by the policy. Exits when none is left.
-    fn candidates(&self, t: &Target, source: Option<SocketAddr>) -> Vec<SocketAddr> {
+    pub(super) fn candidates(&self, t: &Target, source: Option<SocketAddr>) -> Vec<SocketAddr> {
         let (user, own) = if t.trusted {
             (None, Vec::new())
         } else {
@@ -339,12 +402,21 @@ impl Dial<'_> {
                 continue;
             }
             if !t.trusted {
-                if let Err(why) = policy
-                    .check(&a)
-                    .and_then(|()| self.check_route(&policy, &a))
-                {
-                    refusals.push((a, why));
-                    continue;
+                match judge(&policy, &a) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(why)) => {
+                        refusals.push((a, why));
+                        continue;
+                    }
+                    Err(e) => self.fail(
+                        Failure::General,
+                        exit::TEMP,
+                        &format!(
+                            "unable to ask the routing table about {}: {}",
+                            a.ip(),
+                            sys::strerror(&e)
+                        ),
+                    ),
                 }
             }
             out.push(a);
@@ -428,16 +500,18 @@ impl Dial<'_> {
     }
 
     /// Sends the PROXY header, puts the connection on fds 6 and 7, sets the environment,
-    /// answers the client, and execs the next program.
-    fn hand_over(
+    /// answers the client, and execs the next program. `accepted`: the connection is a
+    /// BIND's, from that peer, which the reply names (and no PROXY header is sent).
+    pub(super) fn hand_over(
         &self,
         sock: OwnedFd,
         peer: SocketAddr,
         client: Option<SocketAddr>,
         client_local: Option<SocketAddr>,
+        accepted: Option<SocketAddr>,
     ) -> i32 {
         let fd = sock.as_raw_fd();
-        if let Some(v) = self.cfg.proxy {
+        if let Some(v) = self.cfg.proxy.filter(|_| accepted.is_none()) {
             let header = if v == 1 {
                 proxyproto::v1(client, client_local)
             } else {
@@ -481,7 +555,7 @@ impl Dial<'_> {
             std::env::remove_var(v);
         }
         if let Some(style) = self.style {
-            if let Err(e) = sys::write_all(1, &reply::success(style, local)) {
+            if let Err(e) = sys::write_all(1, &reply::success(style, accepted.or(local))) {
                 diag::die_sys(exit::TEMP, "send the reply to the client", &e);
             }
         }
@@ -502,11 +576,16 @@ pub fn run(cfg: &Config) -> i32 {
     for v in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
         std::env::remove_var(v);
     }
-    let target = d.target();
+    match d.command() {
+        Command::Connect => {}
+        Command::Bind => return super::bind::run(&d, client, client_local),
+        Command::Udp => super::udp::start(&d, client),
+    }
+    let target = d.target(Command::Connect);
     let source = d.source(client_local);
     let addrs = d.candidates(&target, source);
     let (sock, peer) = d.connect(&target, &addrs, source);
-    d.hand_over(sock, peer, client, client_local)
+    d.hand_over(sock, peer, client, client_local, None)
 }
 
 #[cfg(test)]

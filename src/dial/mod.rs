@@ -5,16 +5,19 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+mod bind;
 pub mod connect;
 pub mod dialer;
 pub mod proxyproto;
 pub mod reply;
+pub mod udp;
 
 use crate::rules::Rule;
 use crate::{args, chain, diag, sys};
 use dialer::{Config, Family, Source};
 
-const USAGE: &str = "tcpsplice-dial [-46Dk] [-a rule]... [-t seconds] [-s addr|auto] [-p 1|2] \
+const USAGE: &str = "tcpsplice-dial [-46Dkm] [-a rule]... [-t seconds] [-s addr|auto] [-p 1|2] \
+                     [-b seconds] [-i seconds] [-A addr] \
                      host port prog... (or prog... with TCPSPLICE_TARGET set)";
 
 fn parse_source(s: &str) -> Option<Source> {
@@ -43,6 +46,15 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     o.optopt("t", "", "connect timeout", "SECONDS");
     o.optopt("s", "", "source address", "ADDR");
     o.optopt("p", "", "send a PROXY protocol header", "1|2");
+    o.optopt("b", "", "BIND: how long to wait for the peer", "SECONDS");
+    o.optopt("i", "", "UDP ASSOCIATE: idle timeout", "SECONDS");
+    o.optflag("m", "", "UDP ASSOCIATE: client datagrams from any address");
+    o.optopt(
+        "A",
+        "",
+        "BIND, UDP ASSOCIATE: the address in the reply",
+        "IP",
+    );
     let m = args::parse(&o, &argv, USAGE);
     let family = match (m.opt_present("4"), m.opt_present("6")) {
         (true, true) => diag::usage("-4 and -6 exclude each other"),
@@ -55,12 +67,23 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         .iter()
         .map(|r| Rule::parse(r).unwrap_or_else(|e| diag::usage(&format!("-a: {e}"))))
         .collect();
-    let timeout = match m.opt_str("t") {
-        None => Duration::from_secs(10),
+    let positive = |name: &str, default: u64| match m.opt_str(name) {
+        None => Duration::from_secs(default),
         Some(s) => args::seconds(&s)
             .filter(|d| !d.is_zero())
-            .unwrap_or_else(|| diag::usage(&format!("-t: not a number of seconds above 0: {s}"))),
+            .unwrap_or_else(|| {
+                diag::usage(&format!("-{name}: not a number of seconds above 0: {s}"))
+            }),
     };
+    let timeout = positive("t", 10);
+    let bind_timeout = positive("b", 60);
+    let udp_idle = positive("i", 60);
+    let advertise = m.opt_str("A").map(|s| {
+        dialer::parse_host(&s)
+            .ok()
+            .and_then(|h| h.parse::<std::net::IpAddr>().ok())
+            .unwrap_or_else(|| diag::usage(&format!("-A: not an IP address: {s}")))
+    });
     let source = match m.opt_str("s") {
         None => Source::Kernel,
         Some(s) => parse_source(&s).unwrap_or_else(|| {
@@ -74,6 +97,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         Some(s) => diag::usage(&format!("-p: PROXY protocol version must be 1 or 2: {s}")),
     };
     let (nodelay, keepalive) = (m.opt_present("D"), m.opt_present("k"));
+    let udp_any_source = m.opt_present("m");
     let mut free = m.free;
     let fixed = if std::env::var_os(dialer::TARGET_VAR).is_some_and(|v| !v.is_empty()) {
         None
@@ -91,6 +115,9 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     if free.is_empty() {
         diag::usage(USAGE);
     }
+    if chain::checking() {
+        return chain::check(&free.iter().map(OsString::from).collect::<Vec<_>>());
+    }
     dialer::run(&Config {
         fixed,
         allow,
@@ -101,5 +128,9 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         keepalive,
         proxy,
         prog: free.into_iter().map(OsString::from).collect(),
+        bind_timeout,
+        udp_idle,
+        udp_any_source,
+        advertise,
     })
 }

@@ -109,6 +109,12 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     if m.free.is_empty() {
         diag::usage(USAGE);
     }
+    let next: Vec<OsString> = m.free.iter().map(OsString::from).collect();
+    if chain::checking() {
+        // tcpsplice-listen checking its chain at start: no connection to read from;
+        // the rest of the command line checks itself as it will run.
+        return chain::check(&next);
+    }
     if !sys::fd_is_open(0) {
         diag::die(exit::USAGE, "unable to use fd 0: it is not open");
     }
@@ -167,7 +173,6 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         // The balancer's own connection: described as any connection is.
         Header::Local => conninfo::fill_from_socket(0),
     }
-    let next: Vec<OsString> = m.free.iter().map(OsString::from).collect();
     chain::exec(&next)
 }
 
