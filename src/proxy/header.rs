@@ -81,8 +81,12 @@ fn v1(b: &[u8]) -> Parse {
     if lf < V1_PREFIX.len() + 1 || b[lf - 1] != b'\r' {
         return Parse::Bad("v1 header not ended by CRLF");
     }
-    let Ok(line) = std::str::from_utf8(&b[V1_PREFIX.len()..lf - 1]) else {
-        return Parse::Bad("v1 header is not ASCII");
+    let line = &b[V1_PREFIX.len()..lf - 1];
+    if !line.iter().all(|&c| (0x20..0x7f).contains(&c)) {
+        return Parse::Bad("v1 header is not printable ASCII");
+    }
+    let Ok(line) = std::str::from_utf8(line) else {
+        return Parse::Bad("v1 header is not printable ASCII");
     };
     // UNKNOWN: the rest of the line is to be ignored (the spec).
     if line == "UNKNOWN" || line.starts_with("UNKNOWN ") {
@@ -120,9 +124,10 @@ fn v1(b: &[u8]) -> Parse {
     )
 }
 
-/// A decimal port: digits only (no sign, no space), at most 65535.
+/// A decimal port: digits only (no sign, no space, no leading zero), at most 65535.
 fn port(s: &str) -> Option<u16> {
-    if s.is_empty() || s.len() > 5 || !s.bytes().all(|c| c.is_ascii_digit()) {
+    let canonical = s == "0" || !s.starts_with('0');
+    if s.is_empty() || s.len() > 5 || !canonical || !s.bytes().all(|c| c.is_ascii_digit()) {
         return None;
     }
     s.parse().ok()
@@ -157,8 +162,9 @@ fn v2(b: &[u8]) -> Parse {
     }
     let a = &b[16..total];
     let header = match b[13] {
-        // UNSPEC: the balancer does not know; the connection's own addresses stand.
-        0x00 => Header::Local,
+        // Family UNSPEC: the balancer does not know; the connection's own addresses
+        // stand.
+        0x00..=0x0f => Header::Local,
         0x11 if len >= 12 => {
             let ip = |i: usize| IpAddr::V4(Ipv4Addr::new(a[i], a[i + 1], a[i + 2], a[i + 3]));
             Header::Proxied {
@@ -324,6 +330,9 @@ mod tests {
             b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n",
             b"PROXY \r\n",
             b"PROXY TCP4 1.2.3.4 5.6.7.8 1 \xff\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n",
+            b"PROXY UNKNOWN \x01\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r2\r\n",
         ] {
             assert!(
                 matches!(parse(bad), Parse::Bad(_)),
