@@ -12,7 +12,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "corpus")
 rng = random.Random(14)
 
-seeds = {t: [] for t in ("handshake", "users", "hash", "rules", "proxy", "udp")}
+seeds = {t: [] for t in ("handshake", "users", "hash", "rules", "proxy", "udp", "proxyin")}
 
 # handshake: a configuration byte, a piece size, then the client's bytes
 # (fuzz/src/handshake.rs).
@@ -103,6 +103,23 @@ seeds["udp"] += [
     bytes([0, 0, 1, 1, 127, 0, 0, 1, 0, 7]) + b"fragment",
     bytes([0, 0, 0, 3, 3]) + b"a b" + bytes([0, 1]),
     bytes([0, 0, 0, 9, 1, 2, 3]),
+]
+
+# proxyin: a control byte (bit 7 a pipe; the rest the size of the pieces, 0 at once),
+# then what a balancer sends: a header and the client's first bytes.
+SIG = b"\r\n\r\n\0\r\nQUIT\n"
+V4_BODY = bytes([192, 0, 2, 1, 127, 0, 0, 1]) + struct.pack(">HH", 56324, 1080)
+V6_BODY = V6 + bytes(15) + b"\x01" + struct.pack(">HH", 443, 1080)
+seeds["proxyin"] += [
+    b"\x00PROXY TCP4 192.0.2.1 127.0.0.1 56324 1080\r\n\x05\x01\x00",
+    b"\x07PROXY TCP6 2001:db8::1 ::1 443 1080\r\nGET / HTTP/1.1\r\n\r\n",
+    b"\x81PROXY UNKNOWN\r\nhello",
+    b"\x00" + SIG + b"\x21\x11\x00\x0c" + V4_BODY + b"\x05\x01\x02",
+    b"\x85" + SIG + b"\x21\x21\x00\x29" + V6_BODY + b"\x04\x00\x02ab" + b"data",
+    b"\x03" + SIG + b"\x20\x00\x00\x00",
+    b"\x00" + SIG + b"\x21\x00\x00\x00" + SIG,
+    b"\x01PROXY TCP4 1.2.3.4 5.6.7.8 1",
+    b"\x00" + SIG + b"\x21\x12\x00\x0c" + V4_BODY,
 ]
 
 for target, inputs in seeds.items():

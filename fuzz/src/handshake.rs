@@ -438,18 +438,18 @@ fn model_after_empty_line(s: &[u8], cfg: &Config) -> Model {
     }
 }
 
-fn check<T>(r: io::Result<T>, what: &str) -> T {
+pub fn check<T>(r: io::Result<T>, what: &str) -> T {
     r.unwrap_or_else(|e| panic!("harness: unable to {what}: {e}"))
 }
 
-fn cvt(r: libc::c_int, what: &str) -> libc::c_int {
+pub fn cvt(r: libc::c_int, what: &str) -> libc::c_int {
     if r < 0 {
         check::<()>(Err(io::Error::last_os_error()), what);
     }
     r
 }
 
-fn write_all(fd: RawFd, mut b: &[u8]) {
+pub fn write_all(fd: RawFd, mut b: &[u8]) {
     while !b.is_empty() {
         // SAFETY: writes from memory we own, at most b.len() bytes.
         let n = unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
@@ -476,7 +476,7 @@ fn read_to_end(fd: RawFd) -> Vec<u8> {
     }
 }
 
-fn owned(fd: RawFd) -> OwnedFd {
+pub fn owned(fd: RawFd) -> OwnedFd {
     // SAFETY: fd was just returned to us by the kernel and is owned by nothing else.
     unsafe { OwnedFd::from_raw_fd(fd) }
 }

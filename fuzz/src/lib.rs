@@ -9,12 +9,15 @@
 //! - [`rules`]: target rules and the deny list, against a list of dangerous addresses
 //!   kept here.
 //! - [`proxy`]: the PROXY header, read back by a parser written here.
+//! - [`proxyin`]: the PROXY header received from a load balancer, against a reference
+//!   reading, and taken off a socketpair or a pipe without a byte past it.
 //! - [`udp`]: the SOCKS5 UDP datagram header, against a reference reading.
 
 pub mod bytes;
 pub mod handshake;
 pub mod hash;
 pub mod proxy;
+pub mod proxyin;
 pub mod rules;
 pub mod udp;
 pub mod users;

@@ -89,7 +89,7 @@ fn expected(src: Option<SocketAddr>, dst: Option<SocketAddr>) -> Header {
 }
 
 /// A decimal number without leading zeros, at most `max`.
-fn decimal(s: &str, max: u32) -> Option<u32> {
+pub fn decimal(s: &str, max: u32) -> Option<u32> {
     let ok = !s.is_empty()
         && s.len() <= 5
         && s.bytes().all(|b| b.is_ascii_digit())
@@ -97,7 +97,7 @@ fn decimal(s: &str, max: u32) -> Option<u32> {
     ok.then(|| s.parse().ok()).flatten().filter(|&n| n <= max)
 }
 
-fn dotted_quad(s: &str) -> Option<Ipv4Addr> {
+pub fn dotted_quad(s: &str) -> Option<Ipv4Addr> {
     let parts: Vec<&str> = s.split('.').collect();
     if parts.len() != 4 {
         return None;
