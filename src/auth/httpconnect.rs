@@ -23,7 +23,7 @@ fn fail(status: &str, extra: &str, code: i32, why: impl Into<String>) -> Failure
     Failure::new("http", &response(status, extra), code, why)
 }
 
-fn bad_request(why: impl Into<String>) -> Failure {
+pub(super) fn bad_request(why: impl Into<String>) -> Failure {
     fail("400 Bad Request", "", exit::POLICY, why)
 }
 
@@ -55,6 +55,9 @@ pub fn handshake(c: &mut Client, policy: &Policy, first: u8) -> Result<Request, 
         ));
     }
     let head = read_head(c, first, policy.head_cap)?;
+    if crate::http::is_absolute_form(head.as_bytes()) {
+        return super::httpforward::handshake(policy, head.as_bytes());
+    }
     let Ok(text) = std::str::from_utf8(head.as_bytes()) else {
         return Err(bad_request("request head is not UTF-8"));
     };
@@ -96,6 +99,21 @@ pub fn handshake(c: &mut Client, policy: &Policy, first: u8) -> Result<Request, 
             authorization = Some(value.trim_matches([' ', '\t']));
         }
     }
+    let (user, rules) = login(policy, authorization)?;
+    Ok(Request {
+        target,
+        user,
+        rules,
+        reply: "http",
+    })
+}
+
+/// Checks the `Proxy-Authorization` value (if any) against the policy: Ok(user, rules),
+/// or the 407 (or 503) to answer.
+pub(super) fn login(
+    policy: &Policy,
+    authorization: Option<&str>,
+) -> Result<(Option<String>, Option<String>), Failure> {
     let mut user = None;
     let mut rules = None;
     match (policy.checker.is_some(), authorization) {
@@ -119,12 +137,7 @@ pub fn handshake(c: &mut Client, policy: &Policy, first: u8) -> Result<Request, 
         (_, _) if policy.anonymous => {}
         (_, _) => return Err(challenge("no credentials")),
     }
-    Ok(Request {
-        target,
-        user,
-        rules,
-        reply: "http",
-    })
+    Ok((user, rules))
 }
 
 /// Reads the head up to and including its CRLF CRLF, never further.

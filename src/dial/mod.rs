@@ -7,6 +7,7 @@ use std::time::Duration;
 
 pub mod connect;
 pub mod dialer;
+pub mod forward;
 pub mod proxyproto;
 pub mod reply;
 

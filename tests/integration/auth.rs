@@ -566,7 +566,7 @@ fn http_refusals() {
             1,
         ),
         (
-            b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n".to_vec(),
+            b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n".to_vec(),
             "405 ",
             1,
         ),

@@ -6,6 +6,7 @@ mod util;
 mod auth;
 mod chain;
 mod dial;
+mod http;
 mod listen;
 mod logins;
 mod splice;
