@@ -53,15 +53,26 @@ struct Origin {
     seen: Arc<Mutex<Vec<Arc<Mutex<Seen>>>>>,
     /// Connections whose peer has closed.
     closed: Arc<Mutex<usize>>,
+    /// Serves GET and HEAD of `/PATH` from this directory when set.
+    root: Option<Arc<PathBuf>>,
 }
 
 impl Origin {
     fn start() -> Origin {
+        Origin::serving(None)
+    }
+
+    fn files(root: &std::path::Path) -> Origin {
+        Origin::serving(Some(root.to_path_buf()))
+    }
+
+    fn serving(root: Option<PathBuf>) -> Origin {
         let (l, a) = util::listener();
         let o = Origin {
             port: a.port(),
             seen: Arc::new(Mutex::new(Vec::new())),
             closed: Arc::new(Mutex::new(0)),
+            root: root.map(Arc::new),
         };
         let o2 = o.clone();
         std::thread::spawn(move || accept_loop(l, o2));
@@ -101,8 +112,9 @@ fn accept_loop(l: TcpListener, o: Origin) {
         let seen = Arc::new(Mutex::new(Seen::default()));
         o.seen.lock().expect("lock").push(seen.clone());
         let closed = o.closed.clone();
+        let root = o.root.clone();
         std::thread::spawn(move || {
-            serve(s, &seen);
+            serve(s, &seen, root.as_deref());
             *closed.lock().expect("lock") += 1;
         });
     }
@@ -133,7 +145,31 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-fn serve(mut s: TcpStream, seen: &Mutex<Seen>) {
+/// A file under `root` for a request path: (status line, content type, content).
+fn file_response(root: &std::path::Path, path: &str) -> (&'static str, &'static str, Vec<u8>) {
+    let path = path.split('?').next().unwrap_or("");
+    let mut p = root.to_path_buf();
+    for part in path.split('/').filter(|s| !s.is_empty()) {
+        if part == ".." {
+            return ("404 Not Found", "text/plain", b"no\n".to_vec());
+        }
+        p.push(part);
+    }
+    if p.is_dir() {
+        p.push("index.html");
+    }
+    let kind = if p.extension().is_some_and(|e| e == "html") {
+        "text/html"
+    } else {
+        "application/octet-stream"
+    };
+    match std::fs::read(&p) {
+        Ok(data) => ("200 OK", kind, data),
+        Err(_) => ("404 Not Found", "text/plain", b"no\n".to_vec()),
+    }
+}
+
+fn serve(mut s: TcpStream, seen: &Mutex<Seen>, root: Option<&PathBuf>) {
     let _ = s.set_read_timeout(Some(LIMIT));
     let mut buf = Vec::new();
     let head_end = loop {
@@ -204,7 +240,13 @@ fn serve(mut s: TcpStream, seen: &Mutex<Seen>) {
         std::thread::sleep(Duration::from_secs(5));
         return;
     }
-    let (extra, payload) = if method == "POST" || method == "PUT" {
+    let mut status = "200 OK";
+    let mut kind = "text/plain";
+    let (extra, payload) = if let Some(root) = root {
+        let (st, k, data) = file_response(root, &path);
+        (status, kind) = (st, k);
+        (String::new(), data)
+    } else if method == "POST" || method == "PUT" {
         let (h, n) = util::hash_of(&body);
         (String::new(), format!("got {n} {h:x}\n").into_bytes())
     } else if let Some(n) = path.strip_prefix("/pattern/") {
@@ -217,7 +259,7 @@ fn serve(mut s: TcpStream, seen: &Mutex<Seen>) {
         )
     };
     let resp_head = format!(
-        "HTTP/1.1 200 OK\r\n{extra}Content-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+        "HTTP/1.1 {status}\r\n{extra}Content-Type: {kind}\r\nContent-Length: {}\r\n\r\n",
         payload.len()
     );
     let _ = s.write_all(resp_head.as_bytes());
@@ -802,4 +844,226 @@ fn auth_exports_the_rewritten_head_and_leaves_the_body_unread() {
         "{}",
         r.show()
     );
+}
+
+/// Every connection the origin had carried exactly one request and no proxy header.
+fn one_request_each(conns: &[Vec<u8>]) {
+    assert!(!conns.is_empty());
+    for c in conns {
+        let text = String::from_utf8_lossy(c);
+        assert_eq!(text.matches(" HTTP/1.").count(), 1, "{text}");
+        assert!(!text.to_ascii_lowercase().contains("proxy-"), "{text}");
+    }
+}
+
+fn sh(dir: &std::path::Path, script: &str) {
+    let r = run(
+        "sh",
+        &["-ec".into(), format!("cd '{}'; {script}", dir.display())],
+        &[],
+    );
+    r.expect_code(0);
+}
+
+#[test]
+fn apt_get_update_and_download_from_a_flat_repository() {
+    let dir = scratch("apt");
+    let repo = dir.join("repo");
+    let pkg = dir.join("pkg");
+    std::fs::create_dir_all(pkg.join("DEBIAN")).expect("mkdir");
+    std::fs::create_dir_all(pkg.join("usr/share/tcpsplice-demo")).expect("mkdir");
+    std::fs::create_dir_all(&repo).expect("mkdir");
+    std::fs::write(
+        pkg.join("DEBIAN/control"),
+        "Package: tcpsplice-demo\nVersion: 1.0\nArchitecture: all\n\
+         Maintainer: t <t@example.com>\nDescription: test package\n",
+    )
+    .expect("control");
+    std::fs::write(
+        pkg.join("usr/share/tcpsplice-demo/data"),
+        util::pattern(3, 300_000),
+    )
+    .expect("data");
+    sh(
+        &dir,
+        "dpkg-deb -Znone --build pkg repo/tcpsplice-demo_1.0_all.deb >/dev/null; cd repo; \
+         apt-ftparchive packages . > Packages; gzip -k Packages; \
+         apt-ftparchive release . > Release",
+    );
+    let proxy = Proxy::loopback(&users(&dir));
+    let origin = Origin::files(&repo);
+    let state = dir.join("state");
+    for d in ["lists/partial", "cache/archives/partial"] {
+        std::fs::create_dir_all(state.join(d)).expect("mkdir");
+    }
+    let sources = dir.join("sources.list");
+    std::fs::write(
+        &sources,
+        format!("deb [trusted=yes] http://127.0.0.1:{}/ ./\n", origin.port),
+    )
+    .expect("sources");
+    let status = dir.join("status");
+    std::fs::write(&status, "").expect("status");
+    let opts = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            format!("Dir::Etc::SourceList={}", sources.display()),
+            "Dir::Etc::SourceParts=/nonexistent".into(),
+            format!("Dir::State={}", state.display()),
+            format!("Dir::State::Lists={}", state.join("lists").display()),
+            format!("Dir::State::status={}", status.display()),
+            format!("Dir::Cache={}", state.join("cache").display()),
+            "Debug::NoLocking=1".into(),
+            "APT::Sandbox::User=root".into(),
+            "Acquire::Retries=3".into(),
+            "Acquire::http::Timeout=20".into(),
+            "Acquire::http::Pipeline-Depth=5".into(),
+            format!(
+                "Acquire::http::Proxy=http://{USER}:{PW}@127.0.0.1:{}/",
+                proxy.port
+            ),
+        ]
+        .into_iter()
+        .flat_map(|o| ["-o".to_string(), o])
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let r = run("apt-get", &opts(&["-q", "update"]), &[]);
+    r.expect_code(0);
+    let lists = std::fs::read_dir(state.join("lists"))
+        .expect("lists")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect::<Vec<_>>();
+    assert!(
+        lists.iter().any(|n| n.contains("_Packages")),
+        "{lists:?}{}",
+        r.show()
+    );
+    let r = run(
+        "sh",
+        &[
+            "-c".into(),
+            format!("cd '{}' && exec \"$@\"", dir.display()),
+            "sh".into(),
+            "apt-get".into(),
+        ]
+        .into_iter()
+        .chain(opts(&["-q", "download", "tcpsplice-demo"]))
+        .collect::<Vec<_>>(),
+        &[],
+    );
+    r.expect_code(0);
+    let got = std::fs::read(dir.join("tcpsplice-demo_1.0_all.deb")).expect("downloaded .deb");
+    let want = std::fs::read(repo.join("tcpsplice-demo_1.0_all.deb")).expect("repo .deb");
+    assert_eq!(util::hash_of(&got), util::hash_of(&want));
+    let log = proxy.log();
+    assert!(
+        log.contains(&format!("user={USER} target=127.0.0.1:{}", origin.port)),
+        "{log}"
+    );
+    one_request_each(&origin.connections());
+}
+
+#[test]
+fn git_clone_over_dumb_http() {
+    let dir = scratch("git");
+    let srv = dir.join("srv");
+    std::fs::create_dir_all(&srv).expect("mkdir");
+    std::fs::write(dir.join("big"), util::pattern(5, 500_000)).expect("file");
+    sh(
+        &dir,
+        "git init -q work; cp big work/; cd work; git add big; \
+         git -c user.name=t -c user.email=t@example.com commit -qm one; cd ..; \
+         git clone -q --bare work srv/repo.git; cd srv/repo.git; git gc -q; \
+         git update-server-info",
+    );
+    let proxy = Proxy::loopback(&users(&dir));
+    let origin = Origin::files(&srv);
+    let dest = dir.join("clone");
+    let r = run(
+        "git",
+        &[
+            "-c".into(),
+            format!("http.proxy=http://{USER}:{PW}@127.0.0.1:{}", proxy.port),
+            "clone".into(),
+            "-q".into(),
+            format!("http://127.0.0.1:{}/repo.git", origin.port),
+            dest.display().to_string(),
+        ],
+        &[("GIT_TERMINAL_PROMPT", "0".into())],
+    );
+    r.expect_code(0);
+    let got = std::fs::read(dest.join("big")).expect("cloned file");
+    assert_eq!(
+        util::hash_of(&got),
+        util::hash_of(&util::pattern(5, 500_000))
+    );
+    one_request_each(&origin.connections());
+}
+
+#[test]
+fn pip_download_from_a_simple_index() {
+    let dir = scratch("pip");
+    let srv = dir.join("srv");
+    std::fs::create_dir_all(srv.join("simple/demo-pkg")).expect("mkdir");
+    let wheel = "demo_pkg-1.0-py3-none-any.whl";
+    sh(
+        &dir,
+        &format!(
+            "python3 - <<'PY'\n\
+import zipfile\n\
+z = zipfile.ZipFile('srv/{wheel}', 'w')\n\
+z.writestr('demo_pkg/__init__.py', 'x = 1\\n' * 1000)\n\
+z.writestr('demo_pkg-1.0.dist-info/METADATA', 'Metadata-Version: 2.1\\nName: demo-pkg\\nVersion: 1.0\\n')\n\
+z.writestr('demo_pkg-1.0.dist-info/WHEEL', 'Wheel-Version: 1.0\\nGenerator: t\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n')\n\
+z.writestr('demo_pkg-1.0.dist-info/RECORD', '')\n\
+z.close()\n\
+PY"
+        ),
+    );
+    std::fs::write(
+        srv.join("simple/demo-pkg/index.html"),
+        format!("<!DOCTYPE html><html><body><a href=\"../../{wheel}\">{wheel}</a></body></html>\n"),
+    )
+    .expect("index");
+    let proxy = Proxy::loopback(&users(&dir));
+    let origin = Origin::files(&srv);
+    let dest = dir.join("dl");
+    let r = run(
+        "python3",
+        &[
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--no-cache-dir",
+            "--disable-pip-version-check",
+            "--retries",
+            "0",
+            "--timeout",
+            "20",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            "--proxy".into(),
+            format!("http://{USER}:{PW}@127.0.0.1:{}", proxy.port),
+            "--index-url".into(),
+            format!("http://127.0.0.1:{}/simple/", origin.port),
+            "--trusted-host".into(),
+            "127.0.0.1".into(),
+            "-d".into(),
+            dest.display().to_string(),
+            "demo-pkg==1.0".into(),
+        ])
+        .collect::<Vec<_>>(),
+        &[("PIP_CONFIG_FILE", "/dev/null".into())],
+    );
+    r.expect_code(0);
+    let got = std::fs::read(dest.join(wheel)).expect("downloaded wheel");
+    let want = std::fs::read(srv.join(wheel)).expect("wheel");
+    assert_eq!(got, want);
+    one_request_each(&origin.connections());
 }
