@@ -34,6 +34,8 @@ enum Stop {
     Idle,
     /// The client's chunked framing is broken.
     Bad(&'static str),
+    /// The origin answered (or closed) before the request body was all sent.
+    Early,
 }
 
 /// Bytes between descriptors: splice through one pipe, or a copy where splice cannot.
@@ -44,6 +46,9 @@ struct Mover {
     copy: bool,
     buf: Vec<u8>,
     pipe_seen: usize,
+    /// While the request body moves: the origin's read side, watched with every wait,
+    /// so that an early response (a 413 to an upload it will not read) ends the body.
+    early: Option<RawFd>,
 }
 
 fn side_of(cfg: &Config, fd: RawFd) -> Side {
@@ -56,14 +61,24 @@ fn side_of(cfg: &Config, fd: RawFd) -> Side {
 
 impl Mover {
     fn wait(&self, fd: RawFd, events: i16) -> Result<(), Stop> {
-        let mut p = [libc::pollfd {
-            fd,
-            events,
-            revents: 0,
-        }];
+        let origin = self.early.unwrap_or(-1);
+        let mut p = [
+            libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: origin,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let n = if origin >= 0 { 2 } else { 1 };
         loop {
-            match sys::poll(&mut p, self.idle) {
+            match sys::poll(&mut p[..n], self.idle) {
                 Ok(0) => return Err(Stop::Idle),
+                Ok(_) if n == 2 && p[1].revents != 0 => return Err(Stop::Early),
                 Ok(_) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(Stop::Err(Side::Client, e)),
@@ -307,6 +322,7 @@ fn end_of(stop: Stop) -> End {
             err: io::Error::new(io::ErrorKind::UnexpectedEof, "end of file in a message"),
         },
         Stop::Err(side, err) => End::Reset { side, err },
+        Stop::Early => End::Clean,
     }
 }
 
@@ -366,13 +382,16 @@ pub fn run(cfg: &Config, body: Body) -> io::Result<Outcome> {
         copy: cfg.copy_only,
         buf: Vec::new(),
         pipe_seen: 0,
+        early: Some(cfg.target_in),
     };
     let (mut up, mut down) = (0u64, 0u64);
     let mut end = End::Clean;
-    match forward_body(&mut m, cfg, body, &mut up) {
+    let sent = forward_body(&mut m, cfg, body, &mut up);
+    m.early = None;
+    match sent {
         Ok(()) => {}
-        // The origin stopped reading: its response may say why.
-        Err(Stop::Eof(Side::Target)) | Err(Stop::Err(Side::Target, _)) => {}
+        // The origin answered early or stopped reading: its response may say why.
+        Err(Stop::Early) | Err(Stop::Eof(Side::Target)) | Err(Stop::Err(Side::Target, _)) => {}
         Err(stop) => {
             // The request cannot be completed: the origin must not take a part of it
             // for the whole, and the client learns of it if it still listens.

@@ -183,6 +183,14 @@ fn serve(mut s: TcpStream, seen: &Mutex<Seen>, root: Option<&PathBuf>) {
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
     let lower = head.to_ascii_lowercase();
     let path = head.split(' ').nth(1).unwrap_or("").to_string();
+    if path == "/reject" {
+        // Refuses an upload without reading it, and holds the connection a while.
+        let _ = s.write_all(
+            b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbig\n",
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        return;
+    }
     let mut body = Vec::new();
     let mut rest = buf.split_off(head_end);
     if let Some(cl) = lower
@@ -1066,4 +1074,45 @@ PY"
     let want = std::fs::read(srv.join(wheel)).expect("wheel");
     assert_eq!(got, want);
     one_request_each(&origin.connections());
+}
+
+#[test]
+fn an_early_response_to_an_upload_reaches_the_client() {
+    let dir = scratch("early");
+    let proxy = Proxy::loopback(&users(&dir));
+    let origin = Origin::start();
+    let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).expect("connect proxy");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let len = 64 << 20;
+    let head = format!(
+        "PUT {} HTTP/1.1\r\nProxy-Authorization: {}\r\nContent-Length: {len}\r\n\r\n",
+        origin.url("/reject"),
+        basic()
+    );
+    let mut w = s.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(head.as_bytes());
+        let _ = util::send_pattern(&mut w, 1, len);
+    });
+    // The response comes while the origin still holds the connection (3 s).
+    let t = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"\r\n\r\nbig\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(
+        text.starts_with("HTTP/1.1 413 ") && text.ends_with("\r\n\r\nbig\n"),
+        "{text:?} after {:?}; {}",
+        t.elapsed(),
+        proxy.log()
+    );
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    drop(s);
+    let _ = writer.join();
 }
