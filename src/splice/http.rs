@@ -224,12 +224,18 @@ impl Mover {
     }
 }
 
-impl Drop for Mover {
-    fn drop(&mut self) {
+impl Mover {
+    fn drop_pipe(&mut self) {
         if let Some((r, w, _)) = self.pipe.take() {
             sys::close(r);
             sys::close(w);
         }
+    }
+}
+
+impl Drop for Mover {
+    fn drop(&mut self) {
+        self.drop_pipe();
     }
 }
 
@@ -388,6 +394,10 @@ pub fn run(cfg: &Config, body: Body) -> io::Result<Outcome> {
     let mut end = End::Clean;
     let sent = forward_body(&mut m, cfg, body, &mut up);
     m.early = None;
+    if sent.is_err() {
+        // It may hold the client's bytes that never went out: not for the response.
+        m.drop_pipe();
+    }
     match sent {
         Ok(()) => {}
         // The origin answered early or stopped reading: its response may say why.
@@ -416,7 +426,12 @@ pub fn run(cfg: &Config, body: Body) -> io::Result<Outcome> {
             down += n;
             match m.relay(cfg, cfg.target_in, cfg.client_out, None) {
                 Ok(n) => down += n,
-                Err(stop) => end = end_of(stop),
+                Err(stop) => {
+                    // A response cut short must not look complete to the client (its
+                    // body may be delimited by the close): it gets a reset.
+                    let _ = sys::reset_connection(cfg.client_out);
+                    return Ok(outcome(&m, end_of(stop), up, down, start));
+                }
             }
         }
         Err((stop, status)) => {
