@@ -11,6 +11,7 @@
 //! down and what it still sends is read and dropped for a short while, so that no reset
 //! destroys the response's tail in its buffer.
 
+use std::cell::Cell;
 use std::io;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
@@ -36,6 +37,8 @@ enum Stop {
     Bad(&'static str),
     /// The origin answered (or closed) before the request body was all sent.
     Early,
+    /// The grace after this signal ran out.
+    Signal(i32),
 }
 
 /// Bytes between descriptors: splice through one pipe, or a copy where splice cannot.
@@ -49,6 +52,11 @@ struct Mover {
     /// While the request body moves: the origin's read side, watched with every wait,
     /// so that an early response (a 413 to an upload it will not read) ends the body.
     early: Option<RawFd>,
+    /// SIGTERM, SIGINT, SIGHUP: the request goes on for `grace`, then ends.
+    signals: sys::SignalFd,
+    grace: Duration,
+    stop_at: Cell<Option<Instant>>,
+    signo: Cell<i32>,
 }
 
 fn side_of(cfg: &Config, fd: RawFd) -> Side {
@@ -60,26 +68,53 @@ fn side_of(cfg: &Config, fd: RawFd) -> Side {
 }
 
 impl Mover {
+    /// Waits for `events` on `fd`, and for an early answer of the origin while the body
+    /// moves; bounded by the idle timeout and, after a signal, by the grace.
     fn wait(&self, fd: RawFd, events: i16) -> Result<(), Stop> {
-        let origin = self.early.unwrap_or(-1);
+        let pfd = |fd, events| libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
         let mut p = [
-            libc::pollfd {
-                fd,
-                events,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: origin,
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            pfd(fd, events),
+            pfd(self.early.unwrap_or(-1), libc::POLLIN),
+            pfd(self.signals.fd(), libc::POLLIN),
         ];
-        let n = if origin >= 0 { 2 } else { 1 };
         loop {
-            match sys::poll(&mut p[..n], self.idle) {
+            let to_stop = self
+                .stop_at
+                .get()
+                .map(|d| d.saturating_duration_since(Instant::now()));
+            if to_stop.is_some_and(|d| d.is_zero()) {
+                return Err(Stop::Signal(self.signo.get()));
+            }
+            let timeout = match (self.idle, to_stop) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            p.iter_mut().for_each(|x| x.revents = 0);
+            match sys::poll(&mut p, timeout) {
+                Ok(0) if self.stop_at.get().is_some_and(|d| Instant::now() >= d) => {
+                    return Err(Stop::Signal(self.signo.get()))
+                }
                 Ok(0) => return Err(Stop::Idle),
-                Ok(_) if n == 2 && p[1].revents != 0 => return Err(Stop::Early),
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    if p[2].revents != 0 {
+                        while let Some(s) = self.signals.take() {
+                            self.signo.set(s);
+                            if self.stop_at.get().is_none() {
+                                self.stop_at.set(Some(Instant::now() + self.grace));
+                            }
+                        }
+                    }
+                    if p[1].revents != 0 {
+                        return Err(Stop::Early);
+                    }
+                    if p[0].revents != 0 {
+                        return Ok(());
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(Stop::Err(Side::Client, e)),
             }
@@ -329,6 +364,10 @@ fn end_of(stop: Stop) -> End {
         },
         Stop::Err(side, err) => End::Reset { side, err },
         Stop::Early => End::Clean,
+        Stop::Signal(signo) => End::Signal {
+            signo,
+            drained: false,
+        },
     }
 }
 
@@ -389,6 +428,10 @@ pub fn run(cfg: &Config, body: Body) -> io::Result<Outcome> {
         buf: Vec::new(),
         pipe_seen: 0,
         early: Some(cfg.target_in),
+        signals: sys::SignalFd::new(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?,
+        grace: cfg.grace,
+        stop_at: Cell::new(None),
+        signo: Cell::new(0),
     };
     let (mut up, mut down) = (0u64, 0u64);
     let mut end = End::Clean;
@@ -436,10 +479,11 @@ pub fn run(cfg: &Config, body: Body) -> io::Result<Outcome> {
         }
         Err((stop, status)) => {
             if down == 0 && !status.is_empty() {
-                let why = match &stop {
-                    Stop::Bad(why) => why,
-                    Stop::Idle => "the origin timed out",
-                    _ => "the origin failed",
+                let (status, why) = match &stop {
+                    Stop::Bad(why) => (status, *why),
+                    Stop::Idle => (status, "the origin timed out"),
+                    Stop::Signal(_) => ("503 Service Unavailable", "the proxy is stopping"),
+                    _ => (status, "the origin failed"),
                 };
                 let reply = http::error_response(status, why);
                 if m.write_all(cfg.client_out, Side::Client, &reply).is_ok() {
@@ -456,6 +500,12 @@ pub fn run(cfg: &Config, body: Body) -> io::Result<Outcome> {
         }
     }
     linger(cfg, kind[1]);
+    if matches!(end, End::Clean) && m.stop_at.get().is_some() {
+        end = End::Signal {
+            signo: m.signo.get(),
+            drained: true,
+        };
+    }
     Ok(outcome(&m, end, up, down, start))
 }
 

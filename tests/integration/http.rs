@@ -185,6 +185,14 @@ fn serve(mut s: TcpStream, seen: &Mutex<Seen>, root: Option<&PathBuf>) {
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
     let lower = head.to_ascii_lowercase();
     let path = head.split(' ').nth(1).unwrap_or("").to_string();
+    if path == "/drip" {
+        // A close-delimited response in two parts, 1.5 s apart.
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n");
+        let _ = s.write_all(&[b'a'; 1000]);
+        std::thread::sleep(Duration::from_millis(1500));
+        let _ = s.write_all(&[b'b'; 1000]);
+        return;
+    }
     if path == "/cut" {
         // A close-delimited response cut short by a reset.
         let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n");
@@ -354,6 +362,25 @@ impl Proxy {
 
     fn log(&self) -> String {
         String::from_utf8_lossy(&self.log.lock().expect("lock")).into_owned()
+    }
+
+    /// Connects and sends a GET for `url` with the credentials.
+    fn send_get(&self, url: &str) -> TcpStream {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect proxy");
+        s.set_read_timeout(Some(LIMIT)).expect("timeout");
+        let req = format!(
+            "GET {url} HTTP/1.1\r\nProxy-Authorization: {}\r\n\r\n",
+            basic()
+        );
+        s.write_all(req.as_bytes()).expect("send");
+        s
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill takes a pid and a signal number.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
     }
 
     /// Waits for `needle` in the log, `times` times.
@@ -1142,16 +1169,15 @@ fn a_response_cut_by_the_origin_reaches_the_client_as_a_reset() {
     let dir = scratch("cut");
     let proxy = Proxy::loopback(&users(&dir));
     let origin = Origin::start();
-    let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).expect("connect proxy");
-    s.set_read_timeout(Some(LIMIT)).expect("timeout");
-    let req = format!(
-        "GET {} HTTP/1.1\r\nProxy-Authorization: {}\r\n\r\n",
-        origin.url("/cut"),
-        basic()
-    );
-    s.write_all(req.as_bytes()).expect("send");
+    let mut s = proxy.send_get(&origin.url("/cut"));
     let mut got = Vec::new();
     let r = s.read_to_end(&mut got);
+    expect_reset(&r, &got, &proxy);
+    proxy.wait_log("how=reset-by-target", 1);
+}
+
+/// The read ended with a reset.
+fn expect_reset(r: &std::io::Result<usize>, got: &[u8], proxy: &Proxy) {
     assert!(
         r.as_ref()
             .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
@@ -1159,5 +1185,48 @@ fn a_response_cut_by_the_origin_reaches_the_client_as_a_reset() {
         got.len(),
         proxy.log()
     );
-    proxy.wait_log("how=reset-by-target", 1);
+}
+
+/// Through `proxy`: a request for `/drip`; once its first part has come, the proxy is
+/// told to stop twice (the second SIGTERM reaches the connection). Returns what came and
+/// how the read ended.
+fn drip_and_stop(proxy: &Proxy, origin: &Origin) -> (Vec<u8>, std::io::Result<usize>) {
+    let mut s = proxy.send_get(&origin.url("/drip"));
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(&[b'a'; 1000]) {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    proxy.signal(libc::SIGTERM);
+    proxy.wait_log("stopping:", 1);
+    proxy.signal(libc::SIGTERM);
+    proxy.wait_log("terminating:", 1);
+    let r = s.read_to_end(&mut got);
+    (got, r)
+}
+
+#[test]
+fn a_stop_lets_a_response_finish_within_the_grace_and_resets_it_after() {
+    let dir = scratch("grace");
+    let users = users(&dir);
+    let origin = Origin::start();
+    let proxy = Proxy::loopback(&users);
+    let (got, r) = drip_and_stop(&proxy, &origin);
+    assert!(r.is_ok(), "{r:?}; {}", proxy.log());
+    assert!(
+        got.ends_with(&[b'b'; 1000]),
+        "{} bytes; {}",
+        got.len(),
+        proxy.log()
+    );
+    assert_eq!(got.len(), head_text(&got).len() + 2000);
+    proxy.wait_log("how=signal-15", 1);
+    // A grace shorter than the response: the client learns it was cut.
+    let proxy = Proxy::start(&users, &["-a", "127.0.0.0/8"], &["-g", "0.3"]);
+    let (got, r) = drip_and_stop(&proxy, &origin);
+    expect_reset(&r, &got, &proxy);
+    proxy.wait_log("how=signal-15-undrained", 1);
 }
