@@ -147,6 +147,11 @@ pub fn rewrite_request(head: &[u8]) -> Result<Forward, String> {
     if !strict_line_ends(head) {
         return Err("bare CR or LF in the request head".into());
     }
+    // httparse refuses control characters in values already; the head goes into the
+    // environment, where a NUL could not be.
+    if head.contains(&0) {
+        return Err("NUL in the request head".into());
+    }
     let mut headers = vec![httparse::EMPTY_HEADER; 512];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(head) {
@@ -588,6 +593,8 @@ mod tests {
             "GET http://a b/ HTTP/1.1\r\n\r\n",
             "GET http://[::1/ HTTP/1.1\r\n\r\n",
             "GET http://a/ HTTP/2.0\r\n\r\n",
+            "GET http://a/ HTTP/1.1\r\nX: a\0b\r\n\r\n",
+            "GET http://a/\0 HTTP/1.1\r\n\r\n",
         ] {
             assert!(fwd(bad).is_err(), "{bad:?}");
         }
