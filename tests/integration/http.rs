@@ -664,6 +664,53 @@ fn pipelined_requests_never_reach_an_origin() {
         1
     );
     assert!(!String::from_utf8_lossy(&conns[0]).contains("Proxy-Authorization"));
+
+    // A chunked body (with a trailer) from an HTTP/1.1 client, then a request behind
+    // it; and an HTTP/1.0 request, forwarded as 1.0.
+    let (o3, o4) = (Origin::start(), Origin::start());
+    let body = "4;ext=1\r\nwiki\r\n5\r\npedia\r\n0\r\nX-Sum: 9\r\n\r\n";
+    let req = format!(
+        "POST {} HTTP/1.1\r\nProxy-Authorization: {auth}\r\nTransfer-Encoding: chunked\r\n\r\n\
+         {body}GET {} HTTP/1.1\r\nProxy-Authorization: {auth}\r\n\r\n",
+        o3.url("/c"),
+        o4.url("/d")
+    );
+    let got = proxy.raw(req.as_bytes());
+    let (h, n) = util::hash_of(b"wikipedia");
+    assert!(
+        String::from_utf8_lossy(&got).ends_with(&format!("got {n} {h:x}\n")),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    let conns = o3.wait_connections(1);
+    let head = origin_head(&conns[0]);
+    assert_eq!(
+        String::from_utf8_lossy(&conns[0][head.len()..]),
+        "4\r\nwiki\r\n5\r\npedia\r\n0\r\nX-Sum: 9\r\n\r\n"
+    );
+    let got = proxy.raw(
+        format!(
+            "GET {} HTTP/1.0\r\nProxy-Authorization: {auth}\r\n\r\n",
+            o4.url("/e")
+        )
+        .as_bytes(),
+    );
+    assert!(
+        status_of(&got).starts_with("HTTP/1.1 200 "),
+        "{}",
+        proxy.log()
+    );
+    let conns = o4.wait_connections(1);
+    assert_eq!(
+        conns.len(),
+        1,
+        "the request behind the chunked body reached its origin"
+    );
+    assert!(
+        origin_head(&conns[0]).starts_with("GET /e HTTP/1.0\r\n"),
+        "{}",
+        origin_head(&conns[0])
+    );
 }
 
 #[test]
