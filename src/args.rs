@@ -6,16 +6,17 @@ use std::os::unix::io::RawFd;
 use std::time::Duration;
 
 /// An option table in the suite's style: options stop at the first non-option argument,
-/// so the next program's options pass through untouched, and `-h` asks for the usage.
+/// so the next program's options pass through untouched, and `-h` or `--help` asks for
+/// the usage.
 pub fn options() -> getopts::Options {
     let mut o = getopts::Options::new();
     o.parsing_style(getopts::ParsingStyle::StopAtFirstFree);
-    o.optflag("h", "", "help");
+    o.optflag("h", "help", "help");
     o
 }
 
-/// Parses `argv` with `o`: a bad option exits 100 with the usage, `-h` prints it and
-/// exits 0.
+/// Parses `argv` with `o`: a bad option exits 100 with the usage, `-h` (`--help`) prints
+/// it on stdout and exits 0.
 pub fn parse(o: &getopts::Options, argv: &[OsString], usage: &str) -> getopts::Matches {
     let m = match o.parse(argv) {
         Ok(m) => m,

@@ -15,7 +15,7 @@
 //! connection (see `listen::worker`).
 
 use std::ffi::{CString, OsStr, OsString};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -100,6 +100,56 @@ pub fn continues_as(prog: &OsStr) -> Option<&'static str> {
     sibling(prog).map(|(name, _)| name)
 }
 
+/// Set for one run of the chain by tcpsplice-listen before it listens: every link
+/// checks its options and files and the rest of its command line, then exits 0 or
+/// with the message and code it would fail with when a client came.
+pub const CHECK_VAR: &str = "TCPSPLICE_CHECK";
+
+/// Whether this is such a check run.
+pub fn checking() -> bool {
+    std::env::var_os(CHECK_VAR).is_some_and(|v| v == "1")
+}
+
+/// In a check run, what [`exec`] of `argv` would meet: a sibling program is checked in
+/// this process (its options and files, then the rest of the chain); any other program
+/// is only looked for, as execvp would (it has no check mode, so it is not run).
+/// Returns 0, or exits 127 or 126 with exec's message.
+pub fn check(argv: &[OsString]) -> i32 {
+    let Some(first) = argv.first() else {
+        diag::die(exit::USAGE, "no program to run");
+    };
+    if let Some((name, entry)) = sibling(first) {
+        diag::init(name);
+        return entry(argv[1..].to_vec());
+    }
+    let shown = first.to_string_lossy();
+    match search_path(first) {
+        Some(p) if is_executable(&p) => exit::OK,
+        Some(p) if p.exists() => diag::die(
+            exit::NOEXEC,
+            &format!("unable to run {shown}: Permission denied"),
+        ),
+        _ => diag::die(
+            exit::NOTFOUND,
+            &format!("unable to run {shown}: No such file or directory"),
+        ),
+    }
+}
+
+/// Whether `prog` is a sibling program of this installation (so it has a check mode).
+pub fn is_sibling(prog: &OsStr) -> bool {
+    sibling(prog).is_some()
+}
+
+/// What to send the client if the exec of the next program fails: the protocol's
+/// failure reply, when the client still waits for one (set by tcpsplice-auth).
+static EXEC_FAILURE_REPLY: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+/// Sets the reply [`exec`] sends on fd 1 when the next program cannot be run.
+pub fn reply_on_exec_failure(reply: Vec<u8>) {
+    *EXEC_FAILURE_REPLY.lock().unwrap_or_else(|e| e.into_inner()) = reply;
+}
+
 fn exec_always() -> bool {
     matches!(std::env::var_os("TCPSPLICE_EXEC"), Some(v) if v == "always")
 }
@@ -113,6 +163,8 @@ pub fn exec(argv: &[OsString]) -> i32 {
     let Some(first) = argv.first() else {
         diag::die(exit::USAGE, "no program to run");
     };
+    // Taken now: it is for this step only, not for a later one of this process.
+    let reply = std::mem::take(&mut *EXEC_FAILURE_REPLY.lock().unwrap_or_else(|e| e.into_inner()));
     sys::signal_ignore(libc::SIGPIPE, false);
     sys::unblock_all_signals();
     if IN_PROCESS.load(Ordering::Relaxed) && !exec_always() {
@@ -130,17 +182,21 @@ pub fn exec(argv: &[OsString]) -> i32 {
     let Ok(cargs) = cargs else {
         diag::die(exit::USAGE, "a program argument contains a NUL byte");
     };
-    let mut ptrs: Vec<*const libc::c_char> = cargs.iter().map(|c| c.as_ptr()).collect();
-    ptrs.push(std::ptr::null());
-    // SAFETY: ptrs is a NULL-terminated array of pointers into `cargs`, which outlive
-    // the call; execvp only returns on failure.
-    unsafe { libc::execvp(ptrs[0], ptrs.as_ptr()) };
-    let err = std::io::Error::last_os_error();
+    // With no PATH, a sibling named bare is run from beside this binary.
+    let beside = beside_self(first).and_then(|p| CString::new(p.into_os_string().into_vec()).ok());
+    let err = match beside {
+        Some(file) => sys::execv(&file, &cargs),
+        None => sys::execvp(&cargs),
+    };
     let code = if err.raw_os_error() == Some(libc::ENOENT) {
         exit::NOTFOUND
     } else {
         exit::NOEXEC
     };
+    // A client waiting for its answer gets the protocol's failure, not a bare close.
+    if !reply.is_empty() && sys::write_all(1, &reply).is_ok() {
+        let _ = sys::shutdown(1, libc::SHUT_WR);
+    }
     diag::die_sys(code, &format!("run {}", first.to_string_lossy()), &err)
 }
 
@@ -192,10 +248,14 @@ fn is_elf(p: &Path) -> bool {
         && magic == *b"\x7fELF"
 }
 
-/// Where execvp would find `prog`.
+/// Where [`exec`] finds `prog`: as execvp would, but for a sibling named bare when no
+/// PATH is set (inetd removes it), which is the file beside the running binary.
 fn search_path(prog: &OsStr) -> Option<PathBuf> {
     if prog.as_bytes().contains(&b'/') {
         return Some(PathBuf::from(prog));
+    }
+    if let Some(p) = beside_self(prog) {
+        return Some(p);
     }
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/bin:/usr/bin".into());
     std::env::split_paths(&path)
@@ -203,12 +263,24 @@ fn search_path(prog: &OsStr) -> Option<PathBuf> {
         .find(|p| is_executable(p))
 }
 
+/// With no PATH in the environment, a program of the installation named without a
+/// directory (`tcpsplice`) is the executable file of that name beside the running binary:
+/// execvp's default path (/bin:/usr/bin) would miss a suite installed in /usr/local/bin.
+fn beside_self(prog: &OsStr) -> Option<PathBuf> {
+    if std::env::var_os("PATH").is_some() || prog.as_bytes().contains(&b'/') {
+        return None;
+    }
+    let programs: &[Program] = *PROGRAMS.lock().unwrap_or_else(|e| e.into_inner());
+    programs
+        .iter()
+        .find(|(n, _)| n.as_bytes() == prog.as_bytes())?;
+    let here = std::fs::read_link("/proc/self/exe").ok()?;
+    let p = here.parent()?.join(prog);
+    is_executable(&p).then_some(p)
+}
+
 fn is_executable(p: &Path) -> bool {
-    let Ok(c) = CString::new(p.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: access reads a NUL-terminated path we own.
-    unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
+    sys::is_executable(p)
 }
 
 /// Leaves the process as an exec would have: descriptors marked close-on-exec closed

@@ -48,6 +48,37 @@ pub fn target() -> Option<String> {
     var("TCPSPLICE_TARGET")
 }
 
+/// The client and the target of a relay whose client is read on `client_fd` and target
+/// on `target_fd`, as its log line names them. Mostly the environment says ([`client`],
+/// [`target`]); but after ucspi-tcp's `tcpclient` (`tcpserver ... tcpclient HOST PORT
+/// tcpsplice`) `TCPREMOTE*` describe the upstream connection and nothing kept the
+/// client. That case is told by the socket on `target_fd`, whose peer is then
+/// `TCPREMOTEIP:TCPREMOTEPORT`: the target is that peer, the client the peer of the
+/// socket on `client_fd`.
+pub fn ends(client_fd: RawFd, target_fd: RawFd) -> (Option<String>, Option<String>) {
+    if var(CLIENT_VAR).is_none() {
+        let remote = var("TCPREMOTEIP").zip(var("TCPREMOTEPORT"));
+        if let (Some((ip, port)), Ok(Some(peer))) = (remote, sys::peer_addr(target_fd)) {
+            let same_ip = ip
+                .parse()
+                .is_ok_and(|ip: IpAddr| ip_text(ip) == ip_text(peer.ip()));
+            if same_ip && peer.port().to_string() == port {
+                let client = sys::peer_addr(client_fd)
+                    .ok()
+                    .flatten()
+                    .map(|c| addr_text(&c));
+                return (client, Some(addr_text(&peer)));
+            }
+        }
+    }
+    (client(), target())
+}
+
+/// `ip:port` as UCSPI programs print an address, in brackets for IPv6.
+fn addr_text(a: &SocketAddr) -> String {
+    join_host_port(&ip_text(a.ip()), &a.port().to_string())
+}
+
 /// Fills `PROTO` and the `TCP*` variables from the socket on `fd` when no supervisor set
 /// them (inetd, xinetd and systemd set none). Leaves set variables alone, and does
 /// nothing when `fd` is not an IP socket.

@@ -3,13 +3,15 @@
 //! Under inetd, xinetd and systemd with `StandardInput=socket`, fd 2 may be the client's
 //! socket: a message written there would be read by the client as data. So messages go
 //! to syslog when `/dev/log` exists, and to stderr only when fd 2 is not a TCP socket nor
-//! the same file as a data descriptor (0, 1, 6, 7) — a terminal excepted, where the user
-//! reading it is the point. `TCPSPLICE_LOG=syslog|stderr|both|none` overrides the choice.
+//! the same socket as a data descriptor (0, 1, 6, 7) — a terminal excepted, where the
+//! user reading it is the point. `TCPSPLICE_LOG=syslog|stderr|both|none` overrides the choice.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+
+use nix::syslog::{Facility, LogFlags, Severity};
 
 use crate::exit;
 use crate::sys;
@@ -49,23 +51,28 @@ pub fn prog() -> &'static str {
     *PROG.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Whether fd 2 may be written to: not a TCP socket, not the same file as a data
-/// descriptor (0, 1, 6, 7), or else a terminal. Programs a link runs (checkpassword)
-/// inherit fd 2 only when it is.
+/// Whether fd 2 may be written to: not a TCP socket, not the same socket as a data
+/// descriptor (0, 1, 6, 7), or else a terminal. The same file or pipe as fd 1 is fine:
+/// that is `>log 2>&1`, `2>&1 | less`, cron's capture, where the user asked for the
+/// messages beside the output; only a socket shared with the data is a peer reading
+/// them as data (inetd, xinetd, systemd `StandardInput=socket`). Programs a link runs
+/// (checkpassword) inherit fd 2 only when it is safe.
 pub fn stderr_is_safe() -> bool {
     if !sys::fd_is_open(2) {
         return false;
     }
-    // SAFETY: isatty only inspects the descriptor.
-    if unsafe { libc::isatty(2) } == 1 {
+    if sys::isatty(2) {
         return true;
     }
     if sys::is_inet_socket(2) {
         return false;
     }
-    let Ok((_, err)) = sys::fd_identity(2) else {
+    let Ok((kind, err)) = sys::fd_identity(2) else {
         return false;
     };
+    if kind != sys::FdKind::Socket {
+        return true;
+    }
     let data: &[i32] = if STDIO_IS_DATA.load(Ordering::Relaxed) {
         &[0, 1, 6, 7]
     } else {
@@ -85,17 +92,13 @@ fn sinks() -> Sinks {
             "stderr" => (false, true),
             "both" => (true, true),
             "none" => (false, false),
-            _ if std::path::Path::new("/dev/log").exists() => {
-                // SAFETY: isatty only inspects the descriptor.
-                (true, unsafe { libc::isatty(2) } == 1)
-            }
+            _ if std::path::Path::new("/dev/log").exists() => (true, sys::isatty(2)),
             _ => (false, true),
         };
         let stderr = stderr && stderr_is_safe();
         if syslog {
             let ident = syslog_ident(prog());
-            // SAFETY: ident is a leaked, NUL-terminated string that outlives every call.
-            unsafe { libc::openlog(ident.as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
+            let _ = nix::syslog::openlog(Some(ident), LogFlags::LOG_PID, Facility::LOG_DAEMON);
         }
         Sinks { syslog, stderr }
     })
@@ -106,25 +109,27 @@ fn sinks() -> Sinks {
 /// number closed behind syslog's back and reused by a connection would receive the
 /// next message.
 pub fn forget_syslog() {
-    // SAFETY: closelog takes no arguments and only closes the C library's own socket.
-    unsafe { libc::closelog() };
+    nix::syslog::closelog();
 }
 
 /// openlog keeps the pointer it is given, so the ident must live for the whole process;
 /// one per program name, since a reused connection process names itself again for every
 /// connection.
-fn syslog_ident(prog: &'static str) -> &'static CString {
-    static IDENTS: Mutex<Vec<(&'static str, &'static CString)>> = Mutex::new(Vec::new());
+fn syslog_ident(prog: &'static str) -> &'static CStr {
+    static IDENTS: Mutex<Vec<(&'static str, &'static CStr)>> = Mutex::new(Vec::new());
     let mut idents = IDENTS.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(&(_, ident)) = idents.iter().find(|(p, _)| *p == prog) {
         return ident;
     }
-    let ident: &'static CString = Box::leak(Box::new(CString::new(prog).unwrap_or_default()));
+    let ident: &'static CStr = Box::leak(CString::new(prog).unwrap_or_default().into_boxed_c_str());
     idents.push((prog, ident));
     ident
 }
 
-fn emit(priority: libc::c_int, kind: &str, msg: &str) {
+/// Sends one message with the C library's syslog(3): its connection to /dev/log is made
+/// again when a send fails (the log daemon restarted), which the `syslog` crate's is not
+/// (see Cargo.toml).
+fn emit(severity: Severity, kind: &str, msg: &str) {
     let s = sinks();
     let body = if kind.is_empty() {
         msg.to_string()
@@ -132,10 +137,9 @@ fn emit(priority: libc::c_int, kind: &str, msg: &str) {
         format!("{kind}: {msg}")
     };
     if s.syslog {
-        // A NUL inside a message would truncate it; it can only come from outside input.
-        let text = CString::new(body.replace('\0', "\\0")).unwrap_or_default();
-        // SAFETY: "%s" with one NUL-terminated string argument.
-        unsafe { libc::syslog(priority, c"%s".as_ptr(), text.as_ptr()) };
+        // A NUL inside a message would truncate it (nix refuses it); it can only come
+        // from outside input. The facility is openlog's.
+        let _ = nix::syslog::syslog(severity, &body.replace('\0', "\\0"));
     }
     if s.stderr {
         let line = format!("{}: {}\n", prog(), body);
@@ -145,17 +149,17 @@ fn emit(priority: libc::c_int, kind: &str, msg: &str) {
 
 /// `prog: warning: MSG`.
 pub fn warn(msg: &str) {
-    emit(libc::LOG_WARNING, "warning", msg);
+    emit(Severity::LOG_WARNING, "warning", msg);
 }
 
 /// `prog: info: MSG`, for the one line per connection and per event worth keeping.
 pub fn info(msg: &str) {
-    emit(libc::LOG_INFO, "info", msg);
+    emit(Severity::LOG_INFO, "info", msg);
 }
 
 /// `prog: fatal: MSG`, then exit with `code`.
 pub fn die(code: i32, msg: &str) -> ! {
-    emit(libc::LOG_ERR, "fatal", msg);
+    emit(Severity::LOG_ERR, "fatal", msg);
     std::process::exit(code)
 }
 
@@ -164,9 +168,15 @@ pub fn die_sys(code: i32, what: &str, err: &io::Error) -> ! {
     die(code, &format!("unable to {what}: {}", sys::strerror(err)))
 }
 
-/// `prog: usage: USAGE`, then exit 100.
+/// `prog: usage: USAGE`, then exit 100. Also on a safe stderr when the messages go to
+/// syslog: a usage error is for whoever typed the command, wherever they read it.
 pub fn usage(usage: &str) -> ! {
-    emit(libc::LOG_ERR, "usage", usage);
+    emit(Severity::LOG_ERR, "usage", usage);
+    let s = sinks();
+    if !s.stderr && stderr_is_safe() && std::env::var("TCPSPLICE_LOG").as_deref() != Ok("none") {
+        let line = format!("{}: usage: {usage}\n", prog());
+        let _ = sys::write_all(2, line.as_bytes());
+    }
     std::process::exit(exit::USAGE)
 }
 

@@ -161,6 +161,11 @@ impl Rule {
         Ok(Rule { net, ports })
     }
 
+    /// Whether the rule names ports (`CIDR:PORT`), not just addresses.
+    pub fn has_ports(&self) -> bool {
+        self.ports.is_some()
+    }
+
     /// Whether `addr` (IP and port) is inside this rule.
     pub fn matches(&self, addr: &SocketAddr) -> bool {
         if let Some((lo, hi)) = self.ports {
@@ -184,9 +189,17 @@ impl Rule {
     /// carries IPv4 addresses (`64:ff9b::/96`) is, for the IPv4 addresses inside, a
     /// rule for the whole IPv4 space: the internet through NAT64, not 10.0.0.1 or
     /// 127.0.0.1 through it.
+    ///
+    /// And always strictly inside the prefix that carries the address's IPv4 address:
+    /// the local-use NAT64 prefix (64:ff9b:1::/48), denied whole because where the IPv4
+    /// address sits under it cannot be known, is opened by a rule for part of it, not
+    /// by one for all of it (the whole IPv4 space through a translator).
     pub fn lifts_deny_for(&self, ip: IpAddr, range: u8) -> bool {
         match (self.net, canonical(ip)) {
-            (Net::V4(_, len), IpAddr::V4(_)) | (Net::V6(_, len), IpAddr::V6(_)) => len >= range,
+            (Net::V4(_, len), IpAddr::V4(_)) => len >= range,
+            (Net::V6(_, len), IpAddr::V6(a)) => {
+                len >= range && carrier_prefix(a).is_none_or(|carrier| len > carrier)
+            }
             _ => false,
         }
     }
@@ -472,6 +485,9 @@ mod tests {
         assert!(!lifts("2002::/16", "2002:a00:1::"));
         assert!(lifts("64:ff9b::7f00:0/120", "64:ff9b::7f00:1"));
         assert!(lifts("64:ff9b::7f00:0/104", "64:ff9b::7f00:1"));
+        // The local-use NAT64 prefix: all of it is no rule for what it carries.
+        assert!(!lifts("64:ff9b:1::/48", "64:ff9b:1:a00:0:100:808:808"));
+        assert!(lifts("64:ff9b:1::/64", "64:ff9b:1:a00:0:100:808:808"));
         assert!(lifts("2002:a00::/24", "2002:a00:1::"));
         assert!(lifts("fd00::/8", "fd00::2"));
         // Only a rule inside the denied range lifts it: most of the space is not enough.

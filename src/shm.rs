@@ -4,9 +4,11 @@
 //! password checks this way (see `auth::loginstate`); nothing of it is in a file or
 //! the environment, and a real exec leaves it behind.
 //!
-//! Syscall-level code, as `sys` is: every `unsafe` block of it is here.
+//! Syscall-level code, as `sys` is: the mapping through nix, the futex by hand (nix
+//! has no futex call), and every `unsafe` block of it here.
 
 use std::io;
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::Duration;
 
@@ -29,24 +31,14 @@ unsafe impl<T: Zeroable, const N: usize> Zeroable for [T; N] {}
 /// Maps a zeroed `T` shared with every process forked from now on. The mapping lives
 /// until the process exits (or execs).
 pub fn shared<T: Zeroable>() -> io::Result<&'static T> {
-    let len = std::mem::size_of::<T>().max(1);
+    use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+    let len = NonZeroUsize::new(std::mem::size_of::<T>()).unwrap_or(NonZeroUsize::MIN);
+    let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
     // SAFETY: a new anonymous mapping; no address is given, so nothing is replaced.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
+    let p = unsafe { mmap_anonymous(None, len, prot, MapFlags::MAP_SHARED) }?;
     // SAFETY: the mapping is page-aligned (so aligned for T), `len` bytes long, zeroed
     // by the kernel, which T: Zeroable says is a valid T, and never unmapped: 'static.
-    Ok(unsafe { &*p.cast::<T>() })
+    Ok(unsafe { p.cast::<T>().as_ref() })
 }
 
 /// Sleeps while `word` holds `expected`, at most `timeout`, until a [`wake`] on it
@@ -81,9 +73,8 @@ pub fn alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;
     };
-    // SAFETY: signal 0 checks for the process without sending anything.
-    let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    let sent = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None);
+    sent != Err(nix::errno::Errno::ESRCH)
 }
 
 /// This process's id, as the owner mark in a shared word.
@@ -94,30 +85,16 @@ pub fn pid() -> u32 {
 /// Milliseconds of CLOCK_MONOTONIC: the same clock in every process of the machine,
 /// unlike `Instant`, which cannot be put in shared memory.
 pub fn monotonic_ms() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
+    use nix::time::{clock_gettime, ClockId};
+    // CLOCK_MONOTONIC always exists; the error is only there for other clocks.
+    let Ok(ts) = clock_gettime(ClockId::CLOCK_MONOTONIC) else {
+        return 0;
     };
-    // SAFETY: clock_gettime writes the timespec we own; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
+    (ts.tv_sec() as u64) * 1000 + (ts.tv_nsec() as u64) / 1_000_000
 }
 
-/// Fills `buf` from the kernel's random number generator.
+/// Fills `buf` from the kernel's random number generator (getrandom(2), through the
+/// `getrandom` crate, which retries EINTR and short reads).
 pub fn random(buf: &mut [u8]) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
-        // SAFETY: getrandom writes at most rest.len() bytes into the slice we own.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        done += n as usize;
-    }
-    Ok(())
+    Ok(getrandom::fill(buf)?)
 }

@@ -1,12 +1,23 @@
-//! The syscall layer. Every libc call of the suite that can fail goes through [`cvt`], so
-//! errno becomes an `io::Error` in one place, and every `unsafe` block lives here or in
-//! a module that says why it cannot.
+//! The syscall layer. The suite's system calls are made here, through `nix` where it has
+//! them, so errno becomes an `io::Error` in one place. The functions keep taking
+//! descriptor numbers, as the C calls did: [`borrow`] lends one to a nix call for that
+//! call only. What nix does not cover is called by hand through [`cvt`]. Every `unsafe`
+//! block lives here or in a module that says why it cannot.
 
 use std::ffi::CStr;
 use std::io;
-use std::mem::{size_of, MaybeUninit};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::unix::io::RawFd;
+use std::io::{IoSlice, IoSliceMut};
+use std::mem::size_of;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::io::{BorrowedFd, IntoRawFd, RawFd};
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag, SpliceFFlags};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigHandler, SigSet, Signal};
+use nix::sys::socket::{
+    sockopt, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
+    SockaddrIn, SockaddrIn6, SockaddrLike, SockaddrStorage,
+};
 
 /// Turns a C-style `-1 means errno` return into a `Result`.
 pub fn cvt<T: Copy + PartialEq + From<i8>>(ret: T) -> io::Result<T> {
@@ -15,6 +26,20 @@ pub fn cvt<T: Copy + PartialEq + From<i8>>(ret: T) -> io::Result<T> {
     } else {
         Ok(ret)
     }
+}
+
+/// Lends descriptor `fd` to one nix call. The functions here take descriptor numbers,
+/// as the C calls they wrap did, and hold the borrow only for the call they make with it.
+/// -1, which a `BorrowedFd` cannot hold, and other negative numbers give EBADF, as the
+/// kernel would.
+fn borrow(fd: &RawFd) -> io::Result<BorrowedFd<'_>> {
+    if *fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: not -1 (checked). The number is the caller's, open for the one call the
+    // borrow is passed to, as it had to be for the C call; one that is not open makes
+    // that call fail with EBADF, as the C call would, and nothing else is done with it.
+    Ok(unsafe { BorrowedFd::borrow_raw(*fd) })
 }
 
 /// Retries a call that failed with EINTR.
@@ -28,11 +53,7 @@ pub fn retry<T, F: FnMut() -> io::Result<T>>(mut f: F) -> io::Result<T> {
 }
 
 fn fstat(fd: RawFd) -> io::Result<libc::stat> {
-    let mut st = MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: fstat writes a whole `stat` into the buffer we own when it returns 0.
-    cvt(unsafe { libc::fstat(fd, st.as_mut_ptr()) })?;
-    // SAFETY: fstat succeeded, so the struct is initialised.
-    Ok(unsafe { st.assume_init() })
+    Ok(nix::sys::stat::fstat(borrow(&fd)?)?)
 }
 
 /// What kind of file an fd refers to; decides splice, shutdown and close behaviour.
@@ -62,22 +83,29 @@ pub fn fd_identity(fd: RawFd) -> io::Result<(FdKind, (u64, u64))> {
     Ok((kind, (st.st_dev, st.st_ino)))
 }
 
+/// The descriptor flags of `fd` (FD_CLOEXEC).
+fn fd_flags(fd: RawFd) -> io::Result<FdFlag> {
+    Ok(FdFlag::from_bits_retain(fcntl(
+        borrow(&fd)?,
+        FcntlArg::F_GETFD,
+    )?))
+}
+
 /// Whether `fd` is open at all.
 pub fn fd_is_open(fd: RawFd) -> bool {
-    // SAFETY: F_GETFD only reads the descriptor table.
-    unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+    fd_flags(fd).is_ok()
 }
 
 /// The file status flags of `fd` (O_NONBLOCK, O_APPEND, ...).
 pub fn get_fl(fd: RawFd) -> io::Result<libc::c_int> {
-    // SAFETY: F_GETFL takes no pointer.
-    cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })
+    Ok(fcntl(borrow(&fd)?, FcntlArg::F_GETFL)?)
 }
 
 /// Sets the file status flags of `fd`.
 pub fn set_fl(fd: RawFd, flags: libc::c_int) -> io::Result<()> {
-    // SAFETY: F_SETFL takes an int.
-    cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) }).map(drop)
+    let flags = OFlag::from_bits_retain(flags);
+    fcntl(borrow(&fd)?, FcntlArg::F_SETFL(flags))?;
+    Ok(())
 }
 
 /// Turns O_NONBLOCK on or off and returns the flags as they were before, so a caller can
@@ -97,16 +125,11 @@ pub fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<libc::c_int> {
 
 /// Sets or clears FD_CLOEXEC.
 pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
-    // SAFETY: F_GETFD/F_SETFD take no pointer.
-    let old = cvt(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
-    let new = if on {
-        old | libc::FD_CLOEXEC
-    } else {
-        old & !libc::FD_CLOEXEC
-    };
+    let old = fd_flags(fd)?;
+    let mut new = old;
+    new.set(FdFlag::FD_CLOEXEC, on);
     if new != old {
-        // SAFETY: as above.
-        cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, new) })?;
+        fcntl(borrow(&fd)?, FcntlArg::F_SETFD(new))?;
     }
     Ok(())
 }
@@ -127,6 +150,9 @@ pub fn fd_copy(to: RawFd, from: RawFd) -> io::Result<()> {
     if to == from {
         return set_cloexec(to, false);
     }
+    // By hand: nix's dup2 takes the target as an OwnedFd to replace, which a number that
+    // is not open yet (fd 6 before tcpsplice-dial moves its socket there) cannot be, and
+    // its dup2_raw makes an OwnedFd of the result unchecked, even of -1.
     // SAFETY: dup2 takes two integers; the new fd has FD_CLOEXEC clear.
     retry(|| cvt(unsafe { libc::dup2(from, to) })).map(drop)
 }
@@ -134,17 +160,14 @@ pub fn fd_copy(to: RawFd, from: RawFd) -> io::Result<()> {
 /// Closes `fd`, ignoring errors: there is nothing useful to do about a failed close of a
 /// descriptor we are done with.
 pub fn close(fd: RawFd) {
-    // SAFETY: closing an integer fd has no memory-safety consequences for us; callers
-    // never close a descriptor owned by a Rust object.
-    unsafe { libc::close(fd) };
+    // Callers never close a descriptor owned by a Rust object.
+    let _ = nix::unistd::close(fd);
 }
 
 /// Creates a pipe with both ends O_NONBLOCK and O_CLOEXEC: (read end, write end).
 pub fn pipe_nonblocking() -> io::Result<(RawFd, RawFd)> {
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: pipe2 writes two ints into the array we own.
-    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) })?;
-    Ok((fds[0], fds[1]))
+    let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+    Ok((r.into_raw_fd(), w.into_raw_fd()))
 }
 
 /// Asks for a pipe of `size` bytes and returns the size the kernel granted. The request
@@ -152,47 +175,44 @@ pub fn pipe_nonblocking() -> io::Result<(RawFd, RawFd)> {
 /// its current size, which is what this returns.
 pub fn pipe_resize(fd: RawFd, size: usize) -> usize {
     let want = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
-    // SAFETY: F_SETPIPE_SZ takes an int.
-    unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, want) };
+    if let Ok(b) = borrow(&fd) {
+        let _ = fcntl(b, FcntlArg::F_SETPIPE_SZ(want));
+    }
     pipe_size(fd)
 }
 
 /// The current size of a pipe (0 if `fd` is not a pipe).
 pub fn pipe_size(fd: RawFd) -> usize {
-    // SAFETY: F_GETPIPE_SZ takes no argument.
-    let got = unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) };
-    usize::try_from(got).unwrap_or(0)
+    let got = borrow(&fd).map(|b| fcntl(b, FcntlArg::F_GETPIPE_SZ));
+    got.ok()
+        .and_then(Result::ok)
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(0)
 }
 
 /// splice(2) with SPLICE_F_NONBLOCK: moves up to `len` bytes between `from` and `to`, one
 /// of which must be a pipe. Ok(0) is end of file on `from`.
 pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: null offsets mean "use and advance the file position"; no memory is passed.
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    cvt(n).map(|n| n as usize)
+    // No offsets: use and advance the file positions.
+    let flags = SpliceFFlags::SPLICE_F_NONBLOCK;
+    Ok(nix::fcntl::splice(
+        borrow(&from)?,
+        None,
+        borrow(&to)?,
+        None,
+        len,
+        flags,
+    )?)
 }
 
 /// read(2) into `buf`.
 pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: the kernel writes at most buf.len() bytes into memory we own.
-    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-    cvt(n).map(|n| n as usize)
+    Ok(nix::unistd::read(borrow(&fd)?, buf)?)
 }
 
 /// write(2) from `buf`.
 pub fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: the kernel reads at most buf.len() bytes from memory we own.
-    let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
-    cvt(n).map(|n| n as usize)
+    Ok(nix::unistd::write(borrow(&fd)?, buf)?)
 }
 
 /// Writes all of `buf`, retrying on EINTR and short writes; for small blocking writes
@@ -210,11 +230,19 @@ pub fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
 
 /// shutdown(2).
 pub fn shutdown(fd: RawFd, how: libc::c_int) -> io::Result<()> {
-    // SAFETY: shutdown takes two integers.
-    cvt(unsafe { libc::shutdown(fd, how) }).map(drop)
+    use nix::sys::socket::Shutdown;
+    let how = match how {
+        libc::SHUT_RD => Shutdown::Read,
+        libc::SHUT_WR => Shutdown::Write,
+        libc::SHUT_RDWR => Shutdown::Both,
+        _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
+    };
+    Ok(nix::sys::socket::shutdown(fd, how)?)
 }
 
-/// Sets an integer socket option.
+/// Sets an integer socket option. By hand: nix names each option by a type of its own
+/// (`sockopt::TcpNoDelay`, ...), and has no call for a (level, name) pair given as the
+/// numbers the callers pass.
 pub fn setsockopt_int(
     fd: RawFd,
     level: libc::c_int,
@@ -234,7 +262,7 @@ pub fn setsockopt_int(
     .map(drop)
 }
 
-/// Reads an integer socket option.
+/// Reads an integer socket option (by hand, as [`setsockopt_int`]).
 pub fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<i32> {
     let mut value: libc::c_int = 0;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
@@ -253,7 +281,9 @@ pub fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::R
 
 /// The pending error of a socket (SO_ERROR), cleared by reading it.
 pub fn socket_error(fd: RawFd) -> Option<io::Error> {
-    match getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_ERROR) {
+    let pending =
+        borrow(&fd).and_then(|b| Ok(nix::sys::socket::getsockopt(&b, sockopt::SocketError)?));
+    match pending {
         Ok(0) => None,
         Ok(e) => Some(io::Error::from_raw_os_error(e)),
         Err(e) => Some(e),
@@ -275,69 +305,55 @@ pub fn is_inet_socket(fd: RawFd) -> bool {
 /// SO_LINGER 0 + close() would only act when the last descriptor goes.
 pub fn reset_connection(fd: RawFd) -> io::Result<()> {
     let _ = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_LINGER, 0);
-    // SAFETY: an all-zero sockaddr is a valid AF_UNSPEC address.
-    let mut sa: libc::sockaddr = unsafe { std::mem::zeroed() };
-    sa.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+    // By hand: nix's addresses have no AF_UNSPEC.
+    let sa = libc::sockaddr {
+        sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+        sa_data: [0; 14],
+    };
     // SAFETY: we pass a pointer to a sockaddr we own and its size.
     cvt(unsafe { libc::connect(fd, &sa, size_of::<libc::sockaddr>() as libc::socklen_t) }).map(drop)
 }
 
+/// An IP socket address of nix's as a `SocketAddr` (None for other families).
+fn sockaddr_to_ip(sa: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = sa.as_sockaddr_in() {
+        return Some(SocketAddr::from(*v4));
+    }
+    sa.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6))
+}
+
 /// Converts a filled `sockaddr_storage` into a `SocketAddr` (None for non-IP families).
 pub fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
-    match ss.ss_family as libc::c_int {
-        libc::AF_INET => {
-            // SAFETY: the family says the storage holds a sockaddr_in, and
-            // sockaddr_storage is large and aligned enough for it.
-            let sin =
-                unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            Some(SocketAddr::V4(SocketAddrV4::new(
-                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
-                u16::from_be(sin.sin_port),
-            )))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: as above, for sockaddr_in6.
-            let sin6 =
-                unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            Some(SocketAddr::V6(SocketAddrV6::new(
-                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
-                u16::from_be(sin6.sin6_port),
-                sin6.sin6_flowinfo,
-                sin6.sin6_scope_id,
-            )))
-        }
-        _ => None,
+    let len = size_of::<libc::sockaddr_storage>();
+    // SAFETY: `ss` is a whole sockaddr_storage, `len` bytes we may read.
+    unsafe { sockaddr_from_raw((ss as *const libc::sockaddr_storage).cast(), len) }
+}
+
+/// Calls `f` with `addr` as nix's sockaddr_in or sockaddr_in6, whose length is that of
+/// the struct (a SockaddrStorage would tell the kernel 128 bytes).
+fn with_sockaddr<R>(addr: &SocketAddr, f: impl FnOnce(&dyn SockaddrLike) -> R) -> R {
+    match addr {
+        SocketAddr::V4(a) => f(&SockaddrIn::from(*a)),
+        SocketAddr::V6(a) => f(&SockaddrIn6::from(*a)),
     }
 }
 
 /// Converts a `SocketAddr` into a `sockaddr_storage` and its length, for bind/connect.
 pub fn std_to_sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    match addr {
-        SocketAddr::V4(a) => {
-            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
-            let sin = unsafe {
-                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>()
-            };
-            sin.sin_family = libc::AF_INET as libc::sa_family_t;
-            sin.sin_port = a.port().to_be();
-            sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
-            (ss, size_of::<libc::sockaddr_in>() as libc::socklen_t)
-        }
-        SocketAddr::V6(a) => {
-            // SAFETY: as above, for sockaddr_in6.
-            let sin6 = unsafe {
-                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
-            };
-            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sin6.sin6_port = a.port().to_be();
-            sin6.sin6_addr.s6_addr = a.ip().octets();
-            sin6.sin6_flowinfo = a.flowinfo();
-            sin6.sin6_scope_id = a.scope_id();
-            (ss, size_of::<libc::sockaddr_in6>() as libc::socklen_t)
-        }
-    }
+    with_sockaddr(addr, |sa| {
+        // SAFETY: all-zero is a valid sockaddr_storage.
+        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        // SAFETY: `sa` is a sockaddr_in or sockaddr_in6 of sa.len() bytes, which fit in
+        // `ss`; the two do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                sa.as_ptr().cast::<u8>(),
+                (&mut ss as *mut libc::sockaddr_storage).cast::<u8>(),
+                sa.len() as usize,
+            )
+        };
+        (ss, sa.len())
+    })
 }
 
 /// Reads a sockaddr the C library handed us (getaddrinfo, getifaddrs) as a SocketAddr;
@@ -346,102 +362,185 @@ pub fn std_to_sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::sock
 /// # Safety
 /// `addr` must be null or point to at least `len` readable bytes of a sockaddr.
 pub unsafe fn sockaddr_from_raw(addr: *const libc::sockaddr, len: usize) -> Option<SocketAddr> {
-    if addr.is_null() || len > size_of::<libc::sockaddr_storage>() {
-        return None;
-    }
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    // SAFETY: the caller promises `len` readable bytes; they fit in `ss` (checked).
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            addr.cast::<u8>(),
-            (&mut ss as *mut libc::sockaddr_storage).cast::<u8>(),
-            len,
-        )
+    let len = libc::socklen_t::try_from(len).ok()?;
+    // SAFETY: the caller promises `len` readable bytes; nix refuses null and a length
+    // over a sockaddr_storage, and copies the bytes into one.
+    let sa = unsafe { SockaddrStorage::from_raw(addr, Some(len)) }?;
+    sockaddr_to_ip(&sa)
+}
+
+/// How a getaddrinfo(3) failed: its EAI_ code, which tells a lookup that may work later
+/// (EAI_AGAIN) from a name that does not exist, and the text to show for it.
+#[derive(Debug)]
+pub struct LookupError {
+    pub code: libc::c_int,
+    pub text: String,
+}
+
+/// The first IP address getaddrinfo(3) gives for `host` as a stream socket's, of any
+/// family; Ok(None) when none of them is IP. By hand: nix has no getaddrinfo, and std's
+/// `ToSocketAddrs` hides the EAI_ code.
+pub fn lookup_first(host: &CStr) -> Result<Option<SocketAddr>, LookupError> {
+    let hints = libc::addrinfo {
+        ai_flags: 0,
+        ai_family: libc::AF_UNSPEC,
+        ai_socktype: libc::SOCK_STREAM,
+        ai_protocol: 0,
+        ai_addrlen: 0,
+        ai_addr: std::ptr::null_mut(),
+        ai_canonname: std::ptr::null_mut(),
+        ai_next: std::ptr::null_mut(),
     };
-    sockaddr_to_std(&ss)
+    let mut res: *mut libc::addrinfo = std::ptr::null_mut();
+    // SAFETY: `host` is NUL-terminated, `hints` lives across the call, and `res` receives
+    // a list we free below with freeaddrinfo.
+    let rc = unsafe { libc::getaddrinfo(host.as_ptr(), std::ptr::null(), &hints, &mut res) };
+    if rc != 0 {
+        let text = if rc == libc::EAI_SYSTEM {
+            strerror(&io::Error::last_os_error())
+        } else {
+            // SAFETY: gai_strerror returns a static NUL-terminated string.
+            unsafe { CStr::from_ptr(libc::gai_strerror(rc)) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        return Err(LookupError { code: rc, text });
+    }
+    let mut found = None;
+    let mut cur = res;
+    while !cur.is_null() && found.is_none() {
+        // SAFETY: `cur` is a non-null node of the list getaddrinfo returned.
+        let ai = unsafe { &*cur };
+        // SAFETY: ai_addr points to ai_addrlen bytes of a sockaddr (or is null).
+        found = unsafe { sockaddr_from_raw(ai.ai_addr, ai.ai_addrlen as usize) };
+        cur = ai.ai_next;
+    }
+    // SAFETY: `res` came from a successful getaddrinfo and is freed once.
+    unsafe { libc::freeaddrinfo(res) };
+    Ok(found)
 }
 
 /// A new TCP socket of `addr`'s family, non-blocking and close-on-exec.
 pub fn tcp_socket(addr: &SocketAddr) -> io::Result<std::os::unix::io::OwnedFd> {
-    use std::os::unix::io::FromRawFd;
     let family = if addr.is_ipv4() {
-        libc::AF_INET
+        AddressFamily::Inet
     } else {
-        libc::AF_INET6
+        AddressFamily::Inet6
     };
-    let ty = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
-    // SAFETY: socket takes three integers.
-    let fd = cvt(unsafe { libc::socket(family, ty, 0) })?;
-    // SAFETY: fd is a new descriptor that nothing else owns.
-    Ok(unsafe { std::os::unix::io::OwnedFd::from_raw_fd(fd) })
+    let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
+    Ok(nix::sys::socket::socket(
+        family,
+        SockType::Stream,
+        flags,
+        None,
+    )?)
 }
 
 /// bind(2) to `addr`.
 pub fn bind(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
-    let (ss, len) = std_to_sockaddr(addr);
-    // SAFETY: we pass a sockaddr we own and its length.
-    cvt(unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) }).map(drop)
+    Ok(with_sockaddr(addr, |sa| nix::sys::socket::bind(fd, sa))?)
+}
+
+/// listen(2) with a queue of `backlog`. By hand: nix's `Backlog` refuses a value over
+/// SOMAXCONN (4096), where the kernel takes any and caps it at net.core.somaxconn, which
+/// may be set higher (tcpsplice-listen -b takes up to 65535).
+pub fn listen(fd: RawFd, backlog: libc::c_int) -> io::Result<()> {
+    // SAFETY: listen takes integers only.
+    cvt(unsafe { libc::listen(fd, backlog) }).map(drop)
+}
+
+/// accept4(2) with close-on-exec: the new socket, blocking (Linux does not pass
+/// O_NONBLOCK on from the listener), and the client's address (None when not IP). By
+/// hand: nix's accept4 drops the address, and a getpeername after it would be a second
+/// call for every connection.
+pub fn accept_cloexec(fd: RawFd) -> io::Result<(RawFd, Option<SocketAddr>)> {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: accept4 writes at most `len` bytes into the storage we own.
+    let s = cvt(unsafe {
+        libc::accept4(
+            fd,
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+            libc::SOCK_CLOEXEC,
+        )
+    })?;
+    Ok((s, sockaddr_to_std(&ss)))
 }
 
 /// connect(2) to `addr`; on a non-blocking socket EINPROGRESS comes back as an error.
 pub fn connect(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
-    let (ss, len) = std_to_sockaddr(addr);
-    // SAFETY: we pass a sockaddr we own and its length.
-    cvt(unsafe { libc::connect(fd, (&ss as *const libc::sockaddr_storage).cast(), len) }).map(drop)
+    Ok(with_sockaddr(addr, |sa| nix::sys::socket::connect(fd, sa))?)
 }
 
-fn sock_name(
-    fd: RawFd,
-    f: unsafe extern "C" fn(libc::c_int, *mut libc::sockaddr, *mut libc::socklen_t) -> libc::c_int,
-) -> io::Result<Option<SocketAddr>> {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: getsockname/getpeername write at most `len` bytes into storage we own.
-    cvt(unsafe {
-        f(
-            fd,
-            (&mut ss as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        )
-    })?;
-    Ok(sockaddr_to_std(&ss))
+/// recv(2) into `buf` with `flags` (MSG_PEEK, MSG_DONTWAIT, ...). Ok(0) is end of file.
+pub fn recv(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+    let flags = MsgFlags::from_bits_retain(flags);
+    Ok(nix::sys::socket::recv(fd, buf, flags)?)
+}
+
+/// send(2) of `buf` with `flags`.
+pub fn send(fd: RawFd, buf: &[u8], flags: libc::c_int) -> io::Result<usize> {
+    let flags = MsgFlags::from_bits_retain(flags);
+    Ok(nix::sys::socket::send(fd, buf, flags)?)
+}
+
+/// A netlink socket to the kernel's routing subsystem (NETLINK_ROUTE), close-on-exec.
+pub fn netlink_route_socket() -> io::Result<std::os::unix::io::OwnedFd> {
+    Ok(nix::sys::socket::socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        nix::sys::socket::SockProtocol::NetlinkRoute,
+    )?)
 }
 
 /// The local address of a socket (None when it is not an IP socket).
 pub fn local_addr(fd: RawFd) -> io::Result<Option<SocketAddr>> {
-    sock_name(fd, libc::getsockname)
+    let sa: SockaddrStorage = nix::sys::socket::getsockname(fd)?;
+    Ok(sockaddr_to_ip(&sa))
 }
 
 /// The remote address of a socket (None when it is not an IP socket).
 pub fn peer_addr(fd: RawFd) -> io::Result<Option<SocketAddr>> {
-    sock_name(fd, libc::getpeername)
+    let sa: SockaddrStorage = nix::sys::socket::getpeername(fd)?;
+    Ok(sockaddr_to_ip(&sa))
+}
+
+/// The IP addresses of this host's interfaces, from getifaddrs(3).
+pub fn interface_addresses() -> io::Result<Vec<IpAddr>> {
+    let list = nix::ifaddrs::getifaddrs()?;
+    let ips = list.filter_map(|ifa| ifa.address.as_ref().and_then(sockaddr_to_ip));
+    Ok(ips.map(|a| a.ip()).collect())
 }
 
 /// Sets the disposition of `sig` to ignore (`true`) or default (`false`). The programs
 /// ignore SIGPIPE while they work and restore the default before exec, as ucspi-tcp does.
 pub fn signal_ignore(sig: libc::c_int, ignore: bool) {
-    let handler = if ignore { libc::SIG_IGN } else { libc::SIG_DFL };
+    let Ok(sig) = Signal::try_from(sig) else {
+        return;
+    };
+    let handler = if ignore {
+        SigHandler::SigIgn
+    } else {
+        SigHandler::SigDfl
+    };
     // SAFETY: SIG_IGN and SIG_DFL are valid dispositions; no Rust handler is installed.
-    unsafe { libc::signal(sig, handler) };
+    let _ = unsafe { nix::sys::signal::signal(sig, handler) };
 }
 
 /// Calls `f` with every open descriptor of this process, by reading /proc/self/fd with
 /// getdents64 into a stack buffer: after a fork every page the child writes costs a
-/// copy-on-write fault, so this path allocates nothing. `f` may close the descriptor it
+/// copy-on-write fault, so this path allocates nothing (nix's `Dir` is opendir(3), whose
+/// buffer is 32 KiB of heap, and nix has no getdents64). `f` may close the descriptor it
 /// is given: /proc lists descriptors by number, so the listing goes on undisturbed.
 fn for_each_open_fd(mut f: impl FnMut(RawFd)) {
-    // SAFETY: a constant NUL-terminated path.
-    let dir = unsafe {
-        libc::open(
-            c"/proc/self/fd".as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if dir < 0 {
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let Ok(dir) = nix::fcntl::open(c"/proc/self/fd", flags, nix::sys::stat::Mode::empty()) else {
         return;
-    }
+    };
+    let dir = dir.into_raw_fd();
     let mut buf = [0u8; 2048];
     loop {
         // SAFETY: the kernel writes at most buf.len() bytes of dirent64 records.
@@ -471,9 +570,7 @@ fn for_each_open_fd(mut f: impl FnMut(RawFd)) {
 }
 
 fn is_cloexec(fd: RawFd) -> bool {
-    // SAFETY: F_GETFD only reads the descriptor table.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-    flags >= 0 && flags & libc::FD_CLOEXEC != 0
+    fd_flags(fd).is_ok_and(|f| f.contains(FdFlag::FD_CLOEXEC))
 }
 
 /// Closes every descriptor marked close-on-exec, as an exec would, except those in `keep`.
@@ -523,8 +620,7 @@ pub fn inherited_fds(min: RawFd) -> Vec<RawFd> {
 
 /// A copy of `fd` at the lowest free number from `min` up, close-on-exec; `fd` is closed.
 pub fn fd_move_up(fd: RawFd, min: RawFd) -> io::Result<RawFd> {
-    // SAFETY: F_DUPFD_CLOEXEC takes an int and returns a new descriptor.
-    let new = cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) })?;
+    let new = fcntl(borrow(&fd)?, FcntlArg::F_DUPFD_CLOEXEC(min))?;
     close(fd);
     Ok(new)
 }
@@ -532,91 +628,57 @@ pub fn fd_move_up(fd: RawFd, min: RawFd) -> io::Result<RawFd> {
 /// A connected pair of AF_UNIX SOCK_SEQPACKET sockets, both close-on-exec: messages keep
 /// their bounds, and a peer that is gone shows as end of file or EPIPE.
 pub fn seqpacket_pair() -> io::Result<(RawFd, RawFd)> {
-    let mut fds = [-1; 2];
-    // SAFETY: socketpair writes two descriptors into the array we own.
-    cvt(unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    })?;
-    Ok((fds[0], fds[1]))
+    let (a, b) = nix::sys::socket::socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    Ok((a.into_raw_fd(), b.into_raw_fd()))
 }
 
 /// Sends `data` with a copy of descriptor `fd` attached (SCM_RIGHTS) on the unix socket
 /// `sock`, without waiting: a peer that does not take it at once is not served.
 pub fn send_fd(sock: RawFd, fd: RawFd, data: &[u8]) -> io::Result<()> {
-    // u64 words keep the control buffer aligned for cmsghdr.
-    let mut control = [0u64; 4];
-    // SAFETY: CMSG_SPACE is arithmetic.
-    let space = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: msghdr is plain data; the fields we need are set below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space;
-    // SAFETY: msg_control points at `space` <= 32 aligned bytes we own, so the first
-    // header fits, and CMSG_DATA points inside it with room for one int.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
-    }
-    // SAFETY: every pointer in msg refers to memory that lives across the call.
-    retry(|| cvt(unsafe { libc::sendmsg(sock, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) }))
-        .map(drop)
+    let iov = [IoSlice::new(data)];
+    let fds = [fd];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+    retry(|| {
+        Ok(nix::sys::socket::sendmsg::<()>(
+            sock, &iov, &cmsg, flags, None,
+        )?)
+    })
+    .map(drop)
 }
 
 /// Waits for a message on the unix socket `sock` that carries a descriptor, as
 /// [`send_fd`] sends; returns the descriptor (close-on-exec) and the length of the data
 /// put in `buf`, or None at end of file.
 pub fn recv_fd(sock: RawFd, buf: &mut [u8]) -> io::Result<Option<(RawFd, usize)>> {
-    let mut control = [0u64; 4];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: msghdr is plain data; the fields we need are set below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = size_of::<[u64; 4]>();
-    // SAFETY: the kernel writes at most iov_len bytes into buf and msg_controllen bytes
-    // into control, both ours.
-    let n = retry(|| cvt(unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) }))?;
-    let mut got = None;
-    // SAFETY: the kernel filled msg_control with msg_controllen bytes of well-formed
-    // headers; CMSG_FIRSTHDR/CMSG_NXTHDR stay inside them.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let count = ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / size_of::<RawFd>();
-                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-                for i in 0..count {
-                    let fd = std::ptr::read_unaligned(data.add(i));
-                    if got.is_none() {
-                        got = Some(fd);
-                    } else {
-                        close(fd);
-                    }
-                }
+    // Room for up to 4 descriptors; any beyond the first are closed.
+    let mut control = nix::cmsg_space!([RawFd; 4]);
+    let (n, fds) = retry(|| {
+        let mut iov = [IoSliceMut::new(buf)];
+        let msg = nix::sys::socket::recvmsg::<()>(
+            sock,
+            &mut iov,
+            Some(&mut control),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        let mut fds = Vec::new();
+        for c in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(got) = c {
+                fds.extend(got);
             }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
-    }
+        Ok((msg.bytes, fds))
+    })?;
+    let mut fds = fds.into_iter();
+    let got = fds.next();
+    fds.for_each(close);
     match got {
-        Some(fd) => Ok(Some((fd, n as usize))),
+        Some(fd) => Ok(Some((fd, n))),
         None if n == 0 => Ok(None),
         None => Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -627,93 +689,178 @@ pub fn recv_fd(sock: RawFd, buf: &mut [u8]) -> io::Result<Option<(RawFd, usize)>
 
 /// Sets the name ps and top show for this process (at most 15 bytes are kept).
 pub fn set_process_name(name: &CStr) {
-    // SAFETY: PR_SET_NAME reads a NUL-terminated string.
-    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    let _ = nix::sys::prctl::set_name(name);
 }
 
 /// Empties the signal mask of the calling thread.
 pub fn unblock_all_signals() {
-    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t we own; no old-set pointer.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-    }
+    let _ = SigSet::empty().thread_set_mask();
 }
 
 /// The text of errno `e`, for messages: strerror without the "(os error N)" suffix
-/// that io::Error's Display adds.
+/// that io::Error's Display adds. (std's text is the C library's, from strerror_r; nix's
+/// `Errno::desc` is not: "Try again" for EAGAIN where strerror says "Resource
+/// temporarily unavailable".)
 pub fn strerror(e: &io::Error) -> String {
+    let text = e.to_string();
     match e.raw_os_error() {
-        Some(code) => {
-            // SAFETY: strerror returns a pointer to a NUL-terminated static or
-            // thread-local string, which we copy at once.
-            let s = unsafe { CStr::from_ptr(libc::strerror(code)) };
-            s.to_string_lossy().into_owned()
-        }
-        None => e.to_string(),
+        Some(code) => match text.strip_suffix(&format!(" (os error {code})")) {
+            Some(s) => s.to_string(),
+            None => text,
+        },
+        None => text,
     }
 }
 
 /// A signalfd that reports `signals`, which are blocked so that they arrive only through
 /// it. The relay polls it beside the data descriptors instead of running a handler.
 pub struct SignalFd {
-    fd: RawFd,
+    // Closed by number in `drop`, as every descriptor here: the OwnedFd inside would add
+    // an fcntl to check it first in debug builds, and abort if it was closed already.
+    inner: std::mem::ManuallyDrop<nix::sys::signalfd::SignalFd>,
 }
 
 impl SignalFd {
     pub fn new(signals: &[libc::c_int]) -> io::Result<SignalFd> {
-        // SAFETY: sigset_t is plain data; sigemptyset initialises it.
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `set` is a valid sigset_t we own.
-        unsafe { libc::sigemptyset(&mut set) };
-        for &s in signals {
-            // SAFETY: as above; an invalid signal number only makes sigaddset fail.
-            unsafe { libc::sigaddset(&mut set, s) };
+        let mut set = SigSet::empty();
+        // An invalid signal number is left out, as sigaddset would refuse it.
+        for s in signals.iter().filter_map(|&s| Signal::try_from(s).ok()) {
+            set.add(s);
         }
-        // SAFETY: we pass a valid set and no old-set pointer.
-        cvt(unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) })?;
-        // SAFETY: a valid set; -1 asks for a new descriptor.
-        let fd = cvt(unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) })?;
-        Ok(SignalFd { fd })
+        set.thread_block()?;
+        use nix::sys::signalfd::SfdFlags;
+        let flags = SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC;
+        let inner = nix::sys::signalfd::SignalFd::with_flags(&set, flags)?;
+        Ok(SignalFd {
+            inner: std::mem::ManuallyDrop::new(inner),
+        })
     }
 
     pub fn fd(&self) -> RawFd {
-        self.fd
+        std::os::unix::io::AsRawFd::as_raw_fd(&*self.inner)
     }
 
     /// The next pending signal, if any.
     pub fn take(&self) -> Option<libc::c_int> {
-        // SAFETY: signalfd_siginfo is plain data.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = size_of::<libc::signalfd_siginfo>();
-        // SAFETY: the kernel writes at most `size` bytes into the struct we own.
-        let n = unsafe {
-            libc::read(
-                self.fd,
-                (&mut info as *mut libc::signalfd_siginfo).cast(),
-                size,
-            )
-        };
-        (n == size as isize).then_some(info.ssi_signo as libc::c_int)
+        let info = self.inner.read_signal().ok()??;
+        Some(info.ssi_signo as libc::c_int)
     }
 }
 
 impl Drop for SignalFd {
     fn drop(&mut self) {
-        close(self.fd);
+        close(self.fd());
     }
 }
 
-/// poll(2) over `fds`, retried on EINTR; `timeout` None waits for ever.
+/// poll(2) over `fds`, retried on EINTR; `timeout` None waits for ever. An entry with a
+/// negative fd is ignored and gets no events, as poll(2) does with it: nix's `PollFd`
+/// cannot hold one, so it is left out of the call.
 pub fn poll(fds: &mut [libc::pollfd], timeout: Option<std::time::Duration>) -> io::Result<usize> {
     let ms = match timeout {
         None => -1,
         // Round up so a deadline is never polled for 0 ms before it has passed.
         Some(d) => libc::c_int::try_from(d.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX),
     };
-    // SAFETY: the kernel reads and writes exactly fds.len() pollfd structs we own.
-    retry(|| cvt(unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) }))
-        .map(|n| n as usize)
+    let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
+    let raw: Vec<RawFd> = fds.iter().map(|p| p.fd).collect();
+    let mut set = Vec::with_capacity(fds.len());
+    let mut at = Vec::with_capacity(fds.len());
+    for (i, (fd, p)) in raw.iter().zip(fds.iter()).enumerate() {
+        if let Ok(b) = borrow(fd) {
+            set.push(PollFd::new(b, PollFlags::from_bits_retain(p.events)));
+            at.push(i);
+        }
+    }
+    let n = retry(|| Ok(nix::poll::poll(&mut set, timeout)?))?;
+    for p in fds.iter_mut() {
+        p.revents = 0;
+    }
+    for (p, &i) in set.iter().zip(&at) {
+        // nix knows every flag poll(2) reports for the events asked here.
+        fds[i].revents = p.revents().map_or(0, |r| r.bits());
+    }
+    Ok(n as usize)
+}
+
+/// Whether `fd` is a terminal.
+pub fn isatty(fd: RawFd) -> bool {
+    borrow(&fd).is_ok_and(|b| nix::unistd::isatty(b).unwrap_or(false))
+}
+
+/// Whether the file at `path` may be executed (access(2) with X_OK).
+pub fn is_executable(path: &std::path::Path) -> bool {
+    nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).is_ok()
+}
+
+/// execvp(3): runs `argv[0]`, searched for in PATH, with `argv`; returns only on
+/// failure, with its error.
+pub fn execvp(argv: &[std::ffi::CString]) -> io::Error {
+    let Some(prog) = argv.first() else {
+        return io::Error::from_raw_os_error(libc::EINVAL);
+    };
+    match nix::unistd::execvp(prog, argv) {
+        Err(e) => e.into(),
+        Ok(never) => match never {},
+    }
+}
+
+/// execv(3): runs the file `path` with `argv`; returns only on failure, with its error.
+pub fn execv(path: &std::ffi::CStr, argv: &[std::ffi::CString]) -> io::Error {
+    match nix::unistd::execv(path, argv) {
+        Err(e) => e.into(),
+        Ok(never) => match never {},
+    }
+}
+
+/// Arranges for the child `cmd` starts to get a copy of `fd` as descriptor `at`, with
+/// close-on-exec cleared (a checkpassword program reads fd 3).
+pub fn pass_fd_to_child(cmd: &mut std::process::Command, fd: RawFd, at: RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls may be made: fd_copy is dup2, or fcntl when fd == at, on
+    // descriptors that exist in the child, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || fd_copy(at, fd));
+    }
+}
+
+/// A descriptor that becomes readable when process `pid` (our child) exits, so that a
+/// wait can have a deadline without polling (pidfd_open(2), Linux 5.3).
+pub fn pidfd_open(pid: u32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; nix
+    // has no wrapper for it.
+    let fd = cvt(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
+    // SAFETY: the descriptor is new and ours alone.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Sends SIGKILL to every process of process group `pgid` (a checker and whatever it
+/// started); a group already gone is no error.
+pub fn kill_group(pgid: u32) {
+    if let Ok(p) = libc::pid_t::try_from(pgid) {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(p), nix::sys::signal::SIGKILL);
+    }
+}
+
+/// The terminal settings of `fd` with echo turned off, and the settings to put back
+/// (tcpsplice-auth -H asking for a password on a terminal).
+pub fn tty_echo_off(fd: RawFd) -> io::Result<libc::termios> {
+    // SAFETY: termios is plain data; tcgetattr fills it in.
+    let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: tcgetattr writes into the struct we own.
+    cvt(unsafe { libc::tcgetattr(fd, &mut saved) })?;
+    let mut quiet = saved;
+    quiet.c_lflag &= !(libc::ECHO | libc::ECHOE | libc::ECHOK | libc::ECHONL);
+    // SAFETY: tcsetattr reads the struct we own.
+    cvt(unsafe { libc::tcsetattr(fd, libc::TCSAFLUSH, &quiet) })?;
+    Ok(saved)
+}
+
+/// Puts back terminal settings that [`tty_echo_off`] returned.
+pub fn tty_restore(fd: RawFd, saved: &libc::termios) -> io::Result<()> {
+    // SAFETY: tcsetattr reads the struct we own.
+    cvt(unsafe { libc::tcsetattr(fd, libc::TCSAFLUSH, saved) }).map(drop)
 }

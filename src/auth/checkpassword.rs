@@ -8,7 +8,6 @@
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::io::RawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -21,15 +20,6 @@ use crate::{diag, sys};
 pub struct CheckPassword {
     pub prog: OsString,
     pub timeout: Duration,
-}
-
-/// The read end of the pipe becomes the child's fd 3 with close-on-exec cleared.
-fn put_on_fd3(rfd: RawFd) -> std::io::Result<()> {
-    if rfd == 3 {
-        sys::set_cloexec(3, false)
-    } else {
-        sys::fd_copy(3, rfd)
-    }
 }
 
 impl CheckPassword {
@@ -55,6 +45,8 @@ impl CheckPassword {
         let _ = sys::set_nonblocking(wfd, false);
         let stderr_ok = diag::stderr_is_safe();
         let mut cmd = Command::new(&self.prog);
+        // A group of its own, so that a timeout can end all it started.
+        cmd.process_group(0);
         cmd.arg("true")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -63,11 +55,8 @@ impl CheckPassword {
             } else {
                 Stdio::null()
             });
-        // SAFETY: the closure only calls async-signal-safe fcntl/dup2 on descriptors
-        // that exist in the child; it allocates nothing.
-        unsafe {
-            cmd.pre_exec(move || put_on_fd3(rfd));
-        }
+        // The read end of the pipe becomes the child's fd 3 with close-on-exec cleared.
+        sys::pass_fd_to_child(&mut cmd, rfd, 3);
         let spawned = cmd.spawn();
         sys::close(rfd);
         let mut child = match spawned {
@@ -86,23 +75,54 @@ impl CheckPassword {
         let _ = sys::write_all(wfd, msg.as_bytes());
         sys::close(wfd);
         drop(msg);
+        let answered = self.wait_exit(&mut child);
+        if !matches!(answered, Ok(Some(_))) {
+            // The whole group goes, while its leader is not yet reaped (so the group id
+            // cannot be anyone else's): a shell script checker's children (a sleep, a
+            // helper it waits for) would outlive it otherwise, one per attempt.
+            sys::kill_group(child.id());
+        }
+        match answered {
+            Ok(Some(code)) => Ok(code),
+            Ok(None) => {
+                let _ = child.wait();
+                Err(format!(
+                    "{} did not answer within {:?}",
+                    self.prog.to_string_lossy(),
+                    self.timeout
+                ))
+            }
+            Err(e) => {
+                let _ = child.wait();
+                Err(format!("unable to wait for the checker: {e}"))
+            }
+        }
+    }
+
+    /// Waits for the checker to exit, at most the timeout: its exit code (-1 for a
+    /// signal), or None when time ran out. Sleeps in poll on a pidfd, woken by the exit.
+    fn wait_exit(&self, child: &mut std::process::Child) -> std::io::Result<Option<i32>> {
         let end = Instant::now() + self.timeout;
+        let pidfd = sys::pidfd_open(child.id());
         loop {
-            match child.try_wait() {
-                Ok(Some(st)) => {
-                    return Ok(st.code().unwrap_or(-1));
+            if let Some(st) = child.try_wait()? {
+                return Ok(Some(st.code().unwrap_or(-1)));
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            match &pidfd {
+                Ok(fd) => {
+                    let mut p = [libc::pollfd {
+                        fd: std::os::fd::AsRawFd::as_raw_fd(fd),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    }];
+                    sys::poll(&mut p, Some(left))?;
                 }
-                Ok(None) if Instant::now() >= end => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(format!(
-                        "{} did not answer within {:?}",
-                        self.prog.to_string_lossy(),
-                        self.timeout
-                    ));
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-                Err(e) => return Err(format!("unable to wait for the checker: {e}")),
+                // A kernel without pidfds (before 5.3): look again in a while.
+                Err(_) => std::thread::sleep(left.min(Duration::from_millis(10))),
             }
         }
     }

@@ -13,24 +13,53 @@ use crate::exit;
 
 pub const REALM: &str = "tcpsplice";
 
-/// A complete response with no body, closing the connection.
-pub fn response(status: &str, extra: &str) -> Vec<u8> {
-    format!("HTTP/1.1 {status}\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n")
-        .into_bytes()
+/// What a refused client should do instead, one line for each refusal: the body a
+/// person sees when a browser or `curl -v` shows it.
+const NOT_CONNECT: &str = "This is a proxy, not a web server: ask it for a whole URL (curl -x \
+                           http://HOST:PORT http://SITE/), tunnel with CONNECT (curl -p -x \
+                           http://HOST:PORT), or use SOCKS5 (curl -x socks5h://HOST:PORT).";
+const NO_CREDENTIALS: &str = "This proxy needs a user name and password: put them in the proxy \
+                              URL (curl -p -x http://USER:PASSWORD@HOST:PORT).";
+const MALFORMED: &str = "Malformed request: send \"CONNECT host:port HTTP/1.1\", header lines, \
+                         then an empty line, each ending in CRLF.";
+const TOO_BIG: &str = "The request head is too large: send the CONNECT with fewer or shorter \
+                       headers.";
+const TOO_SLOW: &str = "The request came too slowly: send the whole CONNECT request at once \
+                        after connecting.";
+const HTTP_OFF: &str = "This proxy does not take HTTP CONNECT on this port: use SOCKS5 \
+                        (curl -x socks5h://HOST:PORT).";
+const CHECK_FAILED: &str = "The proxy could not check the password just now: try again later.";
+
+/// A complete refusal closing the connection, with `advice` as its one-line body.
+pub fn response(status: &str, extra: &str, advice: &str) -> Vec<u8> {
+    let body = format!("{advice}\n");
+    format!(
+        "HTTP/1.1 {status}\r\n{extra}Content-Type: text/plain\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
 
-fn fail(status: &str, extra: &str, code: i32, why: impl Into<String>) -> Failure {
-    Failure::new("http", &response(status, extra), code, why)
+pub(super) fn fail(
+    status: &str,
+    extra: &str,
+    advice: &str,
+    code: i32,
+    why: impl Into<String>,
+) -> Failure {
+    Failure::new("http", &response(status, extra, advice), code, why)
 }
 
 pub(super) fn bad_request(why: impl Into<String>) -> Failure {
-    fail("400 Bad Request", "", exit::POLICY, why)
+    fail("400 Bad Request", "", MALFORMED, exit::POLICY, why)
 }
 
 fn challenge(why: impl Into<String>) -> Failure {
     fail(
         "407 Proxy Authentication Required",
         &format!("Proxy-Authenticate: Basic realm=\"{REALM}\"\r\n"),
+        NO_CREDENTIALS,
         exit::POLICY,
         why,
     )
@@ -38,8 +67,14 @@ fn challenge(why: impl Into<String>) -> Failure {
 
 fn read_failed(e: ReadError) -> Failure {
     match e {
-        ReadError::Timeout => fail("408 Request Timeout", "", exit::POLICY, e.describe()),
-        ReadError::Eof => fail("400 Bad Request", "", exit::POLICY, e.describe()),
+        ReadError::Timeout => fail(
+            "408 Request Timeout",
+            "",
+            TOO_SLOW,
+            exit::POLICY,
+            e.describe(),
+        ),
+        ReadError::Eof => bad_request(e.describe()),
         ReadError::Io(_) => e.fail("http", b""),
     }
 }
@@ -50,6 +85,7 @@ pub fn handshake(c: &mut Client, policy: &Policy, first: u8) -> Result<Request, 
         return Err(fail(
             "403 Forbidden",
             "",
+            HTTP_OFF,
             exit::POLICY,
             "http is not enabled",
         ));
@@ -74,6 +110,7 @@ pub fn handshake(c: &mut Client, policy: &Policy, first: u8) -> Result<Request, 
         return Err(fail(
             "405 Method Not Allowed",
             "Allow: CONNECT\r\n",
+            NOT_CONNECT,
             exit::POLICY,
             format!(
                 "method {} not supported",
@@ -131,7 +168,15 @@ pub(super) fn login(
                         request::escape(&name)
                     )))
                 }
-                Err(Err(why)) => return Err(fail("503 Service Unavailable", "", exit::TEMP, why)),
+                Err(Err(why)) => {
+                    return Err(fail(
+                        "503 Service Unavailable",
+                        "",
+                        CHECK_FAILED,
+                        exit::TEMP,
+                        why,
+                    ))
+                }
             }
         }
         (_, _) if policy.anonymous => {}
@@ -148,6 +193,7 @@ fn read_head(c: &mut Client, first: u8, cap: usize) -> Result<Secret, Failure> {
         fail(
             "431 Request Header Fields Too Large",
             "",
+            TOO_BIG,
             exit::POLICY,
             format!("request head larger than {cap} bytes"),
         )

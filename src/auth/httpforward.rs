@@ -9,14 +9,21 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
-use super::httpconnect::{bad_request, login};
+use super::httpconnect::{fail, login};
 use super::password::Secret;
 use super::request::{Failure, Policy, Request};
+use crate::exit;
 use crate::http::{self, BODY_VAR, CONTINUE_VAR, HEAD_VAR};
+
+/// The body of a 400 for a request that is not forwarded.
+const REFUSED: &str = "Not forwarded: the request could be read more than one way, or asks \
+                       for what this proxy does not forward (an https:// URL: use CONNECT; \
+                       another scheme; a user name in the URL).";
 
 /// The handshake of a forwarded request, from its complete head.
 pub fn handshake(policy: &Policy, head: &[u8]) -> Result<Request, Failure> {
-    let mut fwd = http::rewrite_request(head).map_err(bad_request)?;
+    let mut fwd = http::rewrite_request(head)
+        .map_err(|why| fail("400 Bad Request", "", REFUSED, exit::POLICY, why))?;
     let authorization = fwd.authorization.take().map(Secret::new);
     let value = authorization
         .as_ref()

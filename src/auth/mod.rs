@@ -24,14 +24,27 @@ use checkpassword::CheckPassword;
 use loginstate::Gate;
 use password::Secret;
 use request::MAX_PASSWORD;
-use request::{Checker, Client, Policy};
+use request::{Checker, Client, Policy, Verdict};
 
+use crate::dial::reply;
+use crate::rules::Rule;
 use crate::{args, chain, conninfo, diag, exit, sys};
 use users::Users;
 
-const USAGE: &str = "tcpsplice-auth [-n] [-f users | -c checkpassword] [-p socks5,socks4,http] \
-[-t timeout] [-d faildelay] [-T checktimeout] [-m headsize] prog...
+const USAGE: &str = "tcpsplice-auth [-n] [-N cidr]... [-f users | -c checkpassword] \
+[-p socks5,socks4,http] [-t timeout] [-d faildelay] [-T checktimeout] [-m headsize] \
+[-K cachettl] [-j checks] prog...
        tcpsplice-auth -H  (reads a password on stdin, prints its hash)";
+
+/// The checker when the users file could not be loaded at run time: every login is a
+/// temporary failure (SOCKS5 status 1 and exit 111, HTTP 503), with the reason logged.
+struct Unavailable(String);
+
+impl Checker for Unavailable {
+    fn check(&self, _user: &[u8], _password: &Secret) -> Verdict {
+        Verdict::Temporary(self.0.clone())
+    }
+}
 
 /// Says how the user's login went (`cached` or `verified`) for the relay's log line;
 /// removed for no-auth.
@@ -48,6 +61,12 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     let mut o = args::options();
     o.optflag("H", "", "print a hash of the password read on stdin");
     o.optflag("n", "", "allow clients without credentials");
+    o.optmulti(
+        "N",
+        "",
+        "allow clients from this network without credentials",
+        "CIDR",
+    );
     o.optopt("f", "", "users file", "FILE");
     o.optopt("c", "", "checkpassword program", "PROG");
     o.optopt("p", "", "protocols", "LIST");
@@ -109,18 +128,50 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             }
         }
     }
-    let anonymous = m.opt_present("n");
+    // -N: no-auth for clients from these addresses only (the microsocks -w use: some
+    // clients cannot send SOCKS5 passwords at all).
+    let anon_from: Vec<Rule> = m
+        .opt_strs("N")
+        .iter()
+        .map(|r| match Rule::parse(r) {
+            Ok(rule) if !rule.has_ports() => rule,
+            Ok(_) => diag::usage(&format!("-N: a client address or network, no port: {r}")),
+            Err(e) => diag::usage(&format!("-N: {e}")),
+        })
+        .collect();
+    // Who is on the other end, before anything reads the environment for it (inetd and
+    // systemd set none of the UCSPI names).
+    conninfo::fill_from_socket(0);
+    let client_ip: Option<std::net::IpAddr> = std::env::var("TCPREMOTEIP")
+        .ok()
+        .and_then(|ip| ip.parse().ok());
+    let anonymous = m.opt_present("n")
+        || client_ip.is_some_and(|ip| {
+            let a = std::net::SocketAddr::new(ip, 0);
+            anon_from.iter().any(|r| r.matches(&a))
+        });
+    let no_auth_asked = m.opt_present("n") || !anon_from.is_empty();
+    let mut broken = None;
     let (users, cp) = match (m.opt_str("f"), m.opt_str("c")) {
         (Some(_), Some(_)) => diag::usage("-f and -c exclude each other"),
-        (Some(f), None) => {
-            let users = Users::load(std::path::Path::new(&f)).unwrap_or_else(|why| {
-                diag::die(exit::USAGE, &format!("unable to load users: {why}"))
-            });
-            if users.is_empty() {
-                diag::warn(&format!("{f} has no users: every login will fail"));
+        (Some(f), None) => match Users::load(std::path::Path::new(&f)) {
+            Ok(users) => {
+                if users.is_empty() {
+                    diag::warn(&format!("{f} has no users: every login will fail"));
+                }
+                (Some(users), None)
             }
-            (Some(users), None)
-        }
+            Err(why) if chain::checking() => {
+                diag::die(exit::USAGE, &format!("unable to load users: {why}"))
+            }
+            // Broken since the check at start (an edit, a permission), or run by a
+            // supervisor that checks nothing: still a configuration error (exit 100),
+            // but the client first gets its protocol's answer, not a bare close.
+            Err(why) => {
+                broken = Some(Unavailable(format!("unable to load users: {why}")));
+                (None, None)
+            }
+        },
         (None, Some(c)) => (
             None,
             Some(CheckPassword {
@@ -128,14 +179,15 @@ pub fn main(argv: Vec<OsString>) -> i32 {
                 timeout: check_timeout,
             }),
         ),
-        (None, None) if anonymous => (None, None),
+        (None, None) if no_auth_asked => (None, None),
         (None, None) => diag::usage(&format!(
-            "give -f users or -c checkpassword, or -n to allow clients without credentials: {USAGE}"
+            "give -f users or -c checkpassword, or -n (or -N) to allow clients without credentials: {USAGE}"
         )),
     };
-    let checker: Option<&dyn Checker> = match (&users, &cp) {
-        (Some(u), _) => Some(u),
-        (_, Some(c)) => Some(c),
+    let checker: Option<&dyn Checker> = match (&users, &cp, &broken) {
+        (Some(u), _, _) => Some(u),
+        (_, Some(c), _) => Some(c),
+        (_, _, Some(b)) => Some(b),
         _ => None,
     };
     if m.free.is_empty() {
@@ -149,13 +201,26 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             );
         }
     }
+    let next: Vec<OsString> = m.free.iter().map(OsString::from).collect();
+    if chain::checking() {
+        if let Some(c) = &cp {
+            if chain::check(std::slice::from_ref(&c.prog)) != exit::OK {
+                return exit::USAGE;
+            }
+        }
+        // What a request would leave for the next link, so that it checks itself as it
+        // will run: a client-chosen target, a client waiting for the answer.
+        std::env::set_var("TCPSPLICE_TARGET", "check.invalid:1");
+        std::env::set_var("TCPSPLICE_REPLY", "socks5");
+        return chain::check(&next);
+    }
     let gate = checker.map(|inner| Gate {
         inner,
         region: loginstate::region(),
         ttl: cache_ttl,
         slots,
         deadline: Instant::now() + timeout,
-        source: std::env::var("TCPREMOTEIP").ok(),
+        source: client_ip.map(|ip| ip.to_string()),
         outcome: Cell::new(None),
     });
     let policy = Policy {
@@ -167,9 +232,22 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         head_cap,
         fail_delay,
     };
-    conninfo::fill_from_socket(0);
     let mut client = Client::new(0, 1, timeout);
     let result = handshake::run(&mut client, &policy);
+    if let Some(Unavailable(why)) = &broken {
+        if let Ok(req) = &result {
+            // A client let in without credentials (-n): it still waits for an answer.
+            if let Ok(Some(style)) = reply::Style::parse(req.reply) {
+                let _ = client.send(&reply::failure(style, reply::Failure::General));
+            }
+        } else if let Err(f) = &result {
+            if !f.reply.is_empty() {
+                let _ = client.send(&f.reply);
+            }
+        }
+        client.close_gently(Duration::from_millis(200));
+        diag::die(exit::USAGE, why);
+    }
     match result {
         Ok(req) => {
             let login = gate.as_ref().and_then(|g| g.outcome.get());
@@ -181,8 +259,10 @@ pub fn main(argv: Vec<OsString>) -> i32 {
                 Some(l) => std::env::set_var(LOGIN_VAR, l.as_str()),
                 None => std::env::remove_var(LOGIN_VAR),
             }
-            let next: Vec<OsString> = m.free.iter().map(OsString::from).collect();
             drop(m);
+            if let Ok(Some(style)) = reply::Style::parse(req.reply) {
+                chain::reply_on_exec_failure(reply::failure(style, reply::Failure::General));
+            }
             // Everything this program opened (the users file, a checker's pipes) is
             // closed by now, so a sibling continuing here need not scan for more.
             chain::nothing_to_close();
@@ -200,18 +280,68 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     }
 }
 
-/// `-H`: hashes the first line of stdin (without its newline) and prints the hash.
+/// `-H`: hashes the first line of stdin (without its newline) and prints the hash. On a
+/// terminal it asks on the terminal itself, without echo, twice, and refuses two
+/// different answers.
 fn print_hash() -> ! {
+    use std::io::IsTerminal;
+    let pw = if std::io::stdin().is_terminal() {
+        ask_twice()
+    } else {
+        read_line(0)
+    };
+    if pw.as_bytes().is_empty() {
+        diag::die(exit::USAGE, "unable to hash: the password is empty");
+    }
+    match password::hash_new(pw.as_bytes()) {
+        Ok(h) => {
+            let _ = sys::write_all(1, format!("{h}\n").as_bytes());
+            std::process::exit(exit::OK)
+        }
+        Err(e) => diag::die(exit::TEMP, &format!("unable to hash: {e}")),
+    }
+}
+
+/// Asks for the password on the terminal (/dev/tty, not stdout, which may be where the
+/// hash goes), with echo off, and once more to confirm.
+fn ask_twice() -> Secret {
+    use std::os::unix::io::AsRawFd;
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .unwrap_or_else(|e| diag::die_sys(exit::TEMP, "open /dev/tty", &e));
+    let fd = tty.as_raw_fd();
+    let saved = sys::tty_echo_off(fd)
+        .unwrap_or_else(|e| diag::die_sys(exit::TEMP, "turn off the echo of the terminal", &e));
+    let ask = |prompt: &str| {
+        let _ = sys::write_all(fd, prompt.as_bytes());
+        let pw = read_line(fd);
+        // The newline typed was not echoed either.
+        let _ = sys::write_all(fd, b"\n");
+        pw
+    };
+    let first = ask("Password: ");
+    let second = ask("Password again: ");
+    let _ = sys::tty_restore(fd, &saved);
+    if first.as_bytes() != second.as_bytes() {
+        diag::die(exit::USAGE, "unable to hash: the two passwords differ");
+    }
+    first
+}
+
+/// Reads `fd` up to the first newline (or the end), without it or a CR before it.
+fn read_line(fd: i32) -> Secret {
     let mut pw = Secret::new(Vec::new());
     let mut buf = [0u8; 1024];
-    loop {
-        match sys::read(0, &mut buf) {
+    while !pw.as_bytes().contains(&b'\n') {
+        match sys::read(fd, &mut buf) {
             Ok(0) => break,
             Ok(n) => pw.vec_mut().extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => diag::die_sys(exit::TEMP, "read the password", &e),
         }
-        if pw.as_bytes().len() > MAX_PASSWORD {
+        if pw.as_bytes().len() > MAX_PASSWORD + 2 {
             diag::die(
                 exit::USAGE,
                 "unable to hash: the password is longer than 4096 bytes",
@@ -227,14 +357,11 @@ fn print_hash() -> ! {
     if v.last() == Some(&b'\r') {
         v.pop();
     }
-    if pw.as_bytes().is_empty() {
-        diag::die(exit::USAGE, "unable to hash: the password is empty");
+    if v.len() > MAX_PASSWORD {
+        diag::die(
+            exit::USAGE,
+            "unable to hash: the password is longer than 4096 bytes",
+        );
     }
-    match password::hash_new(pw.as_bytes()) {
-        Ok(h) => {
-            let _ = sys::write_all(1, format!("{h}\n").as_bytes());
-            std::process::exit(exit::OK)
-        }
-        Err(e) => diag::die(exit::TEMP, &format!("unable to hash: {e}")),
-    }
+    pw
 }

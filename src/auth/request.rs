@@ -181,18 +181,9 @@ impl Client {
             if Instant::now() >= self.deadline {
                 return Err(ReadError::Timeout);
             }
-            // SAFETY: the kernel writes at most buf.len() bytes into memory we own.
-            let n = unsafe {
-                libc::recv(
-                    self.rfd,
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    flags | libc::MSG_DONTWAIT,
-                )
-            };
-            match sys::cvt(n) {
+            match sys::recv(self.rfd, buf, flags | libc::MSG_DONTWAIT) {
                 Ok(0) => return Err(ReadError::Eof),
-                Ok(n) => return Ok(n as usize),
+                Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_readable()?,
                 Err(e) => return Err(ReadError::Io(e)),

@@ -3,9 +3,8 @@
 //! a target with non-blocking connects that poll bounds.
 
 use std::io;
-use std::mem::size_of;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use crate::sys;
@@ -47,32 +46,7 @@ pub fn resolve(host: &str, port: u16, limit: Duration) -> io::Result<Vec<SocketA
 /// This host's addresses, from getifaddrs(3): a client-chosen target must not be the
 /// proxy itself under one of its public addresses.
 pub fn own_addresses() -> io::Result<Vec<IpAddr>> {
-    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs writes a pointer to a list it allocated into `ifap`.
-    sys::cvt(unsafe { libc::getifaddrs(&mut ifap) })?;
-    let mut out = Vec::new();
-    let mut p = ifap;
-    while !p.is_null() {
-        // SAFETY: p is a node of the list getifaddrs returned, not yet freed.
-        let ifa = unsafe { &*p };
-        if !ifa.ifa_addr.is_null() {
-            // SAFETY: ifa_addr points to a sockaddr whose family field is valid.
-            let family = libc::c_int::from(unsafe { (*ifa.ifa_addr).sa_family });
-            let len = match family {
-                libc::AF_INET => size_of::<libc::sockaddr_in>(),
-                libc::AF_INET6 => size_of::<libc::sockaddr_in6>(),
-                _ => 0,
-            };
-            // SAFETY: the family says ifa_addr holds `len` bytes.
-            if let Some(a) = unsafe { sys::sockaddr_from_raw(ifa.ifa_addr, len) } {
-                out.push(a.ip());
-            }
-        }
-        p = ifa.ifa_next;
-    }
-    // SAFETY: ifap came from getifaddrs and is freed once; no reference into it remains.
-    unsafe { libc::freeifaddrs(ifap) };
-    Ok(out)
+    sys::interface_addresses()
 }
 
 /// Whether the routing table delivers `addr` to this host: a route of type local (an
@@ -113,32 +87,22 @@ pub fn routes_to_this_host(addr: &SocketAddr) -> io::Result<bool> {
     let len = req.len() as u32;
     req[..4].copy_from_slice(&len.to_ne_bytes());
 
-    // SAFETY: socket(2) with constant arguments; the descriptor is owned below.
-    let fd = sys::cvt(unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    })?;
-    // SAFETY: fd is a new descriptor that nothing else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sock = sys::netlink_route_socket()?;
+    let fd = sock.as_raw_fd();
     // An unbound netlink socket sends to the kernel, which answers before send returns;
     // the poll only bounds a kernel that would not.
-    // SAFETY: the kernel reads req.len() bytes from a buffer we own.
-    sys::cvt(unsafe { libc::send(fd, req.as_ptr().cast(), req.len(), 0) })?;
+    sys::send(fd, &req, 0)?;
     let mut buf = [0u8; 4096];
     let mut p = [libc::pollfd {
-        fd: sock.as_raw_fd(),
+        fd,
         events: libc::POLLIN,
         revents: 0,
     }];
     if sys::poll(&mut p, Some(Duration::from_secs(1)))? == 0 {
         return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT));
     }
-    // SAFETY: the kernel writes at most buf.len() bytes into memory we own.
-    let n = sys::cvt(unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) })?;
-    let msg = &buf[..n as usize];
+    let n = sys::recv(fd, &mut buf, 0)?;
+    let msg = &buf[..n];
     let u16_at = |i: usize| msg.get(i..i + 2).map(|b| u16::from_ne_bytes([b[0], b[1]]));
     let i32_at = |i: usize| {
         msg.get(i..i + 4)

@@ -145,12 +145,19 @@ fn save_client() -> (Option<SocketAddr>, Option<SocketAddr>) {
 }
 
 /// Ends the connection with the failure reply the client waits for, if it waits for one,
-/// then logs and exits.
+/// then logs and exits. A refusal by policy is the client's doing, not a fault of ours:
+/// a warning that names the client and the user, as tcpsplice-auth's refusals do.
 fn fail(style: Option<Style>, f: Failure, code: i32, msg: &str) -> ! {
     if let Some(style) = style {
         if sys::write_all(1, &reply::failure(style, f)).is_ok() {
             linger();
         }
+    }
+    if code == exit::POLICY {
+        let client = conninfo::client().unwrap_or_else(|| "-".into());
+        let user = std::env::var("TCPSPLICE_USER").unwrap_or_else(|_| "-".into());
+        diag::warn(&format!("refused client={client} user={user}: {msg}"));
+        std::process::exit(code)
     }
     diag::die(code, msg)
 }

@@ -92,6 +92,9 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     if free.is_empty() {
         diag::usage(USAGE);
     }
+    if chain::checking() {
+        return chain::check(&free.iter().map(OsString::from).collect::<Vec<_>>());
+    }
     dialer::run(&Config {
         fixed,
         allow,

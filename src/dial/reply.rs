@@ -82,14 +82,37 @@ impl Failure {
         }
     }
 
+    /// The status, and the one-line body: what went wrong and what to do instead.
     fn http(self) -> (&'static str, &'static str) {
         match self {
-            Failure::NotAllowed => ("403 Forbidden", "target not allowed"),
-            Failure::NetworkUnreachable => ("502 Bad Gateway", "network unreachable"),
-            Failure::HostUnreachable => ("502 Bad Gateway", "host unreachable or unknown"),
-            Failure::Refused => ("502 Bad Gateway", "connection refused"),
-            Failure::Timeout => ("504 Gateway Timeout", "connection timed out"),
-            Failure::General => ("502 Bad Gateway", "connection failed"),
+            Failure::NotAllowed => (
+                "403 Forbidden",
+                "Target not allowed: this proxy's rules do not let it reach that address \
+                 and port (private, loopback and link-local ones need a rule); ask for \
+                 another target.",
+            ),
+            Failure::NetworkUnreachable => (
+                "502 Bad Gateway",
+                "Network unreachable: the proxy has no route to that address; check it.",
+            ),
+            Failure::HostUnreachable => (
+                "502 Bad Gateway",
+                "Host unknown or unreachable: check the target's name or address.",
+            ),
+            Failure::Refused => (
+                "502 Bad Gateway",
+                "Connection refused by the target: check the port, and that its service \
+                 runs.",
+            ),
+            Failure::Timeout => (
+                "504 Gateway Timeout",
+                "Connection timed out: the target did not answer; check its address and \
+                 port, or try again later.",
+            ),
+            Failure::General => (
+                "502 Bad Gateway",
+                "Connection failed: the proxy could not reach the target; try again later.",
+            ),
         }
     }
 }
@@ -176,7 +199,7 @@ mod tests {
         assert_eq!(failure(Style::Socks5, Failure::Timeout)[1], 6);
         let h = String::from_utf8(failure(Style::Http, Failure::Timeout)).unwrap();
         assert!(h.starts_with("HTTP/1.1 504 Gateway Timeout\r\n"), "{h}");
-        assert!(h.ends_with("\r\n\r\nconnection timed out\n"), "{h}");
+        assert!(h.ends_with("\r\n\r\nConnection timed out: the target did not answer; check its address and port, or try again later.\n"), "{h}");
         assert_eq!(Failure::NotAllowed.exit_code(), exit::POLICY);
         assert_eq!(Failure::Refused.exit_code(), exit::TEMP);
         assert_eq!(Style::parse("socks4"), Ok(Some(Style::Socks4)));

@@ -13,7 +13,8 @@ use supervisor::Config;
 use crate::{args, chain, diag, exit, sys};
 
 const USAGE: &str = "tcpsplice-listen [-1Dhq] [-b backlog] [-c max] [-C max_per_ip] \
-                     [-r max_use] [-u user] [-g group] [-U] HOST PORT PROG...";
+                     [-r max_use] [-u user] [-g group] [-U] HOST PORT PROG...
+       tcpsplice-listen [options] - - PROG...  (listening sockets from systemd, Accept=no)";
 
 /// The program: `argv` is its command line without the program name.
 pub fn main(argv: Vec<OsString>) -> ! {
@@ -125,6 +126,9 @@ pub fn main(argv: Vec<OsString>) -> ! {
     // so that a sibling the new user may not execute is exec'd, and refused, as an exec
     // would be.
     chain::resolve_ahead(&prog);
+    // Mistakes in PROG... (a bad rule, a broken users file, a program not there) show
+    // now, with the link's own message, not as a bare close at the first client.
+    check_chain(&prog);
     // tcpsplice-auth continuing in the connection processes shares its login cache and
     // its bound on password checks through memory mapped here, before any fork.
     if prog.first().and_then(|p| chain::continues_as(p)) == Some("tcpsplice-auth") {
@@ -164,3 +168,67 @@ pub fn main(argv: Vec<OsString>) -> ! {
         }
     })
 }
+
+/// Runs PROG... once in check mode (`chain::CHECK_VAR`), as the user connections will run
+/// as, with /dev/null on fds 0 and 1, and refuses to start when it fails. A first
+/// program that is not ours has no check mode: it is only looked for, as exec would.
+fn check_chain(prog: &[OsString]) {
+    let Some(first) = prog.first() else {
+        return;
+    };
+    if !chain::is_sibling(first) {
+        chain::check(&prog[..1]);
+        return;
+    }
+    let shown = first.to_string_lossy();
+    let mut child = match std::process::Command::new(first)
+        .args(&prog[1..])
+        .env(chain::CHECK_VAR, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        // As exec would fail for a connection (as the same user): its code and words.
+        Err(e) => {
+            let code = match e.raw_os_error() {
+                Some(libc::ENOENT) => exit::NOTFOUND,
+                Some(libc::EACCES) | Some(libc::ENOEXEC) => exit::NOEXEC,
+                _ => exit::TEMP,
+            };
+            diag::die_sys(code, &format!("run {shown}"), &e)
+        }
+    };
+    let end = std::time::Instant::now() + CHECK_LIMIT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if std::time::Instant::now() < end => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                diag::die(
+                    exit::TEMP,
+                    &format!("unable to check {shown}: no answer within {CHECK_LIMIT:?}"),
+                );
+            }
+            Err(e) => diag::die_sys(exit::TEMP, &format!("check {shown}"), &e),
+        }
+    };
+    match status.code() {
+        Some(0) => {}
+        Some(code) => diag::die(
+            code,
+            &format!("not starting: the chain fails its check ({shown} exited {code}; its message says why)"),
+        ),
+        None => diag::die(
+            exit::TEMP,
+            &format!("not starting: the check of {shown} ended by a signal"),
+        ),
+    }
+}
+
+/// How long the check run of PROG... may take (it loads files, it does not connect).
+const CHECK_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);

@@ -2,8 +2,9 @@
 //! setuid in that order (each later step needs the privilege the earlier ones use), and
 //! a check that the old identity cannot come back.
 
-use std::ffi::CString;
 use std::io;
+
+use nix::unistd::{self, Gid, Group, Uid, User};
 
 use crate::{exit, sys};
 
@@ -14,57 +15,28 @@ pub struct Ids {
     pub gid: libc::gid_t,
 }
 
-fn buf_size() -> usize {
-    // SAFETY: sysconf only reads a configuration value.
-    let n = unsafe { libc::sysconf(libc::_SC_GETPW_R_SIZE_MAX) };
-    usize::try_from(n).unwrap_or(0).max(4096)
-}
-
 /// A user's uid and primary gid, from the password database. Ok(None) when no such user.
 pub fn user(name: &str) -> io::Result<Option<Ids>> {
-    let cname = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let mut size = buf_size();
-    loop {
-        let mut buf = vec![0 as libc::c_char; size];
-        // SAFETY: all-zero is a valid passwd struct; getpwnam_r fills it.
-        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut out: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: the name is NUL-terminated; `pw`, `buf` (of `size` bytes) and `out`
-        // are ours and outlive the call; strings in `pw` point into `buf`, unused here.
-        let rc =
-            unsafe { libc::getpwnam_r(cname.as_ptr(), &mut pw, buf.as_mut_ptr(), size, &mut out) };
-        match rc {
-            0 if out.is_null() => return Ok(None),
-            0 => {
-                return Ok(Some(Ids {
-                    uid: pw.pw_uid,
-                    gid: pw.pw_gid,
-                }))
-            }
-            libc::ERANGE if size < 1 << 20 => size *= 4,
-            e => return Err(io::Error::from_raw_os_error(e)),
-        }
-    }
+    no_nul(name)?;
+    let found = User::from_name(name)?;
+    Ok(found.map(|u| Ids {
+        uid: u.uid.as_raw(),
+        gid: u.gid.as_raw(),
+    }))
 }
 
 /// A group's gid, from the group database. Ok(None) when no such group.
 pub fn group(name: &str) -> io::Result<Option<libc::gid_t>> {
-    let cname = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let mut size = buf_size();
-    loop {
-        let mut buf = vec![0 as libc::c_char; size];
-        // SAFETY: all-zero is a valid group struct; getgrnam_r fills it.
-        let mut gr: libc::group = unsafe { std::mem::zeroed() };
-        let mut out: *mut libc::group = std::ptr::null_mut();
-        // SAFETY: as in `user`, for getgrnam_r.
-        let rc =
-            unsafe { libc::getgrnam_r(cname.as_ptr(), &mut gr, buf.as_mut_ptr(), size, &mut out) };
-        match rc {
-            0 if out.is_null() => return Ok(None),
-            0 => return Ok(Some(gr.gr_gid)),
-            libc::ERANGE if size < 1 << 20 => size *= 4,
-            e => return Err(io::Error::from_raw_os_error(e)),
-        }
+    no_nul(name)?;
+    Ok(Group::from_name(name)?.map(|g| g.gid.as_raw()))
+}
+
+/// A name with a NUL byte cannot be looked up: an error, where nix would say "no such
+/// user".
+fn no_nul(name: &str) -> io::Result<()> {
+    match name.contains('\0') {
+        true => Err(io::ErrorKind::InvalidInput.into()),
+        false => Ok(()),
     }
 }
 
@@ -139,28 +111,22 @@ pub fn identity(
 /// Becomes `ids` for good: supplementary groups reduced to the one gid, then gid, then
 /// uid. Any failure is returned, and the caller must not go on with the old identity.
 pub fn drop_to(ids: Ids) -> Result<(), (&'static str, io::Error)> {
-    let groups = [ids.gid];
-    // SAFETY: we pass a one-element array we own and its length.
-    sys::cvt(unsafe { libc::setgroups(1, groups.as_ptr()) }).map_err(|e| ("setgroups", e))?;
-    // SAFETY: setgid takes an integer.
-    sys::cvt(unsafe { libc::setgid(ids.gid) }).map_err(|e| ("setgid", e))?;
-    // SAFETY: setuid takes an integer.
-    sys::cvt(unsafe { libc::setuid(ids.uid) }).map_err(|e| ("setuid", e))?;
-    // SAFETY: the get*id calls cannot fail.
-    let (ruid, euid, rgid, egid) = unsafe {
-        (
-            libc::getuid(),
-            libc::geteuid(),
-            libc::getgid(),
-            libc::getegid(),
-        )
-    };
-    if (ruid, euid, rgid, egid) != (ids.uid, ids.uid, ids.gid, ids.gid) {
+    let (uid, gid) = (Uid::from_raw(ids.uid), Gid::from_raw(ids.gid));
+    unistd::setgroups(&[gid]).map_err(|e| ("setgroups", e.into()))?;
+    unistd::setgid(gid).map_err(|e| ("setgid", e.into()))?;
+    unistd::setuid(uid).map_err(|e| ("setuid", e.into()))?;
+    let now = (
+        unistd::getuid(),
+        unistd::geteuid(),
+        unistd::getgid(),
+        unistd::getegid(),
+    );
+    if now != (uid, uid, gid, gid) {
         return Err(("verify", io::Error::from_raw_os_error(libc::EPERM)));
     }
     // setuid as root sets all three uids; if root could be regained, the drop failed.
-    // SAFETY: setuid takes an integer; succeeding here is the failure we look for.
-    if ids.uid != 0 && unsafe { libc::setuid(0) } == 0 {
+    // Succeeding here is the failure we look for.
+    if ids.uid != 0 && unistd::setuid(Uid::from_raw(0)).is_ok() {
         return Err(("verify", io::Error::from_raw_os_error(libc::EPERM)));
     }
     Ok(())

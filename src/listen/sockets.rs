@@ -3,9 +3,8 @@
 //! non-blocking (the supervisor polls it) and close-on-exec (no child ever holds it, so
 //! closing it really refuses new connections).
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::io;
-use std::mem::size_of;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::io::{IntoRawFd, RawFd};
 
@@ -48,44 +47,15 @@ pub fn resolve(host: &str) -> Result<SocketAddr, Failure> {
             "unable to resolve a host name containing a NUL byte".into(),
         ));
     };
-    // SAFETY: all-zero is a valid addrinfo hints structure (no flags, any family).
-    let mut hints: libc::addrinfo = unsafe { std::mem::zeroed() };
-    hints.ai_socktype = libc::SOCK_STREAM;
-    let mut res: *mut libc::addrinfo = std::ptr::null_mut();
-    // SAFETY: `name` is NUL-terminated, `hints` lives across the call, and `res` receives
-    // a list we free below with freeaddrinfo.
-    let rc = unsafe { libc::getaddrinfo(name.as_ptr(), std::ptr::null(), &hints, &mut res) };
-    if rc != 0 {
-        let why = if rc == libc::EAI_SYSTEM {
-            sys::strerror(&io::Error::last_os_error())
-        } else {
-            // SAFETY: gai_strerror returns a static NUL-terminated string.
-            unsafe { CStr::from_ptr(libc::gai_strerror(rc)) }
-                .to_string_lossy()
-                .into_owned()
-        };
+    let found = sys::lookup_first(&name).map_err(|e| {
         // A DNS server that cannot be reached now may answer later; a name that does
         // not exist will not.
-        let code = match rc {
+        let code = match e.code {
             libc::EAI_AGAIN | libc::EAI_SYSTEM | libc::EAI_MEMORY => exit::TEMP,
             _ => exit::USAGE,
         };
-        return Err(Failure::new(
-            code,
-            format!("unable to resolve {host}: {why}"),
-        ));
-    }
-    let mut found = None;
-    let mut cur = res;
-    while !cur.is_null() && found.is_none() {
-        // SAFETY: `cur` is a non-null node of the list getaddrinfo returned.
-        let ai = unsafe { &*cur };
-        // SAFETY: ai_addr points to ai_addrlen bytes of a sockaddr (or is null).
-        found = unsafe { sys::sockaddr_from_raw(ai.ai_addr, ai.ai_addrlen as usize) };
-        cur = ai.ai_next;
-    }
-    // SAFETY: `res` came from a successful getaddrinfo and is freed once.
-    unsafe { libc::freeaddrinfo(res) };
+        Failure::new(code, format!("unable to resolve {host}: {}", e.text))
+    })?;
     found.ok_or_else(|| Failure::new(exit::USAGE, format!("no IP address for {host}")))
 }
 
@@ -118,8 +88,7 @@ pub fn bind(addr: &SocketAddr, backlog: i32) -> Result<RawFd, Failure> {
         sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)
             .map_err(|e| fail("set SO_REUSEADDR on", e))?;
         sys::bind(fd, addr).map_err(|e| fail("bind to", e))?;
-        // SAFETY: listen takes integers only.
-        sys::cvt(unsafe { libc::listen(fd, backlog) }).map_err(|e| fail("listen on", e))?;
+        sys::listen(fd, backlog).map_err(|e| fail("listen on", e))?;
         Ok(())
     })();
     match done {
@@ -134,8 +103,7 @@ pub fn bind(addr: &SocketAddr, backlog: i32) -> Result<RawFd, Failure> {
 /// Whether systemd passed sockets to this very process: `LISTEN_PID` is our pid.
 pub fn activation_is_ours() -> bool {
     let pid = std::env::var("LISTEN_PID").ok();
-    // SAFETY: getpid cannot fail.
-    let me = unsafe { libc::getpid() };
+    let me = nix::unistd::getpid().as_raw();
     pid.and_then(|p| p.parse::<libc::pid_t>().ok()) == Some(me)
 }
 
@@ -209,21 +177,8 @@ pub fn unset_activation_env() {
     }
 }
 
-/// accept4 with close-on-exec: the new socket and the client's address.
+/// accept4 with close-on-exec: the new socket and the client's address. The new socket
+/// is blocking, as the programs of the chain expect.
 pub fn accept(fd: RawFd) -> io::Result<(RawFd, Option<SocketAddr>)> {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: accept4 writes at most `len` bytes into the storage we own. The new socket
-    // is blocking (Linux does not inherit O_NONBLOCK from the listener), as the programs
-    // of the chain expect.
-    let s = sys::cvt(unsafe {
-        libc::accept4(
-            fd,
-            (&mut ss as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-            libc::SOCK_CLOEXEC,
-        )
-    })?;
-    Ok((s, sys::sockaddr_to_std(&ss)))
+    sys::accept_cloexec(fd)
 }

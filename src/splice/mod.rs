@@ -87,6 +87,10 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         keepalive,
         user_timeout_ms,
     };
+    if chain::checking() {
+        // The last link: its options are all there is to check.
+        return exit::OK;
+    }
     for f in [cfg.client_in, cfg.client_out, cfg.target_in, cfg.target_out] {
         if !sys::fd_is_open(f) || chain::is_reserved(f) {
             diag::die(
@@ -95,6 +99,12 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             );
         }
     }
+    let quiet = m.opt_present("q");
+    // For the log line, asked of the sockets now, while both ends are connected.
+    let (client, target) = match quiet {
+        true => (None, None),
+        false => conninfo::ends(cfg.client_in, cfg.target_in),
+    };
     let out = match http_body() {
         Some(body) => http::run(&cfg, body),
         None => relay::run(&cfg),
@@ -103,7 +113,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         Ok(out) => out,
         Err(e) => diag::die_sys(exit::TEMP, "set up the relay", &e),
     };
-    if !m.opt_present("q") {
+    if !quiet {
         let user = std::env::var("TCPSPLICE_USER").unwrap_or_else(|_| "-".into());
         // How tcpsplice-auth checked the user (cached or verified), when it says.
         let login = std::env::var(crate::auth::LOGIN_VAR)
@@ -111,9 +121,9 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             .unwrap_or_default();
         diag::info(&format!(
             "end client={} user={} target={} up={} down={} secs={:.3} path={}/{} pipes={}/{} bufs={}/{} how={}{}",
-            conninfo::client().unwrap_or_else(|| "-".into()),
+            client.as_deref().unwrap_or("-"),
             user,
-            conninfo::target().unwrap_or_else(|| "-".into()),
+            target.as_deref().unwrap_or("-"),
             out.up,
             out.down,
             out.elapsed.as_secs_f64(),

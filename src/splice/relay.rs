@@ -1029,6 +1029,16 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
                     | Some(libc::ECONNABORTED)
                     | Some(libc::ENOTCONN)
             );
+            // A peer that sent its whole stream, saw it delivered, and then reset what
+            // came after (a TLS server that closes without waiting for close_notify):
+            // its end was clean; it only declined the rest. Not a reset to pass on.
+            let finished = match cause {
+                Side::Client => dirs[0].done,
+                Side::Target => dirs[1].done,
+            };
+            if peer_error && finished {
+                break End::Clean;
+            }
             if peer_error {
                 abort_peer(innocent, innocent_kind);
                 break End::Reset {

@@ -18,7 +18,7 @@ use crate::util::{self, Ran};
 
 const AUTH: &str = env!("CARGO_BIN_EXE_tcpsplice-auth");
 const LIMIT: Duration = Duration::from_secs(30);
-const PW: &str = "s3cret pass:word";
+pub(super) const PW: &str = "s3cret pass:word";
 
 /// The next program: prints the environment it got, then echoes its input.
 const SHOW_ENV: &[&str] = &[
@@ -89,7 +89,7 @@ fn over_pipes(mut cmd: Command, input: &[u8]) -> (Vec<u8>, Ran) {
 }
 
 /// A scratch directory of the test's own.
-fn scratch(name: &str) -> PathBuf {
+pub(super) fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("tcpsplice-auth-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("scratch dir");
@@ -340,6 +340,44 @@ fn socks5_no_auth_refused_unless_asked_for() {
 }
 
 #[test]
+fn no_auth_only_for_clients_from_n_rules() {
+    // -N: the client's address (TCPREMOTEIP, as a supervisor sets it) decides.
+    let users = sha512_users("s5noauthfrom");
+    let f = users.to_str().unwrap();
+    let input = cat(&[b"\x05\x01\x00", &socks5_domain("example.com", 80)]);
+    let from = |ip: &str, opts: &[&str]| {
+        let mut cmd = auth_cmd(opts);
+        cmd.env("TCPREMOTEIP", ip).env("TCPREMOTEPORT", "4711");
+        over_socket(cmd, &input)
+    };
+    let (got, r) = from("192.0.2.5", &["-N", "192.0.2.0/28", "-f", f]);
+    r.expect_code(0);
+    assert_eq!(got, b"\x05\x00", "inside the rule{}", r.show());
+    let (got, r) = from("192.0.2.50", &["-N", "192.0.2.0/28", "-f", f]);
+    r.expect_code(1);
+    assert_eq!(got, b"\x05\xff", "outside the rule{}", r.show());
+    // Without -f: those inside get in, nobody else.
+    let (got, r) = from(
+        "2001:db8::7",
+        &["-N", "192.0.2.0/28", "-N", "2001:db8::/64"],
+    );
+    r.expect_code(0);
+    assert_eq!(got, b"\x05\x00", "{}", r.show());
+    let (got, r) = from("198.51.100.1", &["-N", "192.0.2.0/28"]);
+    r.expect_code(1);
+    assert_eq!(got, b"\x05\xff", "{}", r.show());
+    // SOCKS4 has no credentials at all: the same rule lets it in.
+    let s4 = b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00".to_vec();
+    let mut cmd = auth_cmd(&["-N", "192.0.2.0/28", "-f", f]);
+    cmd.env("TCPREMOTEIP", "192.0.2.1");
+    let (_, r) = over_socket(cmd, &s4);
+    r.expect_code(0);
+    // A rule with a port is refused at start.
+    let (_, r) = from("192.0.2.5", &["-N", "192.0.2.0/28:80", "-f", f]);
+    r.expect_code(100);
+}
+
+#[test]
 fn socks5_refusals_use_the_protocol_codes() {
     let cases: &[(&[u8], &[u8])] = &[
         // BIND: command not supported.
@@ -423,6 +461,11 @@ fn protocols_can_be_restricted() {
     );
     r.expect_code(1);
     assert!(got.starts_with(b"HTTP/1.1 403 "), "{}", r.show());
+    let body = refusal_body(&String::from_utf8_lossy(&got));
+    assert!(
+        body.contains("use SOCKS5 (curl -x socks5h://HOST:PORT)"),
+        "{body:?}"
+    );
     let (got, r) = over_socket(
         auth_cmd(&["-n", "-p", "socks5,http"]),
         b"\x04\x01\x00\x50\x01\x02\x03\x04\x00",
@@ -544,6 +587,25 @@ fn http_head_in_slow_pieces_is_read_exactly() {
     );
 }
 
+/// The body of an HTTP refusal, checked to be one line of plain text that
+/// Content-Length counts.
+fn refusal_body(text: &str) -> String {
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+    assert!(
+        head.contains("\r\nContent-Type: text/plain\r\n"),
+        "{text:?}"
+    );
+    assert!(
+        head.contains(&format!("\r\nContent-Length: {}\r\n", body.len())),
+        "{text:?}"
+    );
+    assert!(
+        body.ends_with('\n') && body.matches('\n').count() == 1,
+        "not one line: {body:?}"
+    );
+    body.to_string()
+}
+
 #[test]
 fn http_refusals() {
     let users = sha512_users("http-bad");
@@ -600,6 +662,15 @@ fn http_refusals() {
         if status == "405 " {
             assert!(text.contains("\r\nAllow: CONNECT\r\n"), "{text:?}");
         }
+        // One line that says what to do instead.
+        let advice = match status {
+            "405 " => "This is a proxy, not a web server: ask it for a whole URL",
+            "407 " => "needs a user name and password: put them in the proxy URL (curl -p -x http://USER:PASSWORD@HOST:PORT)",
+            "400 " => "send \"CONNECT host:port HTTP/1.1\"",
+            _ => "send the CONNECT with fewer or shorter headers",
+        };
+        let body = refusal_body(&text);
+        assert!(body.contains(advice), "{status}: {body:?}");
         assert!(env_line(&r).is_none(), "{}", r.show());
     }
 }
@@ -632,11 +703,16 @@ fn http_truncated_and_slow_heads() {
         String::from_utf8_lossy(&got),
         r.show()
     );
+    let body = refusal_body(&String::from_utf8_lossy(&got));
+    assert!(
+        body.contains("send the whole CONNECT request at once"),
+        "{body:?}"
+    );
 }
 
 // ---------------------------------------------------------------- users file and hashes
 
-fn login_http(users: &std::path::Path, user: &str, pw: &str) -> Ran {
+pub(super) fn login_http(users: &std::path::Path, user: &str, pw: &str) -> Ran {
     timed_login(users, "0", user, pw).1
 }
 
@@ -696,6 +772,74 @@ fn hash_option_makes_a_hash_that_logs_in() {
     let users = write_users("hashopt", &format!("carol:{}", hash.trim()));
     login_http(&users, "carol", PW).expect_code(0);
     login_http(&users, "carol", "x").expect_code(1);
+}
+
+/// `tcpsplice-auth -H` on a terminal, typing `first` then `second` at its prompts;
+/// returns its result (the hash on stdout) and everything the terminal showed.
+fn hash_on_a_terminal(first: &str, second: &str) -> (Ran, String) {
+    use std::sync::{Arc, Mutex};
+    let mut c = Command::new(AUTH);
+    c.arg("-H").stdout(Stdio::piped());
+    let mut master = util::on_pty(&mut c);
+    let child = c.spawn().expect("tcpsplice-auth -H");
+    drop(c); // the terminal's end that the child has
+    let screen = Arc::new(Mutex::new(Vec::new()));
+    let (s2, mut reader) = (screen.clone(), master.try_clone().expect("dup"));
+    let reading = std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        // Ends with EIO once the child has exited and closed the terminal.
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            s2.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let shown = || String::from_utf8_lossy(&screen.lock().unwrap()).into_owned();
+    for (prompt, typed) in [("Password: ", first), ("Password again: ", second)] {
+        let end = std::time::Instant::now() + LIMIT;
+        while !shown().contains(prompt) {
+            assert!(
+                std::time::Instant::now() < end,
+                "no {prompt:?}: {:?}",
+                shown()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        master
+            .write_all(format!("{typed}\n").as_bytes())
+            .expect("type");
+    }
+    let r = util::finish(child, "tcpsplice-auth -H on a terminal", LIMIT);
+    // What it wrote before it exited: read once the terminal is closed.
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while !reading.is_finished() && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (r, shown())
+}
+
+#[test]
+fn hash_option_on_a_terminal_asks_twice_without_echo() {
+    let (r, screen) = hash_on_a_terminal(PW, PW);
+    r.expect_code(0);
+    assert!(
+        !screen.contains("s3cret"),
+        "the password was echoed: {screen:?}"
+    );
+    assert!(screen.contains("Password again: "), "{screen:?}");
+    let hash = String::from_utf8(r.stdout.clone()).unwrap();
+    assert!(
+        !hash.contains("Password"),
+        "a prompt went to stdout: {hash:?}"
+    );
+    let users = write_users("hashtty", &format!("carol:{}", hash.trim()));
+    login_http(&users, "carol", PW).expect_code(0);
+    // Two different answers: no hash, a usage failure.
+    let (r, screen) = hash_on_a_terminal(PW, "something else");
+    r.expect_code(100);
+    assert!(r.stdout.is_empty(), "{}", r.show());
+    assert!(screen.contains("differ"), "{screen:?}");
 }
 
 #[test]
@@ -1018,7 +1162,7 @@ fn usage_errors() {
 
 // ---------------------------------------------------------------- checkpassword
 
-fn checkpassword_script(name: &str, body: &str) -> PathBuf {
+pub(super) fn checkpassword_script(name: &str, body: &str) -> PathBuf {
     let p = scratch(name).join("checkpassword");
     std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
     let mut perm = std::fs::metadata(&p).unwrap().permissions();
@@ -1073,6 +1217,42 @@ fn checkpassword_delegation() {
     r.expect_code(111);
     assert_eq!(got, b"\x05\x02\x01\x01", "{}", r.show());
     assert!(r.stderr_text().contains("did not answer"), "{}", r.show());
+}
+
+#[test]
+fn a_checker_that_times_out_is_killed_with_everything_it_started() {
+    // A shell checker whose sleep is a child of its own: killing only the shell would
+    // leave the sleep behind, one per login attempt. The odd duration names it.
+    let slow = checkpassword_script("cpgroup", "sleep 31.4159 & wait");
+    let bad = cat(&[
+        b"\x05\x01\x02",
+        &socks5_userpass("dave", "nope"),
+        &socks5_domain("example.net", 25),
+    ]);
+    let t = std::time::Instant::now();
+    let (_, r) = over_socket(auth_cmd(&["-T", "0.5", "-c", slow.to_str().unwrap()]), &bad);
+    r.expect_code(111);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "answered after {:?}",
+        t.elapsed()
+    );
+    let left = || {
+        std::fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                    .filter(|c| c.windows(7).any(|w| w == b"31.4159"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    // Killed processes may take a moment to leave the table.
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while left() > 0 && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(left(), 0, "the checker's sleep outlived it{}", r.show());
 }
 
 #[test]
@@ -1146,12 +1326,25 @@ const SPLICE: &str = env!("CARGO_BIN_EXE_tcpsplice");
 
 /// A target on loopback: answers `GET` with a 200 and a pattern body, echoes anything
 /// else back. Runs until the test process ends.
-struct Target {
-    port: u16,
-    body: Vec<u8>,
+pub(super) struct Target {
+    pub(super) port: u16,
+    pub(super) body: Vec<u8>,
 }
 
-fn target() -> Target {
+impl Target {
+    /// Checks that `r` (a client's run) ended well with the whole body on its stdout.
+    pub(super) fn expect_body(&self, r: &Ran) {
+        r.expect_code(0);
+        assert_eq!(
+            util::hash_of(&r.stdout),
+            util::hash_of(&self.body),
+            "{}",
+            r.show()
+        );
+    }
+}
+
+pub(super) fn target() -> Target {
     let (l, a) = util::listener();
     let body = util::pattern(42, 256 * 1024);
     let b = body.clone();
@@ -1298,7 +1491,7 @@ fn client(cmd: &str, args: &[String], input: &[u8]) -> Ran {
 }
 
 /// curl through `proxy` (with `-p`, an HTTP proxy tunnels with CONNECT), bounded to 20 s.
-fn curl(tunnel: bool, proxy: &str, url: &str) -> Ran {
+pub(super) fn curl(tunnel: bool, proxy: &str, url: &str) -> Ran {
     let mut args = strings(&["-sS", "--max-time", "20"]);
     if tunnel {
         args.push("-p".into());
@@ -1570,13 +1763,7 @@ fn chain_netcat_ncat_and_curl_socks4a_clients() {
         &format!("socks4a://127.0.0.1:{}", anon.port),
         &format!("http://localhost:{}/", t.port),
     );
-    r.expect_code(0);
-    assert_eq!(
-        util::hash_of(&r.stdout),
-        util::hash_of(&t.body),
-        "{}",
-        r.show()
-    );
+    t.expect_body(&r);
     // nc -P asks for the password on its terminal: give it one with script(1). It tries
     // without credentials first, gets 407, and comes back with Basic.
     let sh = format!(
@@ -1592,84 +1779,6 @@ fn chain_netcat_ncat_and_curl_socks4a_clients() {
         auth.log()
     );
     assert!(auth.log().contains("user=alice "), "{}", auth.log());
-}
-
-#[test]
-fn readme_proxy_script_serves_curl() {
-    let t = target();
-    let state = scratch("proxy-script");
-    // A free port for the script, which takes a number.
-    let port = util::listener().1.port();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/proxy");
-    let bin = std::path::Path::new(AUTH).parent().unwrap();
-    let mut cmd = Command::new(script);
-    cmd.args([
-        "-p",
-        &port.to_string(),
-        "-a",
-        &format!("127.0.0.1/32:{}", t.port),
-    ])
-    .env("TCPSPLICE_BIN", bin)
-    .env("XDG_STATE_HOME", &state)
-    .env("TCPSPLICE_LOG", "stderr")
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("scripts/proxy");
-    let mut err = child.stderr.take().unwrap();
-    let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let o2 = out.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = err.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            o2.lock().unwrap().extend_from_slice(&buf[..n]);
-        }
-    });
-    // The printed curl line, with the printed password, is what a reader pastes.
-    let mut line = None;
-    for _ in 0..400 {
-        let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
-        if let Some(l) = text
-            .lines()
-            .find(|l| l.trim_start().starts_with("curl -x socks5h://"))
-        {
-            line = Some(l.trim().to_string());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let Some(line) = line else {
-        let _ = child.kill();
-        panic!(
-            "no curl line: {}",
-            String::from_utf8_lossy(&out.lock().unwrap())
-        );
-    };
-    let proxy = line.split_whitespace().nth(2).unwrap().to_string();
-    let mut result = None;
-    for _ in 0..100 {
-        let r = curl(false, &proxy, &format!("http://localhost:{}/", t.port));
-        if r.status.code() != Some(7) {
-            result = Some(r);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50)); // not listening yet
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let r = result.expect("the proxy never listened");
-    r.expect_code(0);
-    assert_eq!(
-        util::hash_of(&r.stdout),
-        util::hash_of(&t.body),
-        "{}",
-        r.show()
-    );
-    let users = std::fs::read_to_string(state.join("tcpsplice/users")).unwrap();
-    assert!(users.contains("\ndemo:$y$"), "{users}");
 }
 
 /// The README's text for a supervisor, with the installed paths replaced by the built
@@ -1715,13 +1824,7 @@ fn curl_until_listening(port: u16, t: &Target, child: &mut std::process::Child) 
     let _ = child.kill();
     let _ = child.wait();
     let r = result.expect("the supervisor never listened");
-    r.expect_code(0);
-    assert_eq!(
-        util::hash_of(&r.stdout),
-        util::hash_of(&t.body),
-        "{}",
-        r.show()
-    );
+    t.expect_body(&r);
 }
 
 #[test]

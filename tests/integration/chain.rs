@@ -1058,17 +1058,174 @@ fn a_sibling_the_dropped_user_may_not_execute_is_refused_as_by_exec() {
     // Nothing listens there: the test needs no target, and the old mistake (the
     // dialer running in-process anyway) shows as a refused connect, status 111.
     let tport = util::listener().1.port().to_string();
-    let (listen, port) = start_listen_with(
-        &["-u", "nobody"],
-        &[&bin("tcpsplice-dial"), "127.0.0.1", &tport, SPLICE],
-        &[],
-        Command::new(bin("tcpsplice-listen")),
+    // The listener's check of its chain, made as nobody, meets what a connection's exec
+    // would: it refuses to start, with exec's code and words.
+    let ran = util::run(
+        Command::new(bin("tcpsplice-listen"))
+            .args(["-u", "nobody", "-1", "127.0.0.1", "0"])
+            .args([&bin("tcpsplice-dial"), "127.0.0.1", &tport, SPLICE])
+            .env("TCPSPLICE_LOG", "stderr"),
+        Duration::from_secs(20),
     );
+    ran.expect_code(126);
+    assert!(
+        ran.stderr_text().contains("Permission denied"),
+        "{}",
+        ran.show()
+    );
+}
+
+// ---------------------------------------------------------------- checked at start
+
+const AUTH: &str = env!("CARGO_BIN_EXE_tcpsplice-auth");
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("tcpsplice-check-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// tcpsplice-listen with `prog`, expected to refuse to start: its result.
+fn refused_start(prog: &[&str]) -> util::Ran {
+    util::run(
+        Command::new(LISTEN)
+            .args(["-1", "127.0.0.1", "0"])
+            .args(prog)
+            .env("TCPSPLICE_LOG", "stderr"),
+        Duration::from_secs(30),
+    )
+}
+
+#[test]
+fn mistakes_in_the_chain_show_at_start_with_the_links_own_message() {
+    let dir = scratch("mistakes");
+    let users = dir.join("users");
+    // A bad rule of the dialer's.
+    let ran = refused_start(&[AUTH, "-n", DIAL, "-a", "10.0.0.0/33", SPLICE]);
+    ran.expect_code(100);
+    assert!(ran.stdout.is_empty(), "a port was printed{}", ran.show());
+    assert!(
+        ran.stderr_text()
+            .contains("tcpsplice-dial: usage: -a: bad rule"),
+        "{}",
+        ran.show()
+    );
+    // A users file with an empty hash, which would refuse every login.
+    std::fs::write(&users, "alice:\n").unwrap();
+    let f = users.to_str().unwrap();
+    let ran = refused_start(&[AUTH, "-f", f, DIAL, "-a", "127.0.0.1/32", SPLICE]);
+    ran.expect_code(100);
+    assert!(
+        ran.stderr_text()
+            .contains("tcpsplice-auth: fatal: unable to load users"),
+        "{}",
+        ran.show()
+    );
+    // A users file that is not there.
+    let gone = dir.join("nothing").to_string_lossy().into_owned();
+    let ran = refused_start(&[AUTH, "-f", &gone, DIAL, SPLICE]);
+    ran.expect_code(100);
+    // A checkpassword program, or the next program, that is not there.
+    let ran = refused_start(&[AUTH, "-c", "/nonexistent/checkpassword", DIAL, SPLICE]);
+    ran.expect_code(127);
+    assert!(
+        ran.stderr_text()
+            .contains("unable to run /nonexistent/checkpassword"),
+        "{}",
+        ran.show()
+    );
+    let ran = refused_start(&[AUTH, "-n", "/nonexistent/dial", SPLICE]);
+    ran.expect_code(127);
+    assert!(
+        ran.stderr_text()
+            .contains("unable to run /nonexistent/dial"),
+        "{}",
+        ran.show()
+    );
+    // A bad option of the splicer's, two links down.
+    let ran = refused_start(&[AUTH, "-n", DIAL, "-a", "127.0.0.1/32", SPLICE, "-t", "x"]);
+    ran.expect_code(100);
+    assert!(
+        ran.stderr_text().contains("tcpsplice: usage: -t"),
+        "{}",
+        ran.show()
+    );
+}
+
+/// A SOCKS5 client of `port`: a no-auth greeting when `pw` is None, else a login; then a
+/// CONNECT to 127.0.0.1:9. Returns every byte the proxy sent until it closed.
+fn socks5_exchange(port: u16, pw: Option<&str>) -> Vec<u8> {
     let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut rest = Vec::new();
-    let _ = c.read_to_end(&mut rest);
+    match pw {
+        None => c.write_all(&[5, 1, 0]).unwrap(),
+        Some(pw) => {
+            let mut m = vec![5, 1, 2, 1, 5];
+            m.extend_from_slice(b"alice");
+            m.push(pw.len() as u8);
+            m.extend_from_slice(pw.as_bytes());
+            c.write_all(&m).unwrap();
+        }
+    }
+    let _ = c.write_all(&[5, 1, 0, 1, 127, 0, 0, 1, 0, 9]);
+    let mut got = Vec::new();
+    let _ = c.read_to_end(&mut got);
+    got
+}
+
+#[test]
+fn a_link_that_fails_after_the_start_answers_in_the_clients_protocol() {
+    let dir = scratch("later");
+    // The dialer, a copy outside the installation (so exec'd for real), is removed
+    // after the check: the client gets SOCKS5's general failure, not a bare close.
+    let dial = dir.join("tcpsplice-dial");
+    std::fs::copy(DIAL, &dial).unwrap();
+    let d = dial.to_str().unwrap();
+    let (listen, port) = start_listen(&[AUTH, "-n", d, "-a", "127.0.0.1/32", SPLICE], &[]);
+    std::fs::remove_file(&dial).unwrap();
+    let got = socks5_exchange(port, None);
+    assert_eq!(got, [5, 0, 5, 1, 0, 1, 0, 0, 0, 0, 0, 0], "reply");
     let ran = stop(listen);
-    ran.expect_code(0);
-    assert!(ran.stderr_text().contains(" status=126 "), "{}", ran.show());
+    assert!(ran.stderr_text().contains(" status=127 "), "{}", ran.show());
+    // The users file broken after the start: a login is answered as failed, and the
+    // link exits as for a configuration error.
+    let users = dir.join("users");
+    let f = users.to_str().unwrap();
+    let good = "alice:$6$FoNTQ3k2T6n5EFVn$8Iz9IbgBpwhDuPm8YZhLl0cnEyZbI4WFPXyGI1sd0MwhN13DXFqmsEmHnKPw5nvxUWh7iEVGv61J/P/9VMtD/1\n";
+    std::fs::write(&users, good).unwrap();
+    let (listen, port) = start_listen(&[AUTH, "-f", f, DIAL, "-a", "127.0.0.1/32", SPLICE], &[]);
+    std::fs::write(&users, "alice:\n").unwrap();
+    let got = socks5_exchange(port, Some("pw"));
+    assert_eq!(got, [5, 2, 1, 1], "reply");
+    let ran = stop(listen);
+    assert!(ran.stderr_text().contains(" status=100 "), "{}", ran.show());
+    assert!(
+        ran.stderr_text().contains("fatal: unable to load users"),
+        "{}",
+        ran.show()
+    );
+}
+
+#[test]
+fn with_no_path_a_sibling_named_bare_is_the_one_beside_the_running_binary() {
+    // inetd starts services with no PATH at all: `tcpsplice-dial HOST PORT tcpsplice`
+    // must still find tcpsplice, whether it continues in-process or is exec'd.
+    for exec in ["", "always"] {
+        let (l, addr) = util::listener();
+        let t = std::thread::spawn(move || {
+            let mut s = util::accept_timeout(&l, Duration::from_secs(30));
+            s.write_all(b"from the target").expect("write");
+        });
+        let mut cmd = Command::new(DIAL);
+        cmd.env_clear()
+            .env("TCPSPLICE_LOG", "stderr")
+            .env("TCPSPLICE_EXEC", exec)
+            .args(["127.0.0.1", &addr.port().to_string(), "tcpsplice"])
+            .stdin(Stdio::null());
+        let ran = util::run(&mut cmd, Duration::from_secs(30));
+        ran.expect_code(0);
+        t.join().expect("target");
+        assert_eq!(ran.stdout, b"from the target", "{}", ran.show());
+    }
 }

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -381,34 +381,6 @@ fn free_port() -> u16 {
     closed_port()
 }
 
-/// Waits until something listens on 127.0.0.1:`port`, as /proc/net/tcp shows it; asking
-/// with a connection would start the service.
-fn wait_listening(port: u16, child: &mut Child, what: &str) {
-    let needle = format!("0100007F:{port:04X} 00000000:0000 0A");
-    let end = Instant::now() + LIMIT;
-    loop {
-        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-        if table.contains(&needle) {
-            return;
-        }
-        if let Ok(Some(s)) = child.try_wait() {
-            panic!("{what} exited before listening: {s:?}");
-        }
-        assert!(Instant::now() < end, "{what} did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Kills a supervisor when the test ends, whatever happens.
-struct Supervisor(Child);
-
-impl Drop for Supervisor {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A client through the supervisor on `port`; `log` tells the supervisor's side of a
 /// failure.
 fn forward_through(port: u16, log: impl Fn() -> String) {
@@ -501,7 +473,7 @@ fn forwarder_under_xinetd() {
     let conf = dir.join("xinetd.conf");
     std::fs::write(&conf, conf_text).expect("write conf");
     let log = dir.join("log");
-    let mut sup = Supervisor(
+    let mut sup = util::Supervisor(
         Command::new("xinetd")
             .arg("-dontfork")
             .arg("-f")
@@ -513,7 +485,7 @@ fn forwarder_under_xinetd() {
             .spawn()
             .expect("spawn xinetd (apt-get install xinetd)"),
     );
-    wait_listening(port, &mut sup.0, "xinetd");
+    util::wait_listening(port, &mut sup.0, "xinetd");
     // Listening is not enough: the port may be someone else's if xinetd could not bind.
     let ready = "Started working: 1 available service";
     let end = Instant::now() + LIMIT;
@@ -542,7 +514,7 @@ fn forwarder_under_systemd_socket_activate() {
         .expect("ExecStart=")
         .split_whitespace()
         .collect();
-    let mut sup = Supervisor(
+    let mut sup = util::Supervisor(
         Command::new("systemd-socket-activate")
             .args(["--inetd", "-a", "-l", &format!("127.0.0.1:{port}")])
             .args(["-E", "TCPSPLICE_LOG=stderr"])
@@ -552,7 +524,7 @@ fn forwarder_under_systemd_socket_activate() {
             .spawn()
             .expect("spawn systemd-socket-activate"),
     );
-    wait_listening(port, &mut sup.0, "systemd-socket-activate");
+    util::wait_listening(port, &mut sup.0, "systemd-socket-activate");
     // Its stderr is where the programs' messages go (fd 2 is not the socket here).
     forward_through(port, || std::fs::read_to_string(&log).unwrap_or_default());
     check_seen(seen.join().expect("target"));
@@ -577,7 +549,7 @@ fn forwarder_under_tcpserver_keeps_the_client_address() {
         .spawn()
         .expect("spawn tcpserver (apt-get install ucspi-tcp)");
     let mut out = child.stdout.take().expect("stdout");
-    let sup = Supervisor(child);
+    let sup = util::Supervisor(child);
     // -1: tcpserver prints the port it bound, then serves.
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -713,6 +685,45 @@ fn ipv4_translated_addresses_are_denied() {
 }
 
 #[test]
+fn a_refused_target_is_a_warning_naming_the_client_and_the_user() {
+    let (l, addr) = util::listener();
+    let target = format!("127.0.0.1:{}", addr.port());
+    let (mut mine, theirs) = util::tcp_pair();
+    let child = dial()
+        .env("TCPSPLICE_TARGET", &target)
+        .env("TCPSPLICE_REPLY", "socks5")
+        .env("TCPSPLICE_USER", "alice")
+        .env("TCPREMOTEIP", "192.0.2.9")
+        .env("TCPREMOTEPORT", "4711")
+        .arg(SPLICE)
+        .stdin(stdio(&theirs))
+        .stdout(stdio(&theirs))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(theirs);
+    mine.set_read_timeout(Some(LIMIT)).expect("timeout");
+    mine.shutdown(Shutdown::Write).expect("half-close");
+    let mut got = Vec::new();
+    mine.read_to_end(&mut got).expect("read reply");
+    let ran = util::finish(child, "tcpsplice-dial refused", LIMIT);
+    ran.expect_code(1);
+    assert_eq!(&got[..2], &[5, 2], "{}", ran.show());
+    let log = ran.stderr_text();
+    assert!(
+        log.contains("tcpsplice-dial: warning: refused client=192.0.2.9:4711 user=alice: "),
+        "{}",
+        ran.show()
+    );
+    assert!(
+        !log.contains("fatal"),
+        "a refusal logged as fatal{}",
+        ran.show()
+    );
+    assert!(!has_connection(&l));
+}
+
+#[test]
 fn allow_rule_lets_a_loopback_target_through() {
     let (addr, seen) = target();
     let rule = format!("127.0.0.0/8:{}", addr.port());
@@ -783,8 +794,8 @@ fn ipv6_target_in_brackets_needs_a_bracketed_rule() {
 
 #[test]
 fn only_the_allowed_addresses_of_a_name_are_used() {
-    let (name, _) = two_family_name()
-        .expect("no name resolves to both ::1 and 127.0.0.1, and /etc/hosts cannot be extended");
+    let names = TwoFamilies::new();
+    let name = &names.name;
     // The same port on both; only 127.0.0.1 is allowed, and ::1 must stay untouched.
     let (v4, v6) = (0..50)
         .find_map(|_| {
@@ -803,7 +814,7 @@ fn only_the_allowed_addresses_of_a_name_are_used() {
     cmd.env("TCPSPLICE_TARGET", format!("{name}:{port}"))
         .args(["-a", &format!("127.0.0.1:{port}"), SPLICE])
         .stdin(Stdio::null());
-    let ran = util::run(&mut cmd, LIMIT);
+    let ran = util::run(names.apply(&mut cmd), LIMIT);
     ran.expect_code(0);
     h.join().expect("listener");
     assert_eq!(ran.stdout, b"reached", "{}", ran.show());
@@ -818,37 +829,105 @@ fn only_the_allowed_addresses_of_a_name_are_used() {
 
 // --- every address, timeouts ------------------------------------------------------------
 
-/// A name that resolves to ::1 and 127.0.0.1. `localhost` does on most systems; where it
-/// resolves to one address only, a name of our own is added to /etc/hosts (as root).
-fn two_family_name() -> Option<(String, Vec<SocketAddr>)> {
-    let lookup = |n: &str| -> Vec<SocketAddr> {
-        (n, 1)
+/// A name that resolves to ::1 and 127.0.0.1 for the dialers a test runs, and its
+/// addresses in the order they get them. `localhost` does on many systems; elsewhere the
+/// name is one of our own, in a hosts file that only the dialer sees (a mount namespace
+/// of its own, as root): the machine's /etc/hosts is never changed.
+struct TwoFamilies {
+    name: String,
+    addrs: Vec<SocketAddr>,
+    hosts: Option<PathBuf>,
+}
+
+const TWO_FAMILY_NAME: &str = "two-families.tcpsplice.test";
+
+impl TwoFamilies {
+    fn new() -> TwoFamilies {
+        let two = |v: &[SocketAddr]| v.iter().any(|a| a.is_ipv4()) && v.iter().any(|a| a.is_ipv6());
+        let a: Vec<SocketAddr> = ("localhost", 1)
             .to_socket_addrs()
             .map(|a| a.collect())
-            .unwrap_or_default()
-    };
-    let two = |v: &[SocketAddr]| v.iter().any(|a| a.is_ipv4()) && v.iter().any(|a| a.is_ipv6());
-    let a = lookup("localhost");
-    if two(&a) {
-        return Some(("localhost".into(), a));
+            .unwrap_or_default();
+        if two(&a) {
+            return TwoFamilies {
+                name: "localhost".into(),
+                addrs: a,
+                hosts: None,
+            };
+        }
+        assert!(
+            util::is_root(),
+            "localhost resolves to one family, and a hosts file of our own needs root"
+        );
+        let hosts = tempdir("hosts").join("hosts");
+        let text = format!("::1 {TWO_FAMILY_NAME}\n127.0.0.1 {TWO_FAMILY_NAME}\n");
+        std::fs::write(&hosts, text).expect("write hosts file");
+        let mut t = TwoFamilies {
+            name: TWO_FAMILY_NAME.into(),
+            addrs: Vec::new(),
+            hosts: Some(hosts),
+        };
+        // The order is getaddrinfo's (RFC 6724 sorting, /etc/gai.conf), as the dialer
+        // will get it: asked in the same namespace.
+        let mut cmd = Command::new("python3");
+        cmd.args([
+            "-c",
+            "import socket, sys\n\
+             for a in socket.getaddrinfo(sys.argv[1], 1, type=socket.SOCK_STREAM):\n\
+             \tprint(a[4][0])",
+            TWO_FAMILY_NAME,
+        ]);
+        let ran = util::run(t.apply(&mut cmd), LIMIT);
+        ran.expect_code(0);
+        t.addrs = String::from_utf8_lossy(&ran.stdout)
+            .lines()
+            .map(|ip| SocketAddr::new(ip.parse().expect("an address"), 1))
+            .collect();
+        assert!(two(&t.addrs), "{TWO_FAMILY_NAME} resolves to {:?}", t.addrs);
+        t
     }
-    let name = "tcpsplice-dial-two-families.test";
-    if !two(&lookup(name)) && util::is_root() {
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open("/etc/hosts")
-            .ok()?;
-        f.write_all(format!("::1 {name}\n127.0.0.1 {name}\n").as_bytes())
-            .ok()?;
+
+    /// Makes `cmd` see the name.
+    fn apply<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
+        if let Some(h) = &self.hosts {
+            util::with_hosts_file(cmd, h);
+        }
+        cmd
     }
-    let a = lookup(name);
-    two(&a).then(|| (name.to_string(), a))
+}
+
+impl Drop for TwoFamilies {
+    fn drop(&mut self) {
+        let etc = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+        if let Some(h) = self.hosts.take() {
+            let _ = std::fs::remove_dir_all(h.parent().expect("temp dir"));
+        }
+        if !std::thread::panicking() {
+            assert!(
+                !etc.contains(TWO_FAMILY_NAME),
+                "/etc/hosts of the machine was changed:\n{etc}"
+            );
+        }
+    }
+}
+
+/// `run_dial` for a target named by `names`.
+fn run_dial_named<S: AsRef<std::ffi::OsStr>>(
+    names: &TwoFamilies,
+    args: impl IntoIterator<Item = S>,
+    code: i32,
+) -> Ran {
+    let mut cmd = dial();
+    cmd.args(args).stdin(Stdio::null());
+    let ran = util::run(names.apply(&mut cmd), LIMIT);
+    ran.expect_code(code);
+    ran
 }
 
 #[test]
 fn every_address_is_tried_when_the_first_refuses() {
-    let (name, addrs) = two_family_name()
-        .expect("no name resolves to both ::1 and 127.0.0.1, and /etc/hosts cannot be extended");
+    let names = TwoFamilies::new();
+    let (name, addrs) = (&names.name, &names.addrs);
     // Listen on the address tried last, on a port where the first one refuses.
     let last = addrs[addrs.len() - 1];
     let first = addrs[0];
@@ -862,7 +941,7 @@ fn every_address_is_tried_when_the_first_refuses() {
         let mut s = util::accept_timeout(&l, LIMIT);
         s.write_all(b"reached").expect("write");
     });
-    let ran = run_dial([&name, &port.to_string(), SPLICE], 0);
+    let ran = run_dial_named(&names, [name, &port.to_string(), SPLICE], 0);
     h.join().expect("listener");
     assert_eq!(ran.stdout, b"reached", "{}", ran.show());
     let refused = format!("unable to connect to {}", SocketAddr::new(first.ip(), port));
@@ -895,8 +974,8 @@ fn unanswering_on(l: TcpListener) -> (TcpListener, SocketAddr, Vec<TcpStream>) {
 
 #[test]
 fn a_silent_first_address_does_not_hold_up_the_next() {
-    let (name, addrs) = two_family_name()
-        .expect("no name resolves to both ::1 and 127.0.0.1, and /etc/hosts cannot be extended");
+    let names = TwoFamilies::new();
+    let (name, addrs) = (&names.name, &names.addrs);
     let (first, last) = (addrs[0].ip(), addrs[addrs.len() - 1].ip());
     // The first address never answers; the last one, on the same port, does.
     let (silent, good) = (0..50)
@@ -913,7 +992,7 @@ fn a_silent_first_address_does_not_hold_up_the_next() {
         let mut s = util::accept_timeout(&good, LIMIT);
         s.write_all(b"reached").expect("write");
     });
-    let ran = run_dial(["-t", "5", &name, &port.to_string(), SPLICE], 0);
+    let ran = run_dial_named(&names, ["-t", "5", name, &port.to_string(), SPLICE], 0);
     h.join().expect("listener");
     assert_eq!(ran.stdout, b"reached", "{}", ran.show());
     // Tried in turn, the first address would have timed out before the second was tried.
@@ -967,6 +1046,15 @@ fn reply_run(style: &str, target: &str, args: &[&str]) -> (Vec<u8>, Ran) {
         ),
     )
 }
+
+/// The bodies of the HTTP failures: what went wrong, and what to do instead.
+const REFUSED: &str =
+    "Connection refused by the target: check the port, and that its service runs.\n";
+const NOT_ALLOWED: &str = "Target not allowed: this proxy's rules do not let it reach that \
+    address and port (private, loopback and link-local ones need a rule); ask for another \
+    target.\n";
+const TIMED_OUT: &str = "Connection timed out: the target did not answer; check its address \
+    and port, or try again later.\n";
 
 fn http_failure(status: &str, body: &str) -> Vec<u8> {
     format!(
@@ -1043,7 +1131,7 @@ fn replies_on_refusal_denial_and_timeout() {
             111,
             vec![5, 5, 0, 1, 0, 0, 0, 0, 0, 0],
             vec![0, 0x5b, 0, 0, 0, 0, 0, 0],
-            http_failure("502 Bad Gateway", "connection refused\n"),
+            http_failure("502 Bad Gateway", REFUSED),
         ),
         (
             &refused,
@@ -1051,7 +1139,7 @@ fn replies_on_refusal_denial_and_timeout() {
             1,
             vec![5, 2, 0, 1, 0, 0, 0, 0, 0, 0],
             vec![0, 0x5b, 0, 0, 0, 0, 0, 0],
-            http_failure("403 Forbidden", "target not allowed\n"),
+            http_failure("403 Forbidden", NOT_ALLOWED),
         ),
         (
             &slow,
@@ -1059,7 +1147,7 @@ fn replies_on_refusal_denial_and_timeout() {
             111,
             vec![5, 6, 0, 1, 0, 0, 0, 0, 0, 0],
             vec![0, 0x5b, 0, 0, 0, 0, 0, 0],
-            http_failure("504 Gateway Timeout", "connection timed out\n"),
+            http_failure("504 Gateway Timeout", TIMED_OUT),
         ),
     ];
     for (target, args, code, s5, s4, http) in cases {
@@ -1098,7 +1186,7 @@ fn failure_reply_is_all_the_client_gets_when_fd_2_is_its_socket() {
     util::finish(child, "tcpsplice-dial reply=http, fd 2 = client", LIMIT).expect_code(111);
     assert_eq!(
         String::from_utf8_lossy(&got),
-        String::from_utf8_lossy(&http_failure("502 Bad Gateway", "connection refused\n"))
+        String::from_utf8_lossy(&http_failure("502 Bad Gateway", REFUSED))
     );
 }
 

@@ -535,9 +535,13 @@ fn an_authenticating_chain_gets_a_per_source_limit_unless_told() {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn tcpsplice-listen");
-        let mut err = BufReader::new(child.stderr.take().expect("stderr"));
-        let mut line = String::new();
-        err.read_line(&mut line).expect("listening line");
+        let err = BufReader::new(child.stderr.take().expect("stderr"));
+        // The check run's warnings (a world-readable users file) come first.
+        let line = err
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("listening on"))
+            .unwrap_or_default();
         let _ = child.kill();
         let _ = child.wait();
         assert!(line.contains("listening on"), "{opts:?}: {line}");

@@ -409,6 +409,32 @@ fn read_until_end(s: &mut TcpStream) -> Option<std::io::ErrorKind> {
     }
 }
 
+/// The target sends its whole reply and closes (a FIN); what the client sends after
+/// that is answered with a reset by the target's kernel (a TLS server that does not
+/// wait for close_notify). The target's end was clean: so is the relay's.
+#[test]
+fn a_reset_after_the_targets_complete_stream_is_a_clean_end() {
+    let Relay {
+        child,
+        mut client,
+        target,
+        desc,
+    } = Relay::start(&[]);
+    (&target).write_all(b"the whole reply").unwrap();
+    drop(target);
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"the whole reply");
+    // close_notify, say: it reaches a closed socket, whose kernel resets.
+    let _ = (&client).write_all(b"\x15\x03\x03\x00\x02\x01\x00");
+    let ran = util::finish(child, &desc, LIMIT);
+    ran.expect_code(0);
+    assert!(ran.stderr_text().contains("how=eof"), "{}", ran.show());
+}
+
 /// One peer resets after some data; the other must see a reset, not a clean end.
 fn reset_travels(from_client: bool) {
     let Relay {
@@ -915,20 +941,7 @@ fn a_unix_socket_client_that_sends_and_closes_is_not_a_reset() {
 
 #[test]
 fn a_terminal_on_0_and_1_gets_its_flags_back_after_an_idle_end() {
-    let (mut master, mut slave) = (-1, -1);
-    // SAFETY: openpty writes two descriptors; the other pointers may be null.
-    let rc = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: fresh descriptors from openpty, owned from here on.
-    let (_master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let (_master, slave) = util::openpty();
     let (_target, target_peer) = util::tcp_pair();
     let mut cmd = Command::new(BIN);
     cmd.args(["-t", "0.3"])
@@ -1207,6 +1220,22 @@ fn the_user_timeout_ends_the_relay_of_a_client_that_stopped_acking() {
     vanished_client(&["-u", "3"], true, s(2), s(10));
 }
 
+// The defaults (-k 120,30,6 and a 300 s user timeout), for the figures in README: five
+// minutes each, so run by hand: cargo test --test integration -- --ignored vanished.
+#[test]
+#[ignore]
+fn vanished_quiet_client_with_the_defaults() {
+    let s = Duration::from_secs;
+    vanished_client(&[], false, s(280), s(330));
+}
+
+#[test]
+#[ignore]
+fn vanished_client_with_bytes_in_flight_with_the_defaults() {
+    let s = Duration::from_secs;
+    vanished_client(&[], true, s(280), s(330));
+}
+
 /// Private dirty memory of `pid` outside its files (heap, anonymous mappings, stack), in
 /// KiB: what one more connection costs, where the program's own pages are the same for
 /// every connection.
@@ -1274,4 +1303,100 @@ fn a_copying_relay_allocates_its_buffers_when_bytes_come_and_grows_them_for_bulk
     let ran = flood(r, 16 << 20, (16 << 20) + 5);
     ran.expect_code(0);
     copied_with_grown_buffers(&ran);
+}
+
+#[test]
+fn after_tcpclient_the_log_names_the_client_and_the_target() {
+    // `tcpserver ... tcpclient HOST PORT tcpsplice` (in place of ucspi-proxy): tcpclient
+    // rewrites TCPREMOTEIP/PORT to the backend and keeps nothing of the client, so the
+    // relay must ask the sockets who is who.
+    use std::io::BufRead;
+    let (l, target) = util::listener();
+    let t = thread::spawn(move || {
+        let mut s = util::accept_timeout(&l, LIMIT);
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).expect("target read");
+        s.write_all(b"pong").expect("target write");
+        got
+    });
+    let mut child = Command::new("tcpserver")
+        .args(["-1", "-R", "-H", "-l0", "127.0.0.1", "0"])
+        .args(["tcpclient", "-R", "-H", "-l0", "127.0.0.1"])
+        .arg(target.port().to_string())
+        .arg(BIN)
+        .env("TCPSPLICE_LOG", "stderr")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tcpserver and tcpclient (package ucspi-tcp)");
+    let out = child.stdout.take().expect("stdout");
+    let err = child.stderr.take().expect("stderr");
+    let _sup = util::Supervisor(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx2 = tx.clone();
+    thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx2.send(l);
+        }
+    });
+    thread::spawn(move || {
+        for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let port: u16 = rx
+        .recv_timeout(LIMIT)
+        .expect("tcpserver printed no port")
+        .trim()
+        .parse()
+        .expect("a port");
+    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect to tcpserver");
+    let client = c.local_addr().expect("client address");
+    c.write_all(b"ping").expect("write");
+    c.shutdown(Shutdown::Write).expect("shutdown");
+    let mut back = Vec::new();
+    c.set_read_timeout(Some(LIMIT)).expect("timeout");
+    c.read_to_end(&mut back).expect("read");
+    assert_eq!(back, b"pong");
+    assert_eq!(t.join().expect("target"), b"ping");
+    let mut seen = Vec::new();
+    let end = loop {
+        let l = rx
+            .recv_timeout(LIMIT)
+            .unwrap_or_else(|_| panic!("no end line: {seen:?}"));
+        if l.starts_with("tcpsplice: info: end ") {
+            break l;
+        }
+        seen.push(l);
+    };
+    assert!(
+        end.contains(&format!(" client={client} ")) && end.contains(&format!(" target={target} ")),
+        "the log line names the client {client} and the target {target}: {end}"
+    );
+}
+
+#[test]
+fn usage_errors_reach_a_stderr_that_is_the_same_file_as_stdout() {
+    // `prog 2>&1 | less`, `$(prog 2>&1)`, cron: fd 2 is fd 1's pipe; not a socket, so
+    // the message is for the user, not data for a peer.
+    // With the messages going to syslog too (TCPSPLICE_LOG=syslog, as when /dev/log
+    // exists): a usage error is still shown to whoever ran the command.
+    let progs = [
+        BIN,
+        env!("CARGO_BIN_EXE_tcpsplice-dial"),
+        env!("CARGO_BIN_EXE_tcpsplice-auth"),
+    ];
+    for (prog, log) in progs.iter().flat_map(|p| [(p, None), (p, Some("syslog"))]) {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "\"$0\" -Z 2>&1", prog]);
+        match log {
+            None => cmd.env_remove("TCPSPLICE_LOG"),
+            Some(l) => cmd.env("TCPSPLICE_LOG", l),
+        };
+        let ran = util::run(&mut cmd, LIMIT);
+        ran.expect_code(100);
+        let out = String::from_utf8_lossy(&ran.stdout);
+        assert!(out.contains("usage"), "{prog}: nothing said{}", ran.show());
+    }
 }

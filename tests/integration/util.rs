@@ -296,3 +296,113 @@ pub fn set_nofile(pid: i32, n: u64) {
     let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &lim, std::ptr::null_mut()) };
     assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
 }
+
+/// Runs `cmd` with `hosts` in place of /etc/hosts, seen by it alone: the child makes a
+/// mount namespace of its own and bind-mounts the file there (needs root), so the
+/// machine's /etc/hosts is never touched.
+pub fn with_hosts_file(cmd: &mut Command, hosts: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let src = std::ffi::CString::new(hosts.as_os_str().as_bytes()).expect("hosts path");
+    // SAFETY: unshare and mount are system calls, safe between fork and exec; every
+    // pointer is a NUL-terminated string that the closure owns, or NULL.
+    unsafe {
+        cmd.pre_exec(move || {
+            let none = std::ptr::null();
+            let ok = libc::unshare(libc::CLONE_NEWNS) == 0
+                // Private first, so that the bind mount stays in this namespace.
+                && libc::mount(
+                    c"none".as_ptr(),
+                    c"/".as_ptr(),
+                    none,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) == 0
+                && libc::mount(
+                    src.as_ptr(),
+                    c"/etc/hosts".as_ptr(),
+                    none,
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) == 0;
+            if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
+/// Waits until something listens on 127.0.0.1:`port`, as /proc/net/tcp shows it; asking
+/// with a connection would start the service.
+pub fn wait_listening(port: u16, child: &mut Child, what: &str) {
+    let needle = format!("0100007F:{port:04X} 00000000:0000 0A");
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        if table.contains(&needle) {
+            return;
+        }
+        if let Ok(Some(s)) = child.try_wait() {
+            panic!("{what} exited before listening: {s:?}");
+        }
+        assert!(Instant::now() < end, "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Kills a supervisor when the test ends, whatever happens.
+pub struct Supervisor(pub Child);
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A new pseudo-terminal: (the terminal's other end, the terminal), both close-on-exec.
+pub fn openpty() -> (std::os::unix::io::OwnedFd, std::os::unix::io::OwnedFd) {
+    use std::os::unix::io::{FromRawFd, OwnedFd};
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the ints we own; the name, settings
+    // and size may be NULL.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    for fd in [master, slave] {
+        // SAFETY: fcntl on a descriptor we own; no pointer.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    // SAFETY: both descriptors are fresh and owned by nobody else.
+    unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
+}
+
+/// Gives `cmd` a new pseudo-terminal as its controlling terminal, stdin and stderr (a
+/// session of its own), and returns the terminal's other end, where a test reads what
+/// the program shows and types what a user would.
+pub fn on_pty(cmd: &mut Command) -> std::fs::File {
+    use std::os::unix::process::CommandExt;
+    let (master, slave) = openpty();
+    cmd.stdin(Stdio::from(slave.try_clone().expect("dup pty")))
+        .stderr(Stdio::from(slave));
+    // SAFETY: setsid and ioctl are system calls, safe between fork and exec; TIOCSCTTY
+    // takes an int argument, no pointer.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    std::fs::File::from(master)
+}
