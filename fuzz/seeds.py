@@ -12,7 +12,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "corpus")
 rng = random.Random(14)
 
-seeds = {t: [] for t in ("handshake", "users", "hash", "rules", "proxy")}
+seeds = {t: [] for t in ("handshake", "users", "hash", "rules", "proxy", "http")}
 
 # handshake: a configuration byte, a piece size, then the client's bytes
 # (fuzz/src/handshake.rs).
@@ -91,6 +91,22 @@ for _ in range(4):
     seeds["proxy"].append(bytes(rng.randrange(256) for _ in range(64)))
 for raw in (b"192.0.2.1:56324", b"[2001:db8::1]:443", b"::1:5", b"[::ffff:127.0.0.1]:80"):
     seeds["proxy"].append(struct.pack(">HBIBH", 1080, 1, 0x7F000001, 0, 0) + raw)
+
+# http: a mode byte (0 request head, 1 chunked body, 2 response head), then the bytes.
+seeds["http"] += [
+    b"\0GET http://example.com/a?b HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic YTpi\r\n"
+    b"Connection: keep-alive, X-A\r\nX-A: 1\r\n\r\n",
+    b"\0POST http://[2001:db8::1]:8080/ HTTP/1.1\r\nContent-Length: 5\r\n"
+    b"Expect: 100-continue\r\n\r\n",
+    b"\0PUT http://a:81/p HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTE: trailers\r\n\r\n",
+    b"\0OPTIONS http://a HTTP/1.0\r\nContent-Length: 0, 0\r\n\r\n",
+    b"\x01" + b"4;ext=1\r\nwiki\r\n5\r\npedia\r\n0\r\nX-Sum: 9\r\n\r\nGET / HTTP/1.1\r\n",
+    b"\x01" + b"a\r\n0123456789\r\n0\r\n\r\n",
+    b"\x02HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\n",
+    b"\x02HTTP/1.0 200 OK\r\nConnection: keep-alive, X-H\r\nX-H: 1\r\nKeep-Alive: t=5\r\n"
+    b"Content-Length: 2\r\n\r\nhi",
+    b"\x02HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\nUpgrade: h2c\r\n\r\n",
+]
 
 for target, inputs in seeds.items():
     d = os.path.join(CORPUS, target)

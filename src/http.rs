@@ -147,6 +147,11 @@ pub fn rewrite_request(head: &[u8]) -> Result<Forward, String> {
     if !strict_line_ends(head) {
         return Err("bare CR or LF in the request head".into());
     }
+    // httparse skips empty lines before the request line; whoever read the head decides
+    // whether one is allowed, and hands over the head from its request line.
+    if head.starts_with(b"\r\n") {
+        return Err("empty line before the request line".into());
+    }
     // httparse refuses control characters in values already; the head goes into the
     // environment, where a NUL could not be.
     if head.contains(&0) {
@@ -595,6 +600,7 @@ mod tests {
             "GET http://a/ HTTP/2.0\r\n\r\n",
             "GET http://a/ HTTP/1.1\r\nX: a\0b\r\n\r\n",
             "GET http://a/\0 HTTP/1.1\r\n\r\n",
+            "\r\nGET http://a/ HTTP/1.1\r\n\r\n",
         ] {
             assert!(fwd(bad).is_err(), "{bad:?}");
         }

@@ -9,10 +9,12 @@
 //! - [`rules`]: target rules and the deny list, against a list of dangerous addresses
 //!   kept here.
 //! - [`proxy`]: the PROXY header, read back by a parser written here.
+//! - [`http`]: plain-HTTP forwarding's request and response heads and chunked framing.
 
 pub mod bytes;
 pub mod handshake;
 pub mod hash;
+pub mod http;
 pub mod proxy;
 pub mod rules;
 pub mod users;
