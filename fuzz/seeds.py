@@ -48,6 +48,10 @@ hs(0x20 | ANON, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
 hs(CHECKER, HTTP_AUTH, chunk=7)
 hs(ANON, b"CONNECT a.example:22 HTTP/1.0\r\n\r\n", chunk=1)
 hs(CHECKER, socks5_userpass(b"alice", b"pw", NAME_REQ), chunk=3)
+# Plain-HTTP forwarding: absolute-form requests, a body behind one.
+hs(CHECKER, b"GET http://example.com/a?b HTTP/1.1\r\nHost: example.com\r\n"
+   b"Proxy-Authorization: Basic YWxpY2U6cHc=\r\n\r\n")
+hs(ANON, b"POST http://[2001:db8::1]:8080/ HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", chunk=9)
 
 # users: files (hashes made with mkpasswd, htpasswd -B -C 10 and argon2).
 Y = "$y$j9T$S8KjiwYSEUcrKLwZmUN.g0$8PbySdTCt/6GKzvWZER3k13SUNV1w/53qXpY8red8j8"

@@ -77,7 +77,9 @@ fn request(data: &[u8]) {
         String::from_utf8_lossy(data.split(|&b| b == b'\r').next().unwrap_or(&[])).to_string();
     let uri = line.split(' ').nth(1).unwrap_or("").to_string();
     assert!(
-        uri.len() > 7 && uri[..7].eq_ignore_ascii_case("http://"),
+        uri.as_bytes()
+            .get(..7)
+            .is_some_and(|s| s.eq_ignore_ascii_case(b"http://")),
         "accepted {uri:?}"
     );
     let authority = uri[7..].split(['/', '?']).next().unwrap_or("");

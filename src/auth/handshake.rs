@@ -16,10 +16,35 @@ use crate::exit;
 /// Err says what to answer before exiting. Replies of the handshake's middle steps are
 /// sent here; the final answer is tcpsplice-dial's.
 pub fn run(c: &mut Client, policy: &Policy) -> Result<Request, Failure> {
-    let first = match c.read_byte() {
+    let mut first = match c.read_byte() {
         Ok(b) => b,
         Err(e) => return Err(e.fail("-", b"")),
     };
+    // One empty line before an HTTP request line is ignored (RFC 9112 2.2): some
+    // clients send a CRLF after a previous request's body.
+    if first == b'\r' || first == b'\n' {
+        let next = match c.read_byte() {
+            Ok(b) => b,
+            Err(e) => return Err(e.fail("-", b"")),
+        };
+        first = match (first, next) {
+            (b'\r', b'\n') => match c.read_byte() {
+                Ok(b) => b,
+                Err(e) => return Err(e.fail("-", b"")),
+            },
+            (b'\n', b) => b,
+            // A CR alone is no empty line.
+            _ => 0,
+        };
+        if !first.is_ascii_alphabetic() {
+            return Err(Failure::new(
+                "-",
+                b"",
+                exit::POLICY,
+                String::from("unknown protocol (an empty line, then no request line)"),
+            ));
+        }
+    }
     match first {
         0x05 => socks5::handshake(c, policy),
         0x04 => socks4::handshake(c, policy),

@@ -91,6 +91,11 @@ pub fn handshake(c: &mut Client, policy: &Policy, first: u8) -> Result<Request, 
         ));
     }
     let head = read_head(c, first, policy.head_cap)?;
+    // A NUL is no character of HTTP (RFC 9110 5.5): a field holding one is refused
+    // rather than passed on to programs that would read it as the end of a string.
+    if head.as_bytes().contains(&0) {
+        return Err(bad_request("NUL in the request head"));
+    }
     if crate::http::is_absolute_form(head.as_bytes()) {
         return super::httpforward::handshake(policy, head.as_bytes());
     }

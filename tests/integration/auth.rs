@@ -558,6 +558,38 @@ fn http_connect_basic_over_socket_and_pipes() {
 }
 
 #[test]
+fn http_head_nits_an_empty_line_first_and_a_nul_in_a_field() {
+    let users = sha512_users("httpnits");
+    let f = users.to_str().unwrap();
+    let p = payload();
+    // One empty line before the request line is ignored (RFC 9112 2.2), CRLF or LF.
+    for lead in [&b"\r\n"[..], b"\n"] {
+        let input = cat(&[
+            lead,
+            &http_connect("example.com:443", Some(("alice", PW))),
+            &p,
+        ]);
+        let (got, r) = over_socket(auth_cmd(&["-f", f]), &input);
+        r.expect_code(0);
+        expect_echo(&got, b"", &p, &r);
+    }
+    // Two are not one; nor is a CR alone.
+    for lead in [&b"\r\n\r\n"[..], b"\rC"] {
+        let input = cat(&[lead, &http_connect("example.com:443", Some(("alice", PW)))]);
+        let (_, r) = over_socket(auth_cmd(&["-f", f]), &input);
+        r.expect_code(1);
+    }
+    // A NUL in a header field: 400, nothing run.
+    let mut head = http_connect("example.com:443", Some(("alice", PW)));
+    let at = head.len() - 2;
+    head.splice(at..at, b"X-Junk: a\0b\r\n".iter().copied());
+    let (got, r) = over_socket(auth_cmd(&["-f", f]), &head);
+    r.expect_code(1);
+    assert!(got.starts_with(b"HTTP/1.1 400 "), "{}", r.show());
+    assert!(env_line(&r).is_none(), "the next program ran{}", r.show());
+}
+
+#[test]
 fn http_head_in_slow_pieces_is_read_exactly() {
     // The head arrives in pieces, the last one splitting CRLF CRLF, and the payload
     // follows in the same write as the final LF: the peek path must stop right there.
