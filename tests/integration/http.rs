@@ -711,6 +711,19 @@ fn pipelined_requests_never_reach_an_origin() {
         "{}",
         origin_head(&conns[0])
     );
+    // One empty line before the request line is ignored (RFC 9112 2.2), as for CONNECT.
+    let got = proxy.raw(
+        format!(
+            "\r\nGET {} HTTP/1.1\r\nProxy-Authorization: {auth}\r\n\r\n",
+            o3.url("/f")
+        )
+        .as_bytes(),
+    );
+    assert!(
+        status_of(&got).starts_with("HTTP/1.1 200 "),
+        "{}",
+        proxy.log()
+    );
 }
 
 #[test]
