@@ -10,10 +10,12 @@
 //!   kept here.
 //! - [`proxy`]: the PROXY header, read back by a parser written here.
 //! - [`udp`]: the SOCKS5 UDP datagram header, against a reference reading.
+//! - [`http`]: plain-HTTP forwarding's request and response heads and chunked framing.
 
 pub mod bytes;
 pub mod handshake;
 pub mod hash;
+pub mod http;
 pub mod proxy;
 pub mod rules;
 pub mod udp;

@@ -79,4 +79,7 @@ pub fn export(req: &Request) {
     for v in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
         std::env::remove_var(v);
     }
+    if req.reply != crate::http::REPLY {
+        super::httpforward::clear_env();
+    }
 }
