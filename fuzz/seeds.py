@@ -12,7 +12,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "corpus")
 rng = random.Random(14)
 
-seeds = {t: [] for t in ("handshake", "users", "hash", "rules", "proxy", "udp", "proxyin")}
+seeds = {t: [] for t in ("handshake", "users", "hash", "rules", "proxy", "udp", "http", "proxyin")}
 
 # handshake: a configuration byte, a piece size, then the client's bytes
 # (fuzz/src/handshake.rs).
@@ -48,6 +48,10 @@ hs(0x20 | ANON, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
 hs(CHECKER, HTTP_AUTH, chunk=7)
 hs(ANON, b"CONNECT a.example:22 HTTP/1.0\r\n\r\n", chunk=1)
 hs(CHECKER, socks5_userpass(b"alice", b"pw", NAME_REQ), chunk=3)
+# Plain-HTTP forwarding: absolute-form requests, a body behind one.
+hs(CHECKER, b"GET http://example.com/a?b HTTP/1.1\r\nHost: example.com\r\n"
+   b"Proxy-Authorization: Basic YWxpY2U6cHc=\r\n\r\n")
+hs(ANON, b"POST http://[2001:db8::1]:8080/ HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", chunk=9)
 
 # users: files (hashes made with mkpasswd, htpasswd -B -C 10 and argon2).
 Y = "$y$j9T$S8KjiwYSEUcrKLwZmUN.g0$8PbySdTCt/6GKzvWZER3k13SUNV1w/53qXpY8red8j8"
@@ -103,6 +107,22 @@ seeds["udp"] += [
     bytes([0, 0, 1, 1, 127, 0, 0, 1, 0, 7]) + b"fragment",
     bytes([0, 0, 0, 3, 3]) + b"a b" + bytes([0, 1]),
     bytes([0, 0, 0, 9, 1, 2, 3]),
+]
+
+# http: a mode byte (0 request head, 1 chunked body, 2 response head), then the bytes.
+seeds["http"] += [
+    b"\0GET http://example.com/a?b HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic YTpi\r\n"
+    b"Connection: keep-alive, X-A\r\nX-A: 1\r\n\r\n",
+    b"\0POST http://[2001:db8::1]:8080/ HTTP/1.1\r\nContent-Length: 5\r\n"
+    b"Expect: 100-continue\r\n\r\n",
+    b"\0PUT http://a:81/p HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTE: trailers\r\n\r\n",
+    b"\0OPTIONS http://a HTTP/1.0\r\nContent-Length: 0, 0\r\n\r\n",
+    b"\x01" + b"4;ext=1\r\nwiki\r\n5\r\npedia\r\n0\r\nX-Sum: 9\r\n\r\nGET / HTTP/1.1\r\n",
+    b"\x01" + b"a\r\n0123456789\r\n0\r\n\r\n",
+    b"\x02HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\n",
+    b"\x02HTTP/1.0 200 OK\r\nConnection: keep-alive, X-H\r\nX-H: 1\r\nKeep-Alive: t=5\r\n"
+    b"Content-Length: 2\r\n\r\nhi",
+    b"\x02HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\nUpgrade: h2c\r\n\r\n",
 ]
 
 # proxyin: a control byte (bit 7 a pipe; the rest the size of the pieces, 0 at once),

@@ -21,6 +21,8 @@
 //! - [`diag`]: `prog: fatal: unable to ...` messages and the per-connection log line,
 //!   sent to syslog or to stderr but never onto the data stream;
 //! - [`exit`]: the one exit-code table of the suite;
+//! - [`http`]: plain-HTTP forwarding: what the links hand each other, the request and
+//!   response head rewriting and the chunked framing, pure functions over bytes;
 //! - [`args`]: option values shared by the programs (durations, fds, sizes);
 //! - [`sys`]: the syscall layer, errno turned into `io::Error`;
 //! - [`dgram`]: datagrams in batches (recvmmsg, sendmmsg), for the UDP relay;
@@ -34,6 +36,7 @@ pub mod dgram;
 pub mod diag;
 pub mod dial;
 pub mod exit;
+pub mod http;
 pub mod listen;
 pub mod proxy;
 pub mod rules;

@@ -16,7 +16,8 @@
 //!   what it left is the stream's tail, unchanged;
 //! - for SOCKS, success exactly when the model accepts, with the model's target, user
 //!   and intermediate replies; for HTTP, success only for a whole head whose request
-//!   line names the target exported;
+//!   line names the target exported: a CONNECT's authority, or the host and port of
+//!   an `http://` URI in absolute form (then forwarded);
 //! - what is exported (target, user, rules, reply) has no NUL; the target parses in the
 //!   dialer (`split_target`) back to itself; the user is a name the checker accepted;
 //! - the checker never sees a password or user name that should not be checked.
@@ -157,8 +158,12 @@ enum Model {
         accept: Option<Accepted>,
     },
     /// An HTTP head that ends at `end` (its acceptance is not modelled); a success must
-    /// name `target`, the authority of a `CONNECT target HTTP/1.x` request line.
-    Head { end: usize, target: Option<String> },
+    /// name `target` with `reply`: the authority of a `CONNECT target HTTP/1.x` request
+    /// line (`http`), or of an absolute-form `http://` request (`http-forward`).
+    Head {
+        end: usize,
+        target: Option<(String, &'static str)>,
+    },
 }
 
 fn refused(end: usize) -> Model {
@@ -386,6 +391,45 @@ fn connect_target(head: &[u8]) -> Option<String> {
     Some(target_of(host, port as u16))
 }
 
+/// The target of a forwarded request (`GET http://host[:port]/... HTTP/1.x`, any method
+/// but CONNECT): the URI's host, the port 80 unless given.
+fn forward_target(head: &[u8]) -> Option<String> {
+    // Only the request line need be text: header values may hold obs-text.
+    let line = head.split(|&b| b == b'\r').next()?;
+    let line = std::str::from_utf8(line).ok()?;
+    let mut parts = line.split(' ');
+    let (method, uri, version) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || method == "CONNECT" || !version.starts_with("HTTP/1.") {
+        return None;
+    }
+    if !uri.as_bytes().get(..7)?.eq_ignore_ascii_case(b"http://") {
+        return None;
+    }
+    let authority = uri[7..].split(['/', '?']).next()?;
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (h, p) = rest.split_once(']')?;
+        h.parse::<Ipv6Addr>().ok()?;
+        (h, p.strip_prefix(':').unwrap_or(p))
+    } else {
+        match authority.split_once(':') {
+            Some((h, p)) => (h, p),
+            None => (authority, ""),
+        }
+    };
+    if !host.contains(':') && !name_ok(host.as_bytes()) {
+        return None;
+    }
+    let port: u32 = if port.is_empty() {
+        80
+    } else {
+        port.parse().ok()?
+    };
+    if port == 0 || port > 65535 {
+        return None;
+    }
+    Some(target_of(host, port as u16))
+}
+
 fn model_http(s: &[u8], cfg: &Config) -> Model {
     if !cfg.http {
         return refused(1);
@@ -394,7 +438,9 @@ fn model_http(s: &[u8], cfg: &Config) -> Model {
     match s.windows(4).position(|w| w == b"\r\n\r\n") {
         Some(i) if i + 4 <= cap => Model::Head {
             end: i + 4,
-            target: connect_target(&s[..i + 4]),
+            target: connect_target(&s[..i + 4])
+                .map(|t| (t, "http"))
+                .or_else(|| forward_target(&s[..i + 4]).map(|t| (t, "http-forward"))),
         },
         // Too long: refused once the cap is read.
         _ if s.len() >= cap => refused(cap),
@@ -729,12 +775,11 @@ pub fn run(data: &[u8]) {
         }
         (Ok(req), Model::Head { end, target }) => {
             assert_eq!(read, end, "read {read} bytes of a {end}-byte head");
-            assert_eq!(
-                Some(&req.target),
-                target.as_ref(),
-                "target of the request line"
-            );
-            assert_eq!(req.reply, "http");
+            let Some((target, reply)) = target else {
+                panic!("accepted a head whose request line names no target")
+            };
+            assert_eq!(req.target, target, "target of the request line");
+            assert_eq!(req.reply, reply);
             assert!(sent.is_empty(), "sent {sent:?} before the dialer's answer");
             if req.user.is_none() {
                 assert!(cfg.anonymous, "no user, but no-auth is not allowed");

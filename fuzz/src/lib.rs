@@ -12,10 +12,12 @@
 //! - [`proxyin`]: the PROXY header received from a load balancer, against a reference
 //!   reading, and taken off a socketpair or a pipe without a byte past it.
 //! - [`udp`]: the SOCKS5 UDP datagram header, against a reference reading.
+//! - [`http`]: plain-HTTP forwarding's request and response heads and chunked framing.
 
 pub mod bytes;
 pub mod handshake;
 pub mod hash;
+pub mod http;
 pub mod proxy;
 pub mod proxyin;
 pub mod rules;

@@ -79,6 +79,9 @@ pub fn export(req: &Request) {
     for v in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
         std::env::remove_var(v);
     }
+    if req.reply != crate::http::REPLY {
+        super::httpforward::clear_env();
+    }
 }
 
 /// The refusal of a user over their limit of connections, in the protocol the client

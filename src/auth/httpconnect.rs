@@ -15,8 +15,9 @@ pub const REALM: &str = "tcpsplice";
 
 /// What a refused client should do instead, one line for each refusal: the body a
 /// person sees when a browser or `curl -v` shows it.
-const NOT_CONNECT: &str = "This proxy only tunnels: use CONNECT (curl -p -x http://HOST:PORT, \
-                           or an HTTPS proxy setting), or SOCKS5 (curl -x socks5h://HOST:PORT).";
+const NOT_CONNECT: &str = "This is a proxy, not a web server: ask it for a whole URL (curl -x \
+                           http://HOST:PORT http://SITE/), tunnel with CONNECT (curl -p -x \
+                           http://HOST:PORT), or use SOCKS5 (curl -x socks5h://HOST:PORT).";
 const NO_CREDENTIALS: &str = "This proxy needs a user name and password: put them in the proxy \
                               URL (curl -p -x http://USER:PASSWORD@HOST:PORT).";
 const MALFORMED: &str = "Malformed request: send \"CONNECT host:port HTTP/1.1\", header lines, \
@@ -40,11 +41,17 @@ pub fn response(status: &str, extra: &str, advice: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-fn fail(status: &str, extra: &str, advice: &str, code: i32, why: impl Into<String>) -> Failure {
+pub(super) fn fail(
+    status: &str,
+    extra: &str,
+    advice: &str,
+    code: i32,
+    why: impl Into<String>,
+) -> Failure {
     Failure::new("http", &response(status, extra, advice), code, why)
 }
 
-fn bad_request(why: impl Into<String>) -> Failure {
+pub(super) fn bad_request(why: impl Into<String>) -> Failure {
     fail("400 Bad Request", "", MALFORMED, exit::POLICY, why)
 }
 
@@ -89,6 +96,9 @@ pub fn handshake(c: &mut Client, policy: &Policy, first: u8) -> Result<Request, 
     if head.as_bytes().contains(&0) {
         return Err(bad_request("NUL in the request head"));
     }
+    if crate::http::is_absolute_form(head.as_bytes()) {
+        return super::httpforward::handshake(policy, head.as_bytes());
+    }
     let Ok(text) = std::str::from_utf8(head.as_bytes()) else {
         return Err(bad_request("request head is not UTF-8"));
     };
@@ -131,6 +141,22 @@ pub fn handshake(c: &mut Client, policy: &Policy, first: u8) -> Result<Request, 
             authorization = Some(value.trim_matches([' ', '\t']));
         }
     }
+    let (user, rules) = login(policy, authorization)?;
+    Ok(Request {
+        target,
+        user,
+        rules,
+        reply: "http",
+        command: "connect",
+    })
+}
+
+/// Checks the `Proxy-Authorization` value (if any) against the policy: Ok(user, rules),
+/// or the 407 (or 503) to answer.
+pub(super) fn login(
+    policy: &Policy,
+    authorization: Option<&str>,
+) -> Result<(Option<String>, Option<String>), Failure> {
     let mut user = None;
     let mut rules = None;
     match (policy.checker.is_some(), authorization) {
@@ -162,13 +188,7 @@ pub fn handshake(c: &mut Client, policy: &Policy, first: u8) -> Result<Request, 
         (_, _) if policy.anonymous => {}
         (_, _) => return Err(challenge("no credentials")),
     }
-    Ok(Request {
-        target,
-        user,
-        rules,
-        reply: "http",
-        command: "connect",
-    })
+    Ok((user, rules))
 }
 
 /// Reads the head up to and including its CRLF CRLF, never further.

@@ -8,6 +8,7 @@ use std::time::Duration;
 pub mod checkpassword;
 pub mod handshake;
 pub mod httpconnect;
+pub mod httpforward;
 pub mod password;
 pub mod request;
 pub mod socks4;

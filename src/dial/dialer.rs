@@ -528,6 +528,20 @@ impl Dial<'_> {
                 );
             }
         }
+        if self.style == Some(Style::HttpForward) {
+            if let Err(e) = super::forward::send_head(fd) {
+                self.fail(
+                    Failure::General,
+                    exit::TEMP,
+                    &format!(
+                        "unable to send the request head to {peer}: {}",
+                        sys::strerror(&e)
+                    ),
+                );
+            }
+        } else {
+            super::forward::clear_env();
+        }
         let local = sys::local_addr(fd).ok().flatten();
         let fd = sock.into_raw_fd();
         // Like tcpclient: read on 6, write on 7, both the one socket, both kept across

@@ -8,6 +8,7 @@ use std::time::Duration;
 mod bind;
 pub mod connect;
 pub mod dialer;
+pub mod forward;
 pub mod proxyproto;
 pub mod reply;
 pub mod udp;

@@ -16,6 +16,9 @@ pub enum Style {
     Socks5,
     Socks4,
     Http,
+    /// A forwarded plain-HTTP request (`http-forward`): failures are answered as for
+    /// CONNECT; success is the request sent on, and the origin's response.
+    HttpForward,
 }
 
 impl Style {
@@ -27,8 +30,9 @@ impl Style {
             "socks5" => Ok(Some(Style::Socks5)),
             "socks4" => Ok(Some(Style::Socks4)),
             "http" => Ok(Some(Style::Http)),
+            crate::http::REPLY => Ok(Some(Style::HttpForward)),
             other => Err(format!(
-                "TCPSPLICE_REPLY must be socks5, socks4, http or none, not {other:?}"
+                "TCPSPLICE_REPLY must be socks5, socks4, http, http-forward or none, not {other:?}"
             )),
         }
     }
@@ -147,6 +151,7 @@ pub fn success(style: Style, bound: Option<SocketAddr>) -> Vec<u8> {
             v
         }
         Style::Http => b"HTTP/1.1 200 Connection established\r\n\r\n".to_vec(),
+        Style::HttpForward => Vec::new(),
     }
 }
 
@@ -155,15 +160,9 @@ pub fn failure(style: Style, f: Failure) -> Vec<u8> {
     match style {
         Style::Socks5 => vec![5, f.socks5_code(), 0, 1, 0, 0, 0, 0, 0, 0],
         Style::Socks4 => vec![0, 0x5b, 0, 0, 0, 0, 0, 0],
-        Style::Http => {
+        Style::Http | Style::HttpForward => {
             let (status, text) = f.http();
-            let body = format!("{text}\n");
-            format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
-                 Connection: close\r\n\r\n{body}",
-                body.len()
-            )
-            .into_bytes()
+            crate::http::error_response(status, text)
         }
     }
 }

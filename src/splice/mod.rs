@@ -1,6 +1,7 @@
 //! tcpsplice: moves bytes between two descriptor pairs with splice(2) until both streams
 //! have ended. See man/tcpsplice.1.
 
+pub mod http;
 pub mod relay;
 
 use crate::{args, chain, conninfo, diag, exit, sys};
@@ -104,7 +105,11 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         true => (None, None),
         false => conninfo::ends(cfg.client_in, cfg.target_in),
     };
-    let out = match relay::run(&cfg) {
+    let out = match http_body() {
+        Some(body) => http::run(&cfg, body),
+        None => relay::run(&cfg),
+    };
+    let out = match out {
         Ok(out) => out,
         Err(e) => diag::die_sys(exit::TEMP, "set up the relay", &e),
     };
@@ -136,6 +141,19 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         // Told to stop, or broken here: this process must not go on to other work.
         End::Signal { .. } | End::Failed { .. } => std::process::exit(out.end.exit_code()),
         _ => out.end.exit_code(),
+    }
+}
+
+/// The request body's framing when tcpsplice-dial forwarded a plain-HTTP request
+/// (`TCPSPLICE_HTTP_BODY`); None for a plain relay.
+fn http_body() -> Option<crate::http::Body> {
+    let v = std::env::var(crate::http::BODY_VAR).ok()?;
+    match crate::http::Body::parse(&v) {
+        Some(b) => Some(b),
+        None => diag::die(
+            exit::USAGE,
+            &format!("unable to use {}: {v:?}", crate::http::BODY_VAR),
+        ),
     }
 }
 

@@ -144,6 +144,8 @@ pub enum End {
     Reset { side: Side, err: io::Error },
     /// A local failure (a descriptor gone bad, out of memory).
     Failed { what: String, err: io::Error },
+    /// A forwarded HTTP request refused on the way (a broken chunked body).
+    Refused { why: String },
 }
 
 impl End {
@@ -151,7 +153,9 @@ impl End {
     pub fn exit_code(&self) -> i32 {
         match self {
             End::Clean => crate::exit::OK,
-            End::Idle | End::Signal { .. } | End::Reset { .. } => crate::exit::POLICY,
+            End::Idle | End::Signal { .. } | End::Reset { .. } | End::Refused { .. } => {
+                crate::exit::POLICY
+            }
             End::Failed { .. } => crate::exit::TEMP,
         }
     }
@@ -177,6 +181,7 @@ impl End {
                 format!("{word}{} ({})", side.name(), sys::strerror(err))
             }
             End::Failed { what, err } => format!("error ({what}: {})", sys::strerror(err)),
+            End::Refused { why } => format!("refused ({why})"),
         }
     }
 }
@@ -718,11 +723,15 @@ fn abort_peer(fd: RawFd, kind: FdKind) {
 /// Puts back the O_NONBLOCK state we found on each descriptor: a tty or pipe shares it
 /// with the shell that started us. Each entry: the fd, its flags as found before any fd
 /// was changed, the file's identity.
-struct FlagGuard {
+pub(super) struct FlagGuard {
     saved: Vec<(RawFd, libc::c_int, (u64, u64))>,
 }
 
 impl FlagGuard {
+    pub(super) fn new() -> FlagGuard {
+        FlagGuard { saved: Vec::new() }
+    }
+
     /// Puts back the flags of `fd` now, before it is closed; unless another fd still in
     /// use is the same file (a terminal on 0 and 1 is one open file, whose flag the
     /// other fd still needs): that one puts them back at the end.
@@ -749,7 +758,7 @@ impl Drop for FlagGuard {
 /// (set_nonblocking skips F_SETFL when the flag is there already). Socket options
 /// belong to the socket: `seen` holds those already set, as fds 0/1 and 6/7 are usually
 /// one socket each.
-fn prepare_fd(
+pub(super) fn prepare_fd(
     cfg: &Config,
     fd: RawFd,
     found: libc::c_int,

@@ -644,7 +644,7 @@ fn http_refusals() {
             1,
         ),
         (
-            b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n".to_vec(),
+            b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n".to_vec(),
             "405 ",
             1,
         ),
@@ -680,7 +680,7 @@ fn http_refusals() {
         }
         // One line that says what to do instead.
         let advice = match status {
-            "405 " => "This proxy only tunnels: use CONNECT (curl -p -x http://HOST:PORT",
+            "405 " => "This is a proxy, not a web server: ask it for a whole URL",
             "407 " => "needs a user name and password: put them in the proxy URL (curl -p -x http://USER:PASSWORD@HOST:PORT)",
             "400 " => "send \"CONNECT host:port HTTP/1.1\"",
             _ => "send the CONNECT with fewer or shorter headers",

@@ -7,6 +7,7 @@ mod auth;
 mod chain;
 mod dial;
 mod docs;
+mod http;
 mod listen;
 mod logins;
 mod proxy;

@@ -377,7 +377,7 @@ fn dev_null_client_with_a_socket_target() {
 }
 
 /// Closes a socket with a reset instead of a FIN.
-fn reset(s: TcpStream) {
+pub(crate) fn reset(s: TcpStream) {
     let l = libc::linger {
         l_onoff: 1,
         l_linger: 0,
