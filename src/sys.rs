@@ -851,3 +851,74 @@ pub fn tty_restore(fd: RawFd, saved: &libc::termios) -> io::Result<()> {
     // SAFETY: tcsetattr reads the struct we own.
     cvt(unsafe { libc::tcsetattr(fd, libc::TCSAFLUSH, saved) }).map(drop)
 }
+
+/// Opens /dev/null for reading and writing, close-on-exec when asked; the lowest free
+/// descriptor, as open(2) always gives.
+pub fn open_devnull(cloexec: bool) -> io::Result<RawFd> {
+    let mut flags = OFlag::O_RDWR;
+    if cloexec {
+        flags |= OFlag::O_CLOEXEC;
+    }
+    let fd = nix::fcntl::open(c"/dev/null", flags, nix::sys::stat::Mode::empty())?;
+    Ok(fd.into_raw_fd())
+}
+
+/// A pipe with both ends close-on-exec (blocking): (read, write).
+pub fn pipe_cloexec() -> io::Result<(RawFd, RawFd)> {
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    Ok((r.into_raw_fd(), w.into_raw_fd()))
+}
+
+/// Sends `sig` to process `pid`; a process already gone is no error of the caller's.
+pub fn kill(pid: libc::pid_t, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+}
+
+/// How a child ended, as waitpid reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChildEnd {
+    Exited(i32),
+    Signaled(i32),
+}
+
+/// Reaps one child that has ended, without waiting: its pid and how it ended, or None
+/// when none has (or there is none, or a signal interrupted the call).
+pub fn reap_child() -> Option<(libc::pid_t, ChildEnd)> {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => {
+                return Some((pid.as_raw(), ChildEnd::Exited(code)))
+            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                return Some((pid.as_raw(), ChildEnd::Signaled(sig as i32)))
+            }
+            // Stopped or continued (not asked for with WNOHANG alone): look again.
+            Ok(WaitStatus::StillAlive) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
+
+/// What fork returned in this process.
+pub enum Forked {
+    Parent(libc::pid_t),
+    Child,
+}
+
+/// fork(2), for tcpsplice-listen's supervisor, which never starts a thread: the child is
+/// a whole copy of it and may run ordinary code, allocation included, until it execs or
+/// exits. No other caller may use it.
+pub fn fork_single_threaded() -> io::Result<Forked> {
+    // SAFETY: the only caller is the single-threaded supervisor (see above), where the
+    // child inherits no lock held by another thread.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Parent { child } => Ok(Forked::Parent(child.as_raw())),
+        nix::unistd::ForkResult::Child => Ok(Forked::Child),
+    }
+}
+
+/// This process's id.
+pub fn getpid() -> libc::pid_t {
+    nix::unistd::getpid().as_raw()
+}

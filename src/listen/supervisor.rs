@@ -155,9 +155,8 @@ struct Supervisor<'a> {
 pub fn ensure_std_fds() {
     for fd in 0..3 {
         if !sys::fd_is_open(fd) {
-            // SAFETY: the path is a NUL-terminated literal; open returns the lowest
-            // free descriptor, which is `fd` since the ones below it are open.
-            unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+            // The lowest free descriptor, which is `fd` since the ones below are open.
+            let _ = sys::open_devnull(false);
         }
     }
 }
@@ -194,15 +193,10 @@ fn reusable(cfg: &Config) -> bool {
 }
 
 fn done_pipe() -> io::Result<Done> {
-    let mut fds = [-1; 2];
-    // SAFETY: pipe2 writes two descriptors into the array we own.
-    sys::cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    let (read, write) = sys::pipe_cloexec()?;
     // Only our end is non-blocking: a child reporting to a full pipe waits its turn.
-    sys::set_nonblocking(fds[0], true)?;
-    Ok(Done {
-        read: fds[0],
-        write: fds[1],
-    })
+    sys::set_nonblocking(read, true)?;
+    Ok(Done { read, write })
 }
 
 /// Serves connections on `listeners` until stopped by signals; exits the process.
@@ -373,12 +367,9 @@ impl Supervisor<'_> {
     fn terminate(&mut self) -> ! {
         for &pid in self.children.keys() {
             // SIGCONT too, as s6 does: a stopped program would not act on SIGTERM.
-            // SAFETY: kill takes integers; the pid is a child not yet reaped, so it
-            // cannot have been reused.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-                libc::kill(pid, libc::SIGCONT);
-            }
+            // The pid is a child not yet reaped, so it cannot have been reused.
+            sys::kill(pid, nix::sys::signal::SIGTERM);
+            sys::kill(pid, nix::sys::signal::SIGCONT);
         }
         if !self.cfg.quiet {
             diag::info(&format!(
@@ -391,14 +382,11 @@ impl Supervisor<'_> {
 
     fn reap(&mut self) {
         loop {
-            let mut status: libc::c_int = 0;
-            // SAFETY: waitpid writes the status into an int we own.
-            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-            if pid <= 0 {
-                // 0: children still running; -1: ECHILD (none left) or EINTR, both
-                // fine to leave to the next wakeup.
+            // None: children still running, none left, or EINTR, all fine to leave to
+            // the next wakeup.
+            let Some((pid, end)) = sys::reap_child() else {
                 return;
-            }
+            };
             // What it wrote before it exited is in the pipe by now: read it first, so
             // that a connection it took is not taken for one it never took, nor one it
             // ended booked by how it died, nor its report left for a later pid.
@@ -416,12 +404,9 @@ impl Supervisor<'_> {
             let Some(conn) = child.conn else {
                 continue;
             };
-            let how = if libc::WIFEXITED(status) {
-                format!("status={}", libc::WEXITSTATUS(status))
-            } else if libc::WIFSIGNALED(status) {
-                format!("signal={}", libc::WTERMSIG(status))
-            } else {
-                format!("wait={status}")
+            let how = match end {
+                sys::ChildEnd::Exited(code) => format!("status={code}"),
+                sys::ChildEnd::Signaled(sig) => format!("signal={sig}"),
             };
             if let Some(fd) = child.pending {
                 diag::warn(&format!(
@@ -782,10 +767,10 @@ impl Supervisor<'_> {
         // Out of descriptors, the child is forked without a channel: it serves this
         // connection only, as with -r 1, rather than the client being dropped.
         let pair = self.done.as_ref().and_then(|_| sys::seqpacket_pair().ok());
-        // SAFETY: the supervisor is single-threaded, so the child is a complete copy
-        // and may run ordinary code until it execs.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
+        // The supervisor is single-threaded, so the child is a complete copy and may run
+        // ordinary code until it execs.
+        let forked = sys::fork_single_threaded();
+        if matches!(forked, Ok(sys::Forked::Child)) {
             // Ours first: forked with a full descriptor table, the child needs room.
             self.close_own_fds();
             match (pair, &self.done) {
@@ -802,13 +787,16 @@ impl Supervisor<'_> {
         if let Some((_, theirs)) = pair {
             sys::close(theirs);
         }
-        if pid < 0 {
-            let e = io::Error::last_os_error();
-            if let Some((ours, _)) = pair {
-                sys::close(ours);
+        let pid = match forked {
+            Ok(sys::Forked::Parent(pid)) => pid,
+            Ok(sys::Forked::Child) => unreachable!("the child never gets here"),
+            Err(e) => {
+                if let Some((ours, _)) = pair {
+                    sys::close(ours);
+                }
+                return Err(("fork", e));
             }
-            return Err(("fork", e));
-        }
+        };
         self.children.insert(
             pid,
             Child {

@@ -134,8 +134,7 @@ pub fn run(
         env: std::env::vars_os().collect(),
         fds,
     };
-    // SAFETY: getpid cannot fail.
-    let pid = unsafe { libc::getpid() };
+    let pid = sys::getpid();
     let (mut fd, mut client) = first;
     let mut served = 0;
     loop {
@@ -180,9 +179,7 @@ pub fn run(
 fn reserve(conns: RawFd, done: RawFd, client: RawFd) -> std::io::Result<Channel> {
     let conns = sys::fd_move_up(conns, RESERVED_MIN)?;
     let done = sys::fd_move_up(done, RESERVED_MIN)?;
-    // SAFETY: a constant NUL-terminated path.
-    let devnull =
-        sys::cvt(unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })?;
+    let devnull = sys::open_devnull(true)?;
     let devnull = sys::fd_move_up(devnull, RESERVED_MIN)?;
     let keep = [conns, done, devnull];
     sys::close_cloexec_fds(&[conns, done, devnull, client]);
