@@ -404,15 +404,23 @@ fn readme_install_line_installs_the_five_programs_and_nothing_else() {
         .into_iter()
         .next()
         .expect("the install line");
-    // The debug build stands for the release one: cargo leaves the same .d files beside.
+    // A release directory of the test's own, with the .d files cargo leaves beside the
+    // programs of `cargo build` (not of `cargo test`, so they are made here).
     let built = Path::new(SPLICE).parent().expect("bin dir");
-    assert!(
-        built.join("tcpsplice.d").exists(),
-        "no .d files to leave out"
-    );
+    let release = auth::scratch("docs-release");
+    for name in [
+        "tcpsplice",
+        "tcpsplice-auth",
+        "tcpsplice-dial",
+        "tcpsplice-listen",
+        "tcpsplice-proxy",
+    ] {
+        std::fs::copy(built.join(name), release.join(name)).expect("copy a program");
+        std::fs::write(release.join(format!("{name}.d")), "deps\n").expect("write a .d file");
+    }
     let dir = auth::scratch("docs-install");
     let line = line
-        .replace("target/release/", &format!("{}/", built.display()))
+        .replace("target/release/", &format!("{}/", release.display()))
         .replace("/usr/local/bin/", &format!("{}/", dir.display()));
     sh(&line, "").expect_code(0);
     let mut names: Vec<String> = std::fs::read_dir(&dir)
@@ -433,6 +441,7 @@ fn readme_install_line_installs_the_five_programs_and_nothing_else() {
         "{line}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&release);
 }
 
 // ---------------------------------------------------------------- usage and man pages
