@@ -102,43 +102,20 @@ fn write_users(name: &str, text: &str) -> PathBuf {
     p
 }
 
-fn tool(cmd: &str, args: &[&str], input: &str) -> String {
-    let mut c = Command::new(cmd);
-    c.args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c
-        .spawn()
-        .unwrap_or_else(|e| panic!("{cmd} is needed (scripts/deps/test.txt): {e}"));
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("wait");
-    assert!(out.status.success(), "{cmd} {args:?} failed: {out:?}");
-    String::from_utf8(out.stdout)
-        .expect("utf8")
-        .trim()
-        .to_string()
-}
-
 /// Real hashes of PW, as the tools people use make them.
 fn mkpasswd(method: &str) -> String {
-    tool("mkpasswd", &["-m", method, "-s"], PW)
+    util::tool("mkpasswd", &["-m", method, "-s"], PW)
 }
 
 fn htpasswd(flags: &[&str], user: &str) -> String {
     let mut a = vec!["-n", "-b"];
     a.extend_from_slice(flags);
     a.extend_from_slice(&[user, PW]);
-    tool("htpasswd", &a, "")
+    util::tool("htpasswd", &a, "")
 }
 
 fn argon2id() -> String {
-    tool(
+    util::tool(
         "argon2",
         &[
             "tcpsplicesalt16",
@@ -868,7 +845,7 @@ fn weak_and_unknown_hashes_are_refused_at_load() {
         format!("u:{}", mkpasswd("md5crypt")),
         format!(
             "u:{}",
-            tool("mkpasswd", &["-m", "sha-512", "-R", "1000", "-s"], PW)
+            util::tool("mkpasswd", &["-m", "sha-512", "-R", "1000", "-s"], PW)
         ),
         "u:plaintext".to_string(),
         "u:$argon2id$v=19$m=1024,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA".to_string(),
@@ -973,7 +950,7 @@ fn hash_costs_over_the_ceilings_are_refused_at_load() {
     // to -C 14, argon2id as RFC 9106's second choice and at 256 MiB, sha-crypt as
     // passlib makes it.
     let argon = |m: &str, t: &str, p: &str| {
-        tool(
+        util::tool(
             "argon2",
             &["tcpsplicesalt16", "-id", "-t", t, "-m", m, "-p", p, "-e"],
             PW,
@@ -981,11 +958,11 @@ fn hash_costs_over_the_ceilings_are_refused_at_load() {
     };
     let text = format!(
         "{ok}\ny9:{}\nb14:{}\na64:{}\na256:{}\ns:{}\n",
-        tool("mkpasswd", &["-m", "yescrypt", "-R", "9", "-s"], PW),
+        util::tool("mkpasswd", &["-m", "yescrypt", "-R", "9", "-s"], PW),
         bcrypt(14),
         argon("16", "3", "4"),
         argon("18", "3", "1"),
-        tool("mkpasswd", &["-m", "sha-512", "-R", "656000", "-s"], PW),
+        util::tool("mkpasswd", &["-m", "sha-512", "-R", "656000", "-s"], PW),
     );
     let r = load_users("usual-costs", &text);
     r.expect_code(0);

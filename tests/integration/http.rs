@@ -27,9 +27,8 @@ fn scratch(name: &str) -> PathBuf {
 
 /// A users file with alice, hashed by `tcpsplice-auth -H`.
 fn users(dir: &std::path::Path) -> PathBuf {
-    let r = filter(AUTH, &["-H"], PW);
+    let hash = util::tool(AUTH, &["-H"], PW);
     let p = dir.join("users");
-    let hash = String::from_utf8_lossy(&r.stdout).trim().to_string();
     std::fs::write(&p, format!("{USER}:{hash}\n")).expect("write users");
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod users");
@@ -423,30 +422,11 @@ impl Drop for Proxy {
     }
 }
 
-/// Runs `cmd` with `input` on its stdin; it must succeed.
-fn filter(cmd: &str, args: &[&str], input: &str) -> Ran {
-    let mut c = Command::new(cmd);
-    c.args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c
-        .spawn()
-        .unwrap_or_else(|e| panic!("{cmd} is needed (scripts/deps/test.txt): {e}"));
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write stdin");
-    let r = util::finish(child, cmd, LIMIT);
-    r.expect_code(0);
-    r
-}
-
 fn basic() -> String {
-    let r = filter("base64", &["-w0"], &format!("{USER}:{PW}"));
-    format!("Basic {}", String::from_utf8_lossy(&r.stdout).trim())
+    format!(
+        "Basic {}",
+        util::tool("base64", &["-w0"], &format!("{USER}:{PW}"))
+    )
 }
 
 fn run(cmd: &str, args: &[String], env: &[(&str, String)]) -> Ran {

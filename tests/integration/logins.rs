@@ -218,6 +218,14 @@ fn k0_turns_the_cache_off() {
         assert_eq!(login(proxy.port, "alice", PW, target), Ok(()));
     }
     assert_eq!(proxy.logins(3), ["verified"; 3], "{}", proxy.show());
+    // The users file is readable by all (0644 here): said once, by the check at start,
+    // not once per connection.
+    assert_eq!(
+        proxy.lines("readable by every user").len(),
+        1,
+        "{}",
+        proxy.show()
+    );
 }
 
 #[test]
@@ -291,28 +299,45 @@ fn overlapping(c: &[(String, f64, f64)]) -> bool {
         .any(|(i, a)| c[i + 1..].iter().any(|b| a.1 < b.2 && b.1 < a.2))
 }
 
+/// Concurrent logins of `clients` (source address, user) under `-j j`, through a
+/// checker taking `secs` each; all must succeed. The proxy, the checks the checker
+/// recorded, the target, the record.
+fn concurrent_logins(
+    name: &str,
+    j: &str,
+    secs: f64,
+    clients: &[(&'static str, &'static str)],
+) -> (Proxy, Vec<(String, f64, f64)>, u16, PathBuf) {
+    let target = echo_target();
+    let dir = scratch(name);
+    let (prog, record) = recording_checker(&dir, secs);
+    let proxy = Proxy::start(&["-j", j, "-c", &prog.to_string_lossy()], target, &[]);
+    let port = proxy.port;
+    let threads: Vec<_> = clients
+        .iter()
+        .map(|&(src, u)| std::thread::spawn(move || login_from(src, port, u, "pw", target)))
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().expect("client thread"), Ok(()), "{}", proxy.show());
+    }
+    let c = checks(&record);
+    assert_eq!(c.len(), clients.len(), "checks: {c:?}\n{}", proxy.show());
+    (proxy, c, target, record)
+}
+
 /// Three concurrent logins of three users from three addresses (so that no address
 /// holds its share of the slots) through a checker taking 0.4 s each.
 fn three_concurrent_logins(j: &str) -> (Proxy, Vec<(String, f64, f64)>, u16, PathBuf) {
-    let target = echo_target();
-    let dir = scratch(&format!("slots{j}"));
-    let (prog, record) = recording_checker(&dir, 0.4);
-    let proxy = Proxy::start(&["-j", j, "-c", &prog.to_string_lossy()], target, &[]);
-    let port = proxy.port;
-    let clients: Vec<_> = [
-        ("127.0.0.11", "u1"),
-        ("127.0.0.12", "u2"),
-        ("127.0.0.13", "u3"),
-    ]
-    .iter()
-    .map(|&(src, u)| std::thread::spawn(move || login_from(src, port, u, "pw", target)))
-    .collect();
-    for c in clients {
-        assert_eq!(c.join().expect("client thread"), Ok(()), "{}", proxy.show());
-    }
-    let c = checks(&record);
-    assert_eq!(c.len(), 3, "checks: {c:?}\n{}", proxy.show());
-    (proxy, c, target, record)
+    concurrent_logins(
+        &format!("slots{j}"),
+        j,
+        0.4,
+        &[
+            ("127.0.0.11", "u1"),
+            ("127.0.0.12", "u2"),
+            ("127.0.0.13", "u3"),
+        ],
+    )
 }
 
 #[test]
@@ -395,23 +420,16 @@ fn a_process_killed_during_its_check_gives_its_slot_back() {
 fn one_address_holds_at_most_half_of_the_check_slots() {
     // -j 2: two checks at once, at most one for 127.0.0.2; a client from 127.0.0.3
     // gets the other slot while 127.0.0.2's logins wait for each other.
-    let target = echo_target();
-    let dir = scratch("share");
-    let (prog, record) = recording_checker(&dir, 0.5);
-    let proxy = Proxy::start(&["-j", "2", "-c", &prog.to_string_lossy()], target, &[]);
-    let port = proxy.port;
-    let clients: Vec<_> = [
-        ("127.0.0.2", "a1"),
-        ("127.0.0.2", "a2"),
-        ("127.0.0.3", "b1"),
-    ]
-    .iter()
-    .map(|&(src, u)| std::thread::spawn(move || login_from(src, port, u, "pw", target)))
-    .collect();
-    for c in clients {
-        assert_eq!(c.join().expect("client thread"), Ok(()), "{}", proxy.show());
-    }
-    let c = checks(&record);
+    let (_proxy, c, _, _) = concurrent_logins(
+        "share",
+        "2",
+        0.5,
+        &[
+            ("127.0.0.2", "a1"),
+            ("127.0.0.2", "a2"),
+            ("127.0.0.3", "b1"),
+        ],
+    );
     let of = |u: &str| c.iter().filter(|x| x.0 == u).cloned().collect::<Vec<_>>();
     let (a1, a2, b1) = (of("a1"), of("a2"), of("b1"));
     assert!(

@@ -43,18 +43,8 @@ fn scratch(name: &str) -> PathBuf {
 fn users(dir: &std::path::Path, entries: &[(&str, &str)]) -> PathBuf {
     let mut text = String::new();
     for (user, rules) in entries {
-        let out = Command::new("mkpasswd")
-            .args(["-m", "sha-512", "-s"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                c.stdin.take().expect("stdin").write_all(PW.as_bytes())?;
-                c.wait_with_output()
-            })
-            .expect("mkpasswd is needed (scripts/deps/test.txt)");
-        let hash = String::from_utf8(out.stdout).expect("utf8");
-        text.push_str(&format!("{user}:{}", hash.trim()));
+        let hash = util::mkpasswd("sha-512", PW);
+        text.push_str(&format!("{user}:{hash}"));
         if !rules.is_empty() {
             text.push_str(&format!(":{rules}"));
         }

@@ -408,26 +408,32 @@ pub fn wait_listening(port: u16, child: &mut Child, what: &str) {
     }
 }
 
-/// A hash of `pw` made by `mkpasswd -m METHOD` (package whois).
-pub fn mkpasswd(method: &str, pw: &str) -> String {
-    let mut child = Command::new("mkpasswd")
-        .args(["-m", method, "-s"])
+/// Runs `cmd args` with `input` on its stdin; it must succeed. Its output, trimmed.
+pub fn tool(cmd: &str, args: &[&str], input: &str) -> String {
+    let mut child = Command::new(cmd)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
-        .expect("mkpasswd (package whois) is needed");
+        .unwrap_or_else(|e| panic!("{cmd} is needed (scripts/deps/test.txt): {e}"));
     child
         .stdin
         .take()
         .expect("stdin")
-        .write_all(pw.as_bytes())
+        .write_all(input.as_bytes())
         .expect("write");
-    let out = child.wait_with_output().expect("mkpasswd");
-    assert!(out.status.success());
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{cmd} {args:?} failed: {out:?}");
     String::from_utf8(out.stdout)
         .expect("utf8")
         .trim()
         .to_string()
+}
+
+/// A hash of `pw` made by `mkpasswd -m METHOD` (package whois).
+pub fn mkpasswd(method: &str, pw: &str) -> String {
+    tool("mkpasswd", &["-m", method, "-s"], pw)
 }
 
 /// How a SOCKS5 connection was refused.
