@@ -39,14 +39,16 @@ pub struct Users {
 
 impl Users {
     /// Loads and checks `path`. The error reads `FILE line N: WHY` (or `FILE: WHY`).
-    pub fn load(path: &Path) -> Result<Users, String> {
+    /// `warn` says whether to warn about a file every user may read: once per start is
+    /// enough where the start is checked (tcpsplice-listen), not once per connection.
+    pub fn load(path: &Path, warn: bool) -> Result<Users, String> {
         let shown = path.display();
         let data = std::fs::read(path)
             .map_err(|e| format!("unable to read {shown}: {}", crate::sys::strerror(&e)))?;
         let data = Secret::new(data);
         if let Ok(meta) = std::fs::metadata(path) {
             use std::os::unix::fs::PermissionsExt;
-            if meta.permissions().mode() & 0o004 != 0 {
+            if warn && meta.permissions().mode() & 0o004 != 0 {
                 crate::diag::warn(&format!(
                     "{shown} is readable by every user: its hashes can be guessed offline (chmod o-r)"
                 ));
