@@ -169,10 +169,6 @@ impl Checker for Gate<'_> {
             self.inner.waste_time(password);
         }
     }
-
-    fn cache_key(&self, user: &[u8]) -> Option<(Vec<u8>, Option<String>)> {
-        self.inner.cache_key(user)
-    }
 }
 
 impl Gate<'_> {
