@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::{diag, exit, sys};
+use crate::{diag, environ, exit, sys};
 
 static IN_PROCESS: AtomicBool = AtomicBool::new(false);
 
@@ -137,7 +137,7 @@ pub const CHECK_VAR: &str = "TCPSPLICE_CHECK";
 
 /// Whether this is such a check run.
 pub fn checking() -> bool {
-    std::env::var_os(CHECK_VAR).is_some_and(|v| v == "1")
+    environ::var_os(CHECK_VAR).is_some_and(|v| v == "1")
 }
 
 /// In a check run, what [`exec`] of `argv` would meet: a sibling program is checked in
@@ -181,7 +181,7 @@ pub fn reply_on_exec_failure(reply: Vec<u8>) {
 }
 
 fn exec_always() -> bool {
-    matches!(std::env::var_os("TCPSPLICE_EXEC"), Some(v) if v == "always")
+    matches!(environ::var_os("TCPSPLICE_EXEC"), Some(v) if v == "always")
 }
 
 /// Execs `argv` (searching PATH for `argv[0]`) with SIGPIPE back at its default and no
@@ -217,6 +217,9 @@ pub fn exec(argv: &[OsString]) -> i32 {
     };
     // With no PATH, a sibling named bare is run from beside this binary.
     let beside = beside_self(first).and_then(|p| CString::new(p.into_os_string().into_vec()).ok());
+    // exec passes on the C library's environment: the changes the links made must be
+    // in it now (the process is replaced, so what setenv keeps costs nothing after).
+    environ::make_real();
     let err = match beside {
         Some(file) => sys::execv(&file, &cargs),
         None => sys::execvp(&cargs),
@@ -306,7 +309,7 @@ fn search_path(prog: &OsStr) -> Option<PathBuf> {
     if let Some(p) = beside_self(prog) {
         return Some(p);
     }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/bin:/usr/bin".into());
+    let path = environ::var_os("PATH").unwrap_or_else(|| "/bin:/usr/bin".into());
     std::env::split_paths(&path)
         .map(|dir| dir.join(prog))
         .find(|p| is_executable(p))
@@ -316,7 +319,7 @@ fn search_path(prog: &OsStr) -> Option<PathBuf> {
 /// directory (`tcpsplice`) is the executable file of that name beside the running binary:
 /// execvp's default path (/bin:/usr/bin) would miss a suite installed in /usr/local/bin.
 fn beside_self(prog: &OsStr) -> Option<PathBuf> {
-    if std::env::var_os("PATH").is_some() || prog.as_bytes().contains(&b'/') {
+    if environ::var_os("PATH").is_some() || prog.as_bytes().contains(&b'/') {
         return None;
     }
     let programs: &[Program] = *PROGRAMS.lock().unwrap_or_else(|e| e.into_inner());

@@ -9,13 +9,13 @@
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::io::RawFd;
 
-use crate::sys;
+use crate::{environ, sys};
 
 /// The variable in which the client's address survives the dialer.
 pub const CLIENT_VAR: &str = "TCPSPLICE_CLIENT";
 
 fn var(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
+    environ::var(name).ok().filter(|v| !v.is_empty())
 }
 
 /// `ip:port`, with brackets around an IPv6 address.
@@ -94,11 +94,11 @@ pub fn fill_from_socket(fd: RawFd) {
 
 /// Sets `PROTO=TCP` and the four `TCP*` variables for a connection.
 pub fn set_ucspi(local: &SocketAddr, remote: &SocketAddr) {
-    std::env::set_var("PROTO", "TCP");
-    std::env::set_var("TCPLOCALIP", ip_text(local.ip()));
-    std::env::set_var("TCPLOCALPORT", local.port().to_string());
-    std::env::set_var("TCPREMOTEIP", ip_text(remote.ip()));
-    std::env::set_var("TCPREMOTEPORT", remote.port().to_string());
+    environ::set_var("PROTO", "TCP");
+    environ::set_var("TCPLOCALIP", ip_text(local.ip()));
+    environ::set_var("TCPLOCALPORT", local.port().to_string());
+    environ::set_var("TCPREMOTEIP", ip_text(remote.ip()));
+    environ::set_var("TCPREMOTEPORT", remote.port().to_string());
 }
 
 /// An address as UCSPI programs print it: IPv4-mapped IPv6 addresses as plain IPv4.

@@ -13,6 +13,7 @@ use std::sync::Mutex;
 
 use nix::syslog::{Facility, LogFlags, Severity};
 
+use crate::environ;
 use crate::exit;
 use crate::sys;
 
@@ -124,7 +125,7 @@ pub fn stderr_is_safe() -> bool {
 fn sinks() -> Sinks {
     let mut cached = SINKS.lock().unwrap_or_else(|e| e.into_inner());
     *cached.get_or_insert_with(|| {
-        let mode = std::env::var("TCPSPLICE_LOG").unwrap_or_default();
+        let mode = environ::var("TCPSPLICE_LOG").unwrap_or_default();
         let (syslog, stderr) = match mode.as_str() {
             "syslog" => (true, false),
             "stderr" => (false, true),
@@ -218,7 +219,7 @@ pub fn die_sys(code: i32, what: &str, err: &io::Error) -> ! {
 pub fn usage(usage: &str) -> ! {
     emit(Severity::LOG_ERR, "usage", usage);
     let s = sinks();
-    if !s.stderr && stderr_is_safe() && std::env::var("TCPSPLICE_LOG").as_deref() != Ok("none") {
+    if !s.stderr && stderr_is_safe() && environ::var("TCPSPLICE_LOG").as_deref() != Ok("none") {
         let line = format!("{}: usage: {usage}\n", prog());
         let _ = sys::write_all(2, line.as_bytes());
     }

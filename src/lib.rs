@@ -18,6 +18,8 @@
 //! - [`rules`]: which client-chosen targets may be reached (read by tcpsplice-auth in
 //!   the users file, enforced by tcpsplice-dial);
 //! - [`conninfo`]: who is on each end, from the UCSPI environment;
+//! - [`environ`]: the environment variables every program reads and sets, changed in
+//!   an overlay that becomes real only where something else reads it (an exec, a child);
 //! - [`diag`]: `prog: fatal: unable to ...` messages and the per-connection log line,
 //!   sent to syslog or to stderr but never onto the data stream;
 //! - [`exit`]: the one exit-code table of the suite;
@@ -35,6 +37,7 @@ pub mod conninfo;
 pub mod dgram;
 pub mod diag;
 pub mod dial;
+pub mod environ;
 pub mod exit;
 pub mod http;
 pub mod listen;

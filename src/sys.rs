@@ -802,6 +802,49 @@ pub fn isatty(fd: RawFd) -> bool {
     borrow(&fd).is_ok_and(|b| nix::unistd::isatty(b).unwrap_or(false))
 }
 
+extern "C" {
+    /// The C library's environment: what exec passes on and getenv reads.
+    static environ: *const *const libc::c_char;
+}
+
+/// Calls `f` with the address of each entry of the C library's environment, in order.
+fn each_environ_entry(mut f: impl FnMut(usize)) {
+    // SAFETY: `environ` is null or points to an array of string pointers ended by a null
+    // one, which only setenv, unsetenv, putenv and clearenv change. The suite calls those
+    // only from `environ`, on the main thread, and this runs on that thread: the one other
+    // thread a link may start, a name lookup, only reads the environment. Only the
+    // pointers are read, never the strings.
+    unsafe {
+        let mut p = environ;
+        if p.is_null() {
+            return;
+        }
+        while !(*p).is_null() {
+            f(*p as usize);
+            p = p.add(1);
+        }
+    }
+}
+
+/// The addresses of the entries of the C library's environment, into `out` (emptied
+/// first). Any change through setenv, unsetenv or putenv changes at least one of them,
+/// or their number: setenv never writes into an entry it handed out.
+pub fn environ_entries(out: &mut Vec<usize>) {
+    out.clear();
+    each_environ_entry(|e| out.push(e));
+}
+
+/// Whether the C library's environment still has exactly the entries `entries` that
+/// [`environ_entries`] gave; allocates nothing.
+pub fn environ_entries_are(entries: &[usize]) -> bool {
+    let (mut i, mut same) = (0, true);
+    each_environ_entry(|e| {
+        same &= entries.get(i) == Some(&e);
+        i += 1;
+    });
+    same && i == entries.len()
+}
+
 /// Whether the file at `path` may be executed (access(2) with X_OK).
 pub fn is_executable(path: &std::path::Path) -> bool {
     nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).is_ok()

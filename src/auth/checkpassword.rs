@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::password::Secret;
 use super::request::{Checker, Verdict};
-use crate::{diag, sys};
+use crate::{diag, environ, sys};
 
 /// A checkpassword program and how long it may take.
 pub struct CheckPassword {
@@ -45,6 +45,8 @@ impl CheckPassword {
         let _ = sys::set_nonblocking(wfd, false);
         let stderr_ok = diag::stderr_is_safe();
         let mut cmd = Command::new(&self.prog);
+        // What it would see had the links before this one exec'd: TCPREMOTEIP, say.
+        environ::pass_to(&mut cmd);
         // A group of its own, so that a timeout can end all it started.
         cmd.process_group(0);
         cmd.arg("true")

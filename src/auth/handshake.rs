@@ -10,7 +10,7 @@
 
 use super::request::{Client, Failure, Policy, Request};
 use super::{httpconnect, socks4, socks5};
-use crate::exit;
+use crate::{environ, exit};
 
 /// Reads the client's request and checks its credentials. Ok is the request to pass on;
 /// Err says what to answer before exiting. Replies of the handshake's middle steps are
@@ -65,19 +65,19 @@ pub fn run(c: &mut Client, policy: &Policy) -> Result<Request, Failure> {
 /// consumed the socket.
 pub fn export(req: &Request) {
     crate::conninfo::fill_from_socket(0);
-    std::env::set_var("TCPSPLICE_TARGET", &req.target);
-    std::env::set_var("TCPSPLICE_REPLY", req.reply);
-    std::env::set_var("TCPSPLICE_COMMAND", req.command);
+    environ::set_var("TCPSPLICE_TARGET", &req.target);
+    environ::set_var("TCPSPLICE_REPLY", req.reply);
+    environ::set_var("TCPSPLICE_COMMAND", req.command);
     match &req.user {
-        Some(u) => std::env::set_var("TCPSPLICE_USER", u),
-        None => std::env::remove_var("TCPSPLICE_USER"),
+        Some(u) => environ::set_var("TCPSPLICE_USER", u),
+        None => environ::remove_var("TCPSPLICE_USER"),
     }
     match &req.rules {
-        Some(r) => std::env::set_var("TCPSPLICE_RULES", r),
-        None => std::env::remove_var("TCPSPLICE_RULES"),
+        Some(r) => environ::set_var("TCPSPLICE_RULES", r),
+        None => environ::remove_var("TCPSPLICE_RULES"),
     }
     for v in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
-        std::env::remove_var(v);
+        environ::remove_var(v);
     }
     if req.reply != crate::http::REPLY {
         super::httpforward::clear_env();

@@ -12,8 +12,8 @@ use std::os::unix::ffi::OsStrExt;
 use super::httpconnect::{fail, login};
 use super::password::Secret;
 use super::request::{Failure, Policy, Request};
-use crate::exit;
 use crate::http::{self, BODY_VAR, CONTINUE_VAR, HEAD_VAR};
+use crate::{environ, exit};
 
 /// The body of a 400 for a request that is not forwarded.
 const REFUSED: &str = "Not forwarded: the request could be read more than one way, or asks \
@@ -29,12 +29,12 @@ pub fn handshake(policy: &Policy, head: &[u8]) -> Result<Request, Failure> {
         .as_ref()
         .map(|a| std::str::from_utf8(a.as_bytes()).unwrap_or(""));
     let (user, rules) = login(policy, value.map(|v| v.trim_matches([' ', '\t'])))?;
-    std::env::set_var(HEAD_VAR, OsStr::from_bytes(&fwd.head));
-    std::env::set_var(BODY_VAR, fwd.body.text());
+    environ::set_var(HEAD_VAR, OsStr::from_bytes(&fwd.head));
+    environ::set_var(BODY_VAR, fwd.body.text());
     if fwd.expect_continue {
-        std::env::set_var(CONTINUE_VAR, "1");
+        environ::set_var(CONTINUE_VAR, "1");
     } else {
-        std::env::remove_var(CONTINUE_VAR);
+        environ::remove_var(CONTINUE_VAR);
     }
     Ok(Request {
         target: fwd.target,
@@ -49,6 +49,6 @@ pub fn handshake(policy: &Policy, head: &[u8]) -> Result<Request, Failure> {
 /// inherited may pass for them.
 pub fn clear_env() {
     for v in [HEAD_VAR, BODY_VAR, CONTINUE_VAR] {
-        std::env::remove_var(v);
+        environ::remove_var(v);
     }
 }

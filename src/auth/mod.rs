@@ -28,7 +28,7 @@ use request::{Checker, Client, Policy, Verdict};
 
 use crate::dial::reply;
 use crate::rules::Rule;
-use crate::{args, chain, conninfo, diag, exit, sys};
+use crate::{args, chain, conninfo, diag, environ, exit, sys};
 use users::Users;
 
 const USAGE: &str = "tcpsplice-auth [-n] [-N cidr]... [-B] [-U] [-f users | -c checkpassword] \
@@ -153,7 +153,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     // Who is on the other end, before anything reads the environment for it (inetd and
     // systemd set none of the UCSPI names).
     conninfo::fill_from_socket(0);
-    let client_ip: Option<std::net::IpAddr> = std::env::var("TCPREMOTEIP")
+    let client_ip: Option<std::net::IpAddr> = environ::var("TCPREMOTEIP")
         .ok()
         .and_then(|ip| ip.parse().ok());
     let anonymous = m.opt_present("n")
@@ -236,8 +236,8 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         }
         // What a request would leave for the next link, so that it checks itself as it
         // will run: a client-chosen target, a client waiting for the answer.
-        std::env::set_var("TCPSPLICE_TARGET", "check.invalid:1");
-        std::env::set_var("TCPSPLICE_REPLY", "socks5");
+        environ::set_var("TCPSPLICE_TARGET", "check.invalid:1");
+        environ::set_var("TCPSPLICE_REPLY", "socks5");
         return chain::check(&next);
     }
     let gate = checker.map(|inner| Gate {
@@ -297,8 +297,8 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             drop((users, cp));
             handshake::export(&req);
             match login.filter(|_| req.user.is_some()) {
-                Some(l) => std::env::set_var(LOGIN_VAR, l.as_str()),
-                None => std::env::remove_var(LOGIN_VAR),
+                Some(l) => environ::set_var(LOGIN_VAR, l.as_str()),
+                None => environ::remove_var(LOGIN_VAR),
             }
             drop(m);
             if let Ok(Some(style)) = reply::Style::parse(req.reply) {

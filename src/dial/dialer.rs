@@ -14,7 +14,7 @@ use super::connect::{self, connect_any, own_addresses, resolve};
 use super::proxyproto;
 use super::reply::{self, Failure, Style};
 use crate::rules::{self, Policy, Rule};
-use crate::{chain, conninfo, diag, exit, sys};
+use crate::{chain, conninfo, diag, environ, exit, sys};
 
 /// The variable naming a client-chosen target, `host:port` or `[v6addr]:port`.
 pub const TARGET_VAR: &str = "TCPSPLICE_TARGET";
@@ -160,7 +160,7 @@ fn why(cfg: &Config, e: &io::Error) -> String {
 /// us. Under inetd, xinetd and systemd nothing set them, so they come from fd 0.
 fn save_client() -> (Option<SocketAddr>, Option<SocketAddr>) {
     conninfo::fill_from_socket(0);
-    let var = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
+    let var = |n: &str| environ::var(n).ok().filter(|v| !v.is_empty());
     if var(conninfo::CLIENT_VAR).is_none() {
         // `-` when no one knows (a shell pipeline): left unset, the log line of the
         // splicer would take the upstream address we are about to set for the client's.
@@ -168,7 +168,7 @@ fn save_client() -> (Option<SocketAddr>, Option<SocketAddr>) {
             (Some(ip), Some(port)) => conninfo::join_host_port(&ip, &port),
             _ => "-".to_string(),
         };
-        std::env::set_var(conninfo::CLIENT_VAR, client);
+        environ::set_var(conninfo::CLIENT_VAR, client);
     }
     let client = var(conninfo::CLIENT_VAR).and_then(|s| proxyproto::parse_addr(&s));
     let local = match (var("TCPLOCALIP"), var("TCPLOCALPORT")) {
@@ -189,7 +189,7 @@ fn fail(style: Option<Style>, f: Failure, code: i32, msg: &str) -> ! {
     }
     if code == exit::POLICY {
         let client = conninfo::client().unwrap_or_else(|| "-".into());
-        let user = std::env::var("TCPSPLICE_USER").unwrap_or_else(|_| "-".into());
+        let user = environ::var("TCPSPLICE_USER").unwrap_or_else(|_| "-".into());
         diag::warn(&format!("refused client={client} user={user}: {msg}"));
         std::process::exit(code)
     }
@@ -281,7 +281,7 @@ impl Dial<'_> {
         if self.cfg.fixed.is_some() {
             return Command::Connect;
         }
-        let c = match std::env::var(COMMAND_VAR).as_deref() {
+        let c = match environ::var(COMMAND_VAR).as_deref() {
             Err(_) | Ok("") | Ok("connect") => Command::Connect,
             Ok("bind") => Command::Bind,
             Ok("udp") => Command::Udp,
@@ -302,7 +302,7 @@ impl Dial<'_> {
         let (host, port, trusted) = match &self.cfg.fixed {
             Some((h, p)) => (h.clone(), *p, true),
             None => {
-                let t = std::env::var(TARGET_VAR).unwrap_or_default();
+                let t = environ::var(TARGET_VAR).unwrap_or_default();
                 let parsed = match command {
                     Command::Connect => split_target(&t),
                     _ => split_endpoint(&t),
@@ -335,7 +335,7 @@ impl Dial<'_> {
 
     /// The user's rules (`TCPSPLICE_RULES`), if any.
     fn user_rules(&self) -> Option<Vec<Rule>> {
-        match std::env::var(RULES_VAR) {
+        match environ::var(RULES_VAR) {
             Ok(s) if !s.trim().is_empty() => match rules::parse_list(&s) {
                 Ok(r) => Some(r),
                 Err(e) => self.usage_fail(&format!("unable to use {RULES_VAR}: {e}")),
@@ -567,14 +567,14 @@ impl Dial<'_> {
         }
         // They described the client; a stale value would now be read as the target's.
         for v in ["TCPLOCALHOST", "TCPREMOTEHOST", "TCPREMOTEINFO"] {
-            std::env::remove_var(v);
+            environ::remove_var(v);
         }
         if let Some(style) = self.style {
             if let Err(e) = sys::write_all(1, &reply::success(style, accepted.or(local))) {
                 diag::die_sys(exit::TEMP, "send the reply to the client", &e);
             }
         }
-        std::env::remove_var(REPLY_VAR);
+        environ::remove_var(REPLY_VAR);
         // Every descriptor this link opened is closed by now but the connection, which
         // is on 6 and 7 without close-on-exec: a sibling continuing in this process
         // need not look through the descriptor table for what an exec would close.
@@ -585,7 +585,7 @@ impl Dial<'_> {
 
 /// Does the whole job and execs `cfg.prog`; returns only what [`chain::exec`] returns.
 pub fn run(cfg: &Config) -> i32 {
-    let style = match Style::parse(&std::env::var(REPLY_VAR).unwrap_or_default()) {
+    let style = match Style::parse(&environ::var(REPLY_VAR).unwrap_or_default()) {
         Ok(s) => s,
         Err(e) => diag::die(exit::USAGE, &e),
     };
@@ -593,7 +593,7 @@ pub fn run(cfg: &Config) -> i32 {
     let (client, client_local) = save_client();
     // exec keeps our pid, so LISTEN_PID would still name the programs after us.
     for v in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
-        std::env::remove_var(v);
+        environ::remove_var(v);
     }
     match d.command() {
         Command::Connect => {}

@@ -14,7 +14,7 @@ pub mod reply;
 pub mod udp;
 
 use crate::rules::Rule;
-use crate::{args, chain, diag, sys};
+use crate::{args, chain, diag, environ, sys};
 use dialer::{Config, Family, Source};
 
 const USAGE: &str = "tcpsplice-dial [-46Dkm] [-a rule]... [-t seconds] [-s addr|auto] [-p 1|2] \
@@ -100,7 +100,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     let (nodelay, keepalive) = (m.opt_present("D"), m.opt_present("k"));
     let udp_any_source = m.opt_present("m");
     let mut free = m.free;
-    let fixed = if std::env::var_os(dialer::TARGET_VAR).is_some_and(|v| !v.is_empty()) {
+    let fixed = if environ::var_os(dialer::TARGET_VAR).is_some_and(|v| !v.is_empty()) {
         None
     } else {
         if free.len() < 3 {

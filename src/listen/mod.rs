@@ -10,7 +10,7 @@ pub mod worker;
 
 use supervisor::{Config, ProxyIn};
 
-use crate::{args, chain, diag, exit, sys};
+use crate::{args, chain, diag, environ, exit, sys};
 
 const USAGE: &str = "tcpsplice-listen [-1Dhq] [-b backlog] [-c max] [-C max_per_ip] \
                      [-r max_use] [-P cidr]... [-t seconds] [-u user] [-g group] [-U] \
@@ -190,7 +190,9 @@ fn check_chain(prog: &[OsString]) {
         return;
     }
     let shown = first.to_string_lossy();
-    let mut child = match std::process::Command::new(first)
+    let mut cmd = std::process::Command::new(first);
+    environ::pass_to(&mut cmd);
+    let mut child = match cmd
         .args(&prog[1..])
         .env(chain::CHECK_VAR, "1")
         .stdin(std::process::Stdio::null())

@@ -6,7 +6,7 @@ use std::io;
 
 use nix::unistd::{self, Gid, Group, Uid, User};
 
-use crate::{exit, sys};
+use crate::{environ, exit, sys};
 
 /// The identity to run as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,7 +55,7 @@ pub fn identity(
             return usage("-U excludes -u and -g".into());
         }
         let var = |name: &str| {
-            let v = std::env::var(name).unwrap_or_default();
+            let v = environ::var(name).unwrap_or_default();
             v.parse::<libc::uid_t>()
                 .map_err(|_| (exit::USAGE, format!("-U: ${name} is not a number: {v:?}")))
         };

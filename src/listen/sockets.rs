@@ -8,7 +8,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::io::{IntoRawFd, RawFd};
 
-use crate::{exit, sys};
+use crate::{environ, exit, sys};
 
 /// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
 const SD_LISTEN_FDS_START: RawFd = 3;
@@ -102,7 +102,7 @@ pub fn bind(addr: &SocketAddr, backlog: i32) -> Result<RawFd, Failure> {
 
 /// Whether systemd passed sockets to this very process: `LISTEN_PID` is our pid.
 pub fn activation_is_ours() -> bool {
-    let pid = std::env::var("LISTEN_PID").ok();
+    let pid = environ::var("LISTEN_PID").ok();
     let me = nix::unistd::getpid().as_raw();
     pid.and_then(|p| p.parse::<libc::pid_t>().ok()) == Some(me)
 }
@@ -112,7 +112,7 @@ fn activation_count() -> Result<RawFd, Failure> {
     if !activation_is_ours() {
         return Ok(0);
     }
-    let n = std::env::var("LISTEN_FDS").unwrap_or_default();
+    let n = environ::var("LISTEN_FDS").unwrap_or_default();
     n.parse::<RawFd>()
         .ok()
         .filter(|&n| (0..=4096).contains(&n))
@@ -173,7 +173,7 @@ pub fn close_activation_fds() -> RawFd {
 /// another pid) must not believe it was passed any.
 pub fn unset_activation_env() {
     for v in ACTIVATION_VARS {
-        std::env::remove_var(v);
+        environ::remove_var(v);
     }
 }
 

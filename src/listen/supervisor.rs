@@ -32,7 +32,7 @@ use super::sockets;
 use super::worker::{self, Peer};
 use crate::proxy::header::{self, Header, Step};
 use crate::rules::Rule;
-use crate::{chain, conninfo, diag, exit, sys};
+use crate::{chain, conninfo, diag, environ, exit, sys};
 
 /// How long accepting pauses after the process or system ran out of descriptors or
 /// memory, or could not fork: long enough not to spin, short enough to catch up.
@@ -164,9 +164,12 @@ pub fn ensure_std_fds() {
 /// Removes the variables that would mislead the programs run per connection.
 pub fn clean_environment() {
     for v in STALE_VARS {
-        std::env::remove_var(v);
+        environ::remove_var(v);
     }
     sockets::unset_activation_env();
+    // Once, here: the connection processes then fork from a real environment, and an
+    // empty overlay is what each connection starts from.
+    environ::make_real();
 }
 
 /// An IPv4 client reached through an IPv6 socket (`::ffff:a.b.c.d`) is counted, logged

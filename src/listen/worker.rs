@@ -23,12 +23,10 @@
 //! connection until the supervisor closes its end of the socketpair (idle too long,
 //! stopping, or gone), which it sees as end of file.
 
-use std::collections::HashMap;
-use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::os::unix::io::RawFd;
 
-use crate::{chain, diag, exit, sys};
+use crate::{chain, diag, environ, exit, sys};
 
 /// Reserved descriptors go this high, out of the way of the fixed numbers a chain uses
 /// (0, 1, 2, 6, 7) and of the low numbers its sockets and pipes get.
@@ -90,7 +88,7 @@ const PEER_TEXT_MAX: usize = 128;
 
 /// What a fresh fork had, to put back between connections.
 struct Fresh {
-    env: HashMap<OsString, OsString>,
+    env: environ::Fork,
     /// fd 2 and the descriptors passed on to PROG... from the supervisor's parent, with
     /// what they referred to.
     fds: Vec<(RawFd, Option<(u64, u64)>)>,
@@ -130,8 +128,8 @@ pub fn run(
             .into_iter()
             .map(|fd| (fd, identity(fd))),
     );
-    let fresh = Fresh {
-        env: std::env::vars_os().collect(),
+    let mut fresh = Fresh {
+        env: environ::Fork::now(),
         fds,
     };
     diag::keep_decisions();
@@ -147,7 +145,7 @@ pub fn run(
         // (before the end is reported, so that the user's next connection finds it so).
         crate::auth::loginstate::end_connection();
         served += 1;
-        if served >= max_use || !restore(&ch, &fresh) {
+        if served >= max_use || !restore(&ch, &mut fresh) {
             std::process::exit(code);
         }
         // A supervisor that is gone cannot hand out more work: EPIPE ends us.
@@ -194,7 +192,7 @@ fn reserve(conns: RawFd, done: RawFd, client: RawFd) -> std::io::Result<Channel>
 
 /// Puts the process back as the fork left it; false when that cannot be done and the
 /// process must exit instead.
-fn restore(ch: &Channel, fresh: &Fresh) -> bool {
+fn restore(ch: &Channel, fresh: &mut Fresh) -> bool {
     let mut keep = vec![ch.conns, ch.done, ch.devnull];
     keep.extend(fresh.fds.iter().map(|&(fd, _)| fd));
     diag::forget_syslog();
@@ -213,17 +211,8 @@ fn restore(ch: &Channel, fresh: &Fresh) -> bool {
     if fresh.fds.iter().any(changed) {
         return false;
     }
-    let now: HashMap<OsString, OsString> = std::env::vars_os().collect();
-    for k in now.keys() {
-        if !fresh.env.contains_key(k) {
-            std::env::remove_var(k);
-        }
-    }
-    for (k, v) in &fresh.env {
-        if now.get(k) != Some(v) {
-            std::env::set_var(k, v);
-        }
-    }
+    // The chain's variables were only ever in the overlay (`environ`): dropped here.
+    fresh.env.restore();
     sys::unblock_all_signals();
     sys::signal_ignore(libc::SIGPIPE, true);
     sys::set_process_name(c"tcpsplice-listen");

@@ -14,7 +14,7 @@ pub mod header;
 use header::{Header, Reader, Step};
 
 use crate::rules::Rule;
-use crate::{args, chain, conninfo, diag, exit, sys};
+use crate::{args, chain, conninfo, diag, environ, exit, sys};
 
 const USAGE: &str = "tcpsplice-proxy -a cidr [-a cidr]... [-t seconds] prog...";
 
@@ -167,7 +167,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         Header::Proxied { client, local } => {
             conninfo::set_ucspi(&local, &client);
             for v in BALANCER_VARS {
-                std::env::remove_var(v);
+                environ::remove_var(v);
             }
         }
         // The balancer's own connection: described as any connection is.
@@ -177,8 +177,8 @@ pub fn main(argv: Vec<OsString>) -> i32 {
 }
 
 fn var_addr(ip: &str, port: &str) -> Option<SocketAddr> {
-    let ip = std::env::var(ip).ok()?;
-    let port = std::env::var(port).ok()?;
+    let ip = environ::var(ip).ok()?;
+    let port = environ::var(port).ok()?;
     conninfo::join_host_port(&ip, &port).parse().ok()
 }
 

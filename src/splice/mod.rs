@@ -4,7 +4,7 @@
 pub mod http;
 pub mod relay;
 
-use crate::{args, chain, conninfo, diag, exit, sys};
+use crate::{args, chain, conninfo, diag, environ, exit, sys};
 use relay::Config;
 use relay::End;
 use std::ffi::OsString;
@@ -125,9 +125,9 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         }
     };
     if !quiet {
-        let user = std::env::var("TCPSPLICE_USER").unwrap_or_else(|_| "-".into());
+        let user = environ::var("TCPSPLICE_USER").unwrap_or_else(|_| "-".into());
         // How tcpsplice-auth checked the user (cached or verified), when it says.
-        let login = std::env::var(crate::auth::LOGIN_VAR)
+        let login = environ::var(crate::auth::LOGIN_VAR)
             .map(|l| format!(" login={l}"))
             .unwrap_or_default();
         diag::info(&format!(
@@ -158,7 +158,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
 /// The request body's framing when tcpsplice-dial forwarded a plain-HTTP request
 /// (`TCPSPLICE_HTTP_BODY`); None for a plain relay.
 fn http_body() -> Option<crate::http::Body> {
-    let v = std::env::var(crate::http::BODY_VAR).ok()?;
+    let v = environ::var(crate::http::BODY_VAR).ok()?;
     match crate::http::Body::parse(&v) {
         Some(b) => Some(b),
         None => diag::die(

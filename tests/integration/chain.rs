@@ -1231,3 +1231,155 @@ fn with_no_path_a_sibling_named_bare_is_the_one_beside_the_running_binary() {
         assert_eq!(ran.stdout, b"from the target", "{}", ran.show());
     }
 }
+
+const PROXY: &str = env!("CARGO_BIN_EXE_tcpsplice-proxy");
+
+/// What the program at the end of listen → tcpsplice-proxy → tcpsplice-dial → sh finds in
+/// its environment for one connection whose PROXY header names 192.0.2.9:4242, one
+/// `NAME=value` a line, sorted; `env` is given to the listener beside a stale
+/// TCPSPLICE_USER (which it removes) and a variable of the user's (which it keeps).
+fn environment_at_the_end(env: &[(&str, &str)]) -> Vec<String> {
+    let (target_l, target_a) = util::listener();
+    let tport = target_a.port().to_string();
+    let mut env = env.to_vec();
+    env.extend([
+        ("TCPSPLICE_USER", "stale"),
+        ("TCPSPLICE_TEST_GIVEN", "kept"),
+    ]);
+    let prog = [
+        PROXY,
+        "-a",
+        "127.0.0.1/32",
+        DIAL,
+        "127.0.0.1",
+        &tport,
+        "sh",
+        "-c",
+        "env",
+    ];
+    let (listen, port) = start_listen(&prog, &env);
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(b"PROXY TCP4 192.0.2.9 198.51.100.1 4242 443\r\n")
+        .unwrap();
+    let _target = util::accept_timeout(&target_l, Duration::from_secs(10));
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    stop(listen).expect_code(0);
+    let mut lines: Vec<String> = out.lines().map(String::from).collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn what_each_link_sets_reaches_the_next_and_an_execd_program_as_through_real_execs() {
+    // proxy and dial continue in the listener's process, sh is exec'd: the variables
+    // proxy sets are read by dial in-process, and both links' reach sh.
+    let in_process = environment_at_the_end(&[]);
+    let execs = environment_at_the_end(&[("TCPSPLICE_EXEC", "always")]);
+    let tport_line = in_process
+        .iter()
+        .find(|l| l.starts_with("TCPREMOTEPORT="))
+        .cloned()
+        .unwrap_or_default();
+    for want in [
+        "TCPSPLICE_CLIENT=192.0.2.9:4242",
+        "PROTO=TCP",
+        "TCPREMOTEIP=127.0.0.1",
+        "TCPLOCALIP=127.0.0.1",
+        "TCPSPLICE_TEST_GIVEN=kept",
+    ] {
+        assert!(
+            in_process.iter().any(|l| l == want),
+            "{want} in {in_process:#?}"
+        );
+    }
+    assert!(tport_line.len() > "TCPREMOTEPORT=".len(), "{in_process:#?}");
+    for gone in ["TCPSPLICE_USER=", "TCPSPLICE_CHECK=", "LISTEN_PID="] {
+        assert!(
+            !in_process.iter().any(|l| l.starts_with(gone)),
+            "{gone} in {in_process:#?}"
+        );
+    }
+    // The same environment either way, but for what differs per connection (dial's own
+    // port, the target's) and the variable that asked for the execs.
+    let per_run = |v: &[String]| -> Vec<String> {
+        v.iter()
+            .filter(|l| {
+                !["TCPLOCALPORT=", "TCPREMOTEPORT=", "TCPSPLICE_EXEC="]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+            })
+            .cloned()
+            .collect()
+    };
+    assert_eq!(per_run(&in_process), per_run(&execs));
+    assert!(execs.iter().any(|l| l == "TCPSPLICE_EXEC=always"));
+}
+
+#[test]
+fn a_reused_process_leaks_no_variable_of_one_connection_into_the_next() {
+    let (target_l, target_a) = util::listener();
+    let target = reversing_target(target_l, 3, Duration::ZERO, Peak::default());
+    let tport = target_a.port().to_string();
+    let prog = [
+        PROXY,
+        "-a",
+        "127.0.0.1/32",
+        DIAL,
+        "127.0.0.1",
+        &tport,
+        SPLICE,
+    ];
+    let (listen, port) = start_listen_with(&["-r", "3"], &prog, &[], Command::new(LISTEN));
+    // A v2 LOCAL header: the balancer's own connection, so TCP* stay the listener's
+    // and tcpsplice-dial sets TCPSPLICE_CLIENT unless one is left over (it keeps one it
+    // finds set).
+    let local = [b"\r\n\r\n\0\r\nQUIT\n".as_slice(), &[0x20, 0x00, 0, 0]].concat();
+    let headers: [&[u8]; 3] = [
+        b"PROXY TCP4 192.0.2.9 198.51.100.1 4242 443\r\n",
+        &local,
+        b"PROXY TCP4 192.0.2.10 198.51.100.1 4343 443\r\n",
+    ];
+    let mut ports = Vec::new();
+    for (i, h) in headers.iter().enumerate() {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        ports.push(c.local_addr().unwrap().port());
+        let data = util::pattern(i as u64, 100);
+        c.write_all(&[*h, &data].concat()).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).unwrap();
+        assert_eq!(back, reversed(&data), "connection {i}");
+        // Idle again before the next one comes, so that it is this process's (the
+        // third is its last: it exits).
+        if i < 2 {
+            let relay = live_relay_of(&listen);
+            wait_no_tcp(relay);
+            wait_restored(relay);
+        }
+    }
+    assert_eq!(target.join().unwrap(), 3);
+    let ran = stop(listen);
+    ran.expect_code(0);
+    let log = ran.stderr_text();
+    let pids = accepting_pids(&log);
+    assert!(
+        pids.len() == 3 && pids.iter().all(|&p| p == pids[0]),
+        "three connections in one process{}",
+        ran.show()
+    );
+    let ends: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split("tcpsplice: info: end client=").nth(1))
+        .filter_map(|r| r.split_whitespace().next())
+        .collect();
+    let second = format!("127.0.0.1:{}", ports[1]);
+    assert_eq!(
+        ends,
+        ["192.0.2.9:4242", second.as_str(), "192.0.2.10:4343"],
+        "{}",
+        ran.show()
+    );
+}

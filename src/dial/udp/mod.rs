@@ -36,7 +36,7 @@ use super::dialer::{self, Dial, Family};
 use super::reply::{self, Failure, Style};
 use crate::dgram::{self, Received};
 use crate::rules::{self, Policy, Rule};
-use crate::{conninfo, diag, exit, sys};
+use crate::{conninfo, diag, environ, exit, sys};
 use header::Dest;
 
 /// Datagrams per system call.
@@ -181,7 +181,7 @@ pub(super) fn start(d: &Dial, client: Option<SocketAddr>) -> ! {
     if let Err(e) = sys::write_all(1, &reply::success(Style::Socks5, Some(shown))) {
         diag::die_sys(exit::POLICY, "send the reply to the client", &e);
     }
-    std::env::remove_var(dialer::REPLY_VAR);
+    environ::remove_var(dialer::REPLY_VAR);
     run(Setup {
         allow: &d.cfg.allow,
         user,
@@ -221,7 +221,7 @@ fn run(s: Setup) -> ! {
     };
     let end = r.relay();
     let c = &r.counts;
-    let user = std::env::var("TCPSPLICE_USER").unwrap_or_else(|_| "-".into());
+    let user = environ::var("TCPSPLICE_USER").unwrap_or_else(|_| "-".into());
     diag::info(&format!(
         "end client={} user={} udp={} client_udp={} up_dgrams={} up_bytes={} down_dgrams={} \
          down_bytes={} refused={} foreign={} dropped={} dests={} secs={:.3} how={}",

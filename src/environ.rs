@@ -1,0 +1,268 @@
+//! The environment as the chain's programs see it: every program of the suite reads and
+//! changes variables here, never through `std::env`.
+//!
+//! Why: under tcpsplice-listen a whole chain runs in one process, and that process
+//! serves connection after connection (`chain`, `listen::worker`), so the per-connection
+//! variables (`TCP*`, `TCPSPLICE_*`) would otherwise be set, unset and put back in the
+//! C library's environment for every connection. glibc's setenv scans the whole
+//! environment, allocates, and records each distinct string in a tree it never frees
+//! (a reused process grows with every client), and putting the environment back meant
+//! comparing all of it: together about a tenth of the relay's CPU per short connection.
+//!
+//! So changes go to an overlay, which reads consult before the real environment, and
+//! which becomes real only where something other than our code reads the environment:
+//! before a real exec ([`make_real`]), in a child we spawn ([`pass_to`]), and once in
+//! tcpsplice-listen before it forks. A reused connection process is put back by
+//! dropping the overlay; [`Fork::restore`] checks, without allocating, that nothing
+//! changed the real environment behind our back (a library, say) and only then does the
+//! full comparison.
+
+// The one module that may go to the real environment (clippy.toml forbids it elsewhere).
+#![allow(clippy::disallowed_methods)]
+
+use std::collections::HashMap;
+use std::env::VarError;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::process::Command;
+use std::sync::Mutex;
+
+use crate::sys;
+
+/// Changes since the environment was last real, in the order made: a value, or None for
+/// a variable removed. A handful per connection, so a list beats a map.
+static OVERLAY: Mutex<Vec<(OsString, Option<OsString>)>> = Mutex::new(Vec::new());
+
+fn overlay() -> std::sync::MutexGuard<'static, Vec<(OsString, Option<OsString>)>> {
+    OVERLAY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The value of `name`, as `std::env::var_os` would give it after the changes made here.
+pub fn var_os(name: impl AsRef<OsStr>) -> Option<OsString> {
+    let name = name.as_ref();
+    if let Some((_, v)) = overlay().iter().find(|(n, _)| n == name) {
+        return v.clone();
+    }
+    std::env::var_os(name)
+}
+
+/// The value of `name` as text, as `std::env::var` would give it.
+pub fn var(name: impl AsRef<OsStr>) -> Result<String, VarError> {
+    match var_os(name) {
+        Some(v) => v.into_string().map_err(VarError::NotUnicode),
+        None => Err(VarError::NotPresent),
+    }
+}
+
+/// What setenv(3) would refuse, and `std::env::set_var` panic on: refused here, when the
+/// change is made, not later at an exec, so that an in-process chain fails as an exec'd
+/// one does.
+fn check_name(name: &OsStr) {
+    let b = name.as_bytes();
+    assert!(
+        !b.is_empty() && !b.contains(&b'=') && !b.contains(&0),
+        "invalid environment variable name {name:?}"
+    );
+}
+
+/// Sets `name` to `value` for this program, the programs it continues with in-process,
+/// and those it execs or spawns.
+pub fn set_var(name: impl AsRef<OsStr>, value: impl AsRef<OsStr>) {
+    let (name, value) = (name.as_ref(), value.as_ref());
+    check_name(name);
+    assert!(
+        !value.as_bytes().contains(&0),
+        "environment variable {name:?} with a NUL byte in its value"
+    );
+    change(name, Some(value.to_os_string()));
+}
+
+/// Removes `name`, as `std::env::remove_var` would.
+pub fn remove_var(name: impl AsRef<OsStr>) {
+    let name = name.as_ref();
+    check_name(name);
+    change(name, None);
+}
+
+fn change(name: &OsStr, value: Option<OsString>) {
+    let mut o = overlay();
+    match o.iter_mut().find(|(n, _)| n == name) {
+        Some((_, v)) => *v = value,
+        None => o.push((name.to_os_string(), value)),
+    }
+}
+
+/// Applies the overlay to the real environment and empties it: before an exec, which
+/// passes the C library's environment on, or where something other than this module
+/// will read it. Costs a setenv per change, which only a real exec (or a process's start)
+/// pays.
+pub fn make_real() {
+    let changes = std::mem::take(&mut *overlay());
+    for (name, value) in changes {
+        match value {
+            Some(v) => std::env::set_var(name, v),
+            None => std::env::remove_var(name),
+        }
+    }
+}
+
+/// Gives the child `cmd` will start the environment an exec from here would pass on:
+/// the real one with the overlay's changes.
+pub fn pass_to(cmd: &mut Command) {
+    for (name, value) in overlay().iter() {
+        match value {
+            Some(v) => cmd.env(name, v),
+            None => cmd.env_remove(name),
+        };
+    }
+}
+
+/// The environment a freshly forked connection process had, to put back after each
+/// connection (`listen::worker`).
+pub struct Fork {
+    /// The C library's environment array then: the address of each entry, compared
+    /// after each connection to see that nothing changed it.
+    entries: Vec<usize>,
+    /// Its variables, for the rare restore after something did.
+    vars: HashMap<OsString, OsString>,
+}
+
+impl Fork {
+    /// Takes the environment as it is now, made real first: the fork inherited the
+    /// supervisor's overlay, if it had one.
+    pub fn now() -> Fork {
+        make_real();
+        let mut entries = Vec::new();
+        sys::environ_entries(&mut entries);
+        let vars = std::env::vars_os().collect();
+        Fork { entries, vars }
+    }
+
+    /// Puts the environment back as it was at [`Fork::now`]: the overlay dropped, and
+    /// the real environment compared and set back only if something changed it.
+    pub fn restore(&mut self) {
+        overlay().clear();
+        if sys::environ_entries_are(&self.entries) {
+            return;
+        }
+        let now: HashMap<OsString, OsString> = std::env::vars_os().collect();
+        for k in now.keys() {
+            if !self.vars.contains_key(k) {
+                std::env::remove_var(k);
+            }
+        }
+        for (k, v) in &self.vars {
+            if now.get(k) != Some(v) {
+                std::env::set_var(k, v);
+            }
+        }
+        // The entries are new strings now: the next check compares against these.
+        sys::environ_entries(&mut self.entries);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The unit tests share one process, its environment and the overlay: each uses
+    // names of its own, and those that change either take turns.
+    static TURN: Mutex<()> = Mutex::new(());
+
+    fn turn() -> std::sync::MutexGuard<'static, ()> {
+        TURN.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    #[test]
+    fn the_overlay_is_read_first_and_made_real_on_demand() {
+        let _turn = turn();
+        std::env::set_var("TCPSPLICE_T_REAL", "real");
+        assert_eq!(var("TCPSPLICE_T_REAL").as_deref(), Ok("real"));
+        set_var("TCPSPLICE_T_REAL", "over");
+        set_var("TCPSPLICE_T_NEW", "new");
+        remove_var("TCPSPLICE_T_NEW");
+        set_var("TCPSPLICE_T_NEW", "again");
+        assert_eq!(var("TCPSPLICE_T_REAL").as_deref(), Ok("over"));
+        assert_eq!(var("TCPSPLICE_T_NEW").as_deref(), Ok("again"));
+        // Not real yet: a child sees the real environment unless given the overlay.
+        assert_eq!(std::env::var("TCPSPLICE_T_REAL").as_deref(), Ok("real"));
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", "echo $TCPSPLICE_T_REAL $TCPSPLICE_T_NEW"]);
+        pass_to(&mut cmd);
+        let out = cmd.output().expect("run sh");
+        assert_eq!(out.stdout, b"over again\n");
+        remove_var("TCPSPLICE_T_REAL");
+        assert_eq!(var("TCPSPLICE_T_REAL"), Err(VarError::NotPresent));
+        make_real();
+        assert_eq!(std::env::var_os("TCPSPLICE_T_REAL"), None);
+        assert_eq!(std::env::var("TCPSPLICE_T_NEW").as_deref(), Ok("again"));
+        std::env::remove_var("TCPSPLICE_T_NEW");
+    }
+
+    #[test]
+    fn a_fork_is_put_back_even_after_a_real_change() {
+        let _turn = turn();
+        std::env::set_var("TCPSPLICE_T_KEPT", "1");
+        let mut fork = Fork::now();
+        set_var("TCPSPLICE_T_KEPT", "2");
+        fork.restore();
+        assert_eq!(var("TCPSPLICE_T_KEPT").as_deref(), Ok("1"));
+        // Behind the overlay's back: the check sees the array changed.
+        std::env::set_var("TCPSPLICE_T_KEPT", "3");
+        std::env::set_var("TCPSPLICE_T_ADDED", "x");
+        fork.restore();
+        assert_eq!(std::env::var("TCPSPLICE_T_KEPT").as_deref(), Ok("1"));
+        assert_eq!(std::env::var_os("TCPSPLICE_T_ADDED"), None);
+        assert!(sys::environ_entries_are(&fork.entries));
+        std::env::remove_var("TCPSPLICE_T_KEPT");
+    }
+
+    /// Only this module changes the real environment, and only it reads it for a
+    /// variable: anything else would miss or defeat the overlay.
+    #[test]
+    fn nothing_else_goes_to_std_env_for_variables() {
+        let mut bad = Vec::new();
+        let mut dirs = vec![std::path::PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src"
+        ))];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).expect("read src").flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    dirs.push(p);
+                    continue;
+                }
+                if p.extension().is_none_or(|x| x != "rs") || p.ends_with("src/environ.rs") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&p).expect("read a source file");
+                let code = text
+                    .lines()
+                    .enumerate()
+                    .filter(|(_, l)| !l.trim().starts_with("//"));
+                for (i, line) in code {
+                    let forbidden = [
+                        "env::var",
+                        "env::set_var",
+                        "env::remove_var",
+                        "setenv",
+                        "putenv",
+                        "clearenv",
+                    ];
+                    if forbidden.iter().any(|f| line.contains(f)) {
+                        bad.push(format!("{}:{}: {}", p.display(), i + 1, line.trim()));
+                    }
+                }
+                if text.contains("Command::new(") && !text.contains("environ::pass_to(") {
+                    bad.push(format!("{}: spawns without environ::pass_to", p.display()));
+                }
+            }
+        }
+        assert!(
+            bad.is_empty(),
+            "std::env used for variables:\n{}",
+            bad.join("\n")
+        );
+    }
+}
