@@ -20,6 +20,7 @@ use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::{diag, environ, exit, sys};
 
@@ -42,8 +43,9 @@ static RESERVED: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
 static NOTHING_TO_CLOSE: AtomicBool = AtomicBool::new(false);
 
 /// Says that this process holds no close-on-exec descriptor but the reserved ones (a
-/// reused connection process has just closed everything else), so the next sibling that
-/// continues in it need not scan the descriptor table.
+/// reused connection process has just closed everything else; tcpsplice-dial has closed
+/// all it opened but the connection), so the next sibling that continues in it need not
+/// scan the descriptor table.
 pub fn nothing_to_close() {
     NOTHING_TO_CLOSE.store(true, Ordering::Relaxed);
 }
@@ -62,6 +64,34 @@ pub fn is_reserved(fd: RawFd) -> bool {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .contains(&fd)
+}
+
+/// Descriptors that this process alone holds, its own connection sockets (the one
+/// tcpsplice-listen's connection process was handed, the one tcpsplice-dial made): no
+/// other process sees their file status flags, and they are closed when the chain
+/// ends, so tcpsplice need not put back the O_NONBLOCK it sets on them.
+static PRIVATE: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+
+/// Says that `fds` are this process's alone (see [`PRIVATE`]) until [`forget_private`].
+/// A real exec forgets it too: the statics go with the image.
+pub fn private_fds(fds: &[RawFd]) {
+    PRIVATE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend_from_slice(fds);
+}
+
+/// Whether `fd` was said to be this process's alone.
+pub fn is_private(fd: RawFd) -> bool {
+    PRIVATE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&fd)
+}
+
+/// Forgets what [`private_fds`] said, when the connection's descriptors are closed.
+pub fn forget_private() {
+    PRIVATE.lock().unwrap_or_else(|e| e.into_inner()).clear();
 }
 
 /// A program's `main`: its command line without its name in, its exit status out.
@@ -165,16 +195,19 @@ pub fn exec(argv: &[OsString]) -> i32 {
     };
     // Taken now: it is for this step only, not for a later one of this process.
     let reply = std::mem::take(&mut *EXEC_FAILURE_REPLY.lock().unwrap_or_else(|e| e.into_inner()));
-    sys::signal_ignore(libc::SIGPIPE, false);
     sys::unblock_all_signals();
     if IN_PROCESS.load(Ordering::Relaxed) && !exec_always() {
-        // Asked again each time, as the answer about the sibling was kept from before:
-        // after an upgrade, the new programs are what must run.
+        // Asked again (within a second) each time, as the answer about the sibling was
+        // kept from before: after an upgrade, the new programs are what must run.
         if let Some((name, entry)) = sibling(first).filter(|_| !image_replaced()) {
+            // SIGPIPE stays ignored: every sibling ignores it first thing (as every
+            // program of the suite does), so setting the default here would only be
+            // undone by the next syscall.
             become_sibling(name);
             return entry(argv[1..].to_vec());
         }
     }
+    sys::signal_ignore(libc::SIGPIPE, false);
     let cargs: Result<Vec<CString>, _> = argv
         .iter()
         .map(|a| CString::new(a.as_bytes().to_vec()))
@@ -221,8 +254,24 @@ fn sibling(prog: &OsStr) -> Sibling {
 /// Whether the running binary was replaced (or removed) since it started: a sibling
 /// must then be exec'd, so that the new one runs, not our old copy of it.
 fn image_replaced() -> bool {
-    std::fs::read_link("/proc/self/exe").map_or(true, |here| is_deleted(&here))
+    // Looked up at most once a second: a reused connection process asks at every link
+    // of every connection, and the path walk through /proc costs more than the rest of
+    // the step. An upgrade then takes effect within the second.
+    static LAST: Mutex<Option<(Instant, bool)>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let now = Instant::now();
+    if let Some((at, replaced)) = *last {
+        if now.saturating_duration_since(at) < IMAGE_RECHECK {
+            return replaced;
+        }
+    }
+    let replaced = std::fs::read_link("/proc/self/exe").map_or(true, |here| is_deleted(&here));
+    *last = Some((now, replaced));
+    replaced
 }
+
+/// How long [`image_replaced`] trusts its last answer.
+const IMAGE_RECHECK: Duration = Duration::from_secs(1);
 
 fn is_deleted(exe: &Path) -> bool {
     exe.as_os_str().as_bytes().ends_with(b" (deleted)")

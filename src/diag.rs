@@ -32,11 +32,17 @@ struct Sinks {
 /// Whether fds 0 and 1 carry a connection's data, as they do for every link of a chain.
 static STDIO_IS_DATA: AtomicBool = AtomicBool::new(true);
 
+/// Set by [`keep_decisions`]: the sinks worked out for a program are kept for the next
+/// time the same program runs in this process, by (program, whether fds 0 and 1 are
+/// data).
+static KEEP: AtomicBool = AtomicBool::new(false);
+static KEPT: Mutex<Vec<(&'static str, bool, Sinks)>> = Mutex::new(Vec::new());
+
 /// Names the program for every message. Call first thing in `main`.
 pub fn init(prog: &'static str) {
     *PROG.lock().unwrap_or_else(|e| e.into_inner()) = prog;
-    *SINKS.lock().unwrap_or_else(|e| e.into_inner()) = None;
     STDIO_IS_DATA.store(true, Ordering::Relaxed);
+    reuse_kept();
 }
 
 /// Says that this program's fds 0 and 1 carry no connection's data (tcpsplice-listen:
@@ -44,7 +50,39 @@ pub fn init(prog: &'static str) {
 /// them, as `2>&1`, runit's and daemontools' `exec 2>&1` and nohup make it.
 pub fn stdio_is_not_data() {
     STDIO_IS_DATA.store(false, Ordering::Relaxed);
-    *SINKS.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    reuse_kept();
+}
+
+/// Says that where messages go will not change for the life of this process, whichever
+/// connection it serves: a reused connection process of tcpsplice-listen, whose fd 2 is
+/// the supervisor's (it exits if that is closed or replaced), whose environment is put
+/// back after every connection, and whose data descriptors are sockets made after fd 2,
+/// so never fd 2 itself. Each link of each connection then skips the half-dozen
+/// syscalls of the decision (is /dev/log there, what is fd 2).
+pub fn keep_decisions() {
+    KEEP.store(true, Ordering::Relaxed);
+}
+
+/// Sets the sinks to those kept for the current program, or to be worked out anew.
+fn reuse_kept() {
+    let prog = prog();
+    let data = STDIO_IS_DATA.load(Ordering::Relaxed);
+    let kept = KEEP
+        .load(Ordering::Relaxed)
+        .then(|| {
+            let kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+            kept.iter()
+                .find(|&&(p, d, _)| p == prog && d == data)
+                .map(|&(_, _, s)| s)
+        })
+        .flatten();
+    if kept.is_some_and(|s| s.syslog) {
+        // The C library's connection was closed with the last program (forget_syslog);
+        // openlog only names the next one, it connects at the first message.
+        let ident = syslog_ident(prog);
+        let _ = nix::syslog::openlog(Some(ident), LogFlags::LOG_PID, Facility::LOG_DAEMON);
+    }
+    *SINKS.lock().unwrap_or_else(|e| e.into_inner()) = kept;
 }
 
 /// The program name given to [`init`].
@@ -101,7 +139,14 @@ fn sinks() -> Sinks {
             let ident = syslog_ident(prog());
             let _ = nix::syslog::openlog(Some(ident), LogFlags::LOG_PID, Facility::LOG_DAEMON);
         }
-        Sinks { syslog, stderr }
+        let s = Sinks { syslog, stderr };
+        if KEEP.load(Ordering::Relaxed) {
+            let data = STDIO_IS_DATA.load(Ordering::Relaxed);
+            KEPT.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((prog(), data, s));
+        }
+        s
     })
 }
 

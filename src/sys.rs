@@ -10,6 +10,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::mem::size_of;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::io::{BorrowedFd, IntoRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag, SpliceFFlags};
 use nix::sys::signal::{SigHandler, SigSet, Signal};
@@ -514,19 +515,33 @@ pub fn interface_addresses() -> io::Result<Vec<IpAddr>> {
     Ok(ips.map(|a| a.ip()).collect())
 }
 
+/// The dispositions this process set with [`signal_ignore`], per signal number: 0 not
+/// known (inherited), 1 default, 2 ignored. A connection process runs the links of the
+/// chain one after another, each of which sets SIGPIPE as it starts: what is already so
+/// costs no syscall. Nothing else in the suite changes a disposition.
+static DISPOSITIONS: [AtomicU8; 65] = [const { AtomicU8::new(0) }; 65];
+
 /// Sets the disposition of `sig` to ignore (`true`) or default (`false`). The programs
 /// ignore SIGPIPE while they work and restore the default before exec, as ucspi-tcp does.
 pub fn signal_ignore(sig: libc::c_int, ignore: bool) {
-    let Ok(sig) = Signal::try_from(sig) else {
+    let Ok(signal) = Signal::try_from(sig) else {
         return;
     };
-    let handler = if ignore {
-        SigHandler::SigIgn
+    let (handler, state) = if ignore {
+        (SigHandler::SigIgn, 2)
     } else {
-        SigHandler::SigDfl
+        (SigHandler::SigDfl, 1)
     };
+    let known = usize::try_from(sig).ok().and_then(|i| DISPOSITIONS.get(i));
+    if known.is_some_and(|k| k.load(Ordering::Relaxed) == state) {
+        return;
+    }
     // SAFETY: SIG_IGN and SIG_DFL are valid dispositions; no Rust handler is installed.
-    let _ = unsafe { nix::sys::signal::signal(sig, handler) };
+    if unsafe { nix::sys::signal::signal(signal, handler) }.is_ok() {
+        if let Some(k) = known {
+            k.store(state, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Calls `f` with every open descriptor of this process, by reading /proc/self/fd with
@@ -691,9 +706,20 @@ pub fn set_process_name(name: &CStr) {
     let _ = nix::sys::prctl::set_name(name);
 }
 
+/// Whether the signal mask is known to be empty: set by [`unblock_all_signals`], cleared
+/// by whatever blocks a signal ([`SignalFd::new`]). Each link of an in-process chain
+/// empties the mask for the next; once it is empty that costs nothing. Only the
+/// single-threaded paths of the chain block signals, so one flag stands for the thread.
+static MASK_EMPTY: AtomicBool = AtomicBool::new(false);
+
 /// Empties the signal mask of the calling thread.
 pub fn unblock_all_signals() {
-    let _ = SigSet::empty().thread_set_mask();
+    if MASK_EMPTY.load(Ordering::Relaxed) {
+        return;
+    }
+    if SigSet::empty().thread_set_mask().is_ok() {
+        MASK_EMPTY.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The text of errno `e`, for messages: strerror without the "(os error N)" suffix
@@ -726,6 +752,7 @@ impl SignalFd {
         for s in signals.iter().filter_map(|&s| Signal::try_from(s).ok()) {
             set.add(s);
         }
+        MASK_EMPTY.store(false, Ordering::Relaxed);
         set.thread_block()?;
         use nix::sys::signalfd::SfdFlags;
         let flags = SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC;

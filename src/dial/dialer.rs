@@ -561,6 +561,7 @@ impl Dial<'_> {
                 ),
             );
         }
+        chain::private_fds(&[6, 7]);
         if let Some(l) = local {
             conninfo::set_ucspi(&l, &peer);
         }
@@ -574,6 +575,10 @@ impl Dial<'_> {
             }
         }
         environ::remove_var(REPLY_VAR);
+        // Every descriptor this link opened is closed by now but the connection, which
+        // is on 6 and 7 without close-on-exec: a sibling continuing in this process
+        // need not look through the descriptor table for what an exec would close.
+        chain::nothing_to_close();
         chain::exec(&self.cfg.prog)
     }
 }

@@ -303,24 +303,30 @@ impl Supervisor<'_> {
             if let Some(t) = self.awaiting.iter().map(|a| a.deadline).min() {
                 timeout = timeout.min(t.saturating_duration_since(now));
             }
-            if let Err(e) = sys::poll(&mut pfds, Some(timeout)) {
-                diag::die_sys(exit::TEMP, "poll", &e);
-            }
+            let ready = match sys::poll(&mut pfds, Some(timeout)) {
+                Ok(n) => n,
+                Err(e) => diag::die_sys(exit::TEMP, "poll", &e),
+            };
             // Noted now: handling a signal may close them (a stop).
             let headers: Vec<RawFd> = pfds[first_awaiting..]
                 .iter()
                 .filter(|p| p.revents != 0)
                 .map(|p| p.fd)
                 .collect();
-            if pfds[0].revents != 0 {
+            let signalled = pfds[0].revents != 0;
+            if signalled {
                 self.take_signals();
             }
             // Before reaping: a child reports an end before it can exit.
             if pfds[1].revents != 0 {
                 self.take_done();
             }
-            // Reaping on every wakeup costs one waitpid and makes a lost SIGCHLD harmless.
-            self.reap();
+            // Reaped when the signalfd says a child changed (SIGCHLD is blocked, so it
+            // waits there and is never lost), and at every quiet tick besides: not at
+            // every wakeup, as a waitpid walks the list of all children.
+            if signalled || ready == 0 {
+                self.reap();
+            }
             self.let_go_idle(Instant::now());
             self.take_headers(&headers, Instant::now());
             if accepting && !self.stopping {
@@ -462,6 +468,9 @@ impl Supervisor<'_> {
                 Ok(n) if n > 0 => n,
                 _ => return,
             };
+            // A pipe read takes all there is up to the buffer's size: less means the
+            // pipe was empty then, and asking again would only meet EAGAIN.
+            let drained = n < buf.len();
             let now = Instant::now();
             for m in buf[..n].chunks_exact(worker::DONE_SIZE) {
                 let Some((pid, code)) = worker::parse_done(m) else {
@@ -486,6 +495,9 @@ impl Supervisor<'_> {
                     c.idle_since = now;
                     self.idle.push(pid);
                 }
+            }
+            if drained {
+                return;
             }
         }
     }
@@ -841,6 +853,10 @@ impl Supervisor<'_> {
         if fd > 1 {
             sys::close(fd);
         }
+        // Ours alone once the supervisor has closed its copy, which it does when we
+        // say we took it (reused) or at once (forked for it): the relay need not put
+        // its flags back.
+        chain::private_fds(&[0, 1]);
         if self.cfg.nodelay {
             let _ = sys::setsockopt_int(0, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
         }

@@ -132,6 +132,7 @@ pub fn run(
         env: environ::Fork::now(),
         fds,
     };
+    diag::keep_decisions();
     let pid = sys::getpid();
     let (mut fd, mut client) = first;
     let mut served = 0;
@@ -195,6 +196,7 @@ fn restore(ch: &Channel, fresh: &mut Fresh) -> bool {
     let mut keep = vec![ch.conns, ch.done, ch.devnull];
     keep.extend(fresh.fds.iter().map(|&(fd, _)| fd));
     diag::forget_syslog();
+    chain::forget_private();
     sys::close_fds_from(3, &keep);
     // The client's socket leaves 0 and 1 here, so the client sees the end now.
     if sys::fd_copy(0, ch.devnull)

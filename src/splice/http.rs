@@ -418,7 +418,7 @@ pub fn run(cfg: &Config, body: Body) -> io::Result<Outcome> {
         .collect::<io::Result<Vec<_>>>()?;
     let mut kind = [FdKind::Other; 4];
     for ((k, &fd), &flags) in kind.iter_mut().zip(&fds).zip(&found) {
-        *k = relay::prepare_fd(cfg, fd, flags, &mut guard, &mut seen)?;
+        *k = relay::prepare_fd(cfg, fd, flags, &mut guard, &mut seen, false)?;
     }
     let mut m = Mover {
         idle: cfg.idle,

@@ -91,13 +91,17 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         // The last link: its options are all there is to check.
         return exit::OK;
     }
-    for f in [cfg.client_in, cfg.client_out, cfg.target_in, cfg.target_out] {
-        if !sys::fd_is_open(f) || chain::is_reserved(f) {
-            diag::die(
-                exit::USAGE,
-                &format!("unable to use fd {f}: it is not open"),
-            );
-        }
+    let fds = [cfg.client_in, cfg.client_out, cfg.target_in, cfg.target_out];
+    let not_open = |f: i32| -> ! {
+        diag::die(
+            exit::USAGE,
+            &format!("unable to use fd {f}: it is not open"),
+        )
+    };
+    // A descriptor that is not open fails the relay's first fcntl, before anything is
+    // changed: asked then, not each time beforehand.
+    if let Some(&f) = fds.iter().find(|&&f| chain::is_reserved(f)) {
+        not_open(f);
     }
     let quiet = m.opt_present("q");
     // For the log line, asked of the sockets now, while both ends are connected.
@@ -111,7 +115,14 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     };
     let out = match out {
         Ok(out) => out,
-        Err(e) => diag::die_sys(exit::TEMP, "set up the relay", &e),
+        Err(e) => {
+            if e.raw_os_error() == Some(libc::EBADF) {
+                if let Some(&f) = fds.iter().find(|&&f| !sys::fd_is_open(f)) {
+                    not_open(f);
+                }
+            }
+            diag::die_sys(exit::TEMP, "set up the relay", &e)
+        }
     };
     if !quiet {
         let user = environ::var("TCPSPLICE_USER").unwrap_or_else(|_| "-".into());

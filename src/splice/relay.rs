@@ -19,6 +19,7 @@ use std::io;
 use std::os::unix::io::RawFd;
 use std::time::{Duration, Instant};
 
+use crate::chain;
 use crate::sys::{self, FdKind};
 
 /// What the relay is told to do.
@@ -725,11 +726,16 @@ fn abort_peer(fd: RawFd, kind: FdKind) {
 /// was changed, the file's identity.
 pub(super) struct FlagGuard {
     saved: Vec<(RawFd, libc::c_int, (u64, u64))>,
+    /// The files made non-blocking here, whether or not their flags are put back.
+    nonblocking: Vec<(u64, u64)>,
 }
 
 impl FlagGuard {
     pub(super) fn new() -> FlagGuard {
-        FlagGuard { saved: Vec::new() }
+        FlagGuard {
+            saved: Vec::new(),
+            nonblocking: Vec::with_capacity(4),
+        }
     }
 
     /// Puts back the flags of `fd` now, before it is closed; unless another fd still in
@@ -753,49 +759,70 @@ impl Drop for FlagGuard {
     }
 }
 
+/// How long a relay runs before its sockets get the keepalive timers and the user
+/// timeout: both matter only to a connection that lives for minutes, and a short one
+/// (most of them, for a proxy) is spared ten setsockopt calls.
+pub const LIVENESS_AFTER: Duration = Duration::from_secs(1);
+
 /// Makes `fd` ready for the loop and returns its kind. O_NONBLOCK belongs to the open
-/// file description, which two fds on one file need not share, so it is checked per fd
-/// (set_nonblocking skips F_SETFL when the flag is there already). Socket options
-/// belong to the socket: `seen` holds those already set, as fds 0/1 and 6/7 are usually
-/// one socket each.
+/// file description, which two fds on one file need not share, so it is set per file
+/// (`found` is what the fd had before any of ours was changed) and put back at the end,
+/// unless the descriptor is this process's alone (`chain::is_private`: nobody else can
+/// see the flag, and the descriptor is closed after us). Socket options belong to the
+/// socket: `seen` holds those already set (and a descriptor of each), as fds 0/1 and 6/7 are usually one socket
+/// each; with `defer_liveness`, the liveness options are left to [`set_liveness`].
 pub(super) fn prepare_fd(
     cfg: &Config,
     fd: RawFd,
     found: libc::c_int,
     guard: &mut FlagGuard,
-    seen: &mut Vec<(u64, u64)>,
+    seen: &mut Vec<((u64, u64), RawFd)>,
+    defer_liveness: bool,
 ) -> io::Result<FdKind> {
     let (kind, id) = sys::fd_identity(fd)?;
-    if kind != FdKind::Regular && !guard.saved.iter().any(|&(f, _, _)| f == fd) {
-        sys::set_nonblocking(fd, true)?;
-        guard.saved.push((fd, found, id));
+    if kind != FdKind::Regular {
+        if !guard.nonblocking.contains(&id) {
+            if found & libc::O_NONBLOCK == 0 {
+                sys::set_fl(fd, found | libc::O_NONBLOCK)?;
+            }
+            guard.nonblocking.push(id);
+        }
+        if !chain::is_private(fd) && !guard.saved.iter().any(|&(f, _, _)| f == fd) {
+            guard.saved.push((fd, found, id));
+        }
     }
-    if kind == FdKind::Socket && !seen.contains(&id) {
-        seen.push(id);
+    if kind == FdKind::Socket && !seen.iter().any(|&(s, _)| s == id) {
+        seen.push((id, fd));
         // Urgent data stays in the stream (nothing is lost), and our own writes add no
-        // Nagle delay to what the peer sent. Keepalive bounds the wait on a quiet peer
-        // that vanished without a word (a machine gone, a NAT that forgot us), the user
-        // timeout the wait on one that stops ACKing what we send; -t, off by default,
-        // would bound neither. None matters enough to fail for (a Unix-domain socket
-        // refuses the TCP ones).
+        // Nagle delay to what the peer sent. None matters enough to fail for (a
+        // Unix-domain socket refuses the TCP ones).
         let _ = sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_OOBINLINE, 1);
         let _ = sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
-        let _ = sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
-        if let Some(k) = cfg.keepalive {
-            for (name, v) in [
-                (libc::TCP_KEEPIDLE, k.idle),
-                (libc::TCP_KEEPINTVL, k.interval),
-                (libc::TCP_KEEPCNT, k.count),
-            ] {
-                let _ = sys::setsockopt_int(fd, libc::IPPROTO_TCP, name, v as libc::c_int);
-            }
-        }
-        if cfg.user_timeout_ms > 0 {
-            let ms = cfg.user_timeout_ms as libc::c_int;
-            let _ = sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms);
+        if !defer_liveness {
+            set_liveness(cfg, fd);
         }
     }
     Ok(kind)
+}
+
+/// Keepalive bounds the wait on a quiet peer that vanished without a word (a machine
+/// gone, a NAT that forgot us), the user timeout the wait on one that stops ACKing what
+/// we send; -t, off by default, would bound neither.
+pub(super) fn set_liveness(cfg: &Config, fd: RawFd) {
+    let _ = sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    if let Some(k) = cfg.keepalive {
+        for (name, v) in [
+            (libc::TCP_KEEPIDLE, k.idle),
+            (libc::TCP_KEEPINTVL, k.interval),
+            (libc::TCP_KEEPCNT, k.count),
+        ] {
+            let _ = sys::setsockopt_int(fd, libc::IPPROTO_TCP, name, v as libc::c_int);
+        }
+    }
+    if cfg.user_timeout_ms > 0 {
+        let ms = cfg.user_timeout_ms as libc::c_int;
+        let _ = sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms);
+    }
 }
 
 /// Adds `fd` with `events` to the poll set (merging with an entry for the same fd) and
@@ -817,7 +844,7 @@ fn watch(set: &mut Vec<libc::pollfd>, fd: RawFd, events: i16) -> usize {
 /// setting up (a descriptor not open, no pipes).
 pub fn run(cfg: &Config) -> io::Result<Outcome> {
     let start = Instant::now();
-    let mut guard = FlagGuard { saved: Vec::new() };
+    let mut guard = FlagGuard::new();
     let mut seen = Vec::with_capacity(4);
     let mut kind = [FdKind::Other; 4];
     let fds = [cfg.client_in, cfg.client_out, cfg.target_in, cfg.target_out];
@@ -828,8 +855,11 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
         .map(|&fd| sys::get_fl(fd))
         .collect::<io::Result<Vec<_>>>()?;
     for ((k, &fd), &flags) in kind.iter_mut().zip(&fds).zip(&found) {
-        *k = prepare_fd(cfg, fd, flags, &mut guard, &mut seen)?;
+        *k = prepare_fd(cfg, fd, flags, &mut guard, &mut seen, true)?;
     }
+    // One descriptor per socket, for the liveness options once the relay has lasted.
+    let sockets: Vec<RawFd> = seen.iter().map(|&(_, fd)| fd).collect();
+    let mut liveness_due = (!sockets.is_empty()).then(|| start + LIVENESS_AFTER);
     let signals = sys::SignalFd::new(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
     let mut dirs = [
         Dir::new(
@@ -915,6 +945,17 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
         if let Some(dl) = deadline {
             let left = dl.saturating_duration_since(now);
             timeout = Some(timeout.map_or(left, |t| t.min(left)));
+        }
+        if let Some(due) = liveness_due {
+            if now >= due {
+                for &fd in &sockets {
+                    set_liveness(cfg, fd);
+                }
+                liveness_due = None;
+            } else {
+                let left = due.saturating_duration_since(now);
+                timeout = Some(timeout.map_or(left, |t| t.min(left)));
+            }
         }
         let n = match sys::poll(&mut set, timeout) {
             Ok(n) => n,

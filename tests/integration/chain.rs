@@ -972,6 +972,8 @@ fn after_an_upgrade_connections_run_the_new_programs() {
         std::fs::copy(dir.join(n), &new).unwrap();
         std::fs::rename(&new, dir.join(n)).unwrap();
     }
+    // A connection process looks at its image at most once a second.
+    std::thread::sleep(Duration::from_millis(1100));
     // The next connection, held open to look at it: the old image must not run it.
     let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();

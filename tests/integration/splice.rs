@@ -8,7 +8,7 @@ use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::util::{self, Ran};
 
@@ -1042,11 +1042,26 @@ fn liveness_set_by(args: &[&str]) -> [[libc::c_int; 5]; 2] {
         client_peer.try_clone().unwrap(),
         target_peer.try_clone().unwrap(),
     );
+    let started = Instant::now();
     let (child, desc) = spawn_between(args, OwnedFd::from(client_peer), target_peer.into());
-    // A byte through shows the relay is past its setup.
+    // A byte through shows the relay is past its setup; the liveness options come
+    // when it has lasted a second (a short connection is spared them).
     client.write_all(b"x").unwrap();
     let mut b = [0u8; 1];
     target.read_exact(&mut b).unwrap();
+    if started.elapsed() < Duration::from_millis(800) {
+        assert_eq!(
+            liveness(&c_view)[0],
+            0,
+            "SO_KEEPALIVE already set on a relay younger than a second"
+        );
+    }
+    let end = Instant::now() + Duration::from_secs(5);
+    while (liveness(&c_view)[0] == 0 || liveness(&t_view)[0] == 0) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The last option set comes after SO_KEEPALIVE: let the relay finish setting them.
+    std::thread::sleep(Duration::from_millis(50));
     let seen = [liveness(&c_view), liveness(&t_view)];
     drop((c_view, t_view));
     client.shutdown(Shutdown::Write).unwrap();
