@@ -55,8 +55,9 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     diag::init("tcpsplice-auth");
     // Whether the next program may continue in this process is left as it was found:
     // so only under tcpsplice-listen, whose connection process ran us in-process. The
-    // users file, the checker and the client's bytes are dropped (passwords wiped)
-    // before the chain goes on; what stays is the shared login state (loginstate).
+    // checker and the client's bytes are dropped (passwords wiped) before the chain
+    // goes on; what stays is the shared login state (loginstate) and the parsed users
+    // file, hashes the process could read from the file anyway (Users::load_kept).
     sys::signal_ignore(libc::SIGPIPE, true);
     let mut o = args::options();
     o.optflag("H", "", "print a hash of the password read on stdin");
@@ -165,7 +166,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     let mut broken = None;
     let (users, cp) = match (m.opt_str("f"), m.opt_str("c")) {
         (Some(_), Some(_)) => diag::usage("-f and -c exclude each other"),
-        (Some(f), None) => match Users::load(
+        (Some(f), None) => match Users::load_kept(
             std::path::Path::new(&f),
             // Under tcpsplice-listen its check at start said it already.
             chain::checking() || loginstate::region().is_none(),
@@ -201,7 +202,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     };
     // Counting a user's connections needs the memory tcpsplice-listen shares between
     // its processes; a process of its own per connection cannot know the others.
-    let limits_asked = per_user.is_some() || users.as_ref().is_some_and(Users::has_conn_limits);
+    let limits_asked = per_user.is_some() || users.as_ref().is_some_and(|u| u.has_conn_limits());
     // (Not in tcpsplice-listen's check run, a process of its own: its connections
     // will have the memory.)
     if limits_asked && loginstate::region().is_none() && !chain::checking() {
@@ -211,7 +212,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         );
     }
     let checker: Option<&dyn Checker> = match (&users, &cp, &broken) {
-        (Some(u), _, _) => Some(u),
+        (Some(u), _, _) => Some(&**u),
         (_, Some(c), _) => Some(c),
         (_, _, Some(b)) => Some(b),
         _ => None,
@@ -292,8 +293,9 @@ pub fn main(argv: Vec<OsString>) -> i32 {
                 }
             }
             let login = gate.as_ref().and_then(|g| g.outcome.get());
-            // The parsed users file goes before the next program runs (in this
-            // process, perhaps); the passwords were wiped as they were dropped.
+            // The checker goes before the next program runs (in this process,
+            // perhaps); the passwords were wiped as they were dropped. The parsed
+            // users file stays kept for the next connection (Users::load_kept).
             drop((users, cp));
             handshake::export(&req);
             match login.filter(|_| req.user.is_some()) {

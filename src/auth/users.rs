@@ -9,7 +9,9 @@
 //! tcpsplice-auth's `-l` says).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::password::{Secret, StoredHash};
 use super::request::{Checker, Verdict};
@@ -29,6 +31,46 @@ struct Entry {
 
 /// The largest `conns=N`: as many as tcpsplice-listen may serve at once.
 pub const MAX_CONNS: usize = 100_000;
+
+/// How long after its last change a users file is kept by [`Users::load_kept`].
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// What tells one version of a file from another.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FileKey {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileKey {
+    /// Whether the file last changed more than [`SETTLE`] ago.
+    fn settled(&self) -> bool {
+        let Ok(now) = SystemTime::now().duration_since(UNIX_EPOCH) else {
+            return false;
+        };
+        let (secs, nsecs) = self.mtime.max(self.ctime);
+        let (Ok(secs), Ok(nsecs)) = (u64::try_from(secs), u32::try_from(nsecs)) else {
+            return false;
+        };
+        now.checked_sub(Duration::new(secs, nsecs))
+            .is_some_and(|age| age > SETTLE)
+    }
+}
+
+fn file_key(path: &Path) -> Option<FileKey> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileKey {
+        dev: m.dev(),
+        ino: m.ino(),
+        size: m.size(),
+        mtime: (m.mtime(), m.mtime_nsec()),
+        ctime: (m.ctime(), m.ctime_nsec()),
+    })
+}
 
 /// The loaded users file.
 pub struct Users {
@@ -57,6 +99,34 @@ impl Users {
         let text =
             std::str::from_utf8(data.as_bytes()).map_err(|_| format!("{shown}: not UTF-8 text"))?;
         Users::parse(text).map_err(|(line, why)| format!("{shown} line {line}: {why}"))
+    }
+
+    /// [`Users::load`], kept for the life of the process while the file stays as it
+    /// was: a reused connection process of tcpsplice-listen serves many connections,
+    /// and each would otherwise read and parse the file again (six syscalls, and a
+    /// hash-map built of every line). One stat tells whether it changed: device, inode,
+    /// size, modification and change times. A file changed within the last
+    /// [`SETTLE`] is not kept (its times may not yet tell two writes apart: the
+    /// kernel's clock for them ticks in milliseconds), so it is read at every
+    /// connection until it has settled. What is kept are the file's hashes, which
+    /// the process could read from the file anyway; no password is in them.
+    pub fn load_kept(path: &Path, warn: bool) -> Result<Arc<Users>, String> {
+        static KEPT: Mutex<Option<(PathBuf, FileKey, Arc<Users>)>> = Mutex::new(None);
+        let before = file_key(path);
+        {
+            let kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+            if let (Some((p, key, users)), Some(now)) = (&*kept, &before) {
+                if p == path && key == now {
+                    return Ok(Arc::clone(users));
+                }
+            }
+        }
+        let users = Arc::new(Users::load(path, warn)?);
+        let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+        *kept = before
+            .filter(FileKey::settled)
+            .map(|key| (path.to_path_buf(), key, Arc::clone(&users)));
+        Ok(users)
     }
 
     /// Parses the text of a users file; Err is (line number, why).

@@ -491,3 +491,73 @@ fn an_authenticating_chain_gets_a_per_source_limit_unless_told() {
         }
     }
 }
+
+/// The bytes process `pid` has read so far (read, recv, pread), from /proc/PID/io.
+fn bytes_read(pid: &str) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("read /proc/PID/io");
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("rchar in /proc/PID/io")
+}
+
+#[test]
+fn a_settled_users_file_is_read_once_per_process_and_again_when_it_changes() {
+    let target = echo_target();
+    let dir = scratch("kept");
+    let users = dir.join("users");
+    // Big enough that a read of it shows among the few bytes of a login.
+    let padding = "# padding\n".repeat(20_000);
+    let size = padding.len() as u64;
+    write_users(&users, &format!("{padding}alice:{}\n", yescrypt(PW)));
+    // Kept only once its times have settled (two seconds).
+    std::thread::sleep(Duration::from_millis(2500));
+    let f = users.to_string_lossy().into_owned();
+    let proxy = Proxy::start(&["-f", &f], target, &[]);
+    let port = proxy.port;
+    let pid_of = |n: usize| -> String {
+        let accepts = proxy.lines("accept pid=");
+        let l = accepts
+            .get(n - 1)
+            .unwrap_or_else(|| panic!("{}", proxy.show()));
+        l.split(' ')
+            .find_map(|w| w.strip_prefix("pid="))
+            .expect("pid=")
+            .to_string()
+    };
+    let login_n = |n: usize| {
+        assert_eq!(login(port, "alice", PW, target), Ok(()), "{}", proxy.show());
+        proxy.logins(n);
+        pid_of(n)
+    };
+    let pid = login_n(1);
+    let before = bytes_read(&pid);
+    assert_eq!(
+        login_n(2),
+        pid,
+        "one process serves logins one after another"
+    );
+    let read = bytes_read(&pid) - before;
+    assert!(
+        read < size,
+        "the second login read {read} bytes: the file again"
+    );
+
+    // Replaced: read again, and (not settled yet) at every login until it settles.
+    write_users(&users, &format!("{padding}alice:{}\n", yescrypt(PW)));
+    for n in [3, 4] {
+        let before = bytes_read(&pid);
+        assert_eq!(login_n(n), pid);
+        let read = bytes_read(&pid) - before;
+        assert!(
+            read >= size,
+            "login {n} read {read} bytes: not the changed file"
+        );
+    }
+    assert_eq!(
+        proxy.logins(4),
+        ["verified", "cached", "verified", "cached"],
+        "{}",
+        proxy.show()
+    );
+}
