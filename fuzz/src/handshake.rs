@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use tcpsplice::auth::handshake;
 use tcpsplice::auth::password::Secret;
-use tcpsplice::auth::request::{Checker, Client, Policy, Verdict};
+use tcpsplice::auth::request::{Checker, Client, Failure, Policy, Request, Verdict};
 use tcpsplice::dial::dialer::split_target;
 use tcpsplice::{exit, rules};
 
@@ -640,6 +640,16 @@ fn send(out: OwnedFd, bytes: &[u8], chunk: usize, server_in: RawFd, done: &Atomi
     unsafe { libc::shutdown(out.as_raw_fd(), libc::SHUT_WR) };
 }
 
+/// The handshake as tcpsplice-auth runs it: on success, the bytes it read are taken
+/// off the socket (`Client::settle`) before the next program would read fd 0.
+fn run_and_settle(c: &mut Client, policy: &Policy) -> Result<Request, Failure> {
+    let result = handshake::run(c, policy);
+    if result.is_ok() {
+        c.settle().expect("settle what the handshake read");
+    }
+    result
+}
+
 fn no_nul(what: &str, v: &str) {
     assert!(!v.contains('\0'), "exported {what} {v:?} has a NUL");
 }
@@ -681,11 +691,11 @@ pub fn run(data: &[u8]) {
     let done = AtomicBool::new(false);
     let result = if cfg.chunk == 0 {
         send(out, &stream, 0, server_in, &done);
-        handshake::run(&mut c, &policy)
+        run_and_settle(&mut c, &policy)
     } else {
         std::thread::scope(|s| {
             s.spawn(|| send(out, &stream, cfg.chunk, server_in, &done));
-            let result = handshake::run(&mut c, &policy);
+            let result = run_and_settle(&mut c, &policy);
             done.store(true, Ordering::Release);
             result
         })

@@ -279,6 +279,10 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     }
     match result {
         Ok(req) => {
+            // The handshake's bytes off the socket, the client's data left on it.
+            if let Err(e) = client.settle() {
+                diag::die(exit::TEMP, &e.describe());
+            }
             if let Some(user) = &req.user {
                 // conns=N of the user's line, else -l; conns=0 lifts -l for the user.
                 let max = match users.as_ref().and_then(|u| u.conn_limit(user.as_bytes())) {

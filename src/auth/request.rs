@@ -118,12 +118,26 @@ impl ReadError {
 }
 
 /// The client end: fd 0 to read, fd 1 to write, one deadline over the whole handshake.
+///
+/// On a socket, what the client sent is looked at with MSG_PEEK, a whole message at a
+/// time (`ahead`), and taken off the socket only when the handshake goes past it
+/// ([`Client::settle`]): a SOCKS5 login costs two syscalls per message instead of one
+/// per field, and not a byte beyond the handshake is ever taken, since what follows it
+/// is the client's data for the target, left on the socket for the relay.
 pub struct Client {
     pub rfd: RawFd,
     pub wfd: RawFd,
     deadline: Instant,
     socket: bool,
+    /// Bytes peeked and not yet taken off the socket; a password may be among them.
+    ahead: Secret,
+    /// How many of them the handshake has read.
+    used: usize,
 }
+
+/// The most looked at in one peek: more than a SOCKS5 message can be (a name and a
+/// password of 255 bytes each come in one), and all a typical HTTP CONNECT head needs.
+const AHEAD: usize = 1024;
 
 impl Client {
     pub fn new(rfd: RawFd, wfd: RawFd, timeout: Duration) -> Client {
@@ -132,37 +146,62 @@ impl Client {
             wfd,
             deadline: Instant::now() + timeout,
             socket: matches!(sys::fd_kind(rfd), Ok(sys::FdKind::Socket)),
+            ahead: Secret::new(Vec::new()),
+            used: 0,
         }
+    }
+
+    /// Takes off the socket what the handshake has read of the bytes peeked, and
+    /// forgets the rest (it stays on the socket). Call before anything else reads fd
+    /// 0: the next program, a relay.
+    pub fn settle(&mut self) -> Result<(), ReadError> {
+        // Peeked, so there: recv returns it without waiting, whatever the handshake's
+        // deadline (which may have passed since).
+        let (fd, deadline) = (self.rfd, Instant::now() + Duration::from_secs(1));
+        let mut left = self.used;
+        while left > 0 {
+            left -= recv(fd, deadline, &mut self.ahead.vec_mut()[..left], 0)?;
+        }
+        zeroize::Zeroize::zeroize(self.ahead.vec_mut());
+        self.used = 0;
+        Ok(())
+    }
+
+    /// Serves `buf` from the bytes peeked, peeking again (a whole message, as a client
+    /// sends it) when they are all read.
+    fn read_ahead(&mut self, buf: &mut [u8]) -> Result<usize, ReadError> {
+        if self.used == self.ahead.as_bytes().len() {
+            self.settle()?;
+            let (fd, deadline) = (self.rfd, self.deadline);
+            let space = self.ahead.vec_mut();
+            space.resize(AHEAD, 0);
+            match recv(fd, deadline, space, libc::MSG_PEEK) {
+                Ok(n) => space.truncate(n),
+                Err(e) => {
+                    space.clear();
+                    return Err(e);
+                }
+            }
+        }
+        let have = &self.ahead.as_bytes()[self.used..];
+        let n = have.len().min(buf.len());
+        buf[..n].copy_from_slice(&have[..n]);
+        self.used += n;
+        Ok(n)
     }
 
     pub fn is_socket(&self) -> bool {
         self.socket
     }
 
-    /// Waits until fd 0 is readable (or at end of file), or the deadline passes.
     fn wait_readable(&self) -> Result<(), ReadError> {
-        loop {
-            let left = self.deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(ReadError::Timeout);
-            }
-            let mut p = [libc::pollfd {
-                fd: self.rfd,
-                events: libc::POLLIN,
-                revents: 0,
-            }];
-            match sys::poll(&mut p, Some(left)) {
-                Ok(0) => continue,
-                Ok(_) => return Ok(()),
-                Err(e) => return Err(ReadError::Io(e)),
-            }
-        }
+        wait_readable(self.rfd, self.deadline)
     }
 
     /// Reads at most `buf.len()` bytes; never returns 0.
     pub fn read_some(&mut self, buf: &mut [u8]) -> Result<usize, ReadError> {
         if self.socket {
-            return self.recv(buf, 0);
+            return self.read_ahead(buf);
         }
         loop {
             self.wait_readable()?;
@@ -180,21 +219,8 @@ impl Client {
         }
     }
 
-    /// recv on the socket, polled for only when nothing is there yet: a client sends
-    /// its request at once, so most reads of a handshake need no poll before them.
     fn recv(&mut self, buf: &mut [u8], flags: libc::c_int) -> Result<usize, ReadError> {
-        loop {
-            if Instant::now() >= self.deadline {
-                return Err(ReadError::Timeout);
-            }
-            match sys::recv(self.rfd, buf, flags | libc::MSG_DONTWAIT) {
-                Ok(0) => return Err(ReadError::Eof),
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_readable()?,
-                Err(e) => return Err(ReadError::Io(e)),
-            }
-        }
+        recv(self.rfd, self.deadline, buf, flags)
     }
 
     /// Reads exactly `buf.len()` bytes.
@@ -214,6 +240,7 @@ impl Client {
 
     /// Looks at what is waiting on the socket without taking it; never returns 0.
     pub fn peek(&mut self, buf: &mut [u8]) -> Result<usize, ReadError> {
+        self.settle()?;
         self.recv(buf, libc::MSG_PEEK)
     }
 
@@ -240,6 +267,48 @@ impl Client {
                 Ok(n) => budget = budget.saturating_sub(n),
                 Err(_) => break,
             }
+        }
+    }
+}
+
+/// Waits until `fd` is readable (or at end of file), or `deadline` passes.
+fn wait_readable(fd: RawFd, deadline: Instant) -> Result<(), ReadError> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ReadError::Timeout);
+        }
+        let mut p = [libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        match sys::poll(&mut p, Some(left)) {
+            Ok(0) => continue,
+            Ok(_) => return Ok(()),
+            Err(e) => return Err(ReadError::Io(e)),
+        }
+    }
+}
+
+/// recv on the socket, polled for only when nothing is there yet: a client sends
+/// its request at once, so most reads of a handshake need no poll before them.
+fn recv(
+    fd: RawFd,
+    deadline: Instant,
+    buf: &mut [u8],
+    flags: libc::c_int,
+) -> Result<usize, ReadError> {
+    loop {
+        if Instant::now() >= deadline {
+            return Err(ReadError::Timeout);
+        }
+        match sys::recv(fd, buf, flags | libc::MSG_DONTWAIT) {
+            Ok(0) => return Err(ReadError::Eof),
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(fd, deadline)?,
+            Err(e) => return Err(ReadError::Io(e)),
         }
     }
 }
