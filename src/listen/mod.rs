@@ -2,6 +2,8 @@
 //! connection on fds 0 and 1. See man/tcpsplice-listen.1.
 
 use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::os::unix::io::RawFd;
 
 pub mod privdrop;
 pub mod sockets;
@@ -19,6 +21,14 @@ const USAGE: &str = "tcpsplice-listen [-1Dhq] [-b backlog] [-c max] [-C max_per_
 
 /// The program: `argv` is its command line without the program name.
 pub fn main(argv: Vec<OsString>) -> ! {
+    let (listeners, cfg, bound, print_port) = setup(&argv);
+    serve(listeners, cfg, bound, print_port)
+}
+
+/// Everything before serving: options, listening sockets, privileges, the check of
+/// PROG... Never inlined, for [`serve`].
+#[inline(never)]
+fn setup(argv: &[OsString]) -> (Vec<RawFd>, Config, Vec<SocketAddr>, bool) {
     diag::init("tcpsplice-listen");
     diag::stdio_is_not_data();
     // A forked child holds nothing secret: the first link may continue in it.
@@ -36,7 +46,7 @@ pub fn main(argv: Vec<OsString>) -> ! {
     o.optopt("g", "", "run as this group (name or gid)", "GROUP");
     o.optflag("U", "", "run as $UID and $GID");
     crate::proxy::add_options(&mut o, "P");
-    let m = args::parse(&o, &argv, USAGE);
+    let m = args::parse(&o, argv, USAGE);
     if m.free.len() < 3 {
         diag::usage(USAGE);
     }
@@ -152,7 +162,13 @@ pub fn main(argv: Vec<OsString>) -> ! {
         prog,
         proxy,
     };
-    let print_port = m.opt_present("1");
+    (listeners, cfg, bound, m.opt_present("1"))
+}
+
+/// Serves with what [`setup`] made, which is off the stack by then: every connection
+/// process is forked from below this frame and keeps the stack above it private to it
+/// once the supervisor writes there (see ARCHITECTURE.md).
+fn serve(listeners: Vec<RawFd>, cfg: Config, bound: Vec<SocketAddr>, print_port: bool) -> ! {
     supervisor::serve(listeners, &cfg, |max_use| {
         if print_port {
             let text: String = bound.iter().map(|a| format!("{}\n", a.port())).collect();
