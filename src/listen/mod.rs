@@ -142,7 +142,7 @@ fn setup(argv: &[OsString]) -> (Vec<RawFd>, Config, Vec<SocketAddr>, bool) {
     chain::resolve_ahead(&prog);
     // Mistakes in PROG... (a bad rule, a broken users file, a program not there) show
     // now, with the link's own message, not as a bare close at the first client.
-    check_chain(&prog);
+    check_chain_apart(&prog);
     // tcpsplice-auth continuing in the connection processes shares its login cache and
     // its bound on password checks through memory mapped here, before any fork.
     if prog.first().and_then(|p| chain::continues_as(p)) == Some("tcpsplice-auth") {
@@ -192,6 +192,35 @@ fn serve(listeners: Vec<RawFd>, cfg: Config, bound: Vec<SocketAddr>, print_port:
             ));
         }
     })
+}
+
+/// Runs [`check_chain`] in a child of its own and waits for it. What the check
+/// allocates (the spawn of PROG..., a copy of the environment) would otherwise leave free
+/// chunks all over the heap that every connection process inherits, and a connection
+/// process's own allocations land in them, a private page each: 12 KiB per idle
+/// connection (ARCHITECTURE.md, "Memory").
+fn check_chain_apart(prog: &[OsString]) {
+    // Inherited as ignored, SIGCHLD would have the kernel reap the child before it can be
+    // waited for; `supervisor::serve` sets the default again anyway.
+    sys::signal_ignore(libc::SIGCHLD, false);
+    match sys::fork_single_threaded() {
+        Ok(sys::Forked::Child) => {
+            check_chain(prog);
+            std::process::exit(exit::OK)
+        }
+        Ok(sys::Forked::Parent(pid)) => match sys::wait_child(pid) {
+            Ok(sys::ChildEnd::Exited(0)) => {}
+            // The child said why, with the code the check failed with.
+            Ok(sys::ChildEnd::Exited(code)) => std::process::exit(code),
+            Ok(sys::ChildEnd::Signaled(sig)) => diag::die(
+                exit::TEMP,
+                &format!("not starting: the check of the chain ended by signal {sig}"),
+            ),
+            Err(e) => diag::die_sys(exit::TEMP, "wait for the check of the chain", &e),
+        },
+        // No process to spare: checked here, holes and all.
+        Err(_) => check_chain(prog),
+    }
 }
 
 /// Runs PROG... once in check mode (`chain::CHECK_VAR`), as the user connections will run
