@@ -197,8 +197,8 @@ fn serve(listeners: Vec<RawFd>, cfg: Config, bound: Vec<SocketAddr>, print_port:
 /// Runs [`check_chain`] in a child of its own and waits for it. What the check
 /// allocates (the spawn of PROG..., a copy of the environment) would otherwise leave free
 /// chunks all over the heap that every connection process inherits, and a connection
-/// process's own allocations land in them, a private page each: 12 KiB per idle
-/// connection (ARCHITECTURE.md, "Memory").
+/// process's own allocations land in them, a private page each: 11 KiB per idle
+/// connection (ARCHITECTURE.md, "Memory of an idle connection").
 fn check_chain_apart(prog: &[OsString]) {
     // Inherited as ignored, SIGCHLD would have the kernel reap the child before it can be
     // waited for; `supervisor::serve` sets the default again anyway.

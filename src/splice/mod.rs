@@ -61,7 +61,8 @@ pub fn main(argv: Vec<OsString>) -> i32 {
 /// The options: the relay's configuration, and whether not to log (`-q`). A function of
 /// its own, never inlined, so that what parsing needs is off the stack while the relay
 /// sleeps: under tcpsplice-listen the stack the chain holds is private memory of its
-/// connection's process, a page per 4 KiB (see ARCHITECTURE.md, "Memory").
+/// connection's process, a page per 4 KiB (see ARCHITECTURE.md,
+/// "Memory of an idle connection").
 #[inline(never)]
 fn options(argv: &[OsString]) -> (Config, bool) {
     let mut o = args::options();
