@@ -208,6 +208,17 @@ pub fn exec(argv: &[OsString]) -> i32 {
         }
     }
     sys::signal_ignore(libc::SIGPIPE, false);
+    exec_image(argv, &reply)
+}
+
+/// The exec proper, and its failure. Never inlined: a sibling continuing in this process
+/// runs below [`exec`]'s frame, and under tcpsplice-listen what the chain holds on the
+/// stack while a connection is idle is private memory of its process.
+#[inline(never)]
+fn exec_image(argv: &[OsString], reply: &[u8]) -> ! {
+    let Some(first) = argv.first() else {
+        diag::die(exit::USAGE, "no program to run");
+    };
     let cargs: Result<Vec<CString>, _> = argv
         .iter()
         .map(|a| CString::new(a.as_bytes().to_vec()))
@@ -230,7 +241,7 @@ pub fn exec(argv: &[OsString]) -> i32 {
         exit::NOEXEC
     };
     // A client waiting for its answer gets the protocol's failure, not a bare close.
-    if !reply.is_empty() && sys::write_all(1, &reply).is_ok() {
+    if !reply.is_empty() && sys::write_all(1, reply).is_ok() {
         let _ = sys::shutdown(1, libc::SHUT_WR);
     }
     diag::die_sys(code, &format!("run {}", first.to_string_lossy()), &err)
@@ -238,6 +249,8 @@ pub fn exec(argv: &[OsString]) -> i32 {
 
 /// The sibling program `prog` names, if it is one: a known name that resolves (as
 /// execvp would resolve it) to a file in the directory of the running binary.
+// Out of line, like `exec_image`: a sibling runs below `exec`'s frame.
+#[inline(never)]
 fn sibling(prog: &OsStr) -> Sibling {
     let base = Path::new(prog).file_name()?.as_bytes();
     let programs: &[Program] = *PROGRAMS.lock().unwrap_or_else(|e| e.into_inner());
@@ -253,6 +266,8 @@ fn sibling(prog: &OsStr) -> Sibling {
 
 /// Whether the running binary was replaced (or removed) since it started: a sibling
 /// must then be exec'd, so that the new one runs, not our old copy of it.
+// Out of line, like `exec_image`: a sibling runs below `exec`'s frame.
+#[inline(never)]
 fn image_replaced() -> bool {
     // Looked up at most once a second: a reused connection process asks at every link
     // of every connection, and the path walk through /proc costs more than the rest of
@@ -337,6 +352,8 @@ fn is_executable(p: &Path) -> bool {
 
 /// Leaves the process as an exec would have: descriptors marked close-on-exec closed
 /// (a listening socket, a signalfd), and the new name in ps and top.
+// Out of line, like `exec_image`: a sibling runs below `exec`'s frame.
+#[inline(never)]
 fn become_sibling(name: &'static str) {
     // The C library's syslog socket is close-on-exec too: closed behind its back, its
     // number could be reused by a connection, and the next message sent into it.

@@ -970,6 +970,19 @@ pub fn reap_child() -> Option<(libc::pid_t, ChildEnd)> {
     }
 }
 
+/// Waits for child `pid` to end, and says how it did.
+pub fn wait_child(pid: libc::pid_t) -> io::Result<ChildEnd> {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    loop {
+        match waitpid(nix::unistd::Pid::from_raw(pid), None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(ChildEnd::Exited(code)),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(ChildEnd::Signaled(sig as i32)),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(io::Error::from(e)),
+        }
+    }
+}
+
 /// What fork returned in this process.
 pub enum Forked {
     Parent(libc::pid_t),

@@ -64,6 +64,10 @@ pub struct Region {
     slots: [AtomicU32; MAX_SLOTS],
     /// The client address each slot's check is for (a hash of it; 0 for none known).
     sources: [AtomicU64; MAX_SLOTS],
+    /// The pid of the process counting and taking a slot, 0 when none: counting an
+    /// address's slots and taking one must be one step, or two logins from one
+    /// address at the same instant both find its share free and both take a slot.
+    taking: AtomicU32,
     entries: [Entry; ENTRIES],
     /// One past the highest connection entry ever taken: scans stop there.
     conn_top: AtomicU32,
@@ -396,6 +400,32 @@ impl Region {
         e.seq.store(seq.wrapping_add(2), Ordering::Release);
     }
 
+    /// Runs `f` while no other process takes a slot (see `taking`). The step is a few
+    /// loads and stores, so a process finding it busy yields and tries again; a holder
+    /// that died in it (killed between two instructions) is taken over.
+    fn while_taking<T>(&self, me: u32, f: impl FnOnce() -> T) -> T {
+        loop {
+            match self
+                .taking
+                .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
+            {
+                Ok(_) => break,
+                Err(owner) if !shm::alive(owner) => {
+                    let _ = self.taking.compare_exchange(
+                        owner,
+                        0,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
+                Err(_) => std::thread::yield_now(),
+            }
+        }
+        let out = f();
+        self.taking.store(0, Ordering::Release);
+        out
+    }
+
     /// Takes one of the first `n` slots for a check for the client `source` (a key
     /// from `source_key`), waiting for one until `deadline`. One address may hold at
     /// most half of them (at least one): a flood of logins from it queues behind
@@ -412,16 +442,26 @@ impl Region {
                 .filter(|s| source != 0 && s.load(Ordering::Relaxed) == source)
                 .count();
             if held < share {
-                for (index, s) in self.slots[..n].iter().enumerate() {
-                    if s.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
-                        .is_ok()
-                    {
-                        self.sources[index].store(source, Ordering::Relaxed);
-                        return Ok(Slot {
-                            region: self,
-                            index,
-                        });
+                let taken = self.while_taking(me, || {
+                    let held = self.sources[..n]
+                        .iter()
+                        .filter(|s| source != 0 && s.load(Ordering::Relaxed) == source)
+                        .count();
+                    if held >= share {
+                        return None;
                     }
+                    let (index, _) = self.slots[..n].iter().enumerate().find(|(_, s)| {
+                        s.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
+                            .is_ok()
+                    })?;
+                    self.sources[index].store(source, Ordering::Relaxed);
+                    Some(index)
+                });
+                if let Some(index) = taken {
+                    return Ok(Slot {
+                        region: self,
+                        index,
+                    });
                 }
             }
             let now = Instant::now();

@@ -510,6 +510,19 @@ impl Dial<'_> {
         client_local: Option<SocketAddr>,
         accepted: Option<SocketAddr>,
     ) -> i32 {
+        self.prepare_hand_over(sock, peer, client, client_local, accepted);
+        chain::exec(&self.cfg.prog)
+    }
+
+    /// All of [`Dial::hand_over`] but the exec.
+    fn prepare_hand_over(
+        &self,
+        sock: OwnedFd,
+        peer: SocketAddr,
+        client: Option<SocketAddr>,
+        client_local: Option<SocketAddr>,
+        accepted: Option<SocketAddr>,
+    ) {
         let fd = sock.as_raw_fd();
         if let Some(v) = self.cfg.proxy.filter(|_| accepted.is_none()) {
             let header = if v == 1 {
@@ -579,12 +592,22 @@ impl Dial<'_> {
         // is on 6 and 7 without close-on-exec: a sibling continuing in this process
         // need not look through the descriptor table for what an exec would close.
         chain::nothing_to_close();
-        chain::exec(&self.cfg.prog)
     }
 }
 
 /// Does the whole job and execs `cfg.prog`; returns only what [`chain::exec`] returns.
 pub fn run(cfg: &Config) -> i32 {
+    match connect_target(cfg) {
+        Some(code) => code,
+        None => chain::exec(&cfg.prog),
+    }
+}
+
+/// All of [`run`] but the exec: None once the connection is handed over, the status of
+/// a BIND's next program otherwise. Never inlined, so that the connect's locals are off
+/// the stack while the next program runs in this process (see `splice::options`).
+#[inline(never)]
+fn connect_target(cfg: &Config) -> Option<i32> {
     let style = match Style::parse(&environ::var(REPLY_VAR).unwrap_or_default()) {
         Ok(s) => s,
         Err(e) => diag::die(exit::USAGE, &e),
@@ -597,14 +620,15 @@ pub fn run(cfg: &Config) -> i32 {
     }
     match d.command() {
         Command::Connect => {}
-        Command::Bind => return super::bind::run(&d, client, client_local),
+        Command::Bind => return Some(super::bind::run(&d, client, client_local)),
         Command::Udp => super::udp::start(&d, client),
     }
     let target = d.target(Command::Connect);
     let source = d.source(client_local);
     let addrs = d.candidates(&target, source);
     let (sock, peer) = d.connect(&target, &addrs, source);
-    d.hand_over(sock, peer, client, client_local, None)
+    d.prepare_hand_over(sock, peer, client, client_local, None);
+    None
 }
 
 #[cfg(test)]

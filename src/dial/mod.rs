@@ -38,6 +38,17 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     // Nothing here is secret: the next link may continue in this process.
     chain::allow_in_process(true);
     sys::signal_ignore(libc::SIGPIPE, true);
+    let cfg = options(&argv);
+    if chain::checking() {
+        return chain::check(&cfg.prog);
+    }
+    dialer::run(&cfg)
+}
+
+/// The options, as a [`Config`]. Never inlined, so that what parsing needs is off the
+/// stack while the next program runs in this process (see `splice::options`).
+#[inline(never)]
+fn options(argv: &[OsString]) -> Config {
     let mut o = args::options();
     o.optflag("4", "", "IPv4 only");
     o.optflag("6", "", "IPv6 only");
@@ -56,7 +67,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         "BIND, UDP ASSOCIATE: the address in the reply",
         "IP",
     );
-    let m = args::parse(&o, &argv, USAGE);
+    let m = args::parse(&o, argv, USAGE);
     let family = match (m.opt_present("4"), m.opt_present("6")) {
         (true, true) => diag::usage("-4 and -6 exclude each other"),
         (true, false) => Family::V4,
@@ -116,10 +127,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     if free.is_empty() {
         diag::usage(USAGE);
     }
-    if chain::checking() {
-        return chain::check(&free.iter().map(OsString::from).collect::<Vec<_>>());
-    }
-    dialer::run(&Config {
+    Config {
         fixed,
         allow,
         family,
@@ -133,5 +141,5 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         udp_idle,
         udp_any_source,
         advertise,
-    })
+    }
 }

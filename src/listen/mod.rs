@@ -2,6 +2,8 @@
 //! connection on fds 0 and 1. See man/tcpsplice-listen.1.
 
 use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::os::unix::io::RawFd;
 
 pub mod privdrop;
 pub mod sockets;
@@ -19,6 +21,14 @@ const USAGE: &str = "tcpsplice-listen [-1Dhq] [-b backlog] [-c max] [-C max_per_
 
 /// The program: `argv` is its command line without the program name.
 pub fn main(argv: Vec<OsString>) -> ! {
+    let (listeners, cfg, bound, print_port) = setup(&argv);
+    serve(listeners, cfg, bound, print_port)
+}
+
+/// Everything before serving: options, listening sockets, privileges, the check of
+/// PROG... Never inlined, for [`serve`].
+#[inline(never)]
+fn setup(argv: &[OsString]) -> (Vec<RawFd>, Config, Vec<SocketAddr>, bool) {
     diag::init("tcpsplice-listen");
     diag::stdio_is_not_data();
     // A forked child holds nothing secret: the first link may continue in it.
@@ -36,7 +46,7 @@ pub fn main(argv: Vec<OsString>) -> ! {
     o.optopt("g", "", "run as this group (name or gid)", "GROUP");
     o.optflag("U", "", "run as $UID and $GID");
     crate::proxy::add_options(&mut o, "P");
-    let m = args::parse(&o, &argv, USAGE);
+    let m = args::parse(&o, argv, USAGE);
     if m.free.len() < 3 {
         diag::usage(USAGE);
     }
@@ -132,7 +142,7 @@ pub fn main(argv: Vec<OsString>) -> ! {
     chain::resolve_ahead(&prog);
     // Mistakes in PROG... (a bad rule, a broken users file, a program not there) show
     // now, with the link's own message, not as a bare close at the first client.
-    check_chain(&prog);
+    check_chain_apart(&prog);
     // tcpsplice-auth continuing in the connection processes shares its login cache and
     // its bound on password checks through memory mapped here, before any fork.
     if prog.first().and_then(|p| chain::continues_as(p)) == Some("tcpsplice-auth") {
@@ -152,7 +162,13 @@ pub fn main(argv: Vec<OsString>) -> ! {
         prog,
         proxy,
     };
-    let print_port = m.opt_present("1");
+    (listeners, cfg, bound, m.opt_present("1"))
+}
+
+/// Serves with what [`setup`] made, which is off the stack by then: every connection
+/// process is forked from below this frame and keeps the stack above it private to it
+/// once the supervisor writes there (see ARCHITECTURE.md).
+fn serve(listeners: Vec<RawFd>, cfg: Config, bound: Vec<SocketAddr>, print_port: bool) -> ! {
     supervisor::serve(listeners, &cfg, |max_use| {
         if print_port {
             let text: String = bound.iter().map(|a| format!("{}\n", a.port())).collect();
@@ -176,6 +192,35 @@ pub fn main(argv: Vec<OsString>) -> ! {
             ));
         }
     })
+}
+
+/// Runs [`check_chain`] in a child of its own and waits for it. What the check
+/// allocates (the spawn of PROG..., a copy of the environment) would otherwise leave free
+/// chunks all over the heap that every connection process inherits, and a connection
+/// process's own allocations land in them, a private page each: 11 KiB per idle
+/// connection (ARCHITECTURE.md, "Memory of an idle connection").
+fn check_chain_apart(prog: &[OsString]) {
+    // Inherited as ignored, SIGCHLD would have the kernel reap the child before it can be
+    // waited for; `supervisor::serve` sets the default again anyway.
+    sys::signal_ignore(libc::SIGCHLD, false);
+    match sys::fork_single_threaded() {
+        Ok(sys::Forked::Child) => {
+            check_chain(prog);
+            std::process::exit(exit::OK)
+        }
+        Ok(sys::Forked::Parent(pid)) => match sys::wait_child(pid) {
+            Ok(sys::ChildEnd::Exited(0)) => {}
+            // The child said why, with the code the check failed with.
+            Ok(sys::ChildEnd::Exited(code)) => std::process::exit(code),
+            Ok(sys::ChildEnd::Signaled(sig)) => diag::die(
+                exit::TEMP,
+                &format!("not starting: the check of the chain ended by signal {sig}"),
+            ),
+            Err(e) => diag::die_sys(exit::TEMP, "wait for the check of the chain", &e),
+        },
+        // No process to spare: checked here, holes and all.
+        Err(_) => check_chain(prog),
+    }
 }
 
 /// Runs PROG... once in check mode (`chain::CHECK_VAR`), as the user connections will run

@@ -121,16 +121,9 @@ pub fn run(
         // Out of descriptors, say: serve this connection without reuse.
         Err(_) => std::process::exit(serve(first.0, first.1)),
     };
-    let identity = |fd| sys::fd_identity(fd).ok().map(|(_, id)| id);
-    let mut fds = vec![(2, identity(2))];
-    fds.extend(
-        sys::inherited_fds(3)
-            .into_iter()
-            .map(|fd| (fd, identity(fd))),
-    );
     let mut fresh = Fresh {
         env: environ::Fork::now(),
-        fds,
+        fds: kept_fds(),
     };
     diag::keep_decisions();
     let pid = sys::getpid();
@@ -145,30 +138,56 @@ pub fn run(
         // (before the end is reported, so that the user's next connection finds it so).
         crate::auth::loginstate::end_connection();
         served += 1;
-        if served >= max_use || !restore(&ch, &mut fresh) {
+        if served >= max_use {
             std::process::exit(code);
         }
-        // A supervisor that is gone cannot hand out more work: EPIPE ends us.
-        if sys::write_all(ch.done, &done_message(pid, code)).is_err() {
-            std::process::exit(code);
+        (fd, client) = next_connection(&ch, &mut fresh, pid, code);
+    }
+}
+
+/// fd 2 and the descriptors inherited from the supervisor's parent, with what they
+/// refer to. Never inlined, like [`next_connection`].
+#[inline(never)]
+fn kept_fds() -> Vec<(RawFd, Option<(u64, u64)>)> {
+    let identity = |fd| sys::fd_identity(fd).ok().map(|(_, id)| id);
+    let mut fds = vec![(2, identity(2))];
+    fds.extend(
+        sys::inherited_fds(3)
+            .into_iter()
+            .map(|fd| (fd, identity(fd))),
+    );
+    fds
+}
+
+/// Between connections: puts the process back as the fork left it, reports the end of
+/// the last one (status `code`) and waits for the next; exits when there is none. Never
+/// inlined: the chain runs below [`run`]'s frame, and under tcpsplice-listen what it
+/// holds on the stack while a connection is idle is private memory of its process.
+#[inline(never)]
+fn next_connection(ch: &Channel, fresh: &mut Fresh, pid: libc::pid_t, code: i32) -> (RawFd, Peer) {
+    if !restore(ch, fresh) {
+        std::process::exit(code);
+    }
+    // A supervisor that is gone cannot hand out more work: EPIPE ends us.
+    if sys::write_all(ch.done, &done_message(pid, code)).is_err() {
+        std::process::exit(code);
+    }
+    let mut buf = [0u8; PEER_TEXT_MAX];
+    match sys::recv_fd(ch.conns, &mut buf) {
+        Ok(Some((next, n))) => {
+            // If the supervisor is gone, serving the client is still the best.
+            let _ = sys::write_all(ch.done, &done_message(pid, TOOK));
+            let addr = std::str::from_utf8(&buf[..n]).ok().and_then(Peer::decode);
+            let Some(addr) = addr else {
+                diag::die(
+                    exit::TEMP,
+                    "the supervisor sent a connection without an address",
+                );
+            };
+            (next, addr)
         }
-        let mut buf = [0u8; PEER_TEXT_MAX];
-        match sys::recv_fd(ch.conns, &mut buf) {
-            Ok(Some((next, n))) => {
-                // If the supervisor is gone, serving the client is still the best.
-                let _ = sys::write_all(ch.done, &done_message(pid, TOOK));
-                let addr = std::str::from_utf8(&buf[..n]).ok().and_then(Peer::decode);
-                let Some(addr) = addr else {
-                    diag::die(
-                        exit::TEMP,
-                        "the supervisor sent a connection without an address",
-                    );
-                };
-                (fd, client) = (next, addr);
-            }
-            Ok(None) => std::process::exit(exit::OK),
-            Err(e) => diag::die_sys(exit::TEMP, "receive the next connection", &e),
-        }
+        Ok(None) => std::process::exit(exit::OK),
+        Err(e) => diag::die_sys(exit::TEMP, "receive the next connection", &e),
     }
 }
 

@@ -17,6 +17,54 @@ const USAGE: &str = "tcpsplice [-cq] [-t idle] [-g grace] [-k idle[,interval[,co
 pub fn main(argv: Vec<OsString>) -> i32 {
     diag::init("tcpsplice");
     sys::signal_ignore(libc::SIGPIPE, true);
+    let (cfg, quiet) = options(&argv);
+    if chain::checking() {
+        // The last link: its options are all there is to check.
+        return exit::OK;
+    }
+    let fds = [cfg.client_in, cfg.client_out, cfg.target_in, cfg.target_out];
+    // A descriptor that is not open fails the relay's first fcntl, before anything is
+    // changed: asked then, not each time beforehand.
+    if let Some(&f) = fds.iter().find(|&&f| chain::is_reserved(f)) {
+        not_open(f);
+    }
+    // For the log line, asked of the sockets now, while both ends are connected.
+    let (client, target) = match quiet {
+        true => (None, None),
+        false => conninfo::ends(cfg.client_in, cfg.target_in),
+    };
+    let out = match http_body() {
+        Some(body) => http::run(&cfg, body),
+        None => relay::run(&cfg),
+    };
+    let out = match out {
+        Ok(out) => out,
+        Err(e) => {
+            if e.raw_os_error() == Some(libc::EBADF) {
+                if let Some(&f) = fds.iter().find(|&&f| !sys::fd_is_open(f)) {
+                    not_open(f);
+                }
+            }
+            diag::die_sys(exit::TEMP, "set up the relay", &e)
+        }
+    };
+    if !quiet {
+        log_end(&out, client.as_deref(), target.as_deref());
+    }
+    match out.end {
+        // Told to stop, or broken here: this process must not go on to other work.
+        End::Signal { .. } | End::Failed { .. } => std::process::exit(out.end.exit_code()),
+        _ => out.end.exit_code(),
+    }
+}
+
+/// The options: the relay's configuration, and whether not to log (`-q`). A function of
+/// its own, never inlined, so that what parsing needs is off the stack while the relay
+/// sleeps: under tcpsplice-listen the stack the chain holds is private memory of its
+/// connection's process, a page per 4 KiB (see ARCHITECTURE.md,
+/// "Memory of an idle connection").
+#[inline(never)]
+fn options(argv: &[OsString]) -> (Config, bool) {
     let mut o = args::options();
     o.optflag("c", "", "copy through user space, never splice");
     o.optflag("q", "", "no log line at the end");
@@ -34,7 +82,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     o.optopt("W", "", "write to the client on FD", "FD");
     o.optopt("r", "", "read the target from FD", "FD");
     o.optopt("w", "", "write to the target on FD", "FD");
-    let m = args::parse(&o, &argv, USAGE);
+    let m = args::parse(&o, argv, USAGE);
     if !m.free.is_empty() {
         diag::usage(USAGE);
     }
@@ -87,72 +135,42 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         keepalive,
         user_timeout_ms,
     };
-    if chain::checking() {
-        // The last link: its options are all there is to check.
-        return exit::OK;
-    }
-    let fds = [cfg.client_in, cfg.client_out, cfg.target_in, cfg.target_out];
-    let not_open = |f: i32| -> ! {
-        diag::die(
-            exit::USAGE,
-            &format!("unable to use fd {f}: it is not open"),
-        )
-    };
-    // A descriptor that is not open fails the relay's first fcntl, before anything is
-    // changed: asked then, not each time beforehand.
-    if let Some(&f) = fds.iter().find(|&&f| chain::is_reserved(f)) {
-        not_open(f);
-    }
-    let quiet = m.opt_present("q");
-    // For the log line, asked of the sockets now, while both ends are connected.
-    let (client, target) = match quiet {
-        true => (None, None),
-        false => conninfo::ends(cfg.client_in, cfg.target_in),
-    };
-    let out = match http_body() {
-        Some(body) => http::run(&cfg, body),
-        None => relay::run(&cfg),
-    };
-    let out = match out {
-        Ok(out) => out,
-        Err(e) => {
-            if e.raw_os_error() == Some(libc::EBADF) {
-                if let Some(&f) = fds.iter().find(|&&f| !sys::fd_is_open(f)) {
-                    not_open(f);
-                }
-            }
-            diag::die_sys(exit::TEMP, "set up the relay", &e)
-        }
-    };
-    if !quiet {
-        let user = environ::var("TCPSPLICE_USER").unwrap_or_else(|_| "-".into());
-        // How tcpsplice-auth checked the user (cached or verified), when it says.
-        let login = environ::var(crate::auth::LOGIN_VAR)
-            .map(|l| format!(" login={l}"))
-            .unwrap_or_default();
-        diag::info(&format!(
-            "end client={} user={} target={} up={} down={} secs={:.3} path={}/{} pipes={}/{} bufs={}/{} how={}{}",
-            client.as_deref().unwrap_or("-"),
-            user,
-            target.as_deref().unwrap_or("-"),
-            out.up,
-            out.down,
-            out.elapsed.as_secs_f64(),
-            out.up_path,
-            out.down_path,
-            out.up_pipe,
-            out.down_pipe,
-            out.up_buf,
-            out.down_buf,
-            out.end.describe(),
-            login,
-        ));
-    }
-    match out.end {
-        // Told to stop, or broken here: this process must not go on to other work.
-        End::Signal { .. } | End::Failed { .. } => std::process::exit(out.end.exit_code()),
-        _ => out.end.exit_code(),
-    }
+    (cfg, m.opt_present("q"))
+}
+
+#[inline(never)]
+fn not_open(f: i32) -> ! {
+    diag::die(
+        exit::USAGE,
+        &format!("unable to use fd {f}: it is not open"),
+    )
+}
+
+/// The one log line at the end; never inlined, for the same reason as [`options`].
+#[inline(never)]
+fn log_end(out: &relay::Outcome, client: Option<&str>, target: Option<&str>) {
+    let user = environ::var("TCPSPLICE_USER").unwrap_or_else(|_| "-".into());
+    // How tcpsplice-auth checked the user (cached or verified), when it says.
+    let login = environ::var(crate::auth::LOGIN_VAR)
+        .map(|l| format!(" login={l}"))
+        .unwrap_or_default();
+    diag::info(&format!(
+        "end client={} user={} target={} up={} down={} secs={:.3} path={}/{} pipes={}/{} bufs={}/{} how={}{}",
+        client.unwrap_or("-"),
+        user,
+        target.unwrap_or("-"),
+        out.up,
+        out.down,
+        out.elapsed.as_secs_f64(),
+        out.up_path,
+        out.down_path,
+        out.up_pipe,
+        out.down_pipe,
+        out.up_buf,
+        out.down_buf,
+        out.end.describe(),
+        login,
+    ));
 }
 
 /// The request body's framing when tcpsplice-dial forwarded a plain-HTTP request
