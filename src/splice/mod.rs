@@ -8,6 +8,7 @@ use crate::{args, chain, conninfo, diag, environ, exit, sys};
 use relay::Config;
 use relay::End;
 use std::ffi::OsString;
+use std::sync::Mutex;
 
 const USAGE: &str = "tcpsplice [-cq] [-t idle] [-g grace] [-k idle[,interval[,count]]] \
      [-u timeout] [-p pipesize] [-R fd] [-W fd] [-r fd] [-w fd]";
@@ -17,7 +18,7 @@ const USAGE: &str = "tcpsplice [-cq] [-t idle] [-g grace] [-k idle[,interval[,co
 pub fn main(argv: Vec<OsString>) -> i32 {
     diag::init("tcpsplice");
     sys::signal_ignore(libc::SIGPIPE, true);
-    let (cfg, quiet) = options(&argv);
+    let (cfg, quiet) = options_kept(&argv);
     if chain::checking() {
         // The last link: its options are all there is to check.
         return exit::OK;
@@ -56,6 +57,22 @@ pub fn main(argv: Vec<OsString>) -> i32 {
         End::Signal { .. } | End::Failed { .. } => std::process::exit(out.end.exit_code()),
         _ => out.end.exit_code(),
     }
+}
+
+/// [`options`], parsed once per process for a command line (as `dial::options_kept`:
+/// a reused connection process runs this link with the same words every time).
+fn options_kept(argv: &[OsString]) -> (Config, bool) {
+    type Kept = (Vec<OsString>, Config, bool);
+    static KEPT: Mutex<Option<Kept>> = Mutex::new(None);
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((words, cfg, quiet)) = &*kept {
+        if words.as_slice() == argv {
+            return (cfg.clone(), *quiet);
+        }
+    }
+    let (cfg, quiet) = options(argv);
+    *kept = Some((argv.to_vec(), cfg.clone(), quiet));
+    (cfg, quiet)
 }
 
 /// The options: the relay's configuration, and whether not to log (`-q`). A function of
