@@ -3,6 +3,7 @@
 //! command line (normally tcpsplice-dial). See man/tcpsplice-auth.1.
 
 use std::ffi::OsString;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub mod checkpassword;
@@ -50,15 +51,25 @@ impl Checker for Unavailable {
 /// removed for no-auth.
 pub const LOGIN_VAR: &str = "TCPSPLICE_LOGIN";
 
-/// The program: `argv` is its command line without the program name.
-pub fn main(argv: Vec<OsString>) -> i32 {
-    diag::init("tcpsplice-auth");
-    // Whether the next program may continue in this process is left as it was found:
-    // so only under tcpsplice-listen, whose connection process ran us in-process. The
-    // checker and the client's bytes are dropped (passwords wiped) before the chain
-    // goes on; what stays is the shared login state (loginstate) and the parsed users
-    // file, hashes the process could read from the file anyway (Users::load_kept).
-    sys::signal_ignore(libc::SIGPIPE, true);
+/// The command line parsed, once per process for the same words: a reused connection
+/// process of tcpsplice-listen runs this link with them for every connection, and
+/// building getopts' table and parsing (a copy of every name, description and
+/// argument) was a good part of the link's allocations. A wrong command line exits.
+fn matches_kept(argv: &[OsString]) -> Arc<getopts::Matches> {
+    type Kept = (Vec<OsString>, Arc<getopts::Matches>);
+    static KEPT: Mutex<Option<Kept>> = Mutex::new(None);
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((words, m)) = &*kept {
+        if words.as_slice() == argv {
+            return Arc::clone(m);
+        }
+    }
+    let m = Arc::new(matches(argv));
+    *kept = Some((argv.to_vec(), Arc::clone(&m)));
+    m
+}
+
+fn matches(argv: &[OsString]) -> getopts::Matches {
     let mut o = args::options();
     o.optflag("H", "", "print a hash of the password read on stdin");
     o.optflag("n", "", "allow clients without credentials");
@@ -85,7 +96,19 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     );
     o.optopt("j", "", "most password checks at once", "N");
     o.optopt("l", "", "most connections at once per user", "N");
-    let m = args::parse(&o, &argv, USAGE);
+    args::parse(&o, argv, USAGE)
+}
+
+/// The program: `argv` is its command line without the program name.
+pub fn main(argv: Vec<OsString>) -> i32 {
+    diag::init("tcpsplice-auth");
+    // Whether the next program may continue in this process is left as it was found:
+    // so only under tcpsplice-listen, whose connection process ran us in-process. The
+    // checker and the client's bytes are dropped (passwords wiped) before the chain
+    // goes on; what stays is the shared login state (loginstate) and the parsed users
+    // file, hashes the process could read from the file anyway (Users::load_kept).
+    sys::signal_ignore(libc::SIGPIPE, true);
+    let m = matches_kept(&argv);
     if m.opt_present("H") {
         print_hash();
     }
