@@ -804,6 +804,20 @@ fn answers(u: &UdpSocket, relay: SocketAddr, echo: SocketAddr) -> bool {
     recv_wrapped(u, QUIET).is_some()
 }
 
+/// Whether the relay still relays: a datagram to the echo comes back wrapped, from the
+/// echo. For a relay that has ended, whose port another test's socket may have taken
+/// since (a stray datagram from it is not an answer of the relay's).
+fn still_relays(u: &UdpSocket, relay: SocketAddr, echo: SocketAddr) -> bool {
+    let _ = u.send_to(&wrap(&address(echo), b"ping"), relay);
+    let _ = u.set_read_timeout(Some(QUIET));
+    let mut buf = vec![0u8; 65600];
+    let Ok((n, _)) = u.recv_from(&mut buf) else {
+        return false;
+    };
+    let want = wrap(&address(echo), b"ping");
+    buf[..n] == want[..]
+}
+
 fn wait_exit(child: Child, within: Duration) -> (Ran, Duration) {
     let t = Instant::now();
     let r = util::finish(child, "tcpsplice-auth (UDP)", within);
@@ -814,6 +828,8 @@ fn wait_exit(child: Child, within: Duration) -> (Ran, Duration) {
 fn closing_or_resetting_the_control_connection_ends_the_association() {
     let u = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let (echo, child, mut ctl, relay) = echo_association(&[]);
+    // The check the ended relay must fail, passed by a live one.
+    assert!(still_relays(&u, relay, echo.addr), "a live relay's echo");
     assert!(answers(&u, relay, echo.addr));
     // Bytes on the control connection do not end it; its end of file does.
     ctl.write_all(b"ignored").expect("write");
@@ -824,7 +840,7 @@ fn closing_or_resetting_the_control_connection_ends_the_association() {
     assert!(took < Duration::from_secs(3), "took {took:?}");
     assert_eq!(field(&end_line(&r), "how"), "eof");
     assert!(
-        !answers(&u, relay, echo.addr),
+        !still_relays(&u, relay, echo.addr),
         "the relay port still answers"
     );
 
@@ -851,7 +867,7 @@ fn closing_or_resetting_the_control_connection_ends_the_association() {
     r.expect_code(1);
     assert_eq!(field(&end_line(&r), "how"), "reset-by-client");
     assert!(
-        !answers(&u, relay, echo.addr),
+        !still_relays(&u, relay, echo.addr),
         "the relay port still answers"
     );
 }
@@ -874,7 +890,7 @@ fn the_idle_timeout_slides_with_traffic_and_then_ends_the_association() {
     r.expect_code(1);
     assert_eq!(field(&end_line(&r), "how"), "idle-timeout");
     assert!(quiet >= Duration::from_millis(500), "ended after {quiet:?}");
-    assert!(!answers(&u, relay, echo.addr));
+    assert!(!still_relays(&u, relay, echo.addr));
     drop(ctl);
 }
 
