@@ -527,6 +527,18 @@ pub fn owned(fd: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// A connected pair of Unix stream sockets, close-on-exec.
+pub fn socket_pair() -> (OwnedFd, OwnedFd) {
+    let (a, b) = check(std::os::unix::net::UnixStream::pair(), "socketpair");
+    (a.into(), b.into())
+}
+
+/// A pipe, close-on-exec: (read end, write end).
+pub fn pipe() -> (OwnedFd, OwnedFd) {
+    let (r, w) = check(std::io::pipe(), "pipe");
+    (r.into(), w.into())
+}
+
 /// Both ends of the client's connection.
 struct Wires {
     /// The client's end: writes its bytes, reads the answers.
@@ -541,40 +553,17 @@ struct Wires {
 impl Wires {
     fn new(pipes: bool) -> Wires {
         if pipes {
-            let mut a = [0; 2];
-            let mut b = [0; 2];
-            // SAFETY: pipe writes two descriptors into the arrays we own.
-            cvt(
-                unsafe { libc::pipe2(a.as_mut_ptr(), libc::O_CLOEXEC) },
-                "pipe",
-            );
-            // SAFETY: as above.
-            cvt(
-                unsafe { libc::pipe2(b.as_mut_ptr(), libc::O_CLOEXEC) },
-                "pipe",
-            );
+            let (server_in, client_out) = pipe();
+            let (client_in, server_out) = pipe();
             Wires {
-                client_out: Some(owned(a[1])),
-                server_in: owned(a[0]),
-                server_out: Some(owned(b[1])),
-                client_in: owned(b[0]),
+                client_out: Some(client_out),
+                server_in,
+                server_out: Some(server_out),
+                client_in,
                 socket: false,
             }
         } else {
-            let mut p = [0; 2];
-            // SAFETY: socketpair writes two descriptors into the array we own.
-            cvt(
-                unsafe {
-                    libc::socketpair(
-                        libc::AF_UNIX,
-                        libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-                        0,
-                        p.as_mut_ptr(),
-                    )
-                },
-                "socketpair",
-            );
-            let (client, server) = (owned(p[0]), owned(p[1]));
+            let (client, server) = socket_pair();
             Wires {
                 client_out: Some(check(client.try_clone(), "dup")),
                 client_in: client,

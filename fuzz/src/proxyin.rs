@@ -21,7 +21,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use tcpsplice::proxy::header::{parse, Header, Parse, Reader, Step, MAX};
 
-use crate::handshake::{check, cvt, owned, write_all};
+use crate::handshake::{check, cvt, pipe, socket_pair, write_all};
 use crate::proxy::{decimal, dotted_quad};
 
 const SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
@@ -229,28 +229,17 @@ fn read_off(control: u8, bytes: &[u8], parsed: Parse) {
 /// (the reader's end, the balancer's end): a socketpair, or a pipe that does not block
 /// (the reader takes the socket with MSG_DONTWAIT); either holds 32 KiB unread.
 fn wires(socket: bool) -> (OwnedFd, OwnedFd) {
-    let mut p = [0; 2];
     if socket {
-        // SAFETY: socketpair writes two descriptors into the array we own.
-        cvt(
-            unsafe {
-                libc::socketpair(
-                    libc::AF_UNIX,
-                    libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-                    0,
-                    p.as_mut_ptr(),
-                )
-            },
-            "socketpair",
-        );
-    } else {
-        // SAFETY: pipe2 writes two descriptors into the array we own.
-        cvt(
-            unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) },
-            "pipe",
+        return socket_pair();
+    }
+    let (r, w) = pipe();
+    for end in [&r, &w] {
+        check(
+            tcpsplice::sys::set_nonblocking(end.as_raw_fd(), true),
+            "make the pipe non-blocking",
         );
     }
-    (owned(p[0]), owned(p[1]))
+    (r, w)
 }
 
 /// Whether something (bytes or the end) can be read on `fd` right now.

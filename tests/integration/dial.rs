@@ -688,25 +688,16 @@ fn ipv4_translated_addresses_are_denied() {
 fn a_refused_target_is_a_warning_naming_the_client_and_the_user() {
     let (l, addr) = util::listener();
     let target = format!("127.0.0.1:{}", addr.port());
-    let (mut mine, theirs) = util::tcp_pair();
-    let child = dial()
-        .env("TCPSPLICE_TARGET", &target)
-        .env("TCPSPLICE_REPLY", "socks5")
-        .env("TCPSPLICE_USER", "alice")
-        .env("TCPREMOTEIP", "192.0.2.9")
-        .env("TCPREMOTEPORT", "4711")
-        .arg(SPLICE)
-        .stdin(stdio(&theirs))
-        .stdout(stdio(&theirs))
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    drop(theirs);
-    mine.set_read_timeout(Some(LIMIT)).expect("timeout");
-    mine.shutdown(Shutdown::Write).expect("half-close");
-    let mut got = Vec::new();
-    mine.read_to_end(&mut got).expect("read reply");
-    let ran = util::finish(child, "tcpsplice-dial refused", LIMIT);
+    let (got, ran) = reply_run_with(
+        "socks5",
+        &target,
+        &[],
+        &[
+            ("TCPSPLICE_USER", "alice"),
+            ("TCPREMOTEIP", "192.0.2.9"),
+            ("TCPREMOTEPORT", "4711"),
+        ],
+    );
     ran.expect_code(1);
     assert_eq!(&got[..2], &[5, 2], "{}", ran.show());
     let log = ran.stderr_text();
@@ -1021,10 +1012,21 @@ fn connect_timeout_is_bounded_and_exits_111() {
 /// 0/1; returns what the client read (all of it: the dialer closes on failure) and the
 /// result. On success the chain goes on to tcpsplice, and `after` talks through it.
 fn reply_run(style: &str, target: &str, args: &[&str]) -> (Vec<u8>, Ran) {
+    reply_run_with(style, target, args, &[])
+}
+
+/// [`reply_run`] with more variables in the dialer's environment (the client, the user).
+fn reply_run_with(
+    style: &str,
+    target: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Vec<u8>, Ran) {
     let (mut mine, theirs) = util::tcp_pair();
     let child = dial()
         .env("TCPSPLICE_TARGET", target)
         .env("TCPSPLICE_REPLY", style)
+        .envs(env.iter().copied())
         .args(args)
         .arg(SPLICE)
         .stdin(stdio(&theirs))

@@ -5,8 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::util;
@@ -50,83 +49,50 @@ fn echo_target() -> u16 {
 /// tcpsplice-listen running the authenticated chain, with its log lines collected as
 /// they come.
 struct Proxy {
-    child: Child,
+    p: util::Logged,
     port: u16,
-    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Proxy {
     fn start(auth_opts: &[&str], target: u16, env: &[(&str, &str)]) -> Proxy {
         let rule = format!("127.0.0.1/32:{target}");
-        let mut child = Command::new(LISTEN)
-            .args(["-1", "127.0.0.1", "0", AUTH])
-            .args(auth_opts)
-            .args([DIAL, "-a", &rule, SPLICE])
-            .env("TCPSPLICE_LOG", "stderr")
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tcpsplice-listen");
+        let (p, out) = util::Logged::spawn(
+            Command::new(LISTEN)
+                .args(["-1", "127.0.0.1", "0", AUTH])
+                .args(auth_opts)
+                .args([DIAL, "-a", &rule, SPLICE])
+                .env("TCPSPLICE_LOG", "stderr")
+                .envs(env.iter().copied()),
+            "tcpsplice-listen",
+        );
         let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read port");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        let err = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(l);
-            }
-        });
+        BufReader::new(out).read_line(&mut line).expect("read port");
         Proxy {
-            child,
+            p,
             port: line.trim().parse().expect("bound port"),
-            log,
         }
     }
 
     fn lines(&self, pat: &str) -> Vec<String> {
-        let log = self.log.lock().unwrap();
-        log.iter().filter(|l| l.contains(pat)).cloned().collect()
+        self.p.lines(pat)
     }
 
     /// Waits until `n` relay end lines were logged; returns their `login=` values.
     fn logins(&self, n: usize) -> Vec<String> {
-        let end = Instant::now() + Duration::from_secs(20);
-        loop {
-            let ends = self.lines("tcpsplice: info: end ");
-            if ends.len() >= n {
-                return ends
-                    .iter()
-                    .map(|l| {
-                        l.split(' ')
-                            .find_map(|w| w.strip_prefix("login="))
-                            .unwrap_or("-")
-                            .to_string()
-                    })
-                    .collect();
-            }
-            assert!(
-                Instant::now() < end,
-                "{} of {n} end lines in 20 s:\n{}",
-                ends.len(),
-                self.log.lock().unwrap().join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.p
+            .wait_lines("tcpsplice: info: end ", n)
+            .iter()
+            .map(|l| {
+                l.split(' ')
+                    .find_map(|w| w.strip_prefix("login="))
+                    .unwrap_or("-")
+                    .to_string()
+            })
+            .collect()
     }
 
     fn show(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.p.show()
     }
 }
 

@@ -6,11 +6,11 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::util;
+use crate::util::{self, Logged};
 
 const LISTEN: &str = env!("CARGO_BIN_EXE_tcpsplice-listen");
 const AUTH: &str = env!("CARGO_BIN_EXE_tcpsplice-auth");
@@ -37,78 +37,6 @@ fn free_port() -> u16 {
     let (l, a) = util::listener();
     drop(l);
     a.port()
-}
-
-/// A program running for the test, its standard error collected line by line.
-struct Logged {
-    child: Child,
-    what: String,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Logged {
-    /// Spawns `cmd` with stderr collected; returns it and its stdout.
-    fn spawn(cmd: &mut Command, what: &str) -> (Logged, std::process::ChildStdout) {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn {what}: {e}"));
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        let err = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(l);
-            }
-        });
-        let out = child.stdout.take().expect("stdout");
-        let p = Logged {
-            child,
-            what: what.to_string(),
-            log,
-        };
-        (p, out)
-    }
-
-    fn lines(&self, pat: &str) -> Vec<String> {
-        let log = self.log.lock().unwrap();
-        log.iter().filter(|l| l.contains(pat)).cloned().collect()
-    }
-
-    /// Waits until `n` lines hold `pat`; returns them.
-    fn wait_lines(&self, pat: &str, n: usize) -> Vec<String> {
-        let end = Instant::now() + LIMIT;
-        loop {
-            let l = self.lines(pat);
-            if l.len() >= n {
-                return l;
-            }
-            assert!(
-                Instant::now() < end,
-                "{} of {n} lines with {pat:?}:{}",
-                l.len(),
-                self.show()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn show(&self) -> String {
-        format!(
-            "\n--- {} log:\n{}",
-            self.what,
-            self.log.lock().unwrap().join("\n")
-        )
-    }
-}
-
-impl Drop for Logged {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// tcpsplice-listen on an ephemeral loopback port.

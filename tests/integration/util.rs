@@ -3,9 +3,10 @@
 
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A finished command, kept whole so a failed assertion can show all of it.
@@ -546,4 +547,76 @@ pub fn on_pty(cmd: &mut Command) -> std::fs::File {
         });
     }
     std::fs::File::from(master)
+}
+
+/// A program running for the test, its standard error collected line by line.
+pub struct Logged {
+    pub child: Child,
+    pub what: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Logged {
+    /// Spawns `cmd` with stderr collected; returns it and its stdout.
+    pub fn spawn(cmd: &mut Command, what: &str) -> (Logged, std::process::ChildStdout) {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {what}: {e}"));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        let err = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(l);
+            }
+        });
+        let out = child.stdout.take().expect("stdout");
+        let p = Logged {
+            child,
+            what: what.to_string(),
+            log,
+        };
+        (p, out)
+    }
+
+    pub fn lines(&self, pat: &str) -> Vec<String> {
+        let log = self.log.lock().unwrap();
+        log.iter().filter(|l| l.contains(pat)).cloned().collect()
+    }
+
+    /// Waits (up to 20 s) until `n` lines hold `pat`; returns them.
+    pub fn wait_lines(&self, pat: &str, n: usize) -> Vec<String> {
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let l = self.lines(pat);
+            if l.len() >= n {
+                return l;
+            }
+            assert!(
+                Instant::now() < end,
+                "{} of {n} lines with {pat:?}:{}",
+                l.len(),
+                self.show()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn show(&self) -> String {
+        format!(
+            "\n--- {} log:\n{}",
+            self.what,
+            self.log.lock().unwrap().join("\n")
+        )
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
