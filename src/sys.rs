@@ -957,29 +957,40 @@ pub fn reap_child() -> Option<(libc::pid_t, ChildEnd)> {
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     loop {
         match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) => {
-                return Some((pid.as_raw(), ChildEnd::Exited(code)))
-            }
-            Ok(WaitStatus::Signaled(pid, sig, _)) => {
-                return Some((pid.as_raw(), ChildEnd::Signaled(sig as i32)))
-            }
-            // Stopped or continued (not asked for with WNOHANG alone): look again.
             Ok(WaitStatus::StillAlive) | Err(_) => return None,
-            Ok(_) => continue,
+            Ok(st) => {
+                if let Some(end) = child_end(st) {
+                    return Some(end);
+                }
+            }
         }
     }
 }
 
 /// Waits for child `pid` to end, and says how it did.
 pub fn wait_child(pid: libc::pid_t) -> io::Result<ChildEnd> {
-    use nix::sys::wait::{waitpid, WaitStatus};
+    use nix::sys::wait::waitpid;
     loop {
         match waitpid(nix::unistd::Pid::from_raw(pid), None) {
-            Ok(WaitStatus::Exited(_, code)) => return Ok(ChildEnd::Exited(code)),
-            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(ChildEnd::Signaled(sig as i32)),
-            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(st) => {
+                if let Some((_, end)) = child_end(st) {
+                    return Ok(end);
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(io::Error::from(e)),
         }
+    }
+}
+
+/// The end a waitpid status reports: None for a child only stopped or continued (not
+/// asked for, but not an end either: wait again).
+fn child_end(st: nix::sys::wait::WaitStatus) -> Option<(libc::pid_t, ChildEnd)> {
+    use nix::sys::wait::WaitStatus;
+    match st {
+        WaitStatus::Exited(pid, code) => Some((pid.as_raw(), ChildEnd::Exited(code))),
+        WaitStatus::Signaled(pid, sig, _) => Some((pid.as_raw(), ChildEnd::Signaled(sig as i32))),
+        _ => None,
     }
 }
 

@@ -769,8 +769,9 @@ pub const LIVENESS_AFTER: Duration = Duration::from_secs(1);
 /// (`found` is what the fd had before any of ours was changed) and put back at the end,
 /// unless the descriptor is this process's alone (`chain::is_private`: nobody else can
 /// see the flag, and the descriptor is closed after us). Socket options belong to the
-/// socket: `seen` holds those already set (and a descriptor of each), as fds 0/1 and 6/7 are usually one socket
-/// each; with `defer_liveness`, the liveness options are left to [`set_liveness`].
+/// socket: `seen` holds those already set (and a descriptor of each), as fds 0/1 and
+/// 6/7 are usually one socket each; with `defer_liveness`, the liveness options are
+/// left to [`set_liveness`] (the relay's loop calls it after [`LIVENESS_AFTER`]).
 pub(super) fn prepare_fd(
     cfg: &Config,
     fd: RawFd,
@@ -857,9 +858,9 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
     for ((k, &fd), &flags) in kind.iter_mut().zip(&fds).zip(&found) {
         *k = prepare_fd(cfg, fd, flags, &mut guard, &mut seen, true)?;
     }
-    // One descriptor per socket, for the liveness options once the relay has lasted.
-    let sockets: Vec<RawFd> = seen.iter().map(|&(_, fd)| fd).collect();
-    let mut liveness_due = (!sockets.is_empty()).then(|| start + LIVENESS_AFTER);
+    // `seen` holds a descriptor of each socket, for the liveness options once the relay
+    // has lasted.
+    let mut liveness_due = (!seen.is_empty()).then(|| start + LIVENESS_AFTER);
     let signals = sys::SignalFd::new(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
     let mut dirs = [
         Dir::new(
@@ -948,7 +949,7 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
         }
         if let Some(due) = liveness_due {
             if now >= due {
-                for &fd in &sockets {
+                for &(_, fd) in &seen {
                     set_liveness(cfg, fd);
                 }
                 liveness_due = None;
