@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::dialer::{Command, Dial};
 use super::reply::{self, Failure, Style};
-use crate::{diag, exit, rules, sys};
+use crate::{chain, diag, exit, rules, sys};
 
 /// A peer from a wrong address is reset; after this many the BIND fails.
 const MAX_WRONG_PEERS: u32 = 64;
@@ -67,7 +67,8 @@ pub(super) fn run(d: &Dial, client: Option<SocketAddr>, client_local: Option<Soc
         "bind: {peer} connected to {bound} for {}",
         target.shown
     ));
-    d.hand_over(sock, peer, client, client_local, Some(peer))
+    d.hand_over(sock, peer, client, client_local, Some(peer));
+    chain::exec(&d.cfg.prog)
 }
 
 /// Whether the client on fd 0, which poll found readable, has closed or reset its

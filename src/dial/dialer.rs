@@ -499,23 +499,11 @@ impl Dial<'_> {
         )
     }
 
-    /// Sends the PROXY header, puts the connection on fds 6 and 7, sets the environment,
-    /// answers the client, and execs the next program. `accepted`: the connection is a
+    /// Sends the PROXY header, puts the connection on fds 6 and 7, sets the environment
+    /// and answers the client; the caller then execs the next program (`chain::exec`,
+    /// from a frame of its own: see `connect_target`). `accepted`: the connection is a
     /// BIND's, from that peer, which the reply names (and no PROXY header is sent).
     pub(super) fn hand_over(
-        &self,
-        sock: OwnedFd,
-        peer: SocketAddr,
-        client: Option<SocketAddr>,
-        client_local: Option<SocketAddr>,
-        accepted: Option<SocketAddr>,
-    ) -> i32 {
-        self.prepare_hand_over(sock, peer, client, client_local, accepted);
-        chain::exec(&self.cfg.prog)
-    }
-
-    /// All of [`Dial::hand_over`] but the exec.
-    fn prepare_hand_over(
         &self,
         sock: OwnedFd,
         peer: SocketAddr,
@@ -627,7 +615,7 @@ fn connect_target(cfg: &Config) -> Option<i32> {
     let source = d.source(client_local);
     let addrs = d.candidates(&target, source);
     let (sock, peer) = d.connect(&target, &addrs, source);
-    d.prepare_hand_over(sock, peer, client, client_local, None);
+    d.hand_over(sock, peer, client, client_local, None);
     None
 }
 
