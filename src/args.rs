@@ -3,6 +3,7 @@
 
 use std::ffi::OsString;
 use std::os::unix::io::RawFd;
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// An option table in the suite's style: options stop at the first non-option argument,
@@ -13,6 +14,44 @@ pub fn options() -> getopts::Options {
     o.parsing_style(getopts::ParsingStyle::StopAtFirstFree);
     o.optflag("h", "help", "help");
     o
+}
+
+/// What a link made of its command line, kept for the next time the same words come
+/// (with the same `extra`, for a link whose words mean something else in another
+/// environment): a reused connection process of tcpsplice-listen runs each link with the
+/// same words for every connection, and building getopts' table and parsing (a copy of
+/// every option's names and description, and of every argument) was 3 % of a short
+/// connection's CPU. Only a command line that parsed is kept: a wrong one exits.
+pub struct ParsedOnce<E, T> {
+    kept: Mutex<Option<(Vec<OsString>, E, T)>>,
+}
+
+impl<E: PartialEq, T: Clone> Default for ParsedOnce<E, T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<E: PartialEq, T: Clone> ParsedOnce<E, T> {
+    pub const fn new() -> Self {
+        ParsedOnce {
+            kept: Mutex::new(None),
+        }
+    }
+
+    /// What `parse` gave for `argv` and `extra`, parsing only when they are not the ones
+    /// kept.
+    pub fn get(&self, argv: &[OsString], extra: E, parse: impl FnOnce() -> T) -> T {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((words, e, v)) = &*kept {
+            if words.as_slice() == argv && *e == extra {
+                return v.clone();
+            }
+        }
+        let v = parse();
+        *kept = Some((argv.to_vec(), extra, v.clone()));
+        v
+    }
 }
 
 /// Parses `argv` with `o`: a bad option exits 100 with the usage, `-h` (`--help`) prints

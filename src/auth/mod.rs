@@ -3,7 +3,7 @@
 //! command line (normally tcpsplice-dial). See man/tcpsplice-auth.1.
 
 use std::ffi::OsString;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub mod checkpassword;
@@ -51,22 +51,10 @@ impl Checker for Unavailable {
 /// removed for no-auth.
 pub const LOGIN_VAR: &str = "TCPSPLICE_LOGIN";
 
-/// The command line parsed, once per process for the same words: a reused connection
-/// process of tcpsplice-listen runs this link with them for every connection, and
-/// building getopts' table and parsing (a copy of every name, description and
-/// argument) was a good part of the link's allocations. A wrong command line exits.
+/// The command line parsed, once per process for the same words (`args::ParsedOnce`).
 fn matches_kept(argv: &[OsString]) -> Arc<getopts::Matches> {
-    type Kept = (Vec<OsString>, Arc<getopts::Matches>);
-    static KEPT: Mutex<Option<Kept>> = Mutex::new(None);
-    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((words, m)) = &*kept {
-        if words.as_slice() == argv {
-            return Arc::clone(m);
-        }
-    }
-    let m = Arc::new(matches(argv));
-    *kept = Some((argv.to_vec(), Arc::clone(&m)));
-    m
+    static KEPT: args::ParsedOnce<(), Arc<getopts::Matches>> = args::ParsedOnce::new();
+    KEPT.get(argv, (), || Arc::new(matches(argv)))
 }
 
 fn matches(argv: &[OsString]) -> getopts::Matches {

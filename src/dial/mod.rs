@@ -3,7 +3,7 @@
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 mod bind;
@@ -46,25 +46,12 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     dialer::run(&cfg)
 }
 
-/// [`options`], parsed once per process for a command line: a reused connection process
-/// of tcpsplice-listen runs this link with the same words for every connection, and
-/// getopts' parse (a copy of every name and argument) was 3 % of a short connection's
-/// CPU. Whether TCPSPLICE_TARGET is set changes what the words mean, so it is part of
-/// the key. Only a command line that parsed is kept: a wrong one exits.
+/// [`options`], once per process for the same words (`args::ParsedOnce`). Whether
+/// TCPSPLICE_TARGET is set changes what the words mean, so it is part of the key.
 fn options_kept(argv: &[OsString]) -> Arc<Config> {
-    /// The words, whether TCPSPLICE_TARGET was set, what they gave.
-    type Kept = (Vec<OsString>, bool, Arc<Config>);
-    static KEPT: Mutex<Option<Kept>> = Mutex::new(None);
+    static KEPT: args::ParsedOnce<bool, Arc<Config>> = args::ParsedOnce::new();
     let chosen = environ::var_os(dialer::TARGET_VAR).is_some_and(|v| !v.is_empty());
-    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((words, c, cfg)) = &*kept {
-        if words.as_slice() == argv && *c == chosen {
-            return Arc::clone(cfg);
-        }
-    }
-    let cfg = Arc::new(options(argv));
-    *kept = Some((argv.to_vec(), chosen, Arc::clone(&cfg)));
-    cfg
+    KEPT.get(argv, chosen, || Arc::new(options(argv)))
 }
 
 /// The options, as a [`Config`]. Never inlined, so that what parsing needs is off the

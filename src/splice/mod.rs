@@ -8,7 +8,6 @@ use crate::{args, chain, conninfo, diag, environ, exit, sys};
 use relay::Config;
 use relay::End;
 use std::ffi::OsString;
-use std::sync::Mutex;
 
 const USAGE: &str = "tcpsplice [-cq] [-t idle] [-g grace] [-k idle[,interval[,count]]] \
      [-u timeout] [-p pipesize] [-R fd] [-W fd] [-r fd] [-w fd]";
@@ -59,20 +58,10 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     }
 }
 
-/// [`options`], parsed once per process for a command line (as `dial::options_kept`:
-/// a reused connection process runs this link with the same words every time).
+/// [`options`], once per process for the same words (`args::ParsedOnce`).
 fn options_kept(argv: &[OsString]) -> (Config, bool) {
-    type Kept = (Vec<OsString>, Config, bool);
-    static KEPT: Mutex<Option<Kept>> = Mutex::new(None);
-    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((words, cfg, quiet)) = &*kept {
-        if words.as_slice() == argv {
-            return (cfg.clone(), *quiet);
-        }
-    }
-    let (cfg, quiet) = options(argv);
-    *kept = Some((argv.to_vec(), cfg.clone(), quiet));
-    (cfg, quiet)
+    static KEPT: args::ParsedOnce<(), (Config, bool)> = args::ParsedOnce::new();
+    KEPT.get(argv, (), || options(argv))
 }
 
 /// The options: the relay's configuration, and whether not to log (`-q`). A function of
