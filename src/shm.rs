@@ -9,7 +9,7 @@
 
 use std::io;
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Types that are valid when every byte is zero and that may be shared between
@@ -39,6 +39,42 @@ pub fn shared<T: Zeroable>() -> io::Result<&'static T> {
     // SAFETY: the mapping is page-aligned (so aligned for T), `len` bytes long, zeroed
     // by the kernel, which T: Zeroable says is a valid T, and never unmapped: 'static.
     Ok(unsafe { p.cast::<T>().as_ref() })
+}
+
+/// Maps `n` zeroed `T`s (at least one), shared with every process forked from now on, as
+/// [`shared`] does.
+pub fn shared_slice<T: Zeroable>(n: usize) -> io::Result<&'static [T]> {
+    use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+    let n = n.max(1);
+    let bytes = std::mem::size_of::<T>()
+        .checked_mul(n)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+    let len = NonZeroUsize::new(bytes).unwrap_or(NonZeroUsize::MIN);
+    let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
+    // SAFETY: a new anonymous mapping; no address is given, so nothing is replaced.
+    let p = unsafe { mmap_anonymous(None, len, prot, MapFlags::MAP_SHARED) }?;
+    // SAFETY: as in `shared`: page-aligned, `n` zeroed T's long, never unmapped.
+    Ok(unsafe { std::slice::from_raw_parts(p.cast::<T>().as_ptr(), n) })
+}
+
+/// Runs `f` holding the lock `word` (0 when free, else the holder's pid) against the
+/// other processes sharing it. For steps of a few loads and stores: a process finding it
+/// held yields and tries again, and a holder that died in it (killed between two
+/// instructions) is taken over.
+pub fn locked<T>(word: &AtomicU32, f: impl FnOnce() -> T) -> T {
+    let me = pid();
+    loop {
+        match word.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed) {
+            Ok(_) => break,
+            Err(owner) if !alive(owner) => {
+                let _ = word.compare_exchange(owner, 0, Ordering::Relaxed, Ordering::Relaxed);
+            }
+            Err(_) => std::thread::yield_now(),
+        }
+    }
+    let out = f();
+    word.store(0, Ordering::Release);
+    out
 }
 
 /// Sleeps while `word` holds `expected`, at most `timeout`, until a [`wake`] on it

@@ -779,6 +779,95 @@ impl Drop for SignalFd {
     }
 }
 
+/// An epoll instance, for a process that waits on a listening socket it shares with
+/// others: with `exclusive`, the kernel wakes one waiter per new connection instead of
+/// all of them (EPOLLEXCLUSIVE), which poll(2) cannot ask for. Closed by number in
+/// `drop`, as [`SignalFd`] is.
+pub struct Epoll {
+    fd: RawFd,
+}
+
+impl Epoll {
+    /// A new close-on-exec instance, its descriptor at `min` or above.
+    pub fn new(min: RawFd) -> io::Result<Epoll> {
+        use nix::sys::epoll::{Epoll as NixEpoll, EpollCreateFlags};
+        let ep = NixEpoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        Ok(Epoll {
+            fd: fd_move_up(ep.0.into_raw_fd(), min)?,
+        })
+    }
+
+    /// Watches `fd` for input (or its end), reported as `fd`.
+    pub fn add(&self, fd: RawFd, exclusive: bool) -> io::Result<()> {
+        use nix::sys::epoll::{EpollEvent, EpollFlags};
+        let mut flags = EpollFlags::EPOLLIN;
+        if exclusive {
+            flags |= EpollFlags::EPOLLEXCLUSIVE;
+        }
+        borrow(&fd)?;
+        let mut ev = EpollEvent::new(flags, fd as u64);
+        // Epoll::add wants the instance as an OwnedFd; ours is a number, as everywhere here.
+        #[allow(deprecated)]
+        let added =
+            nix::sys::epoll::epoll_ctl(self.fd, nix::sys::epoll::EpollOp::EpollCtlAdd, fd, &mut ev);
+        Ok(added?)
+    }
+
+    /// Waits up to `timeout` (None: for ever) for the watched descriptors; returns those
+    /// that are ready, in `ready` (at most its length), and how many. EINTR is retried.
+    pub fn wait(
+        &self,
+        ready: &mut [RawFd],
+        timeout: Option<std::time::Duration>,
+    ) -> io::Result<usize> {
+        use nix::sys::epoll::EpollEvent;
+        let ms = timeout.map_or(-1, |d| {
+            isize::try_from(d.as_micros().div_ceil(1000)).unwrap_or(isize::MAX)
+        });
+        let mut evs = [EpollEvent::empty(); 4];
+        let n = evs.len().min(ready.len());
+        #[allow(deprecated)] // as in `add`
+        let got = retry(|| Ok(nix::sys::epoll::epoll_wait(self.fd, &mut evs[..n], ms)?))?;
+        for (r, e) in ready.iter_mut().zip(&evs[..got]) {
+            *r = e.data() as RawFd;
+        }
+        Ok(got)
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.fd
+    }
+}
+
+impl Drop for Epoll {
+    fn drop(&mut self) {
+        close(self.fd);
+    }
+}
+
+/// A close-on-exec, non-blocking eventfd: a counter one process adds to, to wake another
+/// that polls it ([`eventfd_add`], [`eventfd_take`]).
+pub fn eventfd() -> io::Result<RawFd> {
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    let fd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
+    Ok(std::os::fd::OwnedFd::from(fd).into_raw_fd())
+}
+
+/// Adds 1 to the eventfd `fd`, waking whoever polls it. Never blocks: the counter is far
+/// from full (it is taken at every wakeup).
+pub fn eventfd_add(fd: RawFd) -> io::Result<()> {
+    write(fd, &1u64.to_ne_bytes()).map(drop)
+}
+
+/// Takes the counter of the eventfd `fd` (zero when nothing was added).
+pub fn eventfd_take(fd: RawFd) -> u64 {
+    let mut b = [0u8; 8];
+    match read(fd, &mut b) {
+        Ok(8) => u64::from_ne_bytes(b),
+        _ => 0,
+    }
+}
+
 /// poll(2) over `fds`, retried on EINTR; `timeout` None waits for ever. An entry with a
 /// negative fd is ignored and gets no events, as poll(2) does with it: nix's `PollFd`
 /// cannot hold one, so it is left out of the call.

@@ -400,32 +400,6 @@ impl Region {
         e.seq.store(seq.wrapping_add(2), Ordering::Release);
     }
 
-    /// Runs `f` while no other process takes a slot (see `taking`). The step is a few
-    /// loads and stores, so a process finding it busy yields and tries again; a holder
-    /// that died in it (killed between two instructions) is taken over.
-    fn while_taking<T>(&self, me: u32, f: impl FnOnce() -> T) -> T {
-        loop {
-            match self
-                .taking
-                .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
-            {
-                Ok(_) => break,
-                Err(owner) if !shm::alive(owner) => {
-                    let _ = self.taking.compare_exchange(
-                        owner,
-                        0,
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    );
-                }
-                Err(_) => std::thread::yield_now(),
-            }
-        }
-        let out = f();
-        self.taking.store(0, Ordering::Release);
-        out
-    }
-
     /// Takes one of the first `n` slots for a check for the client `source` (a key
     /// from `source_key`), waiting for one until `deadline`. One address may hold at
     /// most half of them (at least one): a flood of logins from it queues behind
@@ -442,7 +416,7 @@ impl Region {
                 .filter(|s| source != 0 && s.load(Ordering::Relaxed) == source)
                 .count();
             if held < share {
-                let taken = self.while_taking(me, || {
+                let taken = shm::locked(&self.taking, || {
                     let held = self.sources[..n]
                         .iter()
                         .filter(|s| source != 0 && s.load(Ordering::Relaxed) == source)

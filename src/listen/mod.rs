@@ -5,6 +5,7 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::os::unix::io::RawFd;
 
+pub mod pool;
 pub mod privdrop;
 pub mod sockets;
 pub mod supervisor;
@@ -161,6 +162,7 @@ fn setup(argv: &[OsString]) -> (Vec<RawFd>, Config, Vec<SocketAddr>, bool) {
         max_use,
         prog,
         proxy,
+        listeners_shared: host == "-",
     };
     (listeners, cfg, bound, m.opt_present("1"))
 }

@@ -28,6 +28,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::unix::io::RawFd;
 use std::time::{Duration, Instant};
 
+use super::pool::Pool;
 use super::sockets;
 use super::worker::{self, Peer};
 use crate::proxy::header::{self, Header, Step};
@@ -80,6 +81,8 @@ pub struct Config {
     pub prog: Vec<OsString>,
     /// Connections come through load balancers that send a PROXY header (`-P`).
     pub proxy: Option<ProxyIn>,
+    /// The listeners are systemd's (`- -`), which keeps them open across our restarts.
+    pub listeners_shared: bool,
 }
 
 /// PROXY protocol in (`-P`, `-t`).
@@ -121,6 +124,8 @@ struct Child {
     pending: Option<RawFd>,
     /// When it last finished a connection.
     idle_since: Instant,
+    /// Its slot in the shared books, when it accepts for itself.
+    slot: Option<usize>,
 }
 
 /// The shared pipe on which reused connection processes report ended connections.
@@ -148,6 +153,15 @@ struct Supervisor<'a> {
     /// A shortage was already reported and has not ended yet: warn once per episode.
     shortage_warned: bool,
     stopping: bool,
+    /// Set when reused connection processes accept for themselves (see `worker`).
+    pool: Option<Pool>,
+    /// Which of the pool's slots belong to a process.
+    slots_used: Vec<bool>,
+}
+
+/// Seconds since `start_ms` (`shm::monotonic_ms`).
+fn shm_secs_since(start_ms: u64) -> f64 {
+    crate::shm::monotonic_ms().saturating_sub(start_ms) as f64 / 1000.0
 }
 
 /// Makes sure fds 0, 1 and 2 are open, on /dev/null if need be: otherwise a listening
@@ -181,8 +195,62 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// [`canonical`] for a whole socket address.
+pub fn canonical_addr(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(canonical(a.ip()), a.port())
+}
+
 fn show(addr: &SocketAddr) -> String {
     conninfo::join_host_port(&conninfo::ip_text(addr.ip()), &addr.port().to_string())
+}
+
+fn via_text(via: Option<&SocketAddr>) -> String {
+    via.map(|v| format!(" via={}", show(v))).unwrap_or_default()
+}
+
+/// The log line of an accepted connection; `count` includes it. The same from the
+/// supervisor and from a process that accepted for itself.
+pub fn accept_line(
+    pid: libc::pid_t,
+    client: &SocketAddr,
+    via: Option<&SocketAddr>,
+    count: usize,
+    max: usize,
+) -> String {
+    format!(
+        "accept pid={pid} client={}{} count={count}/{max}",
+        show(client),
+        via_text(via)
+    )
+}
+
+/// The log line of an ended connection; `count` no longer includes it.
+pub fn end_line(
+    pid: libc::pid_t,
+    client: &SocketAddr,
+    how: &str,
+    secs: f64,
+    count: usize,
+    max: usize,
+) -> String {
+    format!(
+        "end pid={pid} client={} {how} secs={secs:.3} count={count}/{max}",
+        show(client)
+    )
+}
+
+/// The log line of a connection refused at `-C`.
+pub fn reject_line(
+    client: &SocketAddr,
+    via: Option<&SocketAddr>,
+    held: usize,
+    max: usize,
+) -> String {
+    format!(
+        "reject client={}{} per-source limit {held}/{max}",
+        show(client),
+        via_text(via)
+    )
 }
 
 /// Whether connection processes can be reused: PROG... must continue in the forked
@@ -228,6 +296,24 @@ pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce(usize)) -> 
         None
     };
     let max_use = if done.is_some() { cfg.max_use } else { 1 };
+    // Behind balancers the supervisor reads each PROXY header before any process gets
+    // the connection: there, processes keep being handed their connections.
+    let pool = if done.is_some() && cfg.proxy.is_none() {
+        match Pool::new(cfg.max_conns, cfg.max_per_ip) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                diag::warn(&format!(
+                    "unable to map the shared books of the connection processes: {}: \
+                     handing each connection over instead",
+                    sys::strerror(&e)
+                ));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let slots_used = vec![false; pool.as_ref().map_or(0, Pool::slots)];
     let mut sup = Supervisor {
         cfg,
         listeners,
@@ -241,6 +327,8 @@ pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce(usize)) -> 
         paused_until: None,
         shortage_warned: false,
         stopping: false,
+        pool,
+        slots_used,
     };
     ready(max_use);
     sup.run()
@@ -269,7 +357,12 @@ impl Supervisor<'_> {
             if self.paused_until.is_some_and(|t| now >= t) {
                 self.paused_until = None;
             }
-            let accepting = !self.stopping && self.paused_until.is_none() && self.has_room();
+            // Processes that wait for a connection accept it themselves: the supervisor
+            // accepts (and forks) only when none waits.
+            let accepting = !self.stopping
+                && self.paused_until.is_none()
+                && self.has_room()
+                && !self.pool.as_ref().is_some_and(Pool::any_idle);
             pfds.clear();
             pfds.push(libc::pollfd {
                 fd: self.signals.fd(),
@@ -278,8 +371,12 @@ impl Supervisor<'_> {
             });
             // Polled always, with a placeholder (-1, ignored by poll) when unused, so
             // the listeners start at index 2.
+            let reports = match &self.pool {
+                Some(p) => p.wake_fd(),
+                None => self.done.as_ref().map_or(-1, |d| d.read),
+            };
             pfds.push(libc::pollfd {
-                fd: self.done.as_ref().map_or(-1, |d| d.read),
+                fd: reports,
                 events: libc::POLLIN,
                 revents: 0,
             });
@@ -319,7 +416,10 @@ impl Supervisor<'_> {
             }
             // Before reaping: a child reports an end before it can exit.
             if pfds[1].revents != 0 {
-                self.take_done();
+                match &self.pool {
+                    Some(p) => p.take_wake(),
+                    None => self.take_done(),
+                }
             }
             // Reaped when the signalfd says a child changed (SIGCHLD is blocked, so it
             // waits there and is never lost), and at every quiet tick besides: not at
@@ -329,14 +429,42 @@ impl Supervisor<'_> {
             }
             self.let_go_idle(Instant::now());
             self.take_headers(&headers, Instant::now());
+            // A process that began to wait meanwhile takes the connection itself.
+            let accepting = accepting && !self.pool.as_ref().is_some_and(Pool::any_idle);
             if accepting && !self.stopping {
                 for p in &pfds[2..first_awaiting] {
                     if p.revents != 0 {
                         self.accept_from(p.fd);
                     }
                 }
+            } else if ready == 0 && !accepting {
+                self.accept_left_behind();
             }
         }
+    }
+
+    /// At a quiet tick, with processes that accept for themselves: a connection that
+    /// woke one of them just as it died (or left, at its idle limit) wakes no other, and
+    /// would wait in the backlog for the next one. Taken here instead.
+    fn accept_left_behind(&mut self) {
+        if self.pool.is_none() || self.stopping || self.paused_until.is_some() || !self.has_room() {
+            return;
+        }
+        for lfd in self.listeners.clone() {
+            let mut p = [libc::pollfd {
+                fd: lfd,
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            if sys::poll(&mut p, Some(Duration::ZERO)).is_ok_and(|n| n > 0) {
+                self.accept_from(lfd);
+            }
+        }
+    }
+
+    /// Connections being served.
+    fn busy_now(&self) -> usize {
+        self.pool.as_ref().map_or(self.busy, Pool::busy)
     }
 
     fn take_signals(&mut self) {
@@ -355,6 +483,12 @@ impl Supervisor<'_> {
     fn stop(&mut self) {
         self.stopping = true;
         for fd in self.listeners.drain(..) {
+            // Processes that accept for themselves hold the listeners too: shut, the
+            // socket stops listening for all of them, and its backlog is reset. Not
+            // systemd's, which it keeps listening for our next start.
+            if self.pool.is_some() && !self.cfg.listeners_shared {
+                let _ = sys::shutdown(fd, libc::SHUT_RD);
+            }
             sys::close(fd);
         }
         // Not started yet: refused like those of the backlog.
@@ -364,10 +498,18 @@ impl Supervisor<'_> {
         for pid in std::mem::take(&mut self.idle) {
             self.let_go(pid);
         }
+        // Those that accept for themselves see their channel close and leave, now or
+        // at the end of the connection they serve.
+        if self.pool.is_some() {
+            let pids: Vec<libc::pid_t> = self.children.keys().copied().collect();
+            for pid in pids {
+                self.let_go(pid);
+            }
+        }
         if !self.cfg.quiet {
             diag::info(&format!(
                 "stopping: no longer accepting, waiting for {} connections",
-                self.busy
+                self.busy_now()
             ));
         }
     }
@@ -383,7 +525,7 @@ impl Supervisor<'_> {
         if !self.cfg.quiet {
             diag::info(&format!(
                 "terminating: sent SIGTERM to {} connections",
-                self.busy
+                self.busy_now()
             ));
         }
         std::process::exit(exit::OK)
@@ -410,12 +552,16 @@ impl Supervisor<'_> {
                 sys::close(chan);
                 self.idle.retain(|&p| p != pid);
             }
-            let Some(conn) = child.conn else {
-                continue;
-            };
             let how = match end {
                 sys::ChildEnd::Exited(code) => format!("status={code}"),
                 sys::ChildEnd::Signaled(sig) => format!("signal={sig}"),
+            };
+            if let Some(i) = child.slot {
+                self.release_slot(pid, i, &how);
+                continue;
+            }
+            let Some(conn) = child.conn else {
+                continue;
             };
             if let Some(fd) = child.pending {
                 diag::warn(&format!(
@@ -435,6 +581,35 @@ impl Supervisor<'_> {
         }
     }
 
+    /// Gives back slot `i` of process `pid`, which has ended (`how`), and logs the end of
+    /// the connection it was serving, if any: those it finished, it logged itself.
+    fn release_slot(&mut self, pid: libc::pid_t, i: usize, how: &str) {
+        let Some(pool) = &self.pool else {
+            return;
+        };
+        let booked = pool.release(i);
+        if let Some(u) = self.slots_used.get_mut(i) {
+            *u = false;
+        }
+        pool.set_high(
+            self.slots_used
+                .iter()
+                .rposition(|&u| u)
+                .map_or(0, |k| k + 1),
+        );
+        if let (Some(b), false) = (booked, self.cfg.quiet) {
+            let secs = shm_secs_since(b.start_ms);
+            diag::info(&end_line(
+                pid,
+                &b.client,
+                how,
+                secs,
+                pool.busy(),
+                self.cfg.max_conns,
+            ));
+        }
+    }
+
     /// Books the end of the connection `pid` served, and logs it.
     fn ended(&mut self, pid: libc::pid_t, conn: Conn, how: &str) {
         self.busy -= 1;
@@ -445,12 +620,13 @@ impl Supervisor<'_> {
             }
         }
         if !self.cfg.quiet {
-            diag::info(&format!(
-                "end pid={pid} client={} {how} secs={:.3} count={}/{}",
-                show(&conn.client),
+            diag::info(&end_line(
+                pid,
+                &conn.client,
+                how,
                 conn.start.elapsed().as_secs_f64(),
                 self.busy,
-                self.cfg.max_conns
+                self.cfg.max_conns,
             ));
         }
     }
@@ -552,7 +728,12 @@ impl Supervisor<'_> {
 
     /// Whether a connection may be accepted under `-c`: those waiting for their PROXY
     /// header count.
+    /// Processes that accept for themselves serve one connection each at most: then
+    /// the processes are counted.
     fn has_room(&self) -> bool {
+        if self.pool.is_some() {
+            return self.children.len() < self.cfg.max_conns;
+        }
         self.busy + self.awaiting.len() < self.cfg.max_conns
     }
 
@@ -564,7 +745,7 @@ impl Supervisor<'_> {
             match sockets::accept(lfd) {
                 Ok((fd, Some(peer))) => {
                     self.shortage_warned = false;
-                    let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
+                    let peer = canonical_addr(peer);
                     match &self.cfg.proxy {
                         Some(p) => {
                             let a = Awaiting {
@@ -680,8 +861,8 @@ impl Supervisor<'_> {
     fn start_proxied(&mut self, a: Awaiting, h: Header) {
         match h {
             Header::Proxied { client, local } => {
-                let client = SocketAddr::new(canonical(client.ip()), client.port());
-                let local = SocketAddr::new(canonical(local.ip()), local.port());
+                let client = canonical_addr(client);
+                let local = canonical_addr(local);
                 self.start(a.fd, client, Some(local), Some(a.balancer));
             }
             // The balancer's own connection (a health check): served as one from it.
@@ -706,18 +887,17 @@ impl Supervisor<'_> {
         local: Option<SocketAddr>,
         via: Option<SocketAddr>,
     ) {
+        if self.pool.is_some() {
+            self.start_in_pool(fd, client);
+            return;
+        }
         let ip = client.ip();
         let here = self.per_ip.get(&ip).copied().unwrap_or(0);
         if let Some(max) = self.cfg.max_per_ip {
             if here >= max {
                 sys::close(fd);
                 if !self.cfg.quiet {
-                    diag::info(&format!(
-                        "reject client={}{} per-source limit {here}/{max}",
-                        show(&client),
-                        via.map(|v| format!(" via={}", show(&v)))
-                            .unwrap_or_default()
-                    ));
+                    diag::info(&reject_line(&client, via.as_ref(), here, max));
                 }
                 return;
             }
@@ -740,16 +920,65 @@ impl Supervisor<'_> {
         }
     }
 
+    /// With processes that accept for themselves: books the connection in a free slot
+    /// (or refuses it at `-C`) and forks a process for it, which goes on accepting.
+    fn start_in_pool(&mut self, fd: RawFd, client: SocketAddr) {
+        let Some(pool) = self.pool.clone() else {
+            return;
+        };
+        // has_room() said a slot is free: one per process, at most -c of them.
+        let Some(i) = self.slots_used.iter().position(|&u| !u) else {
+            sys::close(fd);
+            return;
+        };
+        self.slots_used[i] = true;
+        pool.set_high(
+            self.slots_used
+                .iter()
+                .rposition(|&u| u)
+                .map_or(0, |k| k + 1),
+        );
+        if let Err(held) = pool.admit(i, client) {
+            self.slots_used[i] = false;
+            sys::close(fd);
+            if !self.cfg.quiet {
+                let max = self.cfg.max_per_ip.unwrap_or(0);
+                diag::info(&reject_line(&client, None, held, max));
+            }
+            return;
+        }
+        let peer = Peer {
+            client,
+            local: None,
+        };
+        match self.fork_child(fd, peer, Some(i)) {
+            Ok(pid) => {
+                if !self.cfg.quiet {
+                    diag::info(&accept_line(
+                        pid,
+                        &client,
+                        None,
+                        pool.busy(),
+                        self.cfg.max_conns,
+                    ));
+                }
+            }
+            Err((what, e)) => {
+                pool.release(i);
+                self.slots_used[i] = false;
+                self.pause(what, &e);
+            }
+        }
+    }
+
     fn log_accept(&self, pid: libc::pid_t, conn: &Conn) {
         if !self.cfg.quiet {
-            diag::info(&format!(
-                "accept pid={pid} client={}{} count={}/{}",
-                show(&conn.client),
-                conn.via
-                    .map(|v| format!(" via={}", show(&v)))
-                    .unwrap_or_default(),
+            diag::info(&accept_line(
+                pid,
+                &conn.client,
+                conn.via.as_ref(),
                 self.busy,
-                self.cfg.max_conns
+                self.cfg.max_conns,
             ));
         }
     }
@@ -763,7 +992,7 @@ impl Supervisor<'_> {
             }
             return Some(pid);
         }
-        match self.fork_child(fd, peer) {
+        match self.fork_child(fd, peer, None) {
             Ok(pid) => Some(pid),
             Err((what, e)) => {
                 self.pause(what, &e);
@@ -774,10 +1003,12 @@ impl Supervisor<'_> {
 
     /// Forks a child for the connection on `fd` (which is closed here) and books it
     /// without a connection; the caller books the connection.
+    /// `slot`: its slot in the shared books, when it is to accept for itself.
     fn fork_child(
         &mut self,
         fd: RawFd,
         peer: Peer,
+        slot: Option<usize>,
     ) -> Result<libc::pid_t, (&'static str, io::Error)> {
         // Out of descriptors, the child is forked without a channel: it serves this
         // connection only, as with -r 1, rather than the client being dropped.
@@ -786,14 +1017,31 @@ impl Supervisor<'_> {
         // ordinary code until it execs.
         let forked = sys::fork_single_threaded();
         if matches!(forked, Ok(sys::Forked::Child)) {
+            let accepting = match (&self.pool, slot, pair) {
+                (Some(pool), Some(slot), Some(_)) => Some(worker::Accepting {
+                    pool: pool.clone(),
+                    slot,
+                    listeners: self.listeners.clone(),
+                    max_conns: self.cfg.max_conns,
+                    quiet: self.cfg.quiet,
+                    idle_max: IDLE_MAX,
+                }),
+                _ => None,
+            };
             // Ours first: forked with a full descriptor table, the child needs room.
-            self.close_own_fds();
+            self.close_own_fds(accepting.is_some());
             match (pair, &self.done) {
                 (Some((ours, theirs)), Some(done)) => {
                     sys::close(ours);
-                    worker::run(theirs, done.write, self.cfg.max_use, (fd, peer), |fd, p| {
-                        self.serve_one(fd, p)
-                    })
+                    let first = (fd, peer);
+                    worker::run(
+                        theirs,
+                        done.write,
+                        self.cfg.max_use,
+                        first,
+                        accepting,
+                        |fd, p| self.serve_one(fd, p),
+                    )
                 }
                 _ => std::process::exit(self.serve_one(fd, peer)),
             }
@@ -819,16 +1067,23 @@ impl Supervisor<'_> {
                 chan: pair.map(|(ours, _)| ours),
                 pending: None,
                 idle_since: Instant::now(),
+                slot,
             },
         );
         Ok(pid)
     }
 
     /// In a forked child: closes the supervisor's descriptors (they are close-on-exec,
-    /// but a child that is reused needs the room before it would exec).
-    fn close_own_fds(&self) {
-        for &fd in &self.listeners {
-            sys::close(fd);
+    /// but a child that is reused needs the room before it would exec), but for the
+    /// listeners and the pool's eventfd when it is to accept for itself.
+    fn close_own_fds(&self, accepting: bool) {
+        if !accepting {
+            for &fd in &self.listeners {
+                sys::close(fd);
+            }
+            if let Some(p) = &self.pool {
+                sys::close(p.wake_fd());
+            }
         }
         sys::close(self.signals.fd());
         if let Some(d) = &self.done {

@@ -25,7 +25,9 @@
 
 use std::net::SocketAddr;
 use std::os::unix::io::RawFd;
+use std::time::{Duration, Instant};
 
+use super::pool::Pool;
 use crate::{chain, diag, environ, exit, sys};
 
 /// Reserved descriptors go this high, out of the way of the fixed numbers a chain uses
@@ -94,29 +96,55 @@ struct Fresh {
     fds: Vec<(RawFd, Option<(u64, u64)>)>,
 }
 
+/// What a connection process needs to accept for itself (see the module's doc).
+pub struct Accepting {
+    pub pool: Pool,
+    /// This process's slot in `pool`.
+    pub slot: usize,
+    pub listeners: Vec<RawFd>,
+    /// Most connections at once (`-c`), for the log lines.
+    pub max_conns: usize,
+    /// No per-connection log lines (`-q`).
+    pub quiet: bool,
+    /// How long it waits for a connection before it exits.
+    pub idle_max: Duration,
+}
+
+/// An [`Accepting`] process's wait: its channel and the listeners in one epoll set.
+struct Waiting {
+    how: Accepting,
+    epoll: sys::Epoll,
+}
+
 struct Channel {
-    /// This process's end of the socketpair: next connections arrive here.
+    /// This process's end of the socketpair: next connections arrive here (or, for a
+    /// process that accepts for itself, only its end of file).
     conns: RawFd,
     /// The write end of the shared pipe: ends are reported here.
     done: RawFd,
     /// Put on fds 0 and 1 between connections.
     devnull: RawFd,
+    /// Set when the process accepts for itself.
+    waiting: Option<Waiting>,
 }
 
 /// Serves `first` and then, while the connections end normally and fewer than
-/// `max_use` were served, the connections the supervisor sends on `conns`. `serve`
-/// handles one connection (socket, client) and returns the exit status at a normal end.
-/// Never returns. Runs in the forked child; `conns` is its end of the socketpair, `done`
-/// the write end of the shared pipe; every other close-on-exec descriptor inherited from
-/// the supervisor (listeners, the other processes' channels) is closed here.
+/// `max_use` were served, the next ones: sent by the supervisor on `conns`, or, with
+/// `accepting`, accepted by this process itself from the listeners while it waits.
+/// `serve` handles one connection (socket, client) and returns the exit status at a
+/// normal end. Never returns. Runs in the forked child; `conns` is its end of the
+/// socketpair, `done` the write end of the shared pipe; every other close-on-exec
+/// descriptor inherited from the supervisor (the other processes' channels, and the
+/// listeners unless it accepts) is closed here.
 pub fn run(
     conns: RawFd,
     done: RawFd,
     max_use: usize,
     first: (RawFd, Peer),
+    accepting: Option<Accepting>,
     serve: impl Fn(RawFd, Peer) -> i32,
 ) -> ! {
-    let ch = match reserve(conns, done, first.0) {
+    let ch = match reserve(conns, done, first.0, accepting) {
         Ok(ch) => ch,
         // Out of descriptors, say: serve this connection without reuse.
         Err(_) => std::process::exit(serve(first.0, first.1)),
@@ -130,6 +158,7 @@ pub fn run(
     let (mut fd, mut client) = first;
     let mut served = 0;
     loop {
+        let start = Instant::now();
         // Beside the reserved descriptors, only `fd` is close-on-exec, and serving moves
         // it to 0 and 1 before the chain goes on: no need to look for others.
         chain::nothing_to_close();
@@ -141,8 +170,20 @@ pub fn run(
         if served >= max_use {
             std::process::exit(code);
         }
-        (fd, client) = next_connection(&ch, &mut fresh, pid, code);
+        let ended = Ended {
+            code,
+            client: client.client,
+            secs: start.elapsed().as_secs_f64(),
+        };
+        (fd, client) = next_connection(&ch, &mut fresh, pid, ended);
     }
+}
+
+/// The connection a process just finished.
+struct Ended {
+    code: i32,
+    client: SocketAddr,
+    secs: f64,
 }
 
 /// fd 2 and the descriptors inherited from the supervisor's parent, with what they
@@ -160,13 +201,28 @@ fn kept_fds() -> Vec<(RawFd, Option<(u64, u64)>)> {
 }
 
 /// Between connections: puts the process back as the fork left it, reports the end of
-/// the last one (status `code`) and waits for the next; exits when there is none. Never
-/// inlined: the chain runs below [`run`]'s frame, and under tcpsplice-listen what it
-/// holds on the stack while a connection is idle is private memory of its process.
+/// the last one and waits for the next; exits when there is none. Never inlined: the
+/// chain runs below [`run`]'s frame, and under tcpsplice-listen what it holds on the
+/// stack while a connection is idle is private memory of its process.
 #[inline(never)]
-fn next_connection(ch: &Channel, fresh: &mut Fresh, pid: libc::pid_t, code: i32) -> (RawFd, Peer) {
+fn next_connection(
+    ch: &Channel,
+    fresh: &mut Fresh,
+    pid: libc::pid_t,
+    ended: Ended,
+) -> (RawFd, Peer) {
+    let code = ended.code;
+    if let Some(w) = &ch.waiting {
+        // Waiting already, before the client sees the end: its next connection, made
+        // at once, is then left to this process, rather than the supervisor finding none
+        // waiting and forking another. The count of its source drops a moment early.
+        w.how.pool.set_idle(w.how.slot);
+    }
     if !restore(ch, fresh) {
         std::process::exit(code);
+    }
+    if let Some(w) = &ch.waiting {
+        return accept_next(ch.conns, w, pid, ended);
     }
     // A supervisor that is gone cannot hand out more work: EPIPE ends us.
     if sys::write_all(ch.done, &done_message(pid, code)).is_err() {
@@ -191,21 +247,153 @@ fn next_connection(ch: &Channel, fresh: &mut Fresh, pid: libc::pid_t, code: i32)
     }
 }
 
+/// A process that accepts for itself, its slot booked as waiting: logs the end of the
+/// last connection, then waits on the listeners (one waiting process woken per connection) until it
+/// accepts one it may serve. Exits when the supervisor closes the channel (stopping, or
+/// gone), when no connection came for `idle_max`, and when accepting fails for want of
+/// resources or because the listener was shut: the supervisor accepts then.
+fn accept_next(conns: RawFd, w: &Waiting, pid: libc::pid_t, ended: Ended) -> (RawFd, Peer) {
+    let a = &w.how;
+    if !a.quiet {
+        diag::info(&super::supervisor::end_line(
+            pid,
+            &ended.client,
+            &format!("status={}", ended.code),
+            ended.secs,
+            a.pool.busy(),
+            a.max_conns,
+        ));
+    }
+    let mut ready = [0; 4];
+    loop {
+        let n = match w.epoll.wait(&mut ready, Some(a.idle_max)) {
+            Ok(0) => std::process::exit(exit::OK),
+            Ok(n) => n,
+            Err(e) => diag::die_sys(exit::TEMP, "wait for the next connection", &e),
+        };
+        if ready[..n].contains(&conns) {
+            std::process::exit(exit::OK);
+        }
+        for &l in &ready[..n] {
+            if let Some(next) = accept_from(l, a, pid) {
+                return next;
+            }
+        }
+    }
+}
+
+/// Accepts a connection from listener `l` and books it, or returns None (none was
+/// there, it failed on its own, or its source is at `-C`).
+fn accept_from(l: RawFd, a: &Accepting, pid: libc::pid_t) -> Option<(RawFd, Peer)> {
+    let (fd, peer) = match sys::accept_cloexec(l) {
+        Ok((fd, Some(peer))) => (fd, peer),
+        Ok((fd, None)) => {
+            sys::close(fd);
+            return None;
+        }
+        Err(e) => match e.raw_os_error() {
+            // Another process was quicker, or the connection is already gone (as in
+            // the supervisor's accept loop).
+            Some(
+                libc::EAGAIN
+                | libc::EINTR
+                | libc::ECONNABORTED
+                | libc::ENETDOWN
+                | libc::EPROTO
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+                | libc::ECONNRESET
+                | libc::ETIMEDOUT
+                | libc::EPERM,
+            ) => return None,
+            // Shut by a stopping supervisor, or a shortage that the supervisor handles
+            // (it pauses): this process leaves.
+            _ => std::process::exit(exit::OK),
+        },
+    };
+    let client = super::supervisor::canonical_addr(peer);
+    if let Err(held) = a.pool.admit(a.slot, client) {
+        sys::close(fd);
+        if !a.quiet {
+            diag::info(&super::supervisor::reject_line(
+                &client,
+                None,
+                held,
+                a.pool_max_per_ip(),
+            ));
+        }
+        return None;
+    }
+    a.pool.took();
+    if !a.quiet {
+        diag::info(&super::supervisor::accept_line(
+            pid,
+            &client,
+            None,
+            a.pool.busy(),
+            a.max_conns,
+        ));
+    }
+    Some((
+        fd,
+        Peer {
+            client,
+            local: None,
+        },
+    ))
+}
+
+impl Accepting {
+    fn pool_max_per_ip(&self) -> usize {
+        self.pool.max_per_ip().unwrap_or(0)
+    }
+}
+
 /// Moves the process's own descriptors out of the chain's way and closes what it must
-/// not hold: the listeners, and the other connection processes' channels, which would
-/// keep them from seeing the supervisor go. `client` is the first connection's socket.
-fn reserve(conns: RawFd, done: RawFd, client: RawFd) -> std::io::Result<Channel> {
+/// not hold: the other connection processes' channels, which would keep them from
+/// seeing the supervisor go, and the listeners unless it accepts for itself. `client` is
+/// the first connection's socket.
+fn reserve(
+    conns: RawFd,
+    done: RawFd,
+    client: RawFd,
+    accepting: Option<Accepting>,
+) -> std::io::Result<Channel> {
     let conns = sys::fd_move_up(conns, RESERVED_MIN)?;
     let done = sys::fd_move_up(done, RESERVED_MIN)?;
     let devnull = sys::open_devnull(true)?;
     let devnull = sys::fd_move_up(devnull, RESERVED_MIN)?;
-    let keep = [conns, done, devnull];
-    sys::close_cloexec_fds(&[conns, done, devnull, client]);
+    let mut keep = vec![conns, done, devnull];
+    let waiting = match accepting {
+        Some(mut how) => {
+            for l in how.listeners.iter_mut() {
+                *l = sys::fd_move_up(*l, RESERVED_MIN)?;
+            }
+            keep.push(how.pool.move_wake_up(RESERVED_MIN)?);
+            let epoll = sys::Epoll::new(RESERVED_MIN)?;
+            epoll.add(conns, false)?;
+            for &l in &how.listeners {
+                epoll.add(l, true)?;
+            }
+            keep.push(epoll.fd());
+            keep.extend(&how.listeners);
+            Some(Waiting { how, epoll })
+        }
+        None => None,
+    };
+    let mut closing = keep.clone();
+    closing.push(client);
+    sys::close_cloexec_fds(&closing);
     chain::reserve_fds(&keep);
     Ok(Channel {
         conns,
         done,
         devnull,
+        waiting,
     })
 }
 
@@ -213,6 +401,11 @@ fn reserve(conns: RawFd, done: RawFd, client: RawFd) -> std::io::Result<Channel>
 /// process must exit instead.
 fn restore(ch: &Channel, fresh: &mut Fresh) -> bool {
     let mut keep = vec![ch.conns, ch.done, ch.devnull];
+    if let Some(w) = &ch.waiting {
+        keep.push(w.epoll.fd());
+        keep.push(w.how.pool.wake_fd());
+        keep.extend(&w.how.listeners);
+    }
     keep.extend(fresh.fds.iter().map(|&(fd, _)| fd));
     diag::forget_syslog();
     chain::forget_private();

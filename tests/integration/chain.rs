@@ -32,14 +32,35 @@ fn socket_inodes(pid: u32) -> Vec<String> {
     v
 }
 
-/// The inodes of the TCP sockets the kernel lists, to tell them from unix sockets.
+/// The descriptors of `pid` that refer to one of `links` (as /proc/PID/fd shows them).
+fn fds_on(pid: u32, links: &[String]) -> Vec<i32> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read fds")
+        .flatten()
+    {
+        if let Ok(l) = std::fs::read_link(e.path()) {
+            if links.contains(&l.to_string_lossy().into_owned()) {
+                v.extend(e.file_name().to_string_lossy().parse::<i32>());
+            }
+        }
+    }
+    v
+}
+
+/// The inodes of the TCP sockets the kernel lists but the listening ones (state 0A),
+/// to tell connections from unix sockets and from the listeners, which processes that
+/// accept for themselves hold too.
 fn tcp_socket_inodes() -> Vec<String> {
     let mut v = Vec::new();
     for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
         if let Ok(text) = std::fs::read_to_string(f) {
             for line in text.lines().skip(1) {
-                if let Some(inode) = line.split_whitespace().nth(9) {
-                    v.push(format!("socket:[{inode}]"));
+                let w: Vec<&str> = line.split_whitespace().collect();
+                if let (Some(&state), Some(inode)) = (w.get(3), w.get(9)) {
+                    if state != "0A" {
+                        v.push(format!("socket:[{inode}]"));
+                    }
                 }
             }
         }
@@ -47,7 +68,7 @@ fn tcp_socket_inodes() -> Vec<String> {
     v
 }
 
-/// The TCP sockets among `pid`'s descriptors.
+/// The TCP connections among `pid`'s descriptors.
 fn tcp_sockets_of(pid: u32) -> Vec<String> {
     let tcp = tcp_socket_inodes();
     socket_inodes(pid)
@@ -135,7 +156,18 @@ fn stop(listen: Child) -> util::Ran {
 /// relay process while the connection is open: (comm, exe, its sockets), plus the
 /// listener's sockets and all TCP sockets of the system then.
 #[allow(clippy::type_complexity)]
-fn inspect_relay(exec_always: bool) -> (String, String, Vec<String>, Vec<String>, Vec<String>) {
+/// The relay's name, image, sockets, the listener's sockets, the TCP connections of the
+/// machine, and the relay's descriptors on the listener's sockets.
+type Image = (
+    String,
+    String,
+    Vec<String>,
+    Vec<String>,
+    Vec<String>,
+    Vec<i32>,
+);
+
+fn inspect_relay(exec_always: bool) -> Image {
     let (target_l, target_a) = util::listener();
     let tport = target_a.port().to_string();
     let env: &[(&str, &str)] = if exec_always {
@@ -155,6 +187,7 @@ fn inspect_relay(exec_always: bool) -> (String, String, Vec<String>, Vec<String>
     let exe = std::fs::read_link(format!("/proc/{relay}/exe")).unwrap();
     let relay_socks = socket_inodes(relay);
     let listen_socks = socket_inodes(listen.id());
+    let on_listener = fds_on(relay, &listen_socks);
     let tcp = tcp_socket_inodes();
     client.shutdown(Shutdown::Write).unwrap();
     target.shutdown(Shutdown::Write).unwrap();
@@ -174,12 +207,13 @@ fn inspect_relay(exec_always: bool) -> (String, String, Vec<String>, Vec<String>
         relay_socks,
         listen_socks,
         tcp,
+        on_listener,
     )
 }
 
 #[test]
 fn a_sibling_continues_in_process_as_if_exec_had_run() {
-    let (comm, exe, relay_socks, listen_socks, tcp) = inspect_relay(false);
+    let (comm, exe, relay_socks, listen_socks, tcp, on_listener) = inspect_relay(false);
     assert_eq!(
         comm, "tcpsplice",
         "the relay is named after the program it runs"
@@ -188,18 +222,19 @@ fn a_sibling_continues_in_process_as_if_exec_had_run() {
         exe.ends_with("/tcpsplice-listen"),
         "no exec: still the listener's image, got {exe}"
     );
-    // The listener's socket is close-on-exec: the relay must not hold it.
-    for s in &listen_socks {
-        assert!(
-            !relay_socks.contains(s),
-            "relay holds the listening socket {s}"
-        );
-    }
-    // Two TCP sockets: the client's (fds 0/1) and the target's (fds 6/7); beside them
-    // only the unix socket on which the listener hands over the next connection.
+    // The process accepts its next connection itself: it holds the listening socket
+    // (close-on-exec, as an exec would close it), but only among its own descriptors,
+    // out of the chain's way (10 and up), never where a program of the chain looks.
+    assert!(
+        on_listener.len() == 1 && on_listener[0] >= 10,
+        "relay holds the listening socket on {on_listener:?}"
+    );
+    // Two TCP connections: the client's (fds 0/1) and the target's (fds 6/7); beside
+    // them only the unix socket on which the listener would hand over a connection.
     let mut uniq = relay_socks.clone();
     uniq.sort();
     uniq.dedup();
+    uniq.retain(|s| !listen_socks.contains(s));
     let (tcp_socks, other): (Vec<_>, Vec<_>) = uniq.iter().partition(|s| tcp.contains(s));
     assert_eq!(tcp_socks.len(), 2, "relay sockets: {relay_socks:?}");
     assert!(other.len() <= 1, "relay sockets: {relay_socks:?}");
@@ -207,7 +242,7 @@ fn a_sibling_continues_in_process_as_if_exec_had_run() {
 
 #[test]
 fn tcpsplice_exec_always_forces_real_execs() {
-    let (comm, exe, relay_socks, listen_socks, _) = inspect_relay(true);
+    let (comm, exe, relay_socks, listen_socks, _, _) = inspect_relay(true);
     assert_eq!(comm, "tcpsplice");
     assert!(
         exe.ends_with("/tcpsplice"),
@@ -520,12 +555,13 @@ fn a_process_serves_up_to_r_connections_and_each_finds_a_fresh_fork() {
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
-        // 0-2, what the listener was given, and the three the process keeps for itself
-        // (its channel, the report pipe, /dev/null); nothing a connection opened.
+        // 0-2, what the listener was given, and the six the process keeps for itself
+        // (its channel, the report pipe, /dev/null; the listener it accepts from, its
+        // epoll set, the supervisor's eventfd); nothing a connection opened.
         let given = inherited_fds(listen.id());
         assert_eq!(
             fds.len(),
-            6 + given.len(),
+            9 + given.len(),
             "fds of an idle process: {fds:?}, given {given:?}"
         );
         // No signal blocked (SIGTERM ends it at once), and ignored what the listener
@@ -595,16 +631,26 @@ fn r1_or_exec_always_fork_a_process_per_connection() {
 
 #[test]
 fn a_connection_handed_to_a_process_that_dies_before_taking_it_goes_to_another() {
-    let fw = forwarder(&[], &[], Command::new(LISTEN), 2);
+    // Behind a balancer (-P) the supervisor reads each PROXY header and hands the
+    // connection over: processes do not accept for themselves.
+    let fw = forwarder(&["-P", "127.0.0.1/32"], &[], Command::new(LISTEN), 2);
     let data = util::pattern(1, 5000);
-    let first = serve_and_find_idle(&fw, &data);
+    let proxied = |d: &[u8]| {
+        let mut m = b"PROXY TCP4 192.0.2.7 127.0.0.1 4321 80\r\n".to_vec();
+        m.extend_from_slice(d);
+        m
+    };
+    assert_eq!(round_trip(fw.port, &proxied(&data)).0, reversed(&data));
+    let first = live_relay_of(fw.listen());
+    wait_no_tcp(first);
+    wait_restored(first);
     // Stopped, the idle process cannot take the next connection: the listener hands it
     // over anyway and keeps its own copy of the socket until told it was taken.
     // SAFETY: kill with a pid we found among the listener's children.
     unsafe { libc::kill(first as i32, libc::SIGSTOP) };
     let held_before = tcp_sockets_of(fw.listen().id()).len();
     let port = fw.port;
-    let sent = data.clone();
+    let sent = proxied(&data);
     let client = std::thread::spawn(move || round_trip(port, &sent).0);
     let end = Instant::now() + Duration::from_secs(10);
     while tcp_sockets_of(fw.listen().id()).len() <= held_before {
@@ -637,6 +683,49 @@ fn a_connection_handed_to_a_process_that_dies_before_taking_it_goes_to_another()
     );
     // One end line per connection: the first one's, and the handed-on one's.
     assert_eq!(log.matches(" status=0 ").count(), 2, "{}", ran.show());
+}
+
+#[test]
+fn waiting_processes_accept_for_themselves_and_one_stopped_or_killed_loses_nothing() {
+    let fw = forwarder(&[], &[], Command::new(LISTEN), 4);
+    let data = util::pattern(2, 3000);
+    let first = serve_and_find_idle(&fw, &data);
+    // With the supervisor stopped, the waiting process takes the next connection
+    // itself: it logs the accept (and the end) under its own pid.
+    let sup = fw.listen().id() as i32;
+    // SAFETY: kill with the pid of the listener we started.
+    unsafe { libc::kill(sup, libc::SIGSTOP) };
+    assert_eq!(round_trip(fw.port, &data).0, reversed(&data));
+    // SAFETY: as above.
+    unsafe { libc::kill(sup, libc::SIGCONT) };
+    wait_no_tcp(first);
+    wait_restored(first);
+    // Stopped, the waiting process is no longer in its wait, so the kernel wakes no
+    // one for the next connection: the supervisor finds it left behind at its next
+    // quiet second and forks a process for it.
+    // SAFETY: kill with a pid we found among the listener's children.
+    unsafe { libc::kill(first as i32, libc::SIGSTOP) };
+    let t = Instant::now();
+    assert_eq!(round_trip(fw.port, &data).0, reversed(&data));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "served after {:?}",
+        t.elapsed()
+    );
+    // Killed while waiting, it takes nothing with it.
+    // SAFETY: as above.
+    unsafe { libc::kill(first as i32, libc::SIGKILL) };
+    assert_eq!(round_trip(fw.port, &data).0, reversed(&data));
+    let (ran, pids) = fw.finish(4);
+    assert!(
+        pids.len() == 4 && pids[0] == first && pids[1] == first && pids[2] != first,
+        "{}",
+        ran.show()
+    );
+    let log = ran.stderr_text();
+    // The process it was forked for logs the end of each connection it finished.
+    assert_eq!(log.matches(" status=0 ").count(), 4, "{}", ran.show());
+    assert!(!log.contains("signal=9 secs"), "{}", ran.show());
 }
 
 #[test]

@@ -1,0 +1,216 @@
+//! The books of tcpsplice-listen's connection processes when they accept for themselves
+//! (see `worker`): one slot per process in memory shared by the supervisor and all of
+//! them, saying whether it waits for a connection or serves one, and whom.
+//!
+//! Why shared memory: a process that accepts a connection on its own must book it where
+//! the others and the supervisor see it at once, without waking the supervisor (a hand-
+//! over through the supervisor costs a wakeup of it and a message each way per
+//! connection, about an eighth of what a short connection costs). From the slots come
+//! the per-source count (`-C`), checked and booked under one lock so that two processes
+//! accepting from one address at the same instant cannot both pass it; the count in the
+//! log lines; whether any process is left waiting, which tells the supervisor to accept
+//! (and fork) itself; and, when a process dies serving a connection, what the
+//! supervisor logs for it. Slots are given out and taken back by the supervisor only, at
+//! fork and at reaping; a process writes only its own slot.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::unix::io::RawFd;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use crate::{shm, sys};
+
+/// No process, or one not booked yet.
+const NONE: u32 = 0;
+/// Its process waits for a connection.
+const IDLE: u32 = 1;
+/// Its process serves a connection.
+const BUSY: u32 = 2;
+
+#[repr(C)]
+struct Slot {
+    state: AtomicU32,
+    /// The client's address as IPv6 (IPv4 mapped), in network order, and its port.
+    ip: [AtomicU32; 4],
+    port: AtomicU32,
+    /// When the connection started, `shm::monotonic_ms`.
+    start_ms: AtomicU64,
+}
+
+// SAFETY: a repr(C) struct of atomics: valid as zero bytes, no pointer.
+unsafe impl shm::Zeroable for Slot {}
+
+/// The lock word and the number of slots in use at most (the supervisor gives out the
+/// lowest free one, so every booked slot is below it and a scan stops there).
+#[repr(C)]
+struct Head {
+    lock: AtomicU32,
+    high: AtomicU32,
+}
+
+// SAFETY: as for `Slot`.
+unsafe impl shm::Zeroable for Head {}
+
+/// The shared books; made by the supervisor before its first fork.
+#[derive(Clone)]
+pub struct Pool {
+    head: &'static Head,
+    slots: &'static [Slot],
+    /// An eventfd the supervisor polls: a process that took the last waiting slot adds
+    /// to it, so that the supervisor accepts (and forks) the next connection itself.
+    wake: RawFd,
+    max_per_ip: Option<usize>,
+}
+
+/// A connection booked in a slot.
+pub struct Booked {
+    pub client: SocketAddr,
+    pub start_ms: u64,
+}
+
+impl Pool {
+    /// Books for `max` processes (`-c`: each serves one connection at a time).
+    pub fn new(max: usize, max_per_ip: Option<usize>) -> std::io::Result<Pool> {
+        Ok(Pool {
+            head: shm::shared()?,
+            slots: shm::shared_slice(max)?,
+            wake: sys::eventfd()?,
+            max_per_ip,
+        })
+    }
+
+    pub fn wake_fd(&self) -> RawFd {
+        self.wake
+    }
+
+    /// Moves the eventfd out of the way of the chain's descriptors, in a connection
+    /// process (see `worker::reserve`).
+    pub fn move_wake_up(&mut self, min: RawFd) -> std::io::Result<RawFd> {
+        self.wake = sys::fd_move_up(self.wake, min)?;
+        Ok(self.wake)
+    }
+
+    /// How many slots: one per process at most (`-c`).
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn max_per_ip(&self) -> Option<usize> {
+        self.max_per_ip
+    }
+
+    /// The supervisor: slots up to `high` may be booked (see `Head`).
+    pub fn set_high(&self, high: usize) {
+        let high = u32::try_from(high.min(self.slots.len())).unwrap_or(u32::MAX);
+        self.head.high.store(high, Ordering::SeqCst);
+    }
+
+    fn in_use(&self) -> &[Slot] {
+        let high = self.head.high.load(Ordering::SeqCst) as usize;
+        &self.slots[..high.min(self.slots.len())]
+    }
+
+    /// Books `client`'s connection in slot `i`, unless its address already holds the
+    /// most connections `-C` allows: then returns how many it holds.
+    pub fn admit(&self, i: usize, client: SocketAddr) -> Result<(), usize> {
+        let Some(slot) = self.slots.get(i) else {
+            return Ok(());
+        };
+        let v6 = match client.ip() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        let words: [u32; 4] = std::array::from_fn(|k| {
+            let o = v6.octets();
+            u32::from_ne_bytes([o[4 * k], o[4 * k + 1], o[4 * k + 2], o[4 * k + 3]])
+        });
+        let book = || {
+            for (w, v) in slot.ip.iter().zip(words) {
+                w.store(v, Ordering::Relaxed);
+            }
+            slot.port.store(u32::from(client.port()), Ordering::Relaxed);
+            slot.start_ms.store(shm::monotonic_ms(), Ordering::Relaxed);
+            slot.state.store(BUSY, Ordering::SeqCst);
+        };
+        let Some(max) = self.max_per_ip else {
+            book();
+            return Ok(());
+        };
+        shm::locked(&self.head.lock, || {
+            let held = self
+                .in_use()
+                .iter()
+                .filter(|s| {
+                    s.state.load(Ordering::SeqCst) == BUSY
+                        && s.ip
+                            .iter()
+                            .zip(words)
+                            .all(|(w, v)| w.load(Ordering::Relaxed) == v)
+                })
+                .count();
+            if held >= max {
+                return Err(held);
+            }
+            book();
+            Ok(())
+        })
+    }
+
+    /// Slot `i`'s process waits for a connection.
+    pub fn set_idle(&self, i: usize) {
+        if let Some(s) = self.slots.get(i) {
+            s.state.store(IDLE, Ordering::SeqCst);
+        }
+    }
+
+    /// The supervisor, at reaping slot `i`'s process: the connection it was serving, if
+    /// any, and the slot is free again.
+    pub fn release(&self, i: usize) -> Option<Booked> {
+        let s = self.slots.get(i)?;
+        let was = s.state.swap(NONE, Ordering::SeqCst);
+        (was == BUSY).then(|| {
+            let mut o = [0u8; 16];
+            for (k, w) in s.ip.iter().enumerate() {
+                o[4 * k..4 * k + 4].copy_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes());
+            }
+            let v6 = Ipv6Addr::from(o);
+            let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
+            let port = u16::try_from(s.port.load(Ordering::Relaxed)).unwrap_or(0);
+            Booked {
+                client: SocketAddr::new(ip, port),
+                start_ms: s.start_ms.load(Ordering::Relaxed),
+            }
+        })
+    }
+
+    /// Connections being served.
+    pub fn busy(&self) -> usize {
+        self.count(BUSY)
+    }
+
+    /// Whether a process waits for a connection.
+    pub fn any_idle(&self) -> bool {
+        self.in_use()
+            .iter()
+            .any(|s| s.state.load(Ordering::SeqCst) == IDLE)
+    }
+
+    fn count(&self, state: u32) -> usize {
+        self.in_use()
+            .iter()
+            .filter(|s| s.state.load(Ordering::SeqCst) == state)
+            .count()
+    }
+
+    /// A process took a connection: when no other waits, the supervisor must accept the
+    /// next one itself.
+    pub fn took(&self) {
+        if !self.any_idle() {
+            let _ = sys::eventfd_add(self.wake);
+        }
+    }
+
+    /// The supervisor, woken by [`took`](Self::took): clears the wakeup.
+    pub fn take_wake(&self) {
+        sys::eventfd_take(self.wake);
+    }
+}
