@@ -152,10 +152,6 @@ fn stop(listen: Child) -> util::Ran {
     util::finish(listen, "tcpsplice-listen", Duration::from_secs(20))
 }
 
-/// Runs listen → dial → splice for one connection and returns what /proc says of the
-/// relay process while the connection is open: (comm, exe, its sockets), plus the
-/// listener's sockets and all TCP sockets of the system then.
-#[allow(clippy::type_complexity)]
 /// The relay's name, image, sockets, the listener's sockets, the TCP connections of the
 /// machine, and the relay's descriptors on the listener's sockets.
 type Image = (
@@ -167,6 +163,9 @@ type Image = (
     Vec<i32>,
 );
 
+/// Runs listen → dial → splice for one connection and returns what /proc says of the
+/// relay process while the connection is open: (comm, exe, its sockets), plus the
+/// listener's sockets and all TCP sockets of the system then.
 fn inspect_relay(exec_always: bool) -> Image {
     let (target_l, target_a) = util::listener();
     let tport = target_a.port().to_string();
@@ -683,6 +682,55 @@ fn a_connection_handed_to_a_process_that_dies_before_taking_it_goes_to_another()
     );
     // One end line per connection: the first one's, and the handed-on one's.
     assert_eq!(log.matches(" status=0 ").count(), 2, "{}", ran.show());
+}
+
+#[test]
+fn a_stop_refuses_new_clients_although_connection_processes_hold_the_listener() {
+    // The target holds the connection open until told: a busy process, which also holds
+    // the listening socket it accepts from, keeps running through the stop.
+    let (target_l, target_a) = util::listener();
+    let tport = target_a.port().to_string();
+    let (listen, port) = start_listen(&[DIAL, "127.0.0.1", &tport, SPLICE], &[]);
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut target = util::accept_timeout(&target_l, Duration::from_secs(10));
+    client.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    target.read_exact(&mut b).unwrap();
+    // SAFETY: kill with a pid we spawned.
+    unsafe { libc::kill(listen.id() as i32, libc::SIGTERM) };
+    // Refused, not left waiting in a backlog that a busy process still holds open.
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            other => {
+                assert!(
+                    Instant::now() < end,
+                    "a connection after SIGTERM: {other:?}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    // The running connection goes on to its end, both ways.
+    target.write_all(b"pong").unwrap();
+    client.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"pong");
+    client.shutdown(Shutdown::Write).unwrap();
+    target.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).unwrap();
+    let ran = util::finish(listen, "tcpsplice-listen", Duration::from_secs(20));
+    ran.expect_code(0);
+    assert!(
+        ran.stderr_text().contains("stopped: all connections ended"),
+        "{}",
+        ran.show()
+    );
 }
 
 #[test]
