@@ -182,6 +182,13 @@ impl Pool {
         })
     }
 
+    /// Whether slot `i`'s process waits for a connection.
+    pub fn is_idle(&self, i: usize) -> bool {
+        self.slots
+            .get(i)
+            .is_some_and(|s| s.state.load(Ordering::SeqCst) == IDLE)
+    }
+
     /// Connections being served.
     pub fn busy(&self) -> usize {
         self.count(BUSY)

@@ -686,6 +686,22 @@ impl Supervisor<'_> {
         }
     }
 
+    /// Lets go of the processes that wait for a connection in the pool.
+    fn let_go_waiting(&mut self) {
+        let Some(pool) = self.pool.clone() else {
+            return;
+        };
+        let waiting: Vec<libc::pid_t> = self
+            .children
+            .iter()
+            .filter(|(_, c)| c.slot.is_some_and(|i| pool.is_idle(i)))
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in waiting {
+            self.let_go(pid);
+        }
+    }
+
     /// Lets go of the children idle for longer than IDLE_MAX.
     fn let_go_idle(&mut self, now: Instant) {
         while let Some(&pid) = self.idle.first() {
@@ -769,6 +785,7 @@ impl Supervisor<'_> {
                         for pid in std::mem::take(&mut self.idle) {
                             self.let_go(pid);
                         }
+                        self.let_go_waiting();
                         self.pause("accept", &e);
                         return;
                     }
