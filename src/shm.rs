@@ -62,19 +62,42 @@ pub fn shared_slice<T: Zeroable>(n: usize) -> io::Result<&'static [T]> {
 /// held yields and tries again, and a holder that died in it (killed between two
 /// instructions) is taken over.
 pub fn locked<T>(word: &AtomicU32, f: impl FnOnce() -> T) -> T {
-    let me = pid();
-    loop {
-        match word.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed) {
-            Ok(_) => break,
-            Err(owner) if !alive(owner) => {
-                let _ = word.compare_exchange(owner, 0, Ordering::Relaxed, Ordering::Relaxed);
-            }
-            Err(_) => std::thread::yield_now(),
-        }
-    }
+    acquire(word, None);
     let out = f();
     word.store(0, Ordering::Release);
     out
+}
+
+/// [`locked`], giving up after about `tries` attempts (None then, `f` not run): for a
+/// process that must not wait on a holder only it could clear (the supervisor, which
+/// reaps a holder that died: a zombie looks alive).
+pub fn try_locked<T>(word: &AtomicU32, tries: u32, f: impl FnOnce() -> T) -> Option<T> {
+    if !acquire(word, Some(tries)) {
+        return None;
+    }
+    let out = f();
+    word.store(0, Ordering::Release);
+    Some(out)
+}
+
+/// Takes the lock `word` for this process, trying at most `tries` times if given.
+fn acquire(word: &AtomicU32, tries: Option<u32>) -> bool {
+    let me = pid();
+    let mut tried = 0u32;
+    loop {
+        match word.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed) {
+            Ok(_) => return true,
+            Err(owner) if !alive(owner) => {
+                let _ = word.compare_exchange(owner, 0, Ordering::Relaxed, Ordering::Relaxed);
+            }
+            Err(_) if tries.is_some_and(|t| tried >= t) => return false,
+            // A holder that is stopped, or dead but not reaped yet, holds on longer
+            // than a few yields: then wait without spinning.
+            Err(_) if tried >= 64 => std::thread::sleep(Duration::from_micros(200)),
+            Err(_) => std::thread::yield_now(),
+        }
+        tried = tried.saturating_add(1);
+    }
 }
 
 /// Sleeps while `word` holds `expected`, at most `timeout`, until a [`wake`] on it

@@ -1105,3 +1105,7 @@ pub fn fork_single_threaded() -> io::Result<Forked> {
 pub fn getpid() -> libc::pid_t {
     nix::unistd::getpid().as_raw()
 }
+
+pub fn getppid() -> libc::pid_t {
+    nix::unistd::getppid().as_raw()
+}

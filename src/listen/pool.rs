@@ -61,6 +61,20 @@ pub struct Pool {
     max_per_ip: Option<usize>,
 }
 
+/// How long the supervisor tries for the lock: a few yields and sleeps, some
+/// milliseconds at worst. A holder takes microseconds; one that takes longer is stopped,
+/// or died in it and is a zombie until the supervisor reaps it.
+const SUPERVISOR_TRIES: u32 = 80;
+
+/// Why a connection was not booked.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Its source holds this many connections, the most `-C` allows.
+    Full(usize),
+    /// The lock was held too long (the supervisor's try only).
+    Busy,
+}
+
 /// A connection booked in a slot.
 pub struct Booked {
     pub client: SocketAddr,
@@ -111,7 +125,17 @@ impl Pool {
 
     /// Books `client`'s connection in slot `i`, unless its address already holds the
     /// most connections `-C` allows: then returns how many it holds.
-    pub fn admit(&self, i: usize, client: SocketAddr) -> Result<(), usize> {
+    pub fn admit(&self, i: usize, client: SocketAddr) -> Result<(), Refused> {
+        self.admit_within(i, client, u32::MAX)
+    }
+
+    /// [`admit`](Self::admit) by the supervisor, which gives up on a lock held too long
+    /// (`Refused::Busy`): the process it forks books the connection then.
+    pub fn admit_soon(&self, i: usize, client: SocketAddr) -> Result<(), Refused> {
+        self.admit_within(i, client, SUPERVISOR_TRIES)
+    }
+
+    fn admit_within(&self, i: usize, client: SocketAddr, tries: u32) -> Result<(), Refused> {
         let Some(slot) = self.slots.get(i) else {
             return Ok(());
         };
@@ -135,7 +159,7 @@ impl Pool {
             book();
             return Ok(());
         };
-        shm::locked(&self.head.lock, || {
+        let checked = shm::try_locked(&self.head.lock, tries, || {
             let held = self
                 .in_use()
                 .iter()
@@ -148,17 +172,26 @@ impl Pool {
                 })
                 .count();
             if held >= max {
-                return Err(held);
+                return Err(Refused::Full(held));
             }
             book();
             Ok(())
-        })
+        });
+        checked.unwrap_or(Err(Refused::Busy))
     }
 
     /// Slot `i`'s process waits for a connection.
     pub fn set_idle(&self, i: usize) {
         if let Some(s) = self.slots.get(i) {
             s.state.store(IDLE, Ordering::SeqCst);
+        }
+    }
+
+    /// Slot `i`'s process serves its booked connection still (it could not go back to
+    /// waiting, and exits with it).
+    pub fn set_busy(&self, i: usize) {
+        if let Some(s) = self.slots.get(i) {
+            s.state.store(BUSY, Ordering::SeqCst);
         }
     }
 

@@ -28,7 +28,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::unix::io::RawFd;
 use std::time::{Duration, Instant};
 
-use super::pool::Pool;
+use super::pool::{Pool, Refused};
 use super::sockets;
 use super::worker::{self, Peer};
 use crate::proxy::header::{self, Header, Step};
@@ -157,6 +157,12 @@ struct Supervisor<'a> {
     pool: Option<Pool>,
     /// Which of the pool's slots belong to a process.
     slots_used: Vec<bool>,
+    /// When to look next for connections left in the backlog (see
+    /// `accept_left_behind`), and whether a listener was readable at the last look.
+    next_backlog_look: Instant,
+    backlog_seen: bool,
+    /// Our pid, for the connection processes.
+    pid: libc::pid_t,
 }
 
 /// Seconds since `start_ms` (`shm::monotonic_ms`).
@@ -303,8 +309,8 @@ pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce(usize)) -> 
             Ok(p) => Some(p),
             Err(e) => {
                 diag::warn(&format!(
-                    "unable to map the shared books of the connection processes: {}: \
-                     handing each connection over instead",
+                    "unable to set up the shared books of the connection processes (a shared \
+                     mapping, an eventfd): {}: handing each connection over instead",
                     sys::strerror(&e)
                 ));
                 None
@@ -329,6 +335,9 @@ pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce(usize)) -> 
         stopping: false,
         pool,
         slots_used,
+        next_backlog_look: Instant::now() + TICK,
+        backlog_seen: false,
+        pid: sys::getpid(),
     };
     ready(max_use);
     sup.run()
@@ -437,26 +446,37 @@ impl Supervisor<'_> {
                         self.accept_from(p.fd);
                     }
                 }
-            } else if ready == 0 && !accepting {
+            } else if !accepting && Instant::now() >= self.next_backlog_look {
+                self.next_backlog_look = Instant::now() + TICK;
                 self.accept_left_behind();
             }
         }
     }
 
-    /// At a quiet tick, with processes that accept for themselves: a connection that
-    /// woke one of them just as it died (or left, at its idle limit) wakes no other, and
-    /// would wait in the backlog for the next one. Taken here instead.
+    /// Once a second, with processes that accept for themselves and one waiting: a
+    /// connection that woke one of them just as it died, was stopped or left wakes no
+    /// other, and would wait in the backlog for the next connection. A listener found
+    /// readable at two looks in a row has such a connection (a waiting process takes
+    /// one within microseconds): taken here.
     fn accept_left_behind(&mut self) {
         if self.pool.is_none() || self.stopping || self.paused_until.is_some() || !self.has_room() {
+            self.backlog_seen = false;
             return;
         }
-        for lfd in self.listeners.clone() {
+        let mut readable = Vec::new();
+        for &lfd in &self.listeners {
             let mut p = [libc::pollfd {
                 fd: lfd,
                 events: libc::POLLIN,
                 revents: 0,
             }];
             if sys::poll(&mut p, Some(Duration::ZERO)).is_ok_and(|n| n > 0) {
+                readable.push(lfd);
+            }
+        }
+        let seen_before = std::mem::replace(&mut self.backlog_seen, !readable.is_empty());
+        if seen_before {
+            for lfd in readable {
                 self.accept_from(lfd);
             }
         }
@@ -584,19 +604,14 @@ impl Supervisor<'_> {
     /// Gives back slot `i` of process `pid`, which has ended (`how`), and logs the end of
     /// the connection it was serving, if any: those it finished, it logged itself.
     fn release_slot(&mut self, pid: libc::pid_t, i: usize, how: &str) {
-        let Some(pool) = &self.pool else {
+        let Some(pool) = self.pool.clone() else {
             return;
         };
         let booked = pool.release(i);
         if let Some(u) = self.slots_used.get_mut(i) {
             *u = false;
         }
-        pool.set_high(
-            self.slots_used
-                .iter()
-                .rposition(|&u| u)
-                .map_or(0, |k| k + 1),
-        );
+        pool.set_high(self.high());
         if let (Some(b), false) = (booked, self.cfg.quiet) {
             let secs = shm_secs_since(b.start_ms);
             diag::info(&end_line(
@@ -937,8 +952,8 @@ impl Supervisor<'_> {
         }
     }
 
-    /// With processes that accept for themselves: books the connection in a free slot
-    /// (or refuses it at `-C`) and forks a process for it, which goes on accepting.
+    /// With processes that accept for themselves: forks a process for the connection
+    /// with a free slot, which books it and goes on accepting.
     fn start_in_pool(&mut self, fd: RawFd, client: SocketAddr) {
         let Some(pool) = self.pool.clone() else {
             return;
@@ -949,43 +964,40 @@ impl Supervisor<'_> {
             return;
         };
         self.slots_used[i] = true;
-        pool.set_high(
-            self.slots_used
-                .iter()
-                .rposition(|&u| u)
-                .map_or(0, |k| k + 1),
-        );
-        if let Err(held) = pool.admit(i, client) {
-            self.slots_used[i] = false;
-            sys::close(fd);
-            if !self.cfg.quiet {
-                let max = self.cfg.max_per_ip.unwrap_or(0);
-                diag::info(&reject_line(&client, None, held, max));
-            }
-            return;
-        }
+        pool.set_high(self.high());
         let peer = Peer {
             client,
             local: None,
         };
-        match self.fork_child(fd, peer, Some(i)) {
-            Ok(pid) => {
-                if !self.cfg.quiet {
-                    diag::info(&accept_line(
-                        pid,
-                        &client,
-                        None,
-                        pool.busy(),
-                        self.cfg.max_conns,
-                    ));
-                }
-            }
-            Err((what, e)) => {
-                pool.release(i);
+        // Booked here, in the order of the accepts, so that -C turns away the later of
+        // two; unless the pool's lock is held too long (a holder stopped, or killed in
+        // it and a zombie until we reap it): then the child books it. The child logs it.
+        let booked = match pool.admit_soon(i, client) {
+            Ok(()) => true,
+            Err(Refused::Full(held)) => {
                 self.slots_used[i] = false;
-                self.pause(what, &e);
+                sys::close(fd);
+                if !self.cfg.quiet {
+                    let max = self.cfg.max_per_ip.unwrap_or(0);
+                    diag::info(&reject_line(&client, None, held, max));
+                }
+                return;
             }
+            Err(Refused::Busy) => false,
+        };
+        if let Err((what, e)) = self.fork_child(fd, peer, Some((i, booked))) {
+            pool.release(i);
+            self.slots_used[i] = false;
+            self.pause(what, &e);
         }
+    }
+
+    /// One past the last slot given out.
+    fn high(&self) -> usize {
+        self.slots_used
+            .iter()
+            .rposition(|&u| u)
+            .map_or(0, |k| k + 1)
     }
 
     fn log_accept(&self, pid: libc::pid_t, conn: &Conn) {
@@ -1020,12 +1032,13 @@ impl Supervisor<'_> {
 
     /// Forks a child for the connection on `fd` (which is closed here) and books it
     /// without a connection; the caller books the connection.
-    /// `slot`: its slot in the shared books, when it is to accept for itself.
+    /// `slot`: its slot in the shared books, when it is to accept for itself, and
+    /// whether this connection is booked there already.
     fn fork_child(
         &mut self,
         fd: RawFd,
         peer: Peer,
-        slot: Option<usize>,
+        slot: Option<(usize, bool)>,
     ) -> Result<libc::pid_t, (&'static str, io::Error)> {
         // Out of descriptors, the child is forked without a channel: it serves this
         // connection only, as with -r 1, rather than the client being dropped.
@@ -1034,19 +1047,23 @@ impl Supervisor<'_> {
         // ordinary code until it execs.
         let forked = sys::fork_single_threaded();
         if matches!(forked, Ok(sys::Forked::Child)) {
-            let accepting = match (&self.pool, slot, pair) {
-                (Some(pool), Some(slot), Some(_)) => Some(worker::Accepting {
+            let accepting = match (&self.pool, slot) {
+                (Some(pool), Some((slot, first_booked))) => Some(worker::Accepting {
                     pool: pool.clone(),
                     slot,
+                    first_booked,
                     listeners: self.listeners.clone(),
                     max_conns: self.cfg.max_conns,
                     quiet: self.cfg.quiet,
                     idle_max: IDLE_MAX,
+                    pause: PAUSE,
+                    supervisor: self.pid,
+                    listeners_shared: self.cfg.listeners_shared,
                 }),
                 _ => None,
             };
             // Ours first: forked with a full descriptor table, the child needs room.
-            self.close_own_fds(accepting.is_some());
+            self.close_own_fds(accepting.is_some() && pair.is_some());
             match (pair, &self.done) {
                 (Some((ours, theirs)), Some(done)) => {
                     sys::close(ours);
@@ -1060,7 +1077,15 @@ impl Supervisor<'_> {
                         |fd, p| self.serve_one(fd, p),
                     )
                 }
-                _ => std::process::exit(self.serve_one(fd, peer)),
+                _ => {
+                    // No channel: this one connection only, booked like any other.
+                    if let Some(a) = &accepting {
+                        if !worker::book_first(a, sys::getpid(), fd, peer.client) {
+                            std::process::exit(exit::OK);
+                        }
+                    }
+                    std::process::exit(self.serve_one(fd, peer))
+                }
             }
         }
         sys::close(fd);
@@ -1084,7 +1109,7 @@ impl Supervisor<'_> {
                 chan: pair.map(|(ours, _)| ours),
                 pending: None,
                 idle_since: Instant::now(),
-                slot,
+                slot: slot.map(|(i, _)| i),
             },
         );
         Ok(pid)

@@ -101,6 +101,8 @@ pub struct Accepting {
     pub pool: Pool,
     /// This process's slot in `pool`.
     pub slot: usize,
+    /// Its first connection (the supervisor accepted it) is booked in the slot already.
+    pub first_booked: bool,
     pub listeners: Vec<RawFd>,
     /// Most connections at once (`-c`), for the log lines.
     pub max_conns: usize,
@@ -108,6 +110,13 @@ pub struct Accepting {
     pub quiet: bool,
     /// How long it waits for a connection before it exits.
     pub idle_max: Duration,
+    /// How long it waits after accepting failed for want of descriptors or memory.
+    pub pause: Duration,
+    /// The supervisor's pid: a channel that closes while the parent is another one means
+    /// the supervisor is gone rather than stopping.
+    pub supervisor: libc::pid_t,
+    /// The listeners are systemd's, which keeps them listening (never shut here).
+    pub listeners_shared: bool,
 }
 
 /// An [`Accepting`] process's wait: its channel and the listeners in one epoll set.
@@ -144,18 +153,25 @@ pub fn run(
     accepting: Option<Accepting>,
     serve: impl Fn(RawFd, Peer) -> i32,
 ) -> ! {
+    let pid = sys::getpid();
+    let booked = accepting
+        .as_ref()
+        .is_none_or(|a| book_first(a, pid, first.0, first.1.client));
     let ch = match reserve(conns, done, first.0, accepting) {
         Ok(ch) => ch,
         // Out of descriptors, say: serve this connection without reuse.
-        Err(_) => std::process::exit(serve(first.0, first.1)),
+        Err(_) if booked => std::process::exit(serve(first.0, first.1)),
+        Err(_) => std::process::exit(exit::OK),
     };
     let mut fresh = Fresh {
         env: environ::Fork::now(),
         fds: kept_fds(),
     };
     diag::keep_decisions();
-    let pid = sys::getpid();
     let (mut fd, mut client) = first;
+    if let (Some(w), false) = (&ch.waiting, booked) {
+        (fd, client) = accept_next(ch.conns, w, pid, None);
+    }
     let mut served = 0;
     loop {
         let start = Instant::now();
@@ -219,10 +235,14 @@ fn next_connection(
         w.how.pool.set_idle(w.how.slot);
     }
     if !restore(ch, fresh) {
+        if let Some(w) = &ch.waiting {
+            // Serving still, for the books: the supervisor logs the end at reaping.
+            w.how.pool.set_busy(w.how.slot);
+        }
         std::process::exit(code);
     }
     if let Some(w) = &ch.waiting {
-        return accept_next(ch.conns, w, pid, ended);
+        return accept_next(ch.conns, w, pid, Some(ended));
     }
     // A supervisor that is gone cannot hand out more work: EPIPE ends us.
     if sys::write_all(ch.done, &done_message(pid, code)).is_err() {
@@ -248,18 +268,18 @@ fn next_connection(
 }
 
 /// A process that accepts for itself, its slot booked as waiting: logs the end of the
-/// last connection, then waits on the listeners (one waiting process woken per connection) until it
-/// accepts one it may serve. Exits when the supervisor closes the channel (stopping, or
-/// gone), when no connection came for `idle_max`, and when accepting fails for want of
-/// resources or because the listener was shut: the supervisor accepts then.
-fn accept_next(conns: RawFd, w: &Waiting, pid: libc::pid_t, ended: Ended) -> (RawFd, Peer) {
+/// last connection (if one ended), then waits on the listeners (the kernel wakes one
+/// waiting process per connection) until it accepts one it may serve. Exits when the
+/// supervisor closes the channel (stopping, or letting it go) or is gone, and when no
+/// connection came for `idle_max`.
+fn accept_next(conns: RawFd, w: &Waiting, pid: libc::pid_t, ended: Option<Ended>) -> (RawFd, Peer) {
     let a = &w.how;
-    if !a.quiet {
+    if let (Some(e), false) = (ended, a.quiet) {
         diag::info(&super::supervisor::end_line(
             pid,
-            &ended.client,
-            &format!("status={}", ended.code),
-            ended.secs,
+            &e.client,
+            &format!("status={}", e.code),
+            e.secs,
             a.pool.busy(),
             a.max_conns,
         ));
@@ -271,8 +291,9 @@ fn accept_next(conns: RawFd, w: &Waiting, pid: libc::pid_t, ended: Ended) -> (Ra
             Ok(n) => n,
             Err(e) => diag::die_sys(exit::TEMP, "wait for the next connection", &e),
         };
-        if ready[..n].contains(&conns) {
-            std::process::exit(exit::OK);
+        // With many listeners ready the channel may not be among the events returned.
+        if ready[..n].contains(&conns) || (n == ready.len() && channel_closed(conns)) {
+            leave(a);
         }
         for &l in &ready[..n] {
             if let Some(next) = accept_from(l, a, pid) {
@@ -280,6 +301,31 @@ fn accept_next(conns: RawFd, w: &Waiting, pid: libc::pid_t, ended: Ended) -> (Ra
             }
         }
     }
+}
+
+/// Whether the channel `conns` has reached its end (or has anything to read: the
+/// supervisor sends nothing to a process that accepts for itself).
+fn channel_closed(conns: RawFd) -> bool {
+    let mut p = [libc::pollfd {
+        fd: conns,
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    sys::poll(&mut p, Some(Duration::ZERO)).is_ok_and(|n| n > 0)
+}
+
+/// The channel has closed: the supervisor stops or lets this process go, and has shut
+/// the listeners it bound if it stops. If it is gone instead (killed), nobody would
+/// accept from them any more while they stay open in the processes still serving: they
+/// are shut here, so that clients are refused, as they were when the supervisor alone
+/// held them. systemd's are left listening for the next start.
+fn leave(a: &Accepting) -> ! {
+    if sys::getppid() != a.supervisor && !a.listeners_shared {
+        for &l in &a.listeners {
+            let _ = sys::shutdown(l, libc::SHUT_RD);
+        }
+    }
+    std::process::exit(exit::OK)
 }
 
 /// Accepts a connection from listener `l` and books it, or returns None (none was
@@ -310,35 +356,19 @@ fn accept_from(l: RawFd, a: &Accepting, pid: libc::pid_t) -> Option<(RawFd, Peer
                 | libc::ETIMEDOUT
                 | libc::EPERM,
             ) => return None,
-            // Shut by a stopping supervisor, or a shortage that the supervisor handles
-            // (it pauses): this process leaves.
-            _ => std::process::exit(exit::OK),
+            // Shut by a stopping supervisor: nothing more to accept here.
+            Some(libc::EINVAL | libc::EBADF | libc::ENOTSOCK) => leave(a),
+            // Short of descriptors or memory, or anything else: waiting a while, still
+            // booked as waiting (the supervisor would meet the same shortage), rather
+            // than spinning or leaving the pool to drain.
+            _ => {
+                std::thread::sleep(a.pause);
+                return None;
+            }
         },
     };
     let client = super::supervisor::canonical_addr(peer);
-    if let Err(held) = a.pool.admit(a.slot, client) {
-        sys::close(fd);
-        if !a.quiet {
-            diag::info(&super::supervisor::reject_line(
-                &client,
-                None,
-                held,
-                a.pool_max_per_ip(),
-            ));
-        }
-        return None;
-    }
-    a.pool.took();
-    if !a.quiet {
-        diag::info(&super::supervisor::accept_line(
-            pid,
-            &client,
-            None,
-            a.pool.busy(),
-            a.max_conns,
-        ));
-    }
-    Some((
+    book(a, pid, fd, client).then_some((
         fd,
         Peer {
             client,
@@ -347,9 +377,51 @@ fn accept_from(l: RawFd, a: &Accepting, pid: libc::pid_t) -> Option<(RawFd, Peer
     ))
 }
 
-impl Accepting {
-    fn pool_max_per_ip(&self) -> usize {
-        self.pool.max_per_ip().unwrap_or(0)
+/// The first connection, which the supervisor accepted: booked by it already (and only
+/// logged here, by the process that serves it, so that its line comes before its
+/// end), or booked here as [`book`] does when the supervisor could not take the lock.
+pub fn book_first(a: &Accepting, pid: libc::pid_t, fd: RawFd, client: SocketAddr) -> bool {
+    if !a.first_booked {
+        return book(a, pid, fd, client);
+    }
+    log_accept(a, pid, &client);
+    true
+}
+
+/// Books the connection on `fd` from `client` in this process's slot and logs it; or,
+/// when its source is at `-C`, closes it, logs that, and returns false.
+fn book(a: &Accepting, pid: libc::pid_t, fd: RawFd, client: SocketAddr) -> bool {
+    if let Err(refused) = a.pool.admit(a.slot, client) {
+        // Busy is the supervisor's only: this process waits for the lock.
+        let held = match refused {
+            super::pool::Refused::Full(held) => held,
+            super::pool::Refused::Busy => 0,
+        };
+        sys::close(fd);
+        if !a.quiet {
+            diag::info(&super::supervisor::reject_line(
+                &client,
+                None,
+                held,
+                a.pool.max_per_ip().unwrap_or(0),
+            ));
+        }
+        return false;
+    }
+    a.pool.took();
+    log_accept(a, pid, &client);
+    true
+}
+
+fn log_accept(a: &Accepting, pid: libc::pid_t, client: &SocketAddr) {
+    if !a.quiet {
+        diag::info(&super::supervisor::accept_line(
+            pid,
+            client,
+            None,
+            a.pool.busy(),
+            a.max_conns,
+        ));
     }
 }
 

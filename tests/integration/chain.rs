@@ -119,21 +119,26 @@ fn relay_of(listen: &Child) -> u32 {
         .unwrap()
 }
 
-/// The listener's one live connection process (a process that served its last
-/// connection may linger as a zombie for a moment).
+/// The listener's live connection processes (a process that served its last connection
+/// may linger as a zombie for a moment).
+fn live_children(listen: &Child) -> Vec<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", listen.id()))
+        .unwrap_or_default();
+    children
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .is_ok_and(|st| st.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
+        })
+        .collect()
+}
+
+/// The listener's one live connection process.
 fn live_relay_of(listen: &Child) -> u32 {
     let end = Instant::now() + Duration::from_secs(10);
     loop {
-        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", listen.id()))
-            .unwrap_or_default();
-        let live: Vec<u32> = children
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .filter(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/stat"))
-                    .is_ok_and(|st| st.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
-            })
-            .collect();
+        let live = live_children(listen);
         if live.len() == 1 {
             return live[0];
         }
@@ -734,6 +739,63 @@ fn a_stop_refuses_new_clients_although_connection_processes_hold_the_listener() 
 }
 
 #[test]
+fn a_killed_supervisor_leaves_no_port_listening_for_nobody() {
+    let mut fw = forwarder(&[], &[], Command::new(LISTEN), 2);
+    // One connection held open (its process holds the listener too, unseen while it
+    // serves), and a second process waiting after serving one.
+    let mut held = TcpStream::connect(("127.0.0.1", fw.port)).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    held.write_all(b"held").unwrap();
+    let data = util::pattern(4, 100);
+    assert_eq!(round_trip(fw.port, &data).0, reversed(&data));
+    let end = Instant::now() + Duration::from_secs(10);
+    let idle = loop {
+        // The one of two that holds no connection and has taken the listener's name.
+        let waiting = live_children(fw.listen()).into_iter().find(|&p| {
+            tcp_sockets_of(p).is_empty()
+                && std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.trim() == "tcpsplice-liste")
+        });
+        if let Some(p) = waiting {
+            break p;
+        }
+        assert!(Instant::now() < end, "no process waits");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut listen = fw.listen.take().expect("running");
+    let _ = listen.kill();
+    let _ = listen.wait();
+    // The waiting process sees the supervisor gone and shuts the listener for every
+    // process holding it: clients are refused, not left in a backlog nobody serves.
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], fw.port));
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            other => {
+                assert!(
+                    Instant::now() < end,
+                    "the port still takes connections: {other:?}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    // The held connection is still served to its end.
+    held.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    held.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"dleh");
+    let end = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(format!("/proc/{idle}/stat")).is_ok_and(|st| !st.contains(") Z"))
+    {
+        assert!(Instant::now() < end, "the waiting process {idle} stayed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
 fn waiting_processes_accept_for_themselves_and_one_stopped_or_killed_loses_nothing() {
     let fw = forwarder(&[], &[], Command::new(LISTEN), 4);
     let data = util::pattern(2, 3000);
@@ -987,7 +1049,8 @@ fn the_per_source_limit_counts_connections_of_reused_processes() {
     let mut back = Vec::new();
     held.read_to_end(&mut back).unwrap();
     assert_eq!(back, b"tsrif");
-    // Ended, it no longer counts: the next one is served, by the same process.
+    // Ended, it no longer counts: the next one is served, by the same process (the
+    // supervisor turned the second away itself, in the order of the accepts).
     let relay = live_relay_of(fw.listen());
     wait_no_tcp(relay);
     let data = util::pattern(3, 999);
