@@ -293,13 +293,15 @@ def load_proc(host, port, conc, secs, socks, wfd):
 
 
 def load(host, port, conc, secs, procs, socks):
-    r, w = os.pipe()
+    # A pipe per load process: a report is one line of up to ~80 KB (the latency
+    # sample), and writes above PIPE_BUF from two processes into one pipe interleave.
     kids = []
     per = [conc // procs + (1 if i < conc % procs else 0) for i in range(procs)]
     t0 = time.monotonic()
     for c in per:
         if c == 0:
             continue
+        r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
             os.close(r)
@@ -309,11 +311,13 @@ def load(host, port, conc, secs, procs, socks):
             except BaseException as e:  # report, never hang the parent
                 sys.stderr.write("netload: load process failed: %r\n" % e)
                 os._exit(111)
-        kids.append(pid)
-    os.close(w)
+        os.close(w)
+        kids.append((pid, r))
     data = b""
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
+    for _, r in kids:
+        with os.fdopen(r, "rb") as f:
+            data += f.read()
+    kids = [pid for pid, _ in kids]
     for k in kids:
         os.waitpid(k, 0)
     elapsed = time.monotonic() - t0
