@@ -137,7 +137,7 @@ pub const CHECK_VAR: &str = "TCPSPLICE_CHECK";
 
 /// Whether this is such a check run.
 pub fn checking() -> bool {
-    environ::var_os(CHECK_VAR).is_some_and(|v| v == "1")
+    environ::with_var(CHECK_VAR, |v| v.is_some_and(|v| v == "1"))
 }
 
 /// In a check run, what [`exec`] of `argv` would meet: a sibling program is checked in
@@ -181,7 +181,7 @@ pub fn reply_on_exec_failure(reply: Vec<u8>) {
 }
 
 fn exec_always() -> bool {
-    matches!(environ::var_os("TCPSPLICE_EXEC"), Some(v) if v == "always")
+    environ::with_var("TCPSPLICE_EXEC", |v| v.is_some_and(|v| v == "always"))
 }
 
 /// Execs `argv` (searching PATH for `argv[0]`) with SIGPIPE back at its default and no
@@ -334,7 +334,7 @@ fn search_path(prog: &OsStr) -> Option<PathBuf> {
 /// directory (`tcpsplice`) is the executable file of that name beside the running binary:
 /// execvp's default path (/bin:/usr/bin) would miss a suite installed in /usr/local/bin.
 fn beside_self(prog: &OsStr) -> Option<PathBuf> {
-    if environ::var_os("PATH").is_some() || prog.as_bytes().contains(&b'/') {
+    if environ::with_var("PATH", |v| v.is_some()) || prog.as_bytes().contains(&b'/') {
         return None;
     }
     let programs: &[Program] = *PROGRAMS.lock().unwrap_or_else(|e| e.into_inner());

@@ -95,19 +95,43 @@ pub fn fill_from_socket(fd: RawFd) {
 /// Sets `PROTO=TCP` and the four `TCP*` variables for a connection.
 pub fn set_ucspi(local: &SocketAddr, remote: &SocketAddr) {
     environ::set_var("PROTO", "TCP");
-    environ::set_var("TCPLOCALIP", ip_text(local.ip()));
-    environ::set_var("TCPLOCALPORT", local.port().to_string());
-    environ::set_var("TCPREMOTEIP", ip_text(remote.ip()));
-    environ::set_var("TCPREMOTEPORT", remote.port().to_string());
+    set_shown("TCPLOCALIP", format_args!("{}", IpText(local.ip())));
+    set_shown("TCPLOCALPORT", format_args!("{}", local.port()));
+    set_shown("TCPREMOTEIP", format_args!("{}", IpText(remote.ip())));
+    set_shown("TCPREMOTEPORT", format_args!("{}", remote.port()));
+}
+
+/// Sets `name` to `value` formatted on the stack: set for every connection, an address
+/// or a port would otherwise cost an allocation or two each.
+fn set_shown(name: &str, value: std::fmt::Arguments) {
+    use std::io::Write;
+    use std::os::unix::ffi::OsStrExt;
+    let mut buf = [0u8; 64];
+    let mut w = &mut buf[..];
+    if w.write_fmt(value).is_ok() {
+        let n = 64 - w.len();
+        environ::set_var(name, std::ffi::OsStr::from_bytes(&buf[..n]));
+    } else {
+        environ::set_var(name, value.to_string());
+    }
+}
+
+/// [`ip_text`] as a `Display`.
+struct IpText(IpAddr);
+
+impl std::fmt::Display for IpText {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self.0 {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => v4.fmt(f),
+                None => v6.fmt(f),
+            },
+            IpAddr::V4(v4) => v4.fmt(f),
+        }
+    }
 }
 
 /// An address as UCSPI programs print it: IPv4-mapped IPv6 addresses as plain IPv4.
 pub fn ip_text(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.to_string(),
-            None => v6.to_string(),
-        },
-        IpAddr::V4(v4) => v4.to_string(),
-    }
+    IpText(ip).to_string()
 }

@@ -13,7 +13,7 @@
 //! which becomes real only where something other than our code reads the environment:
 //! before a real exec ([`make_real`]), in a child we spawn ([`pass_to`]), and once in
 //! tcpsplice-listen before it forks. A reused connection process is put back by
-//! dropping the overlay; [`Fork::restore`] checks, without allocating, that nothing
+//! dropping the overlay's changes (its entries stay, for their buffers); [`Fork::restore`] checks, without allocating, that nothing
 //! changed the real environment behind our back (a library, say) and only then does the
 //! full comparison.
 
@@ -29,21 +29,73 @@ use std::sync::Mutex;
 
 use crate::sys;
 
-/// Changes since the environment was last real, in the order made: a value, or None for
-/// a variable removed. A handful per connection, so a list beats a map.
-static OVERLAY: Mutex<Vec<(OsString, Option<OsString>)>> = Mutex::new(Vec::new());
+/// One variable the overlay knows of. Entries outlive the changes they hold: a reused
+/// connection process sets the same variables for every connection, and an entry whose
+/// change was dropped or made real ([`State::Real`]) keeps its name and value buffers
+/// for the next one, where a fresh pair would cost two allocations per variable.
+struct Entry {
+    name: OsString,
+    value: OsString,
+    state: State,
+}
 
-fn overlay() -> std::sync::MutexGuard<'static, Vec<(OsString, Option<OsString>)>> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// No change: the real environment has it (or not).
+    Real,
+    /// No change, and the real environment was read: it has `value` (true) or not.
+    /// Only our own changes make the real environment differ from what a process
+    /// started with (and [`Fork::restore`] notices any other), so a reused process
+    /// reads it once per variable instead of scanning it at every connection.
+    Known(bool),
+    /// Set to `value`.
+    Set,
+    /// Removed.
+    Removed,
+}
+
+/// Changes since the environment was last real. A handful per connection, so a list
+/// beats a map.
+static OVERLAY: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+
+fn overlay() -> std::sync::MutexGuard<'static, Vec<Entry>> {
     OVERLAY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The value of `name`, as `std::env::var_os` would give it after the changes made here.
 pub fn var_os(name: impl AsRef<OsStr>) -> Option<OsString> {
+    with_var(name, |v| v.map(OsStr::to_os_string))
+}
+
+/// Runs `f` on the value of `name` (as [`var_os`] would give it), without a copy: for
+/// checks, which a reused process makes at every connection.
+pub fn with_var<R>(name: impl AsRef<OsStr>, f: impl FnOnce(Option<&OsStr>) -> R) -> R {
     let name = name.as_ref();
-    if let Some((_, v)) = overlay().iter().find(|(n, _)| n == name) {
-        return v.clone();
+    let mut o = overlay();
+    let i = match o.iter().position(|e| e.name == name) {
+        Some(i) => i,
+        None => {
+            o.push(Entry {
+                name: name.to_os_string(),
+                value: OsString::new(),
+                state: State::Real,
+            });
+            o.len() - 1
+        }
+    };
+    let e = &mut o[i];
+    if e.state == State::Real {
+        let real = std::env::var_os(name);
+        e.value.clear();
+        if let Some(v) = &real {
+            e.value.push(v);
+        }
+        e.state = State::Known(real.is_some());
     }
-    std::env::var_os(name)
+    match e.state {
+        State::Set | State::Known(true) => f(Some(&e.value)),
+        _ => f(None),
+    }
 }
 
 /// The value of `name` as text, as `std::env::var` would give it.
@@ -74,7 +126,7 @@ pub fn set_var(name: impl AsRef<OsStr>, value: impl AsRef<OsStr>) {
         !value.as_bytes().contains(&0),
         "environment variable {name:?} with a NUL byte in its value"
     );
-    change(name, Some(value.to_os_string()));
+    change(name, Some(value));
 }
 
 /// Removes `name`, as `std::env::remove_var` would.
@@ -84,11 +136,27 @@ pub fn remove_var(name: impl AsRef<OsStr>) {
     change(name, None);
 }
 
-fn change(name: &OsStr, value: Option<OsString>) {
+fn change(name: &OsStr, value: Option<&OsStr>) {
     let mut o = overlay();
-    match o.iter_mut().find(|(n, _)| n == name) {
-        Some((_, v)) => *v = value,
-        None => o.push((name.to_os_string(), value)),
+    let i = match o.iter().position(|e| e.name == name) {
+        Some(i) => i,
+        None => {
+            o.push(Entry {
+                name: name.to_os_string(),
+                value: OsString::new(),
+                state: State::Real,
+            });
+            o.len() - 1
+        }
+    };
+    let e = &mut o[i];
+    match value {
+        Some(v) => {
+            e.value.clear();
+            e.value.push(v);
+            e.state = State::Set;
+        }
+        None => e.state = State::Removed,
     }
 }
 
@@ -97,23 +165,29 @@ fn change(name: &OsStr, value: Option<OsString>) {
 /// will read it. Costs a setenv per change, which only a real exec (or a process's start)
 /// pays.
 pub fn make_real() {
-    let changes = std::mem::take(&mut *overlay());
-    for (name, value) in changes {
-        match value {
-            Some(v) => std::env::set_var(name, v),
-            None => std::env::remove_var(name),
+    for e in overlay().iter_mut() {
+        match e.state {
+            State::Set => std::env::set_var(&e.name, &e.value),
+            State::Removed => std::env::remove_var(&e.name),
+            State::Real | State::Known(_) => {}
         }
+        e.state = State::Real;
     }
 }
 
 /// Gives the child `cmd` will start the environment an exec from here would pass on:
 /// the real one with the overlay's changes.
 pub fn pass_to(cmd: &mut Command) {
-    for (name, value) in overlay().iter() {
-        match value {
-            Some(v) => cmd.env(name, v),
-            None => cmd.env_remove(name),
-        };
+    for e in overlay().iter() {
+        match e.state {
+            State::Set => {
+                cmd.env(&e.name, &e.value);
+            }
+            State::Removed => {
+                cmd.env_remove(&e.name);
+            }
+            State::Real | State::Known(_) => {}
+        }
     }
 }
 
@@ -141,10 +215,21 @@ impl Fork {
     /// Puts the environment back as it was at [`Fork::now`]: the overlay dropped, and
     /// the real environment compared and set back only if something changed it.
     pub fn restore(&mut self) {
-        overlay().clear();
+        let mut o = overlay();
+        for e in o.iter_mut() {
+            if matches!(e.state, State::Set | State::Removed) {
+                e.value.clear();
+                e.state = State::Real;
+            }
+        }
         if sys::environ_entries_are(&self.entries) {
             return;
         }
+        // Changed behind our back: what was read of it is no longer known.
+        for e in o.iter_mut() {
+            e.state = State::Real;
+        }
+        drop(o);
         let now: HashMap<OsString, OsString> = std::env::vars_os().collect();
         for k in now.keys() {
             if !self.vars.contains_key(k) {

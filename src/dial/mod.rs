@@ -50,7 +50,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
 /// TCPSPLICE_TARGET is set changes what the words mean, so it is part of the key.
 fn options_kept(argv: &[OsString]) -> Arc<Config> {
     static KEPT: args::ParsedOnce<bool, Arc<Config>> = args::ParsedOnce::new();
-    let chosen = environ::var_os(dialer::TARGET_VAR).is_some_and(|v| !v.is_empty());
+    let chosen = environ::with_var(dialer::TARGET_VAR, |v| v.is_some_and(|v| !v.is_empty()));
     KEPT.get(argv, chosen, || Arc::new(options(argv)))
 }
 
@@ -120,7 +120,7 @@ fn options(argv: &[OsString]) -> Config {
     let (nodelay, keepalive) = (m.opt_present("D"), m.opt_present("k"));
     let udp_any_source = m.opt_present("m");
     let mut free = m.free;
-    let fixed = if environ::var_os(dialer::TARGET_VAR).is_some_and(|v| !v.is_empty()) {
+    let fixed = if environ::with_var(dialer::TARGET_VAR, |v| v.is_some_and(|v| !v.is_empty())) {
         None
     } else {
         if free.len() < 3 {
