@@ -7,6 +7,7 @@
 //! client from there.
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::io::RawFd;
 
 use crate::{environ, sys};
@@ -95,17 +96,71 @@ pub fn fill_from_socket(fd: RawFd) {
 /// Sets `PROTO=TCP` and the four `TCP*` variables for a connection.
 pub fn set_ucspi(local: &SocketAddr, remote: &SocketAddr) {
     environ::set_var("PROTO", "TCP");
-    set_shown("TCPLOCALIP", format_args!("{}", IpText(local.ip())));
-    set_shown("TCPLOCALPORT", format_args!("{}", local.port()));
-    set_shown("TCPREMOTEIP", format_args!("{}", IpText(remote.ip())));
-    set_shown("TCPREMOTEPORT", format_args!("{}", remote.port()));
+    set_ip("TCPLOCALIP", local.ip());
+    set_decimal("TCPLOCALPORT", local.port().into());
+    set_ip("TCPREMOTEIP", remote.ip());
+    set_decimal("TCPREMOTEPORT", remote.port().into());
+}
+
+/// Sets `name` to `ip` as [`ip_text`] shows it. An IPv4 address (the common case) is
+/// written by hand: the formatting machinery costs several times more, and this runs
+/// twice per connection.
+fn set_ip(name: &str, ip: IpAddr) {
+    let v4 = match ip {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+    };
+    let Some(v4) = v4 else {
+        set_shown(name, format_args!("{}", IpText(ip)));
+        return;
+    };
+    let mut buf = [0u8; 15];
+    let n = dotted(v4, &mut buf);
+    environ::set_var(name, std::ffi::OsStr::from_bytes(&buf[..n]));
+}
+
+/// `v4` in dotted decimal at the start of `buf`; returns the length.
+fn dotted(v4: std::net::Ipv4Addr, buf: &mut [u8; 15]) -> usize {
+    let mut n = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[n] = b'.';
+            n += 1;
+        }
+        n += decimal(u32::from(octet), &mut buf[n..]);
+    }
+    n
+}
+
+/// Sets `name` to `v` in decimal.
+fn set_decimal(name: &str, v: u32) {
+    let mut buf = [0u8; 10];
+    let n = decimal(v, &mut buf);
+    environ::set_var(name, std::ffi::OsStr::from_bytes(&buf[..n]));
+}
+
+/// Writes `v` in decimal at the start of `out` (long enough: 10 bytes for any u32);
+/// returns the length.
+fn decimal(mut v: u32, out: &mut [u8]) -> usize {
+    let mut digits = [0u8; 10];
+    let mut k = digits.len();
+    loop {
+        k -= 1;
+        digits[k] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    let len = digits.len() - k;
+    out[..len].copy_from_slice(&digits[k..]);
+    len
 }
 
 /// Sets `name` to `value` formatted on the stack: set for every connection, an address
 /// or a port would otherwise cost an allocation or two each.
 fn set_shown(name: &str, value: std::fmt::Arguments) {
     use std::io::Write;
-    use std::os::unix::ffi::OsStrExt;
     let mut buf = [0u8; 64];
     let mut w = &mut buf[..];
     if w.write_fmt(value).is_ok() {
@@ -134,4 +189,28 @@ impl std::fmt::Display for IpText {
 /// An address as UCSPI programs print it: IPv4-mapped IPv6 addresses as plain IPv4.
 pub fn ip_text(ip: IpAddr) -> String {
     IpText(ip).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hand_written_decimals_are_what_display_writes() {
+        for v in [0u32, 7, 10, 99, 100, 255, 65535, u32::MAX] {
+            let mut b = [0u8; 10];
+            let n = decimal(v, &mut b);
+            assert_eq!(&b[..n], v.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn hand_written_addresses_are_what_display_writes() {
+        for ip in ["0.0.0.0", "255.255.255.255", "10.0.12.1", "192.0.2.9"] {
+            let v4: std::net::Ipv4Addr = ip.parse().unwrap();
+            let mut b = [0u8; 15];
+            let n = dotted(v4, &mut b);
+            assert_eq!(&b[..n], ip.as_bytes());
+        }
+    }
 }
