@@ -89,6 +89,19 @@ fn matches(argv: &[OsString]) -> getopts::Matches {
 
 /// The program: `argv` is its command line without the program name.
 pub fn main(argv: Vec<OsString>) -> i32 {
+    match handshake_step(argv) {
+        Ok(next) => chain::exec(&next),
+        Err(code) => code,
+    }
+}
+
+/// Options, the handshake and the exported request: Ok with the rest of the command line
+/// to run, or Err with the exit status (a check run). Never inlined, like
+/// `dial::options`: under tcpsplice-listen the next links run nested below `main`, and
+/// what this held on the stack would stay there, private memory of an idle connection
+/// (ARCHITECTURE.md).
+#[inline(never)]
+fn handshake_step(argv: Vec<OsString>) -> Result<Vec<OsString>, i32> {
     diag::init("tcpsplice-auth");
     // Whether the next program may continue in this process is left as it was found:
     // so only under tcpsplice-listen, whose connection process ran us in-process. The
@@ -243,14 +256,14 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     if chain::checking() {
         if let Some(c) = &cp {
             if chain::check(std::slice::from_ref(&c.prog)) != exit::OK {
-                return exit::USAGE;
+                return Err(exit::USAGE);
             }
         }
         // What a request would leave for the next link, so that it checks itself as it
         // will run: a client-chosen target, a client waiting for the answer.
         environ::set_var("TCPSPLICE_TARGET", "check.invalid:1");
         environ::set_var("TCPSPLICE_REPLY", "socks5");
-        return chain::check(&next);
+        return Err(chain::check(&next));
     }
     let gate = checker.map(|inner| Gate {
         inner,
@@ -324,7 +337,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             // Everything this program opened (the users file, a checker's pipes) is
             // closed by now, so a sibling continuing here need not scan for more.
             chain::nothing_to_close();
-            chain::exec(&next)
+            Ok(next)
         }
         Err(f) => {
             let who = conninfo::client().unwrap_or_else(|| "-".into());
