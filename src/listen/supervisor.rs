@@ -145,6 +145,7 @@ struct Supervisor<'a> {
     idle: Vec<libc::pid_t>,
     /// Set when connection processes are reused.
     done: Option<Done>,
+    /// Connections per client address, kept for -C only.
     per_ip: HashMap<IpAddr, usize>,
     /// Connections waiting for their PROXY header, each holding a `-c` slot.
     awaiting: Vec<Awaiting>,
@@ -352,9 +353,79 @@ impl Conn {
     }
 }
 
+/// The descriptors of one poll, in an array in [`Supervisor::run`]'s frame while they
+/// fit (the signalfd, the pipe, the listeners and a few connections awaiting a PROXY
+/// header), in a Vec beyond. Why: poll writes every entry back, after each fork; a heap
+/// page so written is a private page of the connection process forked just before
+/// (its copy from the fork), where the stack page of the loop is written anyway.
+struct PollSet {
+    fixed: [libc::pollfd; POLL_FIXED],
+    len: usize,
+    more: Vec<libc::pollfd>,
+}
+
+/// Entries of [`PollSet`] on the stack: 128 bytes.
+const POLL_FIXED: usize = 16;
+
+impl PollSet {
+    fn new() -> PollSet {
+        let none = libc::pollfd {
+            fd: -1,
+            events: 0,
+            revents: 0,
+        };
+        PollSet {
+            fixed: [none; POLL_FIXED],
+            len: 0,
+            more: Vec::new(),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+        self.more.clear();
+    }
+
+    fn push(&mut self, p: libc::pollfd) {
+        if self.more.is_empty() && self.len < POLL_FIXED {
+            self.fixed[self.len] = p;
+            self.len += 1;
+            return;
+        }
+        if self.more.is_empty() {
+            self.more.extend_from_slice(&self.fixed[..self.len]);
+        }
+        self.more.push(p);
+    }
+
+    fn extend(&mut self, ps: impl Iterator<Item = libc::pollfd>) {
+        ps.for_each(|p| self.push(p));
+    }
+
+    fn as_mut(&mut self) -> &mut [libc::pollfd] {
+        if self.more.is_empty() {
+            &mut self.fixed[..self.len]
+        } else {
+            &mut self.more
+        }
+    }
+}
+
+impl std::ops::Deref for PollSet {
+    type Target = [libc::pollfd];
+
+    fn deref(&self) -> &[libc::pollfd] {
+        if self.more.is_empty() {
+            &self.fixed[..self.len]
+        } else {
+            &self.more
+        }
+    }
+}
+
 impl Supervisor<'_> {
     fn run(&mut self) -> ! {
-        let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(1 + self.listeners.len());
+        let mut pfds = PollSet::new();
         loop {
             if self.stopping && self.children.is_empty() {
                 if !self.cfg.quiet {
@@ -409,7 +480,7 @@ impl Supervisor<'_> {
             if let Some(t) = self.awaiting.iter().map(|a| a.deadline).min() {
                 timeout = timeout.min(t.saturating_duration_since(now));
             }
-            let ready = match sys::poll(&mut pfds, Some(timeout)) {
+            let ready = match sys::poll(pfds.as_mut(), Some(timeout)) {
                 Ok(n) => n,
                 Err(e) => diag::die_sys(exit::TEMP, "poll", &e),
             };
@@ -731,6 +802,10 @@ impl Supervisor<'_> {
 
     /// Gives the connection to the child that finished last, if any is idle; returns it.
     fn hand_to_idle(&mut self, fd: RawFd, peer: &Peer) -> Option<libc::pid_t> {
+        // Nothing allocated when none is idle: see `start` on the supervisor's writes.
+        if self.idle.is_empty() {
+            return None;
+        }
         let text = peer.encode();
         while let Some(pid) = self.idle.pop() {
             let Some(chan) = self.children.get(&pid).and_then(|c| c.chan) else {
@@ -945,7 +1020,12 @@ impl Supervisor<'_> {
             return;
         };
         self.busy += 1;
-        *self.per_ip.entry(ip).or_insert(0) += 1;
+        // Counted only for -C, which alone reads it: each heap page the supervisor
+        // writes between two forks is a private page of the process forked first, its
+        // copy from the fork (ARCHITECTURE.md, "Memory of an idle connection").
+        if self.cfg.max_per_ip.is_some() {
+            *self.per_ip.entry(ip).or_insert(0) += 1;
+        }
         self.log_accept(pid, &conn);
         if let Some(c) = self.children.get_mut(&pid) {
             c.conn = Some(conn);
