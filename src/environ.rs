@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::env::VarError;
 use std::ffi::{OsStr, OsString};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::process::Command;
 use std::sync::Mutex;
 
@@ -68,7 +68,8 @@ pub fn var_os(name: impl AsRef<OsStr>) -> Option<OsString> {
 }
 
 /// Runs `f` on the value of `name` (as [`var_os`] would give it), without a copy: for
-/// checks, which a reused process makes at every connection.
+/// checks, which a reused process makes at every connection. `f` runs with the overlay
+/// locked: it must not call into this module (nor `diag`, which reads it).
 pub fn with_var<R>(name: impl AsRef<OsStr>, f: impl FnOnce(Option<&OsStr>) -> R) -> R {
     let name = name.as_ref();
     let mut o = overlay();
@@ -160,9 +161,9 @@ fn change(name: &OsStr, value: Option<&OsStr>) {
     }
 }
 
-/// Applies the overlay to the real environment and empties it: before an exec, which
-/// passes the C library's environment on, or where something other than this module
-/// will read it. Costs a setenv per change, which only a real exec (or a process's start)
+/// Applies the overlay to the real environment and forgets its changes (and what it
+/// read of the real one): before an exec, which passes the C library's environment on,
+/// or where something other than this module will read it. Costs a setenv per change, which only a real exec (or a process's start)
 /// pays.
 pub fn make_real() {
     for e in overlay().iter_mut() {
@@ -218,7 +219,13 @@ impl Fork {
         let mut o = overlay();
         for e in o.iter_mut() {
             if matches!(e.state, State::Set | State::Removed) {
-                e.value.clear();
+                // Kept for the next connection, the buffer is wiped first: a value may
+                // be a client's (TCPSPLICE_HTTP_HEAD holds its request head, cookies
+                // and all), and nothing of one connection is left to the next.
+                let mut v = std::mem::take(&mut e.value).into_vec();
+                v.fill(0);
+                v.clear();
+                e.value = OsString::from_vec(v);
                 e.state = State::Real;
             }
         }

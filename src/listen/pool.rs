@@ -28,6 +28,10 @@ const BUSY: u32 = 2;
 
 #[repr(C)]
 struct Slot {
+    /// Given out to a process by the supervisor (which alone writes it): here rather
+    /// than in the supervisor's heap, a page of which each fork would leave private to
+    /// the process forked before (ARCHITECTURE.md, "Memory of an idle connection").
+    given: AtomicU32,
     state: AtomicU32,
     /// The client's address as IPv6 (IPv4 mapped), in network order, and its port.
     ip: [AtomicU32; 4],
@@ -87,20 +91,14 @@ impl Pool {
         Ok(Pool {
             head: shm::shared()?,
             slots: shm::shared_slice(max)?,
-            wake: sys::eventfd()?,
+            // Out of the chain's way already: a connection process keeps it as it is.
+            wake: sys::fd_move_up(sys::eventfd()?, super::worker::RESERVED_MIN)?,
             max_per_ip,
         })
     }
 
     pub fn wake_fd(&self) -> RawFd {
         self.wake
-    }
-
-    /// Moves the eventfd out of the way of the chain's descriptors, in a connection
-    /// process (see `worker::reserve`).
-    pub fn move_wake_up(&mut self, min: RawFd) -> std::io::Result<RawFd> {
-        self.wake = sys::fd_move_up(self.wake, min)?;
-        Ok(self.wake)
     }
 
     /// How many slots: one per process at most (`-c`).
@@ -112,10 +110,36 @@ impl Pool {
         self.max_per_ip
     }
 
-    /// The supervisor: slots up to `high` may be booked (see `Head`).
-    pub fn set_high(&self, high: usize) {
-        let high = u32::try_from(high.min(self.slots.len())).unwrap_or(u32::MAX);
-        self.head.high.store(high, Ordering::SeqCst);
+    /// The supervisor: gives out the lowest free slot, if any.
+    pub fn give(&self) -> Option<usize> {
+        let i = self
+            .slots
+            .iter()
+            .position(|s| s.given.load(Ordering::Relaxed) == 0)?;
+        self.slots[i].given.store(1, Ordering::Relaxed);
+        let high = self.head.high.load(Ordering::SeqCst) as usize;
+        if i >= high {
+            self.head
+                .high
+                .store(u32::try_from(i + 1).unwrap_or(u32::MAX), Ordering::SeqCst);
+        }
+        Some(i)
+    }
+
+    /// The supervisor: slot `i` is free again (its process is reaped, or was never
+    /// forked).
+    pub fn take_back(&self, i: usize) {
+        let Some(s) = self.slots.get(i) else {
+            return;
+        };
+        s.given.store(0, Ordering::Relaxed);
+        let mut high = (self.head.high.load(Ordering::SeqCst) as usize).min(self.slots.len());
+        while high > 0 && self.slots[high - 1].given.load(Ordering::Relaxed) == 0 {
+            high -= 1;
+        }
+        self.head
+            .high
+            .store(u32::try_from(high).unwrap_or(u32::MAX), Ordering::SeqCst);
     }
 
     fn in_use(&self) -> &[Slot] {

@@ -156,14 +156,10 @@ struct Supervisor<'a> {
     stopping: bool,
     /// Set when reused connection processes accept for themselves (see `worker`).
     pool: Option<Pool>,
-    /// Which of the pool's slots belong to a process.
-    slots_used: Vec<bool>,
     /// When to look next for connections left in the backlog (see
     /// `accept_left_behind`), and whether a listener was readable at the last look.
     next_backlog_look: Instant,
     backlog_seen: bool,
-    /// Our pid, for the connection processes.
-    pid: libc::pid_t,
 }
 
 /// Seconds since `start_ms` (`shm::monotonic_ms`).
@@ -189,7 +185,7 @@ pub fn clean_environment() {
     }
     sockets::unset_activation_env();
     // Once, here: the connection processes then fork from a real environment, and an
-    // empty overlay is what each connection starts from.
+    // overlay without changes is what each connection starts from.
     environ::make_real();
 }
 
@@ -305,13 +301,20 @@ pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce(usize)) -> 
     let max_use = if done.is_some() { cfg.max_use } else { 1 };
     // Behind balancers the supervisor reads each PROXY header before any process gets
     // the connection: there, processes keep being handed their connections.
+    let mut listeners = listeners;
     let pool = if done.is_some() && cfg.proxy.is_none() {
-        match Pool::new(cfg.max_conns, cfg.max_per_ip) {
+        // The listeners go where the connection processes that accept from them keep
+        // them, once here: no process then writes a list of its own.
+        let moved = listeners
+            .iter_mut()
+            .try_for_each(|fd| sys::fd_move_up(*fd, worker::RESERVED_MIN).map(|to| *fd = to));
+        match moved.and_then(|()| Pool::new(cfg.max_conns, cfg.max_per_ip)) {
             Ok(p) => Some(p),
             Err(e) => {
                 diag::warn(&format!(
                     "unable to set up the shared books of the connection processes (a shared \
-                     mapping, an eventfd): {}: handing each connection over instead",
+                     mapping, an eventfd, the listeners' descriptors): {}: handing each \
+                     connection over instead",
                     sys::strerror(&e)
                 ));
                 None
@@ -320,7 +323,6 @@ pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce(usize)) -> 
     } else {
         None
     };
-    let slots_used = vec![false; pool.as_ref().map_or(0, Pool::slots)];
     let mut sup = Supervisor {
         cfg,
         listeners,
@@ -335,10 +337,8 @@ pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce(usize)) -> 
         shortage_warned: false,
         stopping: false,
         pool,
-        slots_used,
         next_backlog_look: Instant::now() + TICK,
         backlog_seen: false,
-        pid: sys::getpid(),
     };
     ready(max_use);
     sup.run()
@@ -679,10 +679,7 @@ impl Supervisor<'_> {
             return;
         };
         let booked = pool.release(i);
-        if let Some(u) = self.slots_used.get_mut(i) {
-            *u = false;
-        }
-        pool.set_high(self.high());
+        pool.take_back(i);
         if let (Some(b), false) = (booked, self.cfg.quiet) {
             let secs = shm_secs_since(b.start_ms);
             diag::info(&end_line(
@@ -768,6 +765,11 @@ impl Supervisor<'_> {
     /// file) unless it is serving a connection: then it exits after it.
     fn let_go(&mut self, pid: libc::pid_t) {
         if let Some(chan) = self.children.get_mut(&pid).and_then(|c| c.chan.take()) {
+            // A process that accepts for itself is told it is let go, so that it leaves
+            // the listeners to the others; an end without a word means we stop or died.
+            if self.pool.is_some() && !self.stopping {
+                let _ = sys::send(chan, b"L", libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+            }
             sys::close(chan);
         }
     }
@@ -1039,12 +1041,10 @@ impl Supervisor<'_> {
             return;
         };
         // has_room() said a slot is free: one per process, at most -c of them.
-        let Some(i) = self.slots_used.iter().position(|&u| !u) else {
+        let Some(i) = pool.give() else {
             sys::close(fd);
             return;
         };
-        self.slots_used[i] = true;
-        pool.set_high(self.high());
         let peer = Peer {
             client,
             local: None,
@@ -1055,7 +1055,7 @@ impl Supervisor<'_> {
         let booked = match pool.admit_soon(i, client) {
             Ok(()) => true,
             Err(Refused::Full(held)) => {
-                self.slots_used[i] = false;
+                pool.take_back(i);
                 sys::close(fd);
                 if !self.cfg.quiet {
                     let max = self.cfg.max_per_ip.unwrap_or(0);
@@ -1067,17 +1067,9 @@ impl Supervisor<'_> {
         };
         if let Err((what, e)) = self.fork_child(fd, peer, Some((i, booked))) {
             pool.release(i);
-            self.slots_used[i] = false;
+            pool.take_back(i);
             self.pause(what, &e);
         }
-    }
-
-    /// One past the last slot given out.
-    fn high(&self) -> usize {
-        self.slots_used
-            .iter()
-            .rposition(|&u| u)
-            .map_or(0, |k| k + 1)
     }
 
     fn log_accept(&self, pid: libc::pid_t, conn: &Conn) {
@@ -1132,12 +1124,11 @@ impl Supervisor<'_> {
                     pool: pool.clone(),
                     slot,
                     first_booked,
-                    listeners: self.listeners.clone(),
+                    listeners: &self.listeners,
                     max_conns: self.cfg.max_conns,
                     quiet: self.cfg.quiet,
                     idle_max: IDLE_MAX,
                     pause: PAUSE,
-                    supervisor: self.pid,
                     listeners_shared: self.cfg.listeners_shared,
                 }),
                 _ => None,

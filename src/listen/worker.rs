@@ -32,7 +32,7 @@ use crate::{chain, diag, environ, exit, sys};
 
 /// Reserved descriptors go this high, out of the way of the fixed numbers a chain uses
 /// (0, 1, 2, 6, 7) and of the low numbers its sockets and pipes get.
-const RESERVED_MIN: RawFd = 10;
+pub const RESERVED_MIN: RawFd = 10;
 
 /// A report on the shared pipe: (pid, status) of an ended connection, or (pid, TOOK).
 pub const DONE_SIZE: usize = 8;
@@ -97,13 +97,16 @@ struct Fresh {
 }
 
 /// What a connection process needs to accept for itself (see the module's doc).
-pub struct Accepting {
+pub struct Accepting<'a> {
     pub pool: Pool,
     /// This process's slot in `pool`.
     pub slot: usize,
     /// Its first connection (the supervisor accepted it) is booked in the slot already.
     pub first_booked: bool,
-    pub listeners: Vec<RawFd>,
+    /// The listening sockets, already out of the chain's way (the supervisor moved
+    /// them to [`RESERVED_MIN`] and up before its first fork, so that no process writes
+    /// a copy of the list).
+    pub listeners: &'a [RawFd],
     /// Most connections at once (`-c`), for the log lines.
     pub max_conns: usize,
     /// No per-connection log lines (`-q`).
@@ -112,20 +115,17 @@ pub struct Accepting {
     pub idle_max: Duration,
     /// How long it waits after accepting failed for want of descriptors or memory.
     pub pause: Duration,
-    /// The supervisor's pid: a channel that closes while the parent is another one means
-    /// the supervisor is gone rather than stopping.
-    pub supervisor: libc::pid_t,
     /// The listeners are systemd's, which keeps them listening (never shut here).
     pub listeners_shared: bool,
 }
 
 /// An [`Accepting`] process's wait: its channel and the listeners in one epoll set.
-struct Waiting {
-    how: Accepting,
+struct Waiting<'a> {
+    how: Accepting<'a>,
     epoll: sys::Epoll,
 }
 
-struct Channel {
+struct Channel<'a> {
     /// This process's end of the socketpair: next connections arrive here (or, for a
     /// process that accepts for itself, only its end of file).
     conns: RawFd,
@@ -134,7 +134,7 @@ struct Channel {
     /// Put on fds 0 and 1 between connections.
     devnull: RawFd,
     /// Set when the process accepts for itself.
-    waiting: Option<Waiting>,
+    waiting: Option<Waiting<'a>>,
 }
 
 /// Serves `first` and then, while the connections end normally and fewer than
@@ -145,12 +145,12 @@ struct Channel {
 /// socketpair, `done` the write end of the shared pipe; every other close-on-exec
 /// descriptor inherited from the supervisor (the other processes' channels, and the
 /// listeners unless it accepts) is closed here.
-pub fn run(
+pub fn run<'a>(
     conns: RawFd,
     done: RawFd,
     max_use: usize,
     first: (RawFd, Peer),
-    accepting: Option<Accepting>,
+    accepting: Option<Accepting<'a>>,
     serve: impl Fn(RawFd, Peer) -> i32,
 ) -> ! {
     let pid = sys::getpid();
@@ -222,7 +222,7 @@ fn kept_fds() -> Vec<(RawFd, Option<(u64, u64)>)> {
 /// stack while a connection is idle is private memory of its process.
 #[inline(never)]
 fn next_connection(
-    ch: &Channel,
+    ch: &Channel<'_>,
     fresh: &mut Fresh,
     pid: libc::pid_t,
     ended: Ended,
@@ -272,7 +272,12 @@ fn next_connection(
 /// waiting process per connection) until it accepts one it may serve. Exits when the
 /// supervisor closes the channel (stopping, or letting it go) or is gone, and when no
 /// connection came for `idle_max`.
-fn accept_next(conns: RawFd, w: &Waiting, pid: libc::pid_t, ended: Option<Ended>) -> (RawFd, Peer) {
+fn accept_next(
+    conns: RawFd,
+    w: &Waiting<'_>,
+    pid: libc::pid_t,
+    ended: Option<Ended>,
+) -> (RawFd, Peer) {
     let a = &w.how;
     if let (Some(e), false) = (ended, a.quiet) {
         diag::info(&super::supervisor::end_line(
@@ -293,7 +298,14 @@ fn accept_next(conns: RawFd, w: &Waiting, pid: libc::pid_t, ended: Option<Ended>
         };
         // With many listeners ready the channel may not be among the events returned.
         if ready[..n].contains(&conns) || (n == ready.len() && channel_closed(conns)) {
-            leave(a);
+            let mut b = [0u8; 1];
+            match sys::recv(conns, &mut b, libc::MSG_DONTWAIT) {
+                // Let go (idle, or short of descriptors): the others go on accepting.
+                Ok(1) => std::process::exit(exit::OK),
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
+                // The end without a word: the supervisor stops, or is gone.
+                _ => leave(a),
+            }
         }
         for &l in &ready[..n] {
             if let Some(next) = accept_from(l, a, pid) {
@@ -314,14 +326,16 @@ fn channel_closed(conns: RawFd) -> bool {
     sys::poll(&mut p, Some(Duration::ZERO)).is_ok_and(|n| n > 0)
 }
 
-/// The channel has closed: the supervisor stops or lets this process go, and has shut
-/// the listeners it bound if it stops. If it is gone instead (killed), nobody would
-/// accept from them any more while they stay open in the processes still serving: they
-/// are shut here, so that clients are refused, as they were when the supervisor alone
-/// held them. systemd's are left listening for the next start.
-fn leave(a: &Accepting) -> ! {
-    if sys::getppid() != a.supervisor && !a.listeners_shared {
-        for &l in &a.listeners {
+/// The channel has closed without a word: the supervisor stops (and has shut the
+/// listeners it bound already), or is gone (killed), and then nobody would accept from
+/// them any more while they stay open in the processes still serving. They are shut
+/// here either way, so that clients are refused, as they were when the supervisor alone
+/// held them. systemd's are left listening for the next start. (The parent's pid would
+/// not tell: a dying supervisor's descriptors close before its children are given to
+/// another parent.)
+fn leave(a: &Accepting<'_>) -> ! {
+    if !a.listeners_shared {
+        for &l in a.listeners {
             let _ = sys::shutdown(l, libc::SHUT_RD);
         }
     }
@@ -330,7 +344,7 @@ fn leave(a: &Accepting) -> ! {
 
 /// Accepts a connection from listener `l` and books it, or returns None (none was
 /// there, it failed on its own, or its source is at `-C`).
-fn accept_from(l: RawFd, a: &Accepting, pid: libc::pid_t) -> Option<(RawFd, Peer)> {
+fn accept_from(l: RawFd, a: &Accepting<'_>, pid: libc::pid_t) -> Option<(RawFd, Peer)> {
     let (fd, peer) = match sys::accept_cloexec(l) {
         Ok((fd, Some(peer))) => (fd, peer),
         Ok((fd, None)) => {
@@ -380,7 +394,7 @@ fn accept_from(l: RawFd, a: &Accepting, pid: libc::pid_t) -> Option<(RawFd, Peer
 /// The first connection, which the supervisor accepted: booked by it already (and only
 /// logged here, by the process that serves it, so that its line comes before its
 /// end), or booked here as [`book`] does when the supervisor could not take the lock.
-pub fn book_first(a: &Accepting, pid: libc::pid_t, fd: RawFd, client: SocketAddr) -> bool {
+pub fn book_first(a: &Accepting<'_>, pid: libc::pid_t, fd: RawFd, client: SocketAddr) -> bool {
     if !a.first_booked {
         return book(a, pid, fd, client);
     }
@@ -390,7 +404,7 @@ pub fn book_first(a: &Accepting, pid: libc::pid_t, fd: RawFd, client: SocketAddr
 
 /// Books the connection on `fd` from `client` in this process's slot and logs it; or,
 /// when its source is at `-C`, closes it, logs that, and returns false.
-fn book(a: &Accepting, pid: libc::pid_t, fd: RawFd, client: SocketAddr) -> bool {
+fn book(a: &Accepting<'_>, pid: libc::pid_t, fd: RawFd, client: SocketAddr) -> bool {
     if let Err(refused) = a.pool.admit(a.slot, client) {
         // Busy is the supervisor's only: this process waits for the lock.
         let held = match refused {
@@ -413,7 +427,7 @@ fn book(a: &Accepting, pid: libc::pid_t, fd: RawFd, client: SocketAddr) -> bool 
     true
 }
 
-fn log_accept(a: &Accepting, pid: libc::pid_t, client: &SocketAddr) {
+fn log_accept(a: &Accepting<'_>, pid: libc::pid_t, client: &SocketAddr) {
     if !a.quiet {
         diag::info(&super::supervisor::accept_line(
             pid,
@@ -429,30 +443,27 @@ fn log_accept(a: &Accepting, pid: libc::pid_t, client: &SocketAddr) {
 /// not hold: the other connection processes' channels, which would keep them from
 /// seeing the supervisor go, and the listeners unless it accepts for itself. `client` is
 /// the first connection's socket.
-fn reserve(
+fn reserve<'a>(
     conns: RawFd,
     done: RawFd,
     client: RawFd,
-    accepting: Option<Accepting>,
-) -> std::io::Result<Channel> {
+    accepting: Option<Accepting<'a>>,
+) -> std::io::Result<Channel<'a>> {
     let conns = sys::fd_move_up(conns, RESERVED_MIN)?;
     let done = sys::fd_move_up(done, RESERVED_MIN)?;
     let devnull = sys::open_devnull(true)?;
     let devnull = sys::fd_move_up(devnull, RESERVED_MIN)?;
     let mut keep = vec![conns, done, devnull];
     let waiting = match accepting {
-        Some(mut how) => {
-            for l in how.listeners.iter_mut() {
-                *l = sys::fd_move_up(*l, RESERVED_MIN)?;
-            }
-            keep.push(how.pool.move_wake_up(RESERVED_MIN)?);
+        Some(how) => {
+            keep.push(how.pool.wake_fd());
             let epoll = sys::Epoll::new(RESERVED_MIN)?;
             epoll.add(conns, false)?;
-            for &l in &how.listeners {
+            for &l in how.listeners {
                 epoll.add(l, true)?;
             }
             keep.push(epoll.fd());
-            keep.extend(&how.listeners);
+            keep.extend(how.listeners);
             Some(Waiting { how, epoll })
         }
         None => None,
@@ -471,12 +482,12 @@ fn reserve(
 
 /// Puts the process back as the fork left it; false when that cannot be done and the
 /// process must exit instead.
-fn restore(ch: &Channel, fresh: &mut Fresh) -> bool {
+fn restore(ch: &Channel<'_>, fresh: &mut Fresh) -> bool {
     let mut keep = vec![ch.conns, ch.done, ch.devnull];
     if let Some(w) = &ch.waiting {
         keep.push(w.epoll.fd());
         keep.push(w.how.pool.wake_fd());
-        keep.extend(&w.how.listeners);
+        keep.extend(w.how.listeners);
     }
     keep.extend(fresh.fds.iter().map(|&(fd, _)| fd));
     diag::forget_syslog();
