@@ -73,18 +73,7 @@ pub fn var_os(name: impl AsRef<OsStr>) -> Option<OsString> {
 pub fn with_var<R>(name: impl AsRef<OsStr>, f: impl FnOnce(Option<&OsStr>) -> R) -> R {
     let name = name.as_ref();
     let mut o = overlay();
-    let i = match o.iter().position(|e| e.name == name) {
-        Some(i) => i,
-        None => {
-            o.push(Entry {
-                name: name.to_os_string(),
-                value: OsString::new(),
-                state: State::Real,
-            });
-            o.len() - 1
-        }
-    };
-    let e = &mut o[i];
+    let e = entry(&mut o, name);
     if e.state == State::Real {
         let real = std::env::var_os(name);
         e.value.clear();
@@ -137,8 +126,8 @@ pub fn remove_var(name: impl AsRef<OsStr>) {
     change(name, None);
 }
 
-fn change(name: &OsStr, value: Option<&OsStr>) {
-    let mut o = overlay();
+/// The overlay's entry for `name`, made (knowing nothing yet) if it has none.
+fn entry<'a>(o: &'a mut Vec<Entry>, name: &OsStr) -> &'a mut Entry {
     let i = match o.iter().position(|e| e.name == name) {
         Some(i) => i,
         None => {
@@ -150,7 +139,12 @@ fn change(name: &OsStr, value: Option<&OsStr>) {
             o.len() - 1
         }
     };
-    let e = &mut o[i];
+    &mut o[i]
+}
+
+fn change(name: &OsStr, value: Option<&OsStr>) {
+    let mut o = overlay();
+    let e = entry(&mut o, name);
     match value {
         Some(v) => {
             e.value.clear();

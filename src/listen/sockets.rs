@@ -182,3 +182,26 @@ pub fn unset_activation_env() {
 pub fn accept(fd: RawFd) -> io::Result<(RawFd, Option<SocketAddr>)> {
     sys::accept_cloexec(fd)
 }
+
+/// Whether an accept error is about that one connection only, gone before it could be
+/// taken: Linux reports the new connection's pending network errors through accept
+/// (accept(2), "Error handling"), and a firewall may refuse it. The next one may come.
+pub fn connection_gone(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::ENETDOWN
+                | libc::EPROTO
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+                | libc::ECONNRESET
+                | libc::ETIMEDOUT
+                | libc::EPERM
+        )
+    )
+}

@@ -869,6 +869,8 @@ impl Supervisor<'_> {
                 }
                 // Not an IP peer: cannot happen on a TCP listener; drop it.
                 Ok((fd, None)) => sys::close(fd),
+                // That one connection is gone: try the next one.
+                Err(e) if sockets::connection_gone(&e) => continue,
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EAGAIN) => return,
                     Some(libc::EINTR | libc::ECONNABORTED) => continue,
@@ -885,22 +887,6 @@ impl Supervisor<'_> {
                     Some(libc::EBADF | libc::ENOTSOCK | libc::EINVAL | libc::EFAULT) => {
                         diag::die_sys(exit::TEMP, "accept", &e)
                     }
-                    // Linux reports pending network errors of the new connection
-                    // through accept (accept(2), "Error handling"), and a firewall
-                    // may refuse it: that connection is gone, try the next one.
-                    Some(
-                        libc::ENETDOWN
-                        | libc::EPROTO
-                        | libc::ENOPROTOOPT
-                        | libc::EHOSTDOWN
-                        | libc::ENONET
-                        | libc::EHOSTUNREACH
-                        | libc::EOPNOTSUPP
-                        | libc::ENETUNREACH
-                        | libc::ECONNRESET
-                        | libc::ETIMEDOUT
-                        | libc::EPERM,
-                    ) => continue,
                     // Anything else might not consume the pending connection, and
                     // retrying at once could spin: pause as for a shortage.
                     _ => {

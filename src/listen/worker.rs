@@ -351,25 +351,10 @@ fn accept_from(l: RawFd, a: &Accepting<'_>, pid: libc::pid_t) -> Option<(RawFd, 
             sys::close(fd);
             return None;
         }
+        // Another process was quicker, or the connection is already gone.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => return None,
+        Err(e) if super::sockets::connection_gone(&e) => return None,
         Err(e) => match e.raw_os_error() {
-            // Another process was quicker, or the connection is already gone (as in
-            // the supervisor's accept loop).
-            Some(
-                libc::EAGAIN
-                | libc::EINTR
-                | libc::ECONNABORTED
-                | libc::ENETDOWN
-                | libc::EPROTO
-                | libc::ENOPROTOOPT
-                | libc::EHOSTDOWN
-                | libc::ENONET
-                | libc::EHOSTUNREACH
-                | libc::EOPNOTSUPP
-                | libc::ENETUNREACH
-                | libc::ECONNRESET
-                | libc::ETIMEDOUT
-                | libc::EPERM,
-            ) => return None,
             // Shut by a stopping supervisor: nothing more to accept here.
             Some(libc::EINVAL | libc::EBADF | libc::ENOTSOCK) => leave(a),
             // Short of descriptors or memory, or anything else: waiting a while, still

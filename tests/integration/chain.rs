@@ -689,10 +689,10 @@ fn a_connection_handed_to_a_process_that_dies_before_taking_it_goes_to_another()
     assert_eq!(log.matches(" status=0 ").count(), 2, "{}", ran.show());
 }
 
-#[test]
-fn a_stop_refuses_new_clients_although_connection_processes_hold_the_listener() {
-    // The target holds the connection open until told: a busy process, which also holds
-    // the listening socket it accepts from, keeps running through the stop.
+/// A forwarder (listen → dial → splice) with one connection up and held open: the
+/// listener, its port, the client's socket and the target's ("ping" gone through), and
+/// the target's listening socket for more.
+fn held_connection() -> (Child, u16, TcpStream, TcpStream, TcpListener) {
     let (target_l, target_a) = util::listener();
     let tport = target_a.port().to_string();
     let (listen, port) = start_listen(&[DIAL, "127.0.0.1", &tport, SPLICE], &[]);
@@ -704,6 +704,15 @@ fn a_stop_refuses_new_clients_although_connection_processes_hold_the_listener() 
     client.write_all(b"ping").unwrap();
     let mut b = [0u8; 4];
     target.read_exact(&mut b).unwrap();
+    (listen, port, client, target, target_l)
+}
+
+#[test]
+fn a_stop_refuses_new_clients_although_connection_processes_hold_the_listener() {
+    // The target holds the connection open until told: a busy process, which also holds
+    // the listening socket it accepts from, keeps running through the stop.
+    let (listen, port, mut client, mut target, _target_l) = held_connection();
+    let mut b = [0u8; 4];
     // SAFETY: kill with a pid we spawned.
     unsafe { libc::kill(listen.id() as i32, libc::SIGTERM) };
     // Refused, not left waiting in a backlog that a busy process still holds open.
@@ -858,17 +867,7 @@ fn an_idle_process_is_killed_and_the_next_connection_still_served() {
 
 #[test]
 fn a_process_ended_by_a_signal_is_not_reused() {
-    let (target_l, target_a) = util::listener();
-    let tport = target_a.port().to_string();
-    let (listen, port) = start_listen(&[DIAL, "127.0.0.1", &tport, SPLICE], &[]);
-    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let mut t = util::accept_timeout(&target_l, Duration::from_secs(10));
-    client.write_all(b"ping").unwrap();
-    let mut b = [0u8; 4];
-    t.read_exact(&mut b).unwrap();
+    let (listen, port, mut client, t, target_l) = held_connection();
     let relay = relay_of(&listen);
     // SAFETY: kill with a pid we found among the listener's children.
     unsafe { libc::kill(relay as i32, libc::SIGTERM) };
