@@ -177,18 +177,29 @@ fn syslog_ident(prog: &'static str) -> &'static CStr {
 /// (see Cargo.toml).
 fn emit(severity: Severity, kind: &str, msg: &str) {
     let s = sinks();
-    let body = if kind.is_empty() {
-        msg.to_string()
-    } else {
-        format!("{kind}: {msg}")
-    };
     if s.syslog {
+        let body = if kind.is_empty() {
+            msg.to_string()
+        } else {
+            format!("{kind}: {msg}")
+        };
         // A NUL inside a message would truncate it (nix refuses it); it can only come
         // from outside input. The facility is openlog's.
         let _ = nix::syslog::syslog(severity, &body.replace('\0', "\\0"));
     }
     if s.stderr {
-        let line = format!("{}: {}\n", prog(), body);
+        // One allocation, of the right size: a connection's line is written here for
+        // every connection.
+        let p = prog();
+        let mut line = String::with_capacity(p.len() + kind.len() + msg.len() + 5);
+        line.push_str(p);
+        line.push_str(": ");
+        if !kind.is_empty() {
+            line.push_str(kind);
+            line.push_str(": ");
+        }
+        line.push_str(msg);
+        line.push('\n');
         let _ = sys::write_all(2, line.as_bytes());
     }
 }

@@ -160,7 +160,9 @@ fn log_end(out: &relay::Outcome, client: Option<&str>, target: Option<&str>) {
     let login = environ::var(crate::auth::LOGIN_VAR)
         .map(|l| format!(" login={l}"))
         .unwrap_or_default();
-    diag::info(&format!(
+    // Sized once for the usual line: formatting grew it three or four times.
+    let mut line = String::with_capacity(256);
+    let _ = std::fmt::Write::write_fmt(&mut line, format_args!(
         "end client={} user={} target={} up={} down={} secs={:.3} path={}/{} pipes={}/{} bufs={}/{} how={}{}",
         client.unwrap_or("-"),
         user,
@@ -177,6 +179,7 @@ fn log_end(out: &relay::Outcome, client: Option<&str>, target: Option<&str>) {
         out.end.describe(),
         login,
     ));
+    diag::info(&line);
 }
 
 /// The request body's framing when tcpsplice-dial forwarded a plain-HTTP request
