@@ -932,6 +932,10 @@ fn a_descriptor_inherited_by_the_listener_is_passed_on_to_every_connection() {
         assert_eq!(round_trip(fw.port, &data).0, reversed(&data));
         let relay = live_relay_of(fw.listen());
         wait_no_tcp(relay);
+        // Waiting again before the next client comes: the client sees its end while the
+        // process is still winding down, and one that came then could find none waiting
+        // and be given a fresh process.
+        wait_restored(relay);
         seen.push(std::fs::read_link(format!("/proc/{relay}/fd/9")).expect("fd 9 kept"));
     }
     assert!(seen
@@ -1052,6 +1056,7 @@ fn the_per_source_limit_counts_connections_of_reused_processes() {
     // supervisor turned the second away itself, in the order of the accepts).
     let relay = live_relay_of(fw.listen());
     wait_no_tcp(relay);
+    wait_restored(relay);
     let data = util::pattern(3, 999);
     assert_eq!(round_trip(fw.port, &data).0, reversed(&data));
     let (ran, pids) = fw.finish(2);

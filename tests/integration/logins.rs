@@ -494,7 +494,21 @@ fn a_settled_users_file_is_read_once_per_process_and_again_when_it_changes() {
     let login_n = |n: usize| {
         assert_eq!(login(port, "alice", PW, target), Ok(()), "{}", proxy.show());
         proxy.logins(n);
-        pid_of(n)
+        let pid = pid_of(n);
+        // Waiting again (it takes the listener's name back last) before the next login:
+        // a client that came while it was still winding down could find no process
+        // waiting and be given a fresh one.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.trim() != "tcpsplice-liste")
+        {
+            assert!(
+                std::time::Instant::now() < end,
+                "process {pid} never waited again"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        pid
     };
     let pid = login_n(1);
     let before = bytes_read(&pid);
