@@ -101,11 +101,6 @@ impl Pool {
         self.wake
     }
 
-    /// How many slots: one per process at most (`-c`).
-    pub fn slots(&self) -> usize {
-        self.slots.len()
-    }
-
     pub fn max_per_ip(&self) -> Option<usize> {
         self.max_per_ip
     }
@@ -126,9 +121,8 @@ impl Pool {
         Some(i)
     }
 
-    /// The supervisor: slot `i` is free again (its process is reaped, or was never
-    /// forked).
-    pub fn take_back(&self, i: usize) {
+    /// Slot `i` is given out no more; its state is already NONE.
+    fn take_back(&self, i: usize) {
         let Some(s) = self.slots.get(i) else {
             return;
         };
@@ -219,11 +213,12 @@ impl Pool {
         }
     }
 
-    /// The supervisor, at reaping slot `i`'s process: the connection it was serving, if
-    /// any, and the slot is free again.
+    /// The supervisor, at reaping slot `i`'s process (or when it was never forked): the
+    /// connection it was serving, if any; the slot is free again.
     pub fn release(&self, i: usize) -> Option<Booked> {
         let s = self.slots.get(i)?;
         let was = s.state.swap(NONE, Ordering::SeqCst);
+        self.take_back(i);
         (was == BUSY).then(|| {
             let mut o = [0u8; 16];
             for (k, w) in s.ip.iter().enumerate() {

@@ -679,7 +679,6 @@ impl Supervisor<'_> {
             return;
         };
         let booked = pool.release(i);
-        pool.take_back(i);
         if let (Some(b), false) = (booked, self.cfg.quiet) {
             let secs = shm_secs_since(b.start_ms);
             diag::info(&end_line(
@@ -716,6 +715,11 @@ impl Supervisor<'_> {
 
     /// Reads the ends reported by reused children; each becomes idle.
     fn take_done(&mut self) {
+        // Processes that accept for themselves report nothing here (the pool's slots
+        // say it): no read at every reaping.
+        if self.pool.is_some() {
+            return;
+        }
         let Some(fd) = self.done.as_ref().map(|d| d.read) else {
             return;
         };
@@ -1041,7 +1045,7 @@ impl Supervisor<'_> {
         let booked = match pool.admit_soon(i, client) {
             Ok(()) => true,
             Err(Refused::Full(held)) => {
-                pool.take_back(i);
+                pool.release(i);
                 sys::close(fd);
                 if !self.cfg.quiet {
                     let max = self.cfg.max_per_ip.unwrap_or(0);
@@ -1053,7 +1057,6 @@ impl Supervisor<'_> {
         };
         if let Err((what, e)) = self.fork_child(fd, peer, Some((i, booked))) {
             pool.release(i);
-            pool.take_back(i);
             self.pause(what, &e);
         }
     }

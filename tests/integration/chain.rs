@@ -689,6 +689,22 @@ fn a_connection_handed_to_a_process_that_dies_before_taking_it_goes_to_another()
     assert_eq!(log.matches(" status=0 ").count(), 2, "{}", ran.show());
 }
 
+/// Waits (up to 10 s) until connecting to loopback `port` is refused; `what` names
+/// the failure otherwise.
+fn wait_refused(port: u16, what: &str) {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
+            other => {
+                assert!(Instant::now() < end, "{what}: {other:?}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
 /// A forwarder (listen → dial → splice) with one connection up and held open: the
 /// listener, its port, the client's socket and the target's ("ping" gone through), and
 /// the target's listening socket for more.
@@ -716,20 +732,7 @@ fn a_stop_refuses_new_clients_although_connection_processes_hold_the_listener() 
     // SAFETY: kill with a pid we spawned.
     unsafe { libc::kill(listen.id() as i32, libc::SIGTERM) };
     // Refused, not left waiting in a backlog that a busy process still holds open.
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
-            other => {
-                assert!(
-                    Instant::now() < end,
-                    "a connection after SIGTERM: {other:?}"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
+    wait_refused(port, "a connection after SIGTERM");
     // The running connection goes on to its end, both ways.
     target.write_all(b"pong").unwrap();
     client.read_exact(&mut b).unwrap();
@@ -777,20 +780,7 @@ fn a_killed_supervisor_leaves_no_port_listening_for_nobody() {
     let _ = listen.wait();
     // The waiting process sees the supervisor gone and shuts the listener for every
     // process holding it: clients are refused, not left in a backlog nobody serves.
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], fw.port));
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
-            other => {
-                assert!(
-                    Instant::now() < end,
-                    "the port still takes connections: {other:?}"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
+    wait_refused(fw.port, "the port still takes connections");
     // The held connection is still served to its end.
     held.shutdown(Shutdown::Write).unwrap();
     let mut back = Vec::new();
