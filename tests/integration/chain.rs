@@ -832,6 +832,8 @@ fn waiting_processes_accept_for_themselves_and_one_stopped_or_killed_loses_nothi
         ran.show()
     );
     let log = ran.stderr_text();
+    // The default cap on connections per process, as the man page gives it.
+    assert!(log.contains(" reuse=10000"), "{}", ran.show());
     // The process it was forked for logs the end of each connection it finished.
     assert_eq!(log.matches(" status=0 ").count(), 4, "{}", ran.show());
     assert!(!log.contains("signal=9 secs"), "{}", ran.show());
