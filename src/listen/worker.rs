@@ -496,15 +496,10 @@ fn reserve<'a>(
 /// Puts the process back as the fork left it; false when that cannot be done and the
 /// process must exit instead.
 fn restore(ch: &Channel<'_>, fresh: &mut Fresh) -> bool {
-    let mut keep = vec![ch.conns, ch.done, ch.devnull];
-    if let Some(w) = &ch.waiting {
-        keep.push(w.epoll.fd());
-        keep.push(w.how.pool.wake_fd());
-        keep.extend(w.how.listeners);
-    }
+    // The channel's descriptors (`reserve` reserved them all), what a program of the
+    // chain reserved to keep for the next connection, and the inherited ones.
+    let mut keep = chain::reserved();
     keep.extend(fresh.fds.iter().map(|&(fd, _)| fd));
-    // And what a program of the chain reserved to keep for the next connection.
-    keep.extend(chain::reserved());
     diag::forget_syslog();
     chain::forget_private();
     sys::close_fds_from(3, &keep);
