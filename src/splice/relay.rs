@@ -946,7 +946,9 @@ const SPARE_LEN_MAX: usize = COPY_BUF_START;
 /// bytes is never read (only what a read put there is written out), and it is no more
 /// than the heap's freed chunks held before: the buffers never leave the process, which
 /// serves one client after another as the same user, and no code of the chain can read
-/// a buffer it was not handed.
+/// a buffer it was not handed. Nor do they hold more memory: the pages of a freed chunk
+/// stay the process's own (malloc gives back only the heap's top), and the next
+/// connection's buffers would mostly land on them again (reasoned, not measured).
 fn take_buf(len: usize) -> Vec<u8> {
     let mut spare = SPARE_BUFS.lock().unwrap_or_else(|e| e.into_inner());
     match spare.iter().position(|b| b.capacity() >= len) {
