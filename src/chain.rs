@@ -18,7 +18,7 @@ use std::ffi::{CString, OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -57,6 +57,34 @@ pub fn reserve_fds(fds: &[RawFd]) {
     *RESERVED.lock().unwrap_or_else(|e| e.into_inner()) = fds.to_vec();
 }
 
+/// Reserves one more descriptor, made by a program continuing in this process, that the
+/// process keeps for the next connection (tcpsplice's signalfd): hidden from the
+/// programs as [`reserve_fds`]'s are, and kept open between connections.
+pub fn reserve_more(fd: RawFd) {
+    let mut list = RESERVED.lock().unwrap_or_else(|e| e.into_inner());
+    if !list.contains(&fd) {
+        list.push(fd);
+    }
+}
+
+/// The reserved descriptors (see [`reserve_fds`], [`reserve_more`]).
+pub fn reserved() -> Vec<RawFd> {
+    RESERVED.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Reserved descriptors go this high, out of the way of the fixed numbers a chain uses
+/// (0, 1, 2, 6, 7) and of the low numbers its sockets and pipes get.
+pub const RESERVED_MIN: RawFd = 10;
+
+/// Set once a sibling has continued in this process.
+static CONTINUED: AtomicBool = AtomicBool::new(false);
+
+/// Whether the running program continues a link in this process rather than having
+/// been exec'd: what it keeps for its process's life may then serve another connection.
+pub fn continued_in_process() -> bool {
+    CONTINUED.load(Ordering::Relaxed)
+}
+
 /// Whether `fd` belongs to the process running the chain rather than to the program:
 /// a program told to use it must treat it as not open, as it would be after an exec.
 pub fn is_reserved(fd: RawFd) -> bool {
@@ -69,29 +97,78 @@ pub fn is_reserved(fd: RawFd) -> bool {
 /// Descriptors that this process alone holds, its own connection sockets (the one
 /// tcpsplice-listen's connection process was handed, the one tcpsplice-dial made): no
 /// other process sees their file status flags, and they are closed when the chain
-/// ends, so tcpsplice need not put back the O_NONBLOCK it sets on them.
-static PRIVATE: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+/// ends, so tcpsplice need not put back the O_NONBLOCK it sets on them, nor ask what
+/// they are: each entry says which socket it is a descriptor of.
+static PRIVATE: Mutex<Vec<(RawFd, Private)>> = Mutex::new(Vec::new());
 
-/// Says that `fds` are this process's alone (see [`PRIVATE`]) until [`forget_private`].
-/// A real exec forgets it too: the statics go with the image.
+/// What the link that said a descriptor is this process's alone knows of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Private {
+    /// Descriptors said together are one socket and have the same number here;
+    /// descriptors said apart are different sockets.
+    pub socket: u32,
+    /// Left non-blocking for the next link, which continues in this process and sets
+    /// O_NONBLOCK anyway ([`private_nonblocking_fds`]); false when not known.
+    pub nonblocking: bool,
+}
+
+static NEXT_SOCKET: AtomicU32 = AtomicU32::new(0);
+
+/// Says that `fds`, descriptors of one socket, are this process's alone (see
+/// [`PRIVATE`]) until [`forget_private`]. A real exec forgets it too: the statics go
+/// with the image.
 pub fn private_fds(fds: &[RawFd]) {
+    say_private(fds, false);
+}
+
+/// As [`private_fds`], for a socket left with O_NONBLOCK set because the next link
+/// continues in this process and would set it itself. Should the next program be
+/// exec'd after all (its image replaced since it was asked), [`exec`] clears the flag
+/// first: a program exec'd gets the blocking descriptors DESIGN.md promises.
+pub fn private_nonblocking_fds(fds: &[RawFd]) {
+    say_private(fds, true);
+}
+
+fn say_private(fds: &[RawFd], nonblocking: bool) {
+    let p = Private {
+        socket: NEXT_SOCKET.fetch_add(1, Ordering::Relaxed),
+        nonblocking,
+    };
+    let mut list = PRIVATE.lock().unwrap_or_else(|e| e.into_inner());
+    // A descriptor said again (a second dialer in the chain) is now the new socket.
+    list.retain(|(fd, _)| !fds.contains(fd));
+    list.extend(fds.iter().map(|&fd| (fd, p)));
+}
+
+/// What was said of `fd`, if it was said to be this process's alone.
+pub fn private(fd: RawFd) -> Option<Private> {
     PRIVATE
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .extend_from_slice(fds);
+        .iter()
+        .find(|(f, _)| *f == fd)
+        .map(|&(_, p)| p)
 }
 
 /// Whether `fd` was said to be this process's alone.
 pub fn is_private(fd: RawFd) -> bool {
-    PRIVATE
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .contains(&fd)
+    private(fd).is_some()
 }
 
 /// Forgets what [`private_fds`] said, when the connection's descriptors are closed.
 pub fn forget_private() {
     PRIVATE.lock().unwrap_or_else(|e| e.into_inner()).clear();
+}
+
+/// Before a real exec: the descriptors left non-blocking for an in-process link get
+/// their blocking mode back, as the program exec'd expects it.
+fn blocking_again() {
+    let list = PRIVATE.lock().unwrap_or_else(|e| e.into_inner());
+    for &(fd, p) in list.iter() {
+        if p.nonblocking {
+            let _ = sys::set_nonblocking(fd, false);
+        }
+    }
 }
 
 /// A program's `main`: its command line without its name in, its exit status out.
@@ -208,6 +285,7 @@ pub fn exec(argv: &[OsString]) -> i32 {
         }
     }
     sys::signal_ignore(libc::SIGPIPE, false);
+    blocking_again();
     exec_image(argv, &reply)
 }
 
@@ -358,12 +436,11 @@ fn become_sibling(name: &'static str) {
     // The C library's syslog socket is close-on-exec too: closed behind its back, its
     // number could be reused by a connection, and the next message sent into it.
     diag::forget_syslog();
+    CONTINUED.store(true, Ordering::Relaxed);
     if !NOTHING_TO_CLOSE.swap(false, Ordering::Relaxed) {
         let reserved = RESERVED.lock().unwrap_or_else(|e| e.into_inner()).clone();
         sys::close_cloexec_fds(&reserved);
     }
-    if let Ok(c) = CString::new(name) {
-        sys::set_process_name(&c);
-    }
+    sys::set_process_name(name);
     diag::init(name);
 }

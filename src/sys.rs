@@ -11,6 +11,7 @@ use std::mem::size_of;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::io::{BorrowedFd, IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Mutex;
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag, SpliceFFlags};
 use nix::sys::signal::{SigHandler, SigSet, Signal};
@@ -153,6 +154,7 @@ pub fn fd_copy(to: RawFd, from: RawFd) -> io::Result<()> {
     // By hand: nix's dup2 takes the target as an OwnedFd to replace, which a number that
     // is not open yet (fd 6 before tcpsplice-dial moves its socket there) cannot be, and
     // its dup2_raw makes an OwnedFd of the result unchecked, even of -1.
+    touch(to);
     // SAFETY: dup2 takes two integers; the new fd has FD_CLOEXEC clear.
     retry(|| cvt(unsafe { libc::dup2(from, to) })).map(drop)
 }
@@ -160,8 +162,47 @@ pub fn fd_copy(to: RawFd, from: RawFd) -> io::Result<()> {
 /// Closes `fd`, ignoring errors: there is nothing useful to do about a failed close of a
 /// descriptor we are done with.
 pub fn close(fd: RawFd) {
+    touch(fd);
     // Callers never close a descriptor owned by a Rust object.
     let _ = nix::unistd::close(fd);
+}
+
+/// Descriptors a reused connection process must find as they were at its fork (fd 2 and
+/// those inherited from the supervisor's parent), said by [`watch_fds`].
+static WATCHED: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+
+/// Whether one of the [`WATCHED`] descriptors may have changed: one was closed or had
+/// another copied onto it here, or none was said yet.
+static WATCHED_TOUCHED: AtomicBool = AtomicBool::new(true);
+
+/// Says that `fds` are open and what they should stay: [`watched_untouched`] then tells
+/// whether any may have changed since, without a syscall. A descriptor that is open
+/// changes only when it is closed or replaced first, and every close, dup2 and
+/// close_range of the suite is made here; the C library closes only what it opened
+/// itself, and an OwnedFd only the number it was given when that was free, so neither
+/// can be a watched one unless it was closed here first.
+pub fn watch_fds(fds: &[RawFd]) {
+    *WATCHED.lock().unwrap_or_else(|e| e.into_inner()) = fds.to_vec();
+    WATCHED_TOUCHED.store(false, Ordering::Relaxed);
+}
+
+/// Whether no descriptor said by [`watch_fds`] was closed or replaced since it was said.
+pub fn watched_untouched() -> bool {
+    !WATCHED_TOUCHED.load(Ordering::Relaxed)
+}
+
+fn touch(fd: RawFd) {
+    touch_range(fd, fd);
+}
+
+fn touch_range(from: RawFd, upto: RawFd) {
+    if WATCHED_TOUCHED.load(Ordering::Relaxed) {
+        return;
+    }
+    let watched = WATCHED.lock().unwrap_or_else(|e| e.into_inner());
+    if watched.iter().any(|&w| (from..=upto).contains(&w)) {
+        WATCHED_TOUCHED.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Creates a pipe with both ends O_NONBLOCK and O_CLOEXEC: (read end, write end).
@@ -604,6 +645,7 @@ pub fn close_fds_from(min: RawFd, keep: &[RawFd]) {
     let mut from = min;
     for upto in kept.iter().map(|&k| k - 1).chain([RawFd::MAX]) {
         if from <= upto {
+            touch_range(from, upto);
             // SAFETY: close_range takes integers; no descriptor we close is owned by a
             // Rust object (callers keep what they own).
             let rc =
@@ -701,9 +743,25 @@ pub fn recv_fd(sock: RawFd, buf: &mut [u8]) -> io::Result<Option<(RawFd, usize)>
     }
 }
 
-/// Sets the name ps and top show for this process (at most 15 bytes are kept).
-pub fn set_process_name(name: &CStr) {
-    let _ = nix::sys::prctl::set_name(name);
+/// Sets the name ps and top show for this process (at most 15 bytes are kept). The
+/// name last set is remembered, and setting it again costs no syscall: nothing else in
+/// the suite names the process (a program that writes /proc/self/comm would defeat it).
+pub fn set_process_name(name: &str) {
+    static LAST: Mutex<([u8; 16], usize)> = Mutex::new(([0; 16], usize::MAX));
+    let bytes = name.as_bytes();
+    let kept = &bytes[..bytes.len().min(15)];
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if last.1 == kept.len() && &last.0[..kept.len()] == kept {
+        return;
+    }
+    let mut c = [0u8; 16];
+    c[..kept.len()].copy_from_slice(kept);
+    let Ok(cname) = CStr::from_bytes_until_nul(&c) else {
+        return;
+    };
+    if nix::sys::prctl::set_name(cname).is_ok() {
+        *last = (c, kept.len());
+    }
 }
 
 /// Whether the signal mask is known to be empty: set by [`unblock_all_signals`], cleared
@@ -712,6 +770,10 @@ pub fn set_process_name(name: &CStr) {
 /// single-threaded paths of the chain block signals, so one flag stands for the thread.
 static MASK_EMPTY: AtomicBool = AtomicBool::new(false);
 
+/// Whether the signals of the kept signalfd ([`SignalFd::kept`]) are blocked: set when
+/// it blocks them, cleared when the mask is emptied.
+static KEPT_BLOCKED: AtomicBool = AtomicBool::new(false);
+
 /// Empties the signal mask of the calling thread.
 pub fn unblock_all_signals() {
     if MASK_EMPTY.load(Ordering::Relaxed) {
@@ -719,6 +781,7 @@ pub fn unblock_all_signals() {
     }
     if SigSet::empty().thread_set_mask().is_ok() {
         MASK_EMPTY.store(true, Ordering::Relaxed);
+        KEPT_BLOCKED.store(false, Ordering::Relaxed);
     }
 }
 
@@ -745,18 +808,64 @@ pub struct SignalFd {
     inner: std::mem::ManuallyDrop<nix::sys::signalfd::SignalFd>,
 }
 
+fn signal_set(signals: &[libc::c_int]) -> SigSet {
+    let mut set = SigSet::empty();
+    // An invalid signal number is left out, as sigaddset would refuse it.
+    for s in signals.iter().filter_map(|&s| Signal::try_from(s).ok()) {
+        set.add(s);
+    }
+    set
+}
+
 impl SignalFd {
     pub fn new(signals: &[libc::c_int]) -> io::Result<SignalFd> {
-        let mut set = SigSet::empty();
-        // An invalid signal number is left out, as sigaddset would refuse it.
-        for s in signals.iter().filter_map(|&s| Signal::try_from(s).ok()) {
-            set.add(s);
-        }
+        let set = signal_set(signals);
         MASK_EMPTY.store(false, Ordering::Relaxed);
         set.thread_block()?;
         use nix::sys::signalfd::SfdFlags;
         let flags = SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC;
         let inner = nix::sys::signalfd::SignalFd::with_flags(&set, flags)?;
+        Ok(SignalFd {
+            inner: std::mem::ManuallyDrop::new(inner),
+        })
+    }
+
+    /// The process's one signalfd for `signals` (those of the first call), made at the
+    /// first call at `min` or above and kept open for the process's life: a process
+    /// that relays one connection after another would otherwise make and close one per
+    /// connection. The signals are blocked again when the mask was emptied since
+    /// ([`unblock_all_signals`]); what arrived while they were not blocked was delivered
+    /// then, not queued here.
+    pub fn kept(signals: &[libc::c_int], min: RawFd) -> io::Result<&'static SignalFd> {
+        static KEPT: std::sync::OnceLock<SignalFd> = std::sync::OnceLock::new();
+        let sfd = match KEPT.get() {
+            Some(s) => s,
+            None => {
+                let made = SignalFd::new(signals)?;
+                KEPT_BLOCKED.store(true, Ordering::Relaxed);
+                let moved = made.moved_up(min)?;
+                KEPT.get_or_init(|| moved)
+            }
+        };
+        if !KEPT_BLOCKED.load(Ordering::Relaxed) {
+            MASK_EMPTY.store(false, Ordering::Relaxed);
+            signal_set(signals).thread_block()?;
+            KEPT_BLOCKED.store(true, Ordering::Relaxed);
+        }
+        Ok(sfd)
+    }
+
+    /// The same signalfd at the lowest free number from `min` up, close-on-exec.
+    fn moved_up(self, min: RawFd) -> io::Result<SignalFd> {
+        let fd = self.fd();
+        // Not closed by our drop: fd_move_up closes it.
+        std::mem::forget(self);
+        let new = fd_move_up(fd, min).inspect_err(|_| close(fd))?;
+        // SAFETY: `new` is a descriptor just made by F_DUPFD_CLOEXEC, owned by nothing
+        // else, and a duplicate of a signalfd, which is what from_owned_fd asks for.
+        let inner = unsafe {
+            nix::sys::signalfd::SignalFd::from_owned_fd(std::os::fd::FromRawFd::from_raw_fd(new))
+        };
         Ok(SignalFd {
             inner: std::mem::ManuallyDrop::new(inner),
         })

@@ -67,7 +67,7 @@ pub(super) fn run(d: &Dial, client: Option<SocketAddr>, client_local: Option<Soc
         "bind: {peer} connected to {bound} for {}",
         target.shown
     ));
-    d.hand_over(sock, peer, client, client_local, Some(peer));
+    d.hand_over(sock, peer, client, client_local, Some(peer), false);
     chain::exec(&d.cfg.prog)
 }
 

@@ -211,9 +211,10 @@ struct Attempt {
 
 /// Connects to the first of `addrs` that answers, Happy Eyeballs style: attempts start
 /// `ATTEMPT_DELAY` apart (at once when the previous one failed) and run side by side,
-/// each bounded by `opts.timeout`. Returns the connected socket, in blocking mode for the
-/// programs after us, and every failed attempt in the order they failed; or, when none
-/// connected, only the failures (never empty).
+/// each bounded by `opts.timeout`. Returns the connected socket, still non-blocking as
+/// `sys::tcp_socket` made it (the caller decides its mode for the programs after us), and
+/// every failed attempt in the order they failed; or, when none connected, only the
+/// failures (never empty).
 #[allow(clippy::type_complexity)]
 pub fn connect_any(
     opts: &Options,
@@ -275,7 +276,13 @@ pub fn connect_any(
         let mut freed = false;
         for pfd in &fds {
             let ready = pfd.revents != 0;
-            let result = if ready {
+            let result = if ready && pfd.revents & (libc::POLLERR | libc::POLLHUP) == 0 {
+                // Writable without an error or a hang-up: Linux's tcp_poll says POLLOUT
+                // only once the handshake is done (never in SYN_SENT), and a failed
+                // attempt always comes with POLLERR (and POLLHUP): connected, and
+                // SO_ERROR would say 0. An error that comes later is the relay's.
+                Ok(())
+            } else if ready {
                 match sys::socket_error(pfd.fd) {
                     None => Ok(()),
                     Some(e) => Err(e),
@@ -288,10 +295,7 @@ pub fn connect_any(
             };
             let p = pending.remove(i);
             match result {
-                Ok(()) => match sys::set_nonblocking(p.sock.as_raw_fd(), false) {
-                    Ok(_) => return (Some((p.sock, p.addr)), failed),
-                    Err(e) => failed.push((p.addr, e)),
-                },
+                Ok(()) => return (Some((p.sock, p.addr)), failed),
                 Err(e) => {
                     failed.push((p.addr, e));
                     freed = true;

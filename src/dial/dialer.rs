@@ -510,6 +510,8 @@ impl Dial<'_> {
     /// and answers the client; the caller then execs the next program (`chain::exec`,
     /// from a frame of its own: see `connect_target`). `accepted`: the connection is a
     /// BIND's, from that peer, which the reply names (and no PROXY header is sent).
+    /// `nonblocking`: the socket is as `sys::tcp_socket` made it, O_NONBLOCK and no
+    /// other status flag; otherwise blocking.
     pub(super) fn hand_over(
         &self,
         sock: OwnedFd,
@@ -517,8 +519,31 @@ impl Dial<'_> {
         client: Option<SocketAddr>,
         client_local: Option<SocketAddr>,
         accepted: Option<SocketAddr>,
+        nonblocking: bool,
     ) {
         let fd = sock.as_raw_fd();
+        // The next program gets the blocking socket DESIGN.md promises, but for a
+        // tcpsplice continuing in this process, which would only set O_NONBLOCK again
+        // first thing: the socket is then left as it is (and said so, so that the relay
+        // asks nothing of it, and a real exec after all still gets it blocking). Not when
+        // we write to it first, which wants it blocking.
+        let keep_nonblocking = nonblocking
+            && self.cfg.proxy.is_none()
+            && self.style != Some(Style::HttpForward)
+            && self.cfg.prog.first().and_then(|p| chain::continues_as(p)) == Some("tcpsplice");
+        if nonblocking && !keep_nonblocking {
+            // Nothing to read first: see `nonblocking`.
+            if let Err(e) = sys::set_fl(fd, libc::O_RDWR) {
+                self.fail(
+                    Failure::General,
+                    exit::TEMP,
+                    &format!(
+                        "unable to use the connection to {peer}: {}",
+                        sys::strerror(&e)
+                    ),
+                );
+            }
+        }
         if let Some(v) = self.cfg.proxy.filter(|_| accepted.is_none()) {
             let header = if v == 1 {
                 proxyproto::v1(client, client_local)
@@ -569,7 +594,11 @@ impl Dial<'_> {
                 ),
             );
         }
-        chain::private_fds(&[6, 7]);
+        if keep_nonblocking {
+            chain::private_nonblocking_fds(&[6, 7]);
+        } else {
+            chain::private_fds(&[6, 7]);
+        }
         if let Some(l) = local {
             conninfo::set_ucspi(&l, &peer);
         }
@@ -622,7 +651,7 @@ fn connect_target(cfg: &Config) -> Option<i32> {
     let source = d.source(client_local);
     let addrs = d.candidates(&target, source);
     let (sock, peer) = d.connect(&target, &addrs, source);
-    d.hand_over(sock, peer, client, client_local, None);
+    d.hand_over(sock, peer, client, client_local, None, true);
     None
 }
 

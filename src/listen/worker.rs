@@ -30,9 +30,8 @@ use std::time::{Duration, Instant};
 use super::pool::Pool;
 use crate::{chain, diag, environ, exit, sys};
 
-/// Reserved descriptors go this high, out of the way of the fixed numbers a chain uses
-/// (0, 1, 2, 6, 7) and of the low numbers its sockets and pipes get.
-pub const RESERVED_MIN: RawFd = 10;
+/// Reserved descriptors go this high (see `chain::RESERVED_MIN`).
+pub const RESERVED_MIN: RawFd = chain::RESERVED_MIN;
 
 /// A report on the shared pipe: (pid, status) of an ended connection, or (pid, TOOK).
 pub const DONE_SIZE: usize = 8;
@@ -94,6 +93,34 @@ struct Fresh {
     /// fd 2 and the descriptors passed on to PROG... from the supervisor's parent, with
     /// what they referred to.
     fds: Vec<(RawFd, Option<(u64, u64)>)>,
+}
+
+impl Fresh {
+    /// Has `sys` watch the kept descriptors, when all are open: whether one may have
+    /// changed is then known without asking each what it is.
+    fn watch(&self) {
+        if self.fds.iter().all(|&(_, id)| id.is_some()) {
+            let fds: Vec<RawFd> = self.fds.iter().map(|&(fd, _)| fd).collect();
+            sys::watch_fds(&fds);
+        }
+    }
+
+    /// Whether fd 2 and the inherited descriptors are what they were at the fork: asked
+    /// of each only when one was closed or replaced since they were last found so (a
+    /// relay told to write to fd 2 closes it at the end, say), or one was not open.
+    fn unchanged(&self) -> bool {
+        if sys::watched_untouched() {
+            return true;
+        }
+        let changed = |&(fd, id): &(RawFd, Option<(u64, u64)>)| {
+            sys::fd_identity(fd).ok().map(|(_, now)| now) != id
+        };
+        if self.fds.iter().any(changed) {
+            return false;
+        }
+        self.watch();
+        true
+    }
 }
 
 /// What a connection process needs to accept for itself (see the module's doc).
@@ -167,6 +194,7 @@ pub fn run<'a>(
         env: environ::Fork::now(),
         fds: kept_fds(),
     };
+    fresh.watch();
     diag::keep_decisions();
     let (mut fd, mut client) = first;
     if let (Some(w), false) = (&ch.waiting, booked) {
@@ -468,12 +496,9 @@ fn reserve<'a>(
 /// Puts the process back as the fork left it; false when that cannot be done and the
 /// process must exit instead.
 fn restore(ch: &Channel<'_>, fresh: &mut Fresh) -> bool {
-    let mut keep = vec![ch.conns, ch.done, ch.devnull];
-    if let Some(w) = &ch.waiting {
-        keep.push(w.epoll.fd());
-        keep.push(w.how.pool.wake_fd());
-        keep.extend(w.how.listeners);
-    }
+    // The channel's descriptors (`reserve` reserved them all), what a program of the
+    // chain reserved to keep for the next connection, and the inherited ones.
+    let mut keep = chain::reserved();
     keep.extend(fresh.fds.iter().map(|&(fd, _)| fd));
     diag::forget_syslog();
     chain::forget_private();
@@ -485,17 +510,14 @@ fn restore(ch: &Channel<'_>, fresh: &mut Fresh) -> bool {
     {
         return false;
     }
-    let changed = |&(fd, id): &(RawFd, Option<(u64, u64)>)| {
-        sys::fd_identity(fd).ok().map(|(_, now)| now) != id
-    };
-    if fresh.fds.iter().any(changed) {
+    if !fresh.unchanged() {
         return false;
     }
     // The chain's variables were only ever in the overlay (`environ`): dropped here.
     fresh.env.restore();
     sys::unblock_all_signals();
     sys::signal_ignore(libc::SIGPIPE, true);
-    sys::set_process_name(c"tcpsplice-listen");
+    sys::set_process_name("tcpsplice-listen");
     diag::init("tcpsplice-listen");
     chain::allow_in_process(true);
     true

@@ -53,7 +53,7 @@ struct Mover {
     /// so that an early response (a 413 to an upload it will not read) ends the body.
     early: Option<RawFd>,
     /// SIGTERM, SIGINT, SIGHUP: the request goes on for `grace`, then ends.
-    signals: sys::SignalFd,
+    signals: relay::Signals,
     grace: Duration,
     stop_at: Cell<Option<Instant>>,
     signo: Cell<i32>,
@@ -412,14 +412,7 @@ pub fn run(cfg: &Config, body: Body) -> io::Result<Outcome> {
     let mut guard = relay::FlagGuard::new();
     let mut seen = Vec::with_capacity(4);
     let fds = [cfg.client_in, cfg.client_out, cfg.target_in, cfg.target_out];
-    let found = fds
-        .iter()
-        .map(|&fd| sys::get_fl(fd))
-        .collect::<io::Result<Vec<_>>>()?;
-    let mut kind = [FdKind::Other; 4];
-    for ((k, &fd), &flags) in kind.iter_mut().zip(&fds).zip(&found) {
-        *k = relay::prepare_fd(cfg, fd, flags, &mut guard, &mut seen, false)?;
-    }
+    let kind = relay::prepare_all(cfg, fds, &mut guard, &mut seen, false)?;
     let mut m = Mover {
         idle: cfg.idle,
         pipe_size: cfg.pipe_size,
@@ -428,7 +421,7 @@ pub fn run(cfg: &Config, body: Body) -> io::Result<Outcome> {
         buf: Vec::new(),
         pipe_seen: 0,
         early: Some(cfg.target_in),
-        signals: sys::SignalFd::new(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?,
+        signals: relay::signals()?,
         grace: cfg.grace,
         stop_at: Cell::new(None),
         signo: Cell::new(0),

@@ -559,13 +559,14 @@ fn a_process_serves_up_to_r_connections_and_each_finds_a_fresh_fork() {
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
-        // 0-2, what the listener was given, and the six the process keeps for itself
+        // 0-2, what the listener was given, and the seven the process keeps for itself
         // (its channel, the report pipe, /dev/null; the listener it accepts from, its
-        // epoll set, the supervisor's eventfd); nothing a connection opened.
+        // epoll set, the supervisor's eventfd; the relay's signalfd, made once for all
+        // its connections); nothing a connection opened.
         let given = inherited_fds(listen.id());
         assert_eq!(
             fds.len(),
-            9 + given.len(),
+            10 + given.len(),
             "fds of an idle process: {fds:?}, given {given:?}"
         );
         // No signal blocked (SIGTERM ends it at once), and ignored what the listener

@@ -836,6 +836,43 @@ fn chain_with_dial_and_splice_moves_both_ways_with_half_close() {
 }
 
 #[test]
+fn dial_in_process_hands_a_program_not_ours_a_blocking_socket() {
+    // tcpsplice-dial runs in the connection process and leaves the target non-blocking
+    // only for a tcpsplice continuing there; a program it execs gets fds 6 and 7 as
+    // DESIGN.md says, blocking (O_NONBLOCK is 04000 in fdinfo's octal flags).
+    let (target, taddr) = util::listener();
+    let srv = Server::start(&[
+        "-r",
+        "2",
+        "127.0.0.1",
+        "0",
+        env!("CARGO_BIN_EXE_tcpsplice-dial"),
+        "127.0.0.1",
+        &taddr.port().to_string(),
+        "sh",
+        "-c",
+        "grep -h '^flags:' /proc/self/fdinfo/6 /proc/self/fdinfo/7",
+    ]);
+    for _ in 0..2 {
+        let mut c = srv.connect();
+        let _peer = util::accept_timeout(&target, LIMIT);
+        let got = String::from_utf8(read_all(&mut c)).unwrap();
+        let flags: Vec<u32> = got
+            .lines()
+            .filter_map(|l| l.strip_prefix("flags:"))
+            .map(|f| u32::from_str_radix(f.trim(), 8).expect("octal flags"))
+            .collect();
+        assert_eq!(flags.len(), 2, "{got}{}", srv.show());
+        assert!(
+            flags.iter().all(|f| f & 0o4000 == 0),
+            "fds 6/7 left non-blocking: {got}{}",
+            srv.show()
+        );
+    }
+    srv.stop();
+}
+
+#[test]
 fn nodelay_option_and_quiet_mode() {
     let script = "import socket; s = socket.socket(fileno=0); \
                   print(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0, end='')";
