@@ -4,7 +4,8 @@
 //! HTTP client, and exec the next program. A SOCKS5 BIND accepts the connection instead
 //! of making it (`bind`); a UDP ASSOCIATE makes this process the datagram relay (`udp`).
 
-use std::ffi::OsString;
+use std::borrow::Cow;
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
@@ -160,22 +161,77 @@ fn why(cfg: &Config, e: &io::Error) -> String {
 /// us. Under inetd, xinetd and systemd nothing set them, so they come from fd 0.
 fn save_client() -> (Option<SocketAddr>, Option<SocketAddr>) {
     conninfo::fill_from_socket(0);
-    let var = |n: &str| environ::var(n).ok().filter(|v| !v.is_empty());
-    if var(conninfo::CLIENT_VAR).is_none() {
-        // `-` when no one knows (a shell pipeline): left unset, the log line of the
-        // splicer would take the upstream address we are about to set for the client's.
-        let client = match (var("TCPREMOTEIP"), var("TCPREMOTEPORT")) {
-            (Some(ip), Some(port)) => conninfo::join_host_port(&ip, &port),
-            _ => "-".to_string(),
-        };
-        environ::set_var(conninfo::CLIENT_VAR, client);
-    }
-    let client = var(conninfo::CLIENT_VAR).and_then(|s| proxyproto::parse_addr(&s));
-    let local = match (var("TCPLOCALIP"), var("TCPLOCALPORT")) {
-        (Some(ip), Some(port)) => proxyproto::parse_addr(&conninfo::join_host_port(&ip, &port)),
-        _ => None,
+    let mut room = [0u8; JOINED_ROOM];
+    let client = match var_in(conninfo::CLIENT_VAR, &mut room) {
+        Some(c) => proxyproto::parse_addr(&c),
+        None => {
+            // `-` when no one knows (a shell pipeline): left unset, the log line of the
+            // splicer would take the upstream address we are about to set for the
+            // client's.
+            let (client, shown) = match joined("TCPREMOTEIP", "TCPREMOTEPORT", &mut room) {
+                Some(j) => (proxyproto::parse_addr(&j), j.into_owned()),
+                None => (None, "-".to_string()),
+            };
+            environ::set_var(conninfo::CLIENT_VAR, shown);
+            client
+        }
     };
+    let local =
+        joined("TCPLOCALIP", "TCPLOCALPORT", &mut room).and_then(|j| proxyproto::parse_addr(&j));
     (client, local)
+}
+
+/// Room on the stack for `[ip]:port` of any address (a scoped IPv6 one included).
+const JOINED_ROOM: usize = 128;
+
+/// The value of `name` when set, not empty and text: copied into `room` when it fits,
+/// else on the heap. The dialer reads the UCSPI names at every connection, and a copy
+/// of each on the heap was an allocation and a free.
+fn var_in<'r>(name: &str, room: &'r mut [u8]) -> Option<Cow<'r, str>> {
+    let len = environ::with_var(name, |v| {
+        let v = v.and_then(OsStr::to_str).filter(|v| !v.is_empty())?;
+        Some(match room.get_mut(..v.len()) {
+            Some(r) => {
+                r.copy_from_slice(v.as_bytes());
+                Ok(v.len())
+            }
+            None => Err(v.to_owned()),
+        })
+    })?;
+    match len {
+        Ok(n) => std::str::from_utf8(&room[..n]).ok().map(Cow::Borrowed),
+        Err(long) => Some(Cow::Owned(long)),
+    }
+}
+
+/// `ip:port` from the variables `ip` and `port` as [`conninfo::join_host_port`] joins
+/// them, when both are set and not empty; in `room` when it fits.
+fn joined<'r>(ip: &str, port: &str, room: &'r mut [u8; JOINED_ROOM]) -> Option<Cow<'r, str>> {
+    let (head, tail) = room.split_at_mut(JOINED_ROOM / 2);
+    let ip = var_in(ip, &mut head[1..])?;
+    let port = var_in(port, tail)?;
+    let (ip_len, port_len) = (ip.len(), port.len());
+    let bracket = ip.contains(':');
+    // `[ip]:` must end before the port's place, which it is then moved down to.
+    let fits = matches!((&ip, &port), (Cow::Borrowed(_), Cow::Borrowed(_)))
+        && 1 + ip_len + 2 <= JOINED_ROOM / 2;
+    if !fits {
+        return Some(Cow::Owned(conninfo::join_host_port(&ip, &port)));
+    }
+    // The ip is at room[1..], the port at room[JOINED_ROOM / 2..]: close the gap.
+    let start = if bracket {
+        room[0] = b'[';
+        room[1 + ip_len] = b']';
+        0
+    } else {
+        1
+    };
+    let colon = 1 + ip_len + usize::from(bracket);
+    room[colon] = b':';
+    room.copy_within(JOINED_ROOM / 2..JOINED_ROOM / 2 + port_len, colon + 1);
+    std::str::from_utf8(&room[start..colon + 1 + port_len])
+        .ok()
+        .map(Cow::Borrowed)
 }
 
 /// Ends the connection with the failure reply the client waits for, if it waits for one,
@@ -288,14 +344,15 @@ impl Dial<'_> {
         if self.cfg.fixed.is_some() {
             return Command::Connect;
         }
-        let c = match environ::var(COMMAND_VAR).as_deref() {
-            Err(_) | Ok("") | Ok("connect") => Command::Connect,
-            Ok("bind") => Command::Bind,
-            Ok("udp") => Command::Udp,
-            Ok(other) => self.usage_fail(&format!(
+        let c = environ::with_var(COMMAND_VAR, |v| match v.map(OsStr::to_str) {
+            None | Some(None) | Some(Some("" | "connect")) => Ok(Command::Connect),
+            Some(Some("bind")) => Ok(Command::Bind),
+            Some(Some("udp")) => Ok(Command::Udp),
+            Some(Some(other)) => Err(format!(
                 "{COMMAND_VAR} must be connect, bind or udp, not {other:?}"
             )),
-        };
+        })
+        .unwrap_or_else(|why| self.usage_fail(&why));
         if c != Command::Connect && self.style != Some(Style::Socks5) {
             self.usage_fail(&format!(
                 "{COMMAND_VAR}={}: only a SOCKS5 client (TCPSPLICE_REPLY=socks5) can ask for it",
@@ -309,14 +366,17 @@ impl Dial<'_> {
         let (host, port, trusted) = match &self.cfg.fixed {
             Some((h, p)) => (h.clone(), *p, true),
             None => {
-                let t = environ::var(TARGET_VAR).unwrap_or_default();
-                let parsed = match command {
-                    Command::Connect => split_target(&t),
-                    _ => split_endpoint(&t),
-                };
+                let parsed = environ::with_var(TARGET_VAR, |v| {
+                    let t = v.and_then(OsStr::to_str).unwrap_or_default();
+                    match command {
+                        Command::Connect => split_target(t),
+                        _ => split_endpoint(t),
+                    }
+                    .map_err(|e| format!("unable to use {TARGET_VAR} {t:?}: {e}"))
+                });
                 match parsed {
                     Ok((h, p)) => (h, p, false),
-                    Err(e) => self.usage_fail(&format!("unable to use {TARGET_VAR} {t:?}: {e}")),
+                    Err(why) => self.usage_fail(&why),
                 }
             }
         };
@@ -632,7 +692,9 @@ pub fn run(cfg: &Config) -> i32 {
 /// the stack while the next program runs in this process (see `splice::options`).
 #[inline(never)]
 fn connect_target(cfg: &Config) -> Option<i32> {
-    let style = match Style::parse(&environ::var(REPLY_VAR).unwrap_or_default()) {
+    let style = match environ::with_var(REPLY_VAR, |v| {
+        Style::parse(v.and_then(OsStr::to_str).unwrap_or_default())
+    }) {
         Ok(s) => s,
         Err(e) => diag::die(exit::USAGE, &e),
     };
@@ -658,6 +720,42 @@ fn connect_target(cfg: &Config) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_joined_on_the_stack_as_join_host_port_joins_them() {
+        let long6 = "fe80:1234:5678:9abc:def0:1234:5678:9abc%eth0-with-a-long-name";
+        let cases = [
+            ("127.0.0.1", "80"),
+            ("::1", "65535"),
+            ("::ffff:192.0.2.1", "1"),
+            (long6, "8080"),
+            (&long6[..40], "1"),
+            ("x", &"9".repeat(70)[..]),
+            (&"1".repeat(63)[..], "2"),
+            (&"1".repeat(61)[..], "2"),
+            (&"1".repeat(60)[..], &"3".repeat(64)[..]),
+            (&"1".repeat(200)[..], "2"),
+        ];
+        for (ip, port) in cases {
+            environ::set_var("TCPSPLICE_T_JOIN_IP", ip);
+            environ::set_var("TCPSPLICE_T_JOIN_PORT", port);
+            let mut room = [0u8; JOINED_ROOM];
+            let got = joined("TCPSPLICE_T_JOIN_IP", "TCPSPLICE_T_JOIN_PORT", &mut room);
+            assert_eq!(
+                got.as_deref(),
+                Some(conninfo::join_host_port(ip, port).as_str()),
+                "{ip} {port}"
+            );
+        }
+        environ::set_var("TCPSPLICE_T_JOIN_PORT", "");
+        let mut room = [0u8; JOINED_ROOM];
+        assert_eq!(
+            joined("TCPSPLICE_T_JOIN_IP", "TCPSPLICE_T_JOIN_PORT", &mut room),
+            None
+        );
+        environ::remove_var("TCPSPLICE_T_JOIN_IP");
+        environ::remove_var("TCPSPLICE_T_JOIN_PORT");
+    }
 
     #[test]
     fn targets() {
