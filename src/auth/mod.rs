@@ -51,10 +51,47 @@ impl Checker for Unavailable {
 /// removed for no-auth.
 pub const LOGIN_VAR: &str = "TCPSPLICE_LOGIN";
 
-/// The command line parsed, once per process for the same words (`args::ParsedOnce`).
-fn matches_kept(argv: &[OsString]) -> Arc<getopts::Matches> {
-    static KEPT: args::ParsedOnce<(), Arc<getopts::Matches>> = args::ParsedOnce::new();
-    KEPT.get(argv, (), || Arc::new(matches(argv)))
+/// Who checks the logins, as the command line says.
+enum Logins {
+    /// `-f`: the users file, loaded (or found unchanged) at each connection.
+    Users(String),
+    /// `-c`: a checkpassword program.
+    Program(CheckPassword),
+    /// Neither: only clients without credentials (`-n`, `-N`).
+    Nobody,
+}
+
+/// Everything the command line says that depends on nothing else. A reused connection
+/// process of tcpsplice-listen runs this program with the same words for every
+/// connection: querying getopts' matches (a search of the option table and a copy of
+/// the value each time) and parsing every value again was a third of the handshake's
+/// instructions.
+struct Config {
+    timeout: Duration,
+    fail_delay: Duration,
+    head_cap: usize,
+    cache_ttl: Duration,
+    slots: usize,
+    per_user: Option<usize>,
+    socks5: bool,
+    socks4: bool,
+    http: bool,
+    /// `-n`: every client may go on without credentials.
+    anonymous: bool,
+    /// `-N`: clients from these addresses may.
+    anon_from: Vec<Rule>,
+    logins: Logins,
+    bind: bool,
+    udp: bool,
+    /// The rest of the command line. Empty is a usage error, but reported where it
+    /// always was, after the users file is loaded: a broken file is said first.
+    next: Vec<OsString>,
+}
+
+/// [`config`], once per process for the same words (`args::ParsedOnce`).
+fn config_kept(argv: &[OsString]) -> Arc<Config> {
+    static KEPT: args::ParsedOnce<(), Arc<Config>> = args::ParsedOnce::new();
+    KEPT.get(argv, (), || Arc::new(config(argv)))
 }
 
 fn matches(argv: &[OsString]) -> getopts::Matches {
@@ -87,29 +124,12 @@ fn matches(argv: &[OsString]) -> getopts::Matches {
     args::parse(&o, argv, USAGE)
 }
 
-/// The program: `argv` is its command line without the program name.
-pub fn main(argv: Vec<OsString>) -> i32 {
-    match handshake_step(argv) {
-        Ok(next) => chain::exec(&next),
-        Err(code) => code,
-    }
-}
-
-/// Options, the handshake and the exported request: Ok with the rest of the command line
-/// to run, or Err with the exit status (a check run). Never inlined, like
-/// `dial::options`: under tcpsplice-listen the next links run nested below `main`, and
-/// what this held on the stack would stay there, private memory of an idle connection
-/// (ARCHITECTURE.md).
+/// The command line as a [`Config`]; a usage error exits, in the order the options are
+/// checked in (`-H` before any). Never inlined, so that what parsing needs is off the
+/// stack while the next program runs in this process (see `dial::options`).
 #[inline(never)]
-fn handshake_step(argv: Vec<OsString>) -> Result<Vec<OsString>, i32> {
-    diag::init("tcpsplice-auth");
-    // Whether the next program may continue in this process is left as it was found:
-    // so only under tcpsplice-listen, whose connection process ran us in-process. The
-    // checker and the client's bytes are dropped (passwords wiped) before the chain
-    // goes on; what stays is the shared login state (loginstate) and the parsed users
-    // file, hashes the process could read from the file anyway (Users::load_kept).
-    sys::signal_ignore(libc::SIGPIPE, true);
-    let m = matches_kept(&argv);
+fn config(argv: &[OsString]) -> Config {
+    let m = matches(argv);
     if m.opt_present("H") {
         print_hash();
     }
@@ -175,23 +195,77 @@ fn handshake_step(argv: Vec<OsString>) -> Result<Vec<OsString>, i32> {
             Err(e) => diag::usage(&format!("-N: {e}")),
         })
         .collect();
+    let anonymous = m.opt_present("n");
+    let logins = match (m.opt_str("f"), m.opt_str("c")) {
+        (Some(_), Some(_)) => diag::usage("-f and -c exclude each other"),
+        (Some(f), None) => Logins::Users(f),
+        (None, Some(c)) => Logins::Program(CheckPassword {
+            prog: OsString::from(c),
+            timeout: check_timeout,
+        }),
+        (None, None) if anonymous || !anon_from.is_empty() => Logins::Nobody,
+        (None, None) => diag::usage(&format!(
+            "give -f users or -c checkpassword, or -n (or -N) to allow clients without credentials: {USAGE}"
+        )),
+    };
+    Config {
+        timeout,
+        fail_delay,
+        head_cap,
+        cache_ttl,
+        slots,
+        per_user,
+        socks5,
+        socks4,
+        http,
+        anonymous,
+        anon_from,
+        logins,
+        bind: m.opt_present("B"),
+        udp: m.opt_present("U"),
+        next: m.free.into_iter().map(OsString::from).collect(),
+    }
+}
+
+/// The program: `argv` is its command line without the program name.
+pub fn main(argv: Vec<OsString>) -> i32 {
+    match handshake_step(argv) {
+        Ok(cfg) => chain::exec(&cfg.next),
+        Err(code) => code,
+    }
+}
+
+/// The handshake and the exported request: Ok with the command line, whose rest is the
+/// program to run, or Err with the exit status (a check run). Never inlined, like
+/// `dial::options`: under tcpsplice-listen the next links run nested below `main`, and
+/// what this held on the stack would stay there, private memory of an idle connection
+/// (ARCHITECTURE.md).
+#[inline(never)]
+fn handshake_step(argv: Vec<OsString>) -> Result<Arc<Config>, i32> {
+    diag::init("tcpsplice-auth");
+    // Whether the next program may continue in this process is left as it was found:
+    // so only under tcpsplice-listen, whose connection process ran us in-process. The
+    // checker and the client's bytes are dropped (passwords wiped) before the chain
+    // goes on; what stays is the shared login state (loginstate), the parsed users
+    // file, hashes the process could read from the file anyway (Users::load_kept),
+    // and the parsed command line (config_kept).
+    sys::signal_ignore(libc::SIGPIPE, true);
+    let cfg = config_kept(&argv);
     // Who is on the other end, before anything reads the environment for it (inetd and
     // systemd set none of the UCSPI names).
     conninfo::fill_from_socket(0);
     let client_ip: Option<std::net::IpAddr> = environ::var("TCPREMOTEIP")
         .ok()
         .and_then(|ip| ip.parse().ok());
-    let anonymous = m.opt_present("n")
+    let anonymous = cfg.anonymous
         || client_ip.is_some_and(|ip| {
             let a = std::net::SocketAddr::new(ip, 0);
-            anon_from.iter().any(|r| r.matches(&a))
+            cfg.anon_from.iter().any(|r| r.matches(&a))
         });
-    let no_auth_asked = m.opt_present("n") || !anon_from.is_empty();
     let mut broken = None;
-    let (users, cp) = match (m.opt_str("f"), m.opt_str("c")) {
-        (Some(_), Some(_)) => diag::usage("-f and -c exclude each other"),
-        (Some(f), None) => match Users::load_kept(
-            std::path::Path::new(&f),
+    let (users, cp) = match &cfg.logins {
+        Logins::Users(f) => match Users::load_kept(
+            std::path::Path::new(f),
             // Under tcpsplice-listen its check at start said it already.
             chain::checking() || loginstate::region().is_none(),
         ) {
@@ -212,21 +286,13 @@ fn handshake_step(argv: Vec<OsString>) -> Result<Vec<OsString>, i32> {
                 (None, None)
             }
         },
-        (None, Some(c)) => (
-            None,
-            Some(CheckPassword {
-                prog: OsString::from(c),
-                timeout: check_timeout,
-            }),
-        ),
-        (None, None) if no_auth_asked => (None, None),
-        (None, None) => diag::usage(&format!(
-            "give -f users or -c checkpassword, or -n (or -N) to allow clients without credentials: {USAGE}"
-        )),
+        Logins::Program(c) => (None, Some(c)),
+        Logins::Nobody => (None, None),
     };
     // Counting a user's connections needs the memory tcpsplice-listen shares between
     // its processes; a process of its own per connection cannot know the others.
-    let limits_asked = per_user.is_some() || users.as_ref().is_some_and(|u| u.has_conn_limits());
+    let limits_asked =
+        cfg.per_user.is_some() || users.as_ref().is_some_and(|u| u.has_conn_limits());
     // (Not in tcpsplice-listen's check run, a process of its own: its connections
     // will have the memory.)
     if limits_asked && loginstate::region().is_none() && !chain::checking() {
@@ -235,13 +301,13 @@ fn handshake_step(argv: Vec<OsString>) -> Result<Vec<OsString>, i32> {
              tcpsplice-listen running this program in its processes",
         );
     }
-    let checker: Option<&dyn Checker> = match (&users, &cp, &broken) {
+    let checker: Option<&dyn Checker> = match (&users, cp, &broken) {
         (Some(u), _, _) => Some(&**u),
         (_, Some(c), _) => Some(c),
         (_, _, Some(b)) => Some(b),
         _ => None,
     };
-    if m.free.is_empty() {
+    if cfg.next.is_empty() {
         diag::usage(USAGE);
     }
     for fd in [0, 1] {
@@ -252,9 +318,8 @@ fn handshake_step(argv: Vec<OsString>) -> Result<Vec<OsString>, i32> {
             );
         }
     }
-    let next: Vec<OsString> = m.free.iter().map(OsString::from).collect();
     if chain::checking() {
-        if let Some(c) = &cp {
+        if let Some(c) = cp {
             if chain::check(std::slice::from_ref(&c.prog)) != exit::OK {
                 return Err(exit::USAGE);
             }
@@ -263,29 +328,29 @@ fn handshake_step(argv: Vec<OsString>) -> Result<Vec<OsString>, i32> {
         // will run: a client-chosen target, a client waiting for the answer.
         environ::set_var("TCPSPLICE_TARGET", "check.invalid:1");
         environ::set_var("TCPSPLICE_REPLY", "socks5");
-        return Err(chain::check(&next));
+        return Err(chain::check(&cfg.next));
     }
     let gate = checker.map(|inner| Gate {
         inner,
         region: loginstate::region(),
-        ttl: cache_ttl,
-        slots,
-        deadline: Instant::now() + timeout,
+        ttl: cfg.cache_ttl,
+        slots: cfg.slots,
+        deadline: Instant::now() + cfg.timeout,
         source: client_ip.map(|ip| ip.to_string()),
         outcome: Cell::new(None),
     });
     let policy = Policy {
-        socks5,
-        socks4,
-        http,
+        socks5: cfg.socks5,
+        socks4: cfg.socks4,
+        http: cfg.http,
         anonymous,
         checker: gate.as_ref().map(|g| g as &dyn Checker),
-        head_cap,
-        fail_delay,
-        bind: m.opt_present("B"),
-        udp: m.opt_present("U"),
+        head_cap: cfg.head_cap,
+        fail_delay: cfg.fail_delay,
+        bind: cfg.bind,
+        udp: cfg.udp,
     };
-    let mut client = Client::new(0, 1, timeout);
+    let mut client = Client::new(0, 1, cfg.timeout);
     let result = handshake::run(&mut client, &policy);
     if let Some(Unavailable(why)) = &broken {
         if let Ok(req) = &result {
@@ -312,7 +377,7 @@ fn handshake_step(argv: Vec<OsString>) -> Result<Vec<OsString>, i32> {
                 let max = match users.as_ref().and_then(|u| u.conn_limit(user.as_bytes())) {
                     Some(0) => None,
                     Some(n) => Some(n),
-                    None => per_user,
+                    None => cfg.per_user,
                 };
                 if let (Some(max), Some(r)) = (max, loginstate::region()) {
                     if let Err(over) = r.count_user(user.as_bytes(), max) {
@@ -324,20 +389,20 @@ fn handshake_step(argv: Vec<OsString>) -> Result<Vec<OsString>, i32> {
             // The checker goes before the next program runs (in this process,
             // perhaps); the passwords were wiped as they were dropped. The parsed
             // users file stays kept for the next connection (Users::load_kept).
-            drop((users, cp));
+            drop(gate);
+            drop(users);
             handshake::export(&req);
             match login.filter(|_| req.user.is_some()) {
                 Some(l) => environ::set_var(LOGIN_VAR, l.as_str()),
                 None => environ::remove_var(LOGIN_VAR),
             }
-            drop(m);
             if let Ok(Some(style)) = reply::Style::parse(req.reply) {
                 chain::reply_on_exec_failure(reply::failure(style, reply::Failure::General));
             }
             // Everything this program opened (the users file, a checker's pipes) is
             // closed by now, so a sibling continuing here need not scan for more.
             chain::nothing_to_close();
-            Ok(next)
+            Ok(cfg)
         }
         Err(f) => {
             let who = conninfo::client().unwrap_or_else(|| "-".into());
