@@ -137,7 +137,7 @@ pub struct Gate<'a> {
     pub deadline: Instant,
     /// The client's address (`TCPREMOTEIP`), so that one address cannot hold more than
     /// half of the slots.
-    pub source: Option<String>,
+    pub source: Option<std::net::IpAddr>,
     pub outcome: std::cell::Cell<Option<Login>>,
 }
 
@@ -184,16 +184,21 @@ impl Gate<'_> {
                     0 => std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8)),
                     n => n,
                 };
-                r.acquire(n, source_key(self.source.as_deref()), self.deadline)
+                r.acquire(n, source_key(self.source), self.deadline)
                     .map(Some)
             }
         }
     }
 }
 
-/// A nonzero key for a client address (FNV-1a; only compared, never a secret).
-fn source_key(source: Option<&str>) -> u64 {
-    source.map_or(0, |s| fnv(s.as_bytes()))
+/// A nonzero key for a client address (FNV-1a of its bytes; only compared, never a
+/// secret).
+fn source_key(source: Option<std::net::IpAddr>) -> u64 {
+    match source {
+        None => 0,
+        Some(std::net::IpAddr::V4(a)) => fnv(&a.octets()),
+        Some(std::net::IpAddr::V6(a)) => fnv(&a.octets()),
+    }
 }
 
 /// A nonzero key for a user name. The names are the users file's, chosen by whoever

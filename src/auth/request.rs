@@ -141,11 +141,21 @@ const AHEAD: usize = 1024;
 
 impl Client {
     pub fn new(rfd: RawFd, wfd: RawFd, timeout: Duration) -> Client {
+        let socket = matches!(sys::fd_kind(rfd), Ok(sys::FdKind::Socket));
+        Client::of_kind(rfd, wfd, timeout, socket)
+    }
+
+    /// [`Client::new`] for a caller that knows `rfd` is a socket.
+    pub fn on_socket(rfd: RawFd, wfd: RawFd, timeout: Duration) -> Client {
+        Client::of_kind(rfd, wfd, timeout, true)
+    }
+
+    fn of_kind(rfd: RawFd, wfd: RawFd, timeout: Duration, socket: bool) -> Client {
         Client {
             rfd,
             wfd,
             deadline: Instant::now() + timeout,
-            socket: matches!(sys::fd_kind(rfd), Ok(sys::FdKind::Socket)),
+            socket,
             ahead: Secret::new(Vec::new()),
             used: 0,
         }
