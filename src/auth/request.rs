@@ -30,7 +30,7 @@ pub trait Checker {
     /// What a verified login of `user` is tied to in the login cache, and the rules a
     /// cached login gets: the users-file entry's hash string and rules, or the checker
     /// program. None (the default) when nothing may be cached, as for an unknown user.
-    fn cache_key(&self, _user: &[u8]) -> Option<(Vec<u8>, Option<String>)> {
+    fn cache_key(&self, _user: &[u8]) -> Option<(&[u8], Option<&str>)> {
         None
     }
 }

@@ -252,9 +252,9 @@ impl Checker for Users {
         }
     }
 
-    fn cache_key(&self, user: &[u8]) -> Option<(Vec<u8>, Option<String>)> {
+    fn cache_key(&self, user: &[u8]) -> Option<(&[u8], Option<&str>)> {
         let e = self.entries.get(user)?;
-        Some((e.hash.text().as_bytes().to_vec(), e.rules.clone()))
+        Some((e.hash.text().as_bytes(), e.rules.as_deref()))
     }
 
     fn waste_time(&self, password: &Secret) {
