@@ -235,8 +235,8 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     }
 }
 
-/// The handshake and the exported request: Ok with the command line, whose rest is the
-/// program to run, or Err with the exit status (a check run). Never inlined, like
+/// The handshake and the exported request: Ok with the parsed command line, whose
+/// `next` is the program to run, or Err with the exit status (a check run). Never inlined, like
 /// `dial::options`: under tcpsplice-listen the next links run nested below `main`, and
 /// what this held on the stack would stay there, private memory of an idle connection
 /// (ARCHITECTURE.md).
