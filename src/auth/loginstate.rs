@@ -14,7 +14,8 @@
 //! A cache entry is HMAC-SHA256 under a random key made at [`create`] of the checker's
 //! identity for the user (the users file's hash string, or the checkpassword program),
 //! the user name and the password, with an expiry. Nothing else is kept: no password,
-//! no unkeyed hash of one. A changed or removed users-file entry changes the MAC, so the
+//! no unkeyed hash of one. Each process keeps the HMAC keyed once (`keyed`), derived
+//! from the key it reads here anyway. A changed or removed users-file entry changes the MAC, so the
 //! old one is never found again. Only successes are stored.
 //!
 //! A user's connection is counted in an entry owned by the pid of its connection
