@@ -131,8 +131,8 @@ impl CheckPassword {
 }
 
 impl Checker for CheckPassword {
-    fn cache_key(&self, _user: &[u8]) -> Option<(Vec<u8>, Option<String>)> {
-        Some((self.prog.as_bytes().to_vec(), None))
+    fn cache_key(&self, _user: &[u8]) -> Option<(&[u8], Option<&str>)> {
+        Some((self.prog.as_bytes(), None))
     }
 
     fn check(&self, user: &[u8], password: &Secret) -> Verdict {

@@ -60,11 +60,11 @@ pub fn run(c: &mut Client, policy: &Policy) -> Result<Request, Failure> {
 
 /// Sets the environment the next programs read (DESIGN.md): `TCPSPLICE_TARGET`,
 /// `TCPSPLICE_REPLY`, `TCPSPLICE_COMMAND`, `TCPSPLICE_USER` and `TCPSPLICE_RULES` (both removed when they do
-/// not apply, so nothing inherited can pass for them), the UCSPI names of the client
-/// when no supervisor set them, and systemd's socket-passing variables unset, as we
-/// consumed the socket.
+/// not apply, so nothing inherited can pass for them), and systemd's socket-passing
+/// variables unset, as we consumed the socket. The UCSPI names of the client were
+/// filled in before the handshake (`conninfo::fill_from_socket`), when no supervisor set
+/// them.
 pub fn export(req: &Request) {
-    crate::conninfo::fill_from_socket(0);
     environ::set_var("TCPSPLICE_TARGET", &req.target);
     environ::set_var("TCPSPLICE_REPLY", req.reply);
     environ::set_var("TCPSPLICE_COMMAND", req.command);

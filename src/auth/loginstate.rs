@@ -14,7 +14,8 @@
 //! A cache entry is HMAC-SHA256 under a random key made at [`create`] of the checker's
 //! identity for the user (the users file's hash string, or the checkpassword program),
 //! the user name and the password, with an expiry. Nothing else is kept: no password,
-//! no unkeyed hash of one. A changed or removed users-file entry changes the MAC, so the
+//! no unkeyed hash of one. Each process keeps the HMAC keyed once (`keyed`), derived
+//! from the key it reads here anyway. A changed or removed users-file entry changes the MAC, so the
 //! old one is never found again. Only successes are stored.
 //!
 //! A user's connection is counted in an entry owned by the pid of its connection
@@ -25,7 +26,7 @@
 //! most one entry, and serves one connection at a time.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, KeyInit, Mac};
@@ -137,7 +138,7 @@ pub struct Gate<'a> {
     pub deadline: Instant,
     /// The client's address (`TCPREMOTEIP`), so that one address cannot hold more than
     /// half of the slots.
-    pub source: Option<String>,
+    pub source: Option<std::net::IpAddr>,
     pub outcome: std::cell::Cell<Option<Login>>,
 }
 
@@ -145,13 +146,13 @@ impl Checker for Gate<'_> {
     fn check(&self, user: &[u8], password: &Secret) -> Verdict {
         let cached = self.region.filter(|_| !self.ttl.is_zero()).and_then(|r| {
             let (identity, rules) = self.inner.cache_key(user)?;
-            Some((r, tag(r, &identity, user, password), rules))
+            Some((r, tag(r, identity, user, password), rules))
         });
         if let Some((r, t, rules)) = &cached {
             if r.lookup(t) {
                 self.outcome.set(Some(Login::Cached));
                 return Verdict::Accept {
-                    rules: rules.clone(),
+                    rules: rules.map(str::to_owned),
                 };
             }
         }
@@ -184,16 +185,21 @@ impl Gate<'_> {
                     0 => std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8)),
                     n => n,
                 };
-                r.acquire(n, source_key(self.source.as_deref()), self.deadline)
+                r.acquire(n, source_key(self.source), self.deadline)
                     .map(Some)
             }
         }
     }
 }
 
-/// A nonzero key for a client address (FNV-1a; only compared, never a secret).
-fn source_key(source: Option<&str>) -> u64 {
-    source.map_or(0, |s| fnv(s.as_bytes()))
+/// A nonzero key for a client address (FNV-1a of its bytes; only compared, never a
+/// secret).
+fn source_key(source: Option<std::net::IpAddr>) -> u64 {
+    match source {
+        None => 0,
+        Some(std::net::IpAddr::V4(a)) => fnv(&a.octets()),
+        Some(std::net::IpAddr::V6(a)) => fnv(&a.octets()),
+    }
 }
 
 /// A nonzero key for a user name. The names are the users file's, chosen by whoever
@@ -244,14 +250,32 @@ pub fn release_pid(pid: libc::pid_t) {
     }
 }
 
-fn tag(r: &Region, identity: &[u8], user: &[u8], password: &Secret) -> [u64; 4] {
+/// The MAC keyed with `r`'s key, keyed once per process: keying compresses two blocks
+/// of SHA-256 (the key's inner and outer pads), as many as a cached login's own bytes
+/// take. What is kept is made from the key, which this process reads in the region
+/// anyway; nothing of a login is in it.
+fn keyed(r: &'static Region) -> Option<Hmac<Sha256>> {
+    static KEYED: Mutex<Option<(usize, Hmac<Sha256>)>> = Mutex::new(None);
+    let at = std::ptr::from_ref(r) as usize;
+    let mut kept = KEYED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((region, mac)) = &*kept {
+        if *region == at {
+            return Some(mac.clone());
+        }
+    }
     let mut key = [0u8; 32];
     for (chunk, k) in key.chunks_exact_mut(8).zip(&r.key) {
         chunk.copy_from_slice(&k.load(Ordering::Relaxed).to_ne_bytes());
     }
     let mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&key);
     key.iter_mut().for_each(|b| *b = 0);
-    let Ok(mut mac) = mac else {
+    let mac = mac.ok()?;
+    *kept = Some((at, mac.clone()));
+    Some(mac)
+}
+
+fn tag(r: &'static Region, identity: &[u8], user: &[u8], password: &Secret) -> [u64; 4] {
+    let Some(mut mac) = keyed(r) else {
         return [0; 4];
     };
     // Each field with its length in front, so that no two inputs run together.
@@ -458,5 +482,48 @@ impl Region {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The MAC of a login keyed afresh, as every login computed it before the keyed
+    /// state was kept: the kept one must give the same tags.
+    fn tag_keyed_afresh(r: &Region, identity: &[u8], user: &[u8], password: &[u8]) -> [u64; 4] {
+        let mut key = [0u8; 32];
+        for (chunk, k) in key.chunks_exact_mut(8).zip(&r.key) {
+            chunk.copy_from_slice(&k.load(Ordering::Relaxed).to_ne_bytes());
+        }
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&key).expect("a 32-byte key");
+        for field in [identity, user, password] {
+            mac.update(&(field.len() as u64).to_be_bytes());
+            mac.update(field);
+        }
+        let out = mac.finalize().into_bytes();
+        let mut t = [0u64; 4];
+        for (w, chunk) in t.iter_mut().zip(out.chunks_exact(8)) {
+            *w = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
+        }
+        t
+    }
+
+    #[test]
+    fn the_kept_key_gives_the_tags_of_a_fresh_one() {
+        create().expect("map the login state");
+        let r = region().expect("the login state");
+        let pw = Secret::new(b"benchpw".to_vec());
+        let first = tag(r, b"$y$j9T$salt$hash", b"bench", &pw);
+        assert_eq!(
+            first,
+            tag_keyed_afresh(r, b"$y$j9T$salt$hash", b"bench", b"benchpw")
+        );
+        // Again, from the kept state: the same tag, and another for another field.
+        assert_eq!(tag(r, b"$y$j9T$salt$hash", b"bench", &pw), first);
+        assert_ne!(tag(r, b"$y$j9T$salt$hasi", b"bench", &pw), first);
+        assert_ne!(tag(r, b"$y$j9T$salt$hash", b"bencH", &pw), first);
+        let other = Secret::new(b"benchpW".to_vec());
+        assert_ne!(tag(r, b"$y$j9T$salt$hash", b"bench", &other), first);
     }
 }

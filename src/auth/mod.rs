@@ -235,8 +235,8 @@ pub fn main(argv: Vec<OsString>) -> i32 {
     }
 }
 
-/// The handshake and the exported request: Ok with the command line, whose rest is the
-/// program to run, or Err with the exit status (a check run). Never inlined, like
+/// The handshake and the exported request: Ok with the parsed command line, whose
+/// `next` is the program to run, or Err with the exit status (a check run). Never inlined, like
 /// `dial::options`: under tcpsplice-listen the next links run nested below `main`, and
 /// what this held on the stack would stay there, private memory of an idle connection
 /// (ARCHITECTURE.md).
@@ -254,20 +254,25 @@ fn handshake_step(argv: Vec<OsString>) -> Result<Arc<Config>, i32> {
     // Who is on the other end, before anything reads the environment for it (inetd and
     // systemd set none of the UCSPI names).
     conninfo::fill_from_socket(0);
-    let client_ip: Option<std::net::IpAddr> = environ::var("TCPREMOTEIP")
-        .ok()
-        .and_then(|ip| ip.parse().ok());
+    let checking = chain::checking();
+    // Looked up only when -N or a login's check slot needs it.
+    let client_ip = || {
+        environ::with_var("TCPREMOTEIP", |v| {
+            v.and_then(|v| v.to_str()).and_then(|ip| ip.parse().ok())
+        })
+    };
     let anonymous = cfg.anonymous
-        || client_ip.is_some_and(|ip| {
-            let a = std::net::SocketAddr::new(ip, 0);
-            cfg.anon_from.iter().any(|r| r.matches(&a))
-        });
+        || (!cfg.anon_from.is_empty()
+            && client_ip().is_some_and(|ip| {
+                let a = std::net::SocketAddr::new(ip, 0);
+                cfg.anon_from.iter().any(|r| r.matches(&a))
+            }));
     let mut broken = None;
     let (users, cp) = match &cfg.logins {
         Logins::Users(f) => match Users::load_kept(
             std::path::Path::new(f),
             // Under tcpsplice-listen its check at start said it already.
-            chain::checking() || loginstate::region().is_none(),
+            checking || loginstate::region().is_none(),
         ) {
             Ok(users) => {
                 if users.is_empty() {
@@ -275,9 +280,7 @@ fn handshake_step(argv: Vec<OsString>) -> Result<Arc<Config>, i32> {
                 }
                 (Some(users), None)
             }
-            Err(why) if chain::checking() => {
-                diag::die(exit::USAGE, &format!("unable to load users: {why}"))
-            }
+            Err(why) if checking => diag::die(exit::USAGE, &format!("unable to load users: {why}")),
             // Broken since the check at start (an edit, a permission), or run by a
             // supervisor that checks nothing: still a configuration error (exit 100),
             // but the client first gets its protocol's answer, not a bare close.
@@ -295,7 +298,7 @@ fn handshake_step(argv: Vec<OsString>) -> Result<Arc<Config>, i32> {
         cfg.per_user.is_some() || users.as_ref().is_some_and(|u| u.has_conn_limits());
     // (Not in tcpsplice-listen's check run, a process of its own: its connections
     // will have the memory.)
-    if limits_asked && loginstate::region().is_none() && !chain::checking() {
+    if limits_asked && loginstate::region().is_none() && !checking {
         diag::warn(
             "per-user connection limits (-l, conns=) are not enforced: they need \
              tcpsplice-listen running this program in its processes",
@@ -310,15 +313,20 @@ fn handshake_step(argv: Vec<OsString>) -> Result<Arc<Config>, i32> {
     if cfg.next.is_empty() {
         diag::usage(USAGE);
     }
-    for fd in [0, 1] {
-        if !sys::fd_is_open(fd) {
-            diag::die(
-                exit::USAGE,
-                &format!("unable to use fd {fd}: it is not open"),
-            );
+    // tcpsplice-listen's connection socket, put on 0 and 1 before the chain began in
+    // this process: open, and a socket, without asking the kernel.
+    let accepted = chain::is_private(0) && chain::is_private(1);
+    if !accepted {
+        for fd in [0, 1] {
+            if !sys::fd_is_open(fd) {
+                diag::die(
+                    exit::USAGE,
+                    &format!("unable to use fd {fd}: it is not open"),
+                );
+            }
         }
     }
-    if chain::checking() {
+    if checking {
         if let Some(c) = cp {
             if chain::check(std::slice::from_ref(&c.prog)) != exit::OK {
                 return Err(exit::USAGE);
@@ -336,7 +344,7 @@ fn handshake_step(argv: Vec<OsString>) -> Result<Arc<Config>, i32> {
         ttl: cfg.cache_ttl,
         slots: cfg.slots,
         deadline: Instant::now() + cfg.timeout,
-        source: client_ip.map(|ip| ip.to_string()),
+        source: client_ip(),
         outcome: Cell::new(None),
     });
     let policy = Policy {
@@ -350,7 +358,11 @@ fn handshake_step(argv: Vec<OsString>) -> Result<Arc<Config>, i32> {
         bind: cfg.bind,
         udp: cfg.udp,
     };
-    let mut client = Client::new(0, 1, cfg.timeout);
+    let mut client = if accepted {
+        Client::on_socket(0, 1, cfg.timeout)
+    } else {
+        Client::new(0, 1, cfg.timeout)
+    };
     let result = handshake::run(&mut client, &policy);
     if let Some(Unavailable(why)) = &broken {
         if let Ok(req) = &result {
@@ -389,7 +401,6 @@ fn handshake_step(argv: Vec<OsString>) -> Result<Arc<Config>, i32> {
             // The checker goes before the next program runs (in this process,
             // perhaps); the passwords were wiped as they were dropped. The parsed
             // users file stays kept for the next connection (Users::load_kept).
-            drop(gate);
             drop(users);
             handshake::export(&req);
             match login.filter(|_| req.user.is_some()) {

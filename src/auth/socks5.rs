@@ -22,7 +22,12 @@ pub const REP_ADDRESS: u8 = 0x08;
 
 /// A reply with REP `rep` and an all-zero IPv4 bound address.
 pub fn reply(rep: u8) -> Vec<u8> {
-    vec![0x05, rep, 0x00, 0x01, 0, 0, 0, 0, 0, 0]
+    reply_bytes(rep).to_vec()
+}
+
+/// [`reply`] without an allocation, for a refusal that is only made ready.
+const fn reply_bytes(rep: u8) -> [u8; 10] {
+    [0x05, rep, 0x00, 0x01, 0, 0, 0, 0, 0, 0]
 }
 
 fn fail(reply: &[u8], code: i32, why: impl Into<String>) -> Failure {
@@ -35,9 +40,9 @@ pub fn handshake(c: &mut Client, policy: &Policy) -> Result<Request, Failure> {
         return Err(fail(NO_METHOD, exit::POLICY, "socks5 is not enabled"));
     }
     let n = c.read_byte().map_err(|e| e.fail("socks5", b""))?;
-    let mut methods = vec![0u8; n as usize];
-    c.read_exact(&mut methods)
-        .map_err(|e| e.fail("socks5", b""))?;
+    let mut offered = [0u8; 255];
+    let methods = &mut offered[..usize::from(n)];
+    c.read_exact(methods).map_err(|e| e.fail("socks5", b""))?;
     // Credentials first when we have a checker: then per-user rules and the user name
     // apply even where no-auth is allowed too.
     let method = if policy.checker.is_some() && methods.contains(&USER_PASS) {
@@ -50,7 +55,7 @@ pub fn handshake(c: &mut Client, policy: &Policy) -> Result<Request, Failure> {
             exit::POLICY,
             format!(
                 "no acceptable authentication method (offered {})",
-                hex(&methods)
+                hex(methods)
             ),
         ));
     };
@@ -62,7 +67,11 @@ pub fn handshake(c: &mut Client, policy: &Policy) -> Result<Request, Failure> {
         match request::authenticate(policy, &name, &password) {
             Ok(r) => {
                 rules = r;
-                user = Some(String::from_utf8_lossy(&name).into_owned());
+                // Checked printable ASCII (request::user_name_ok): no copy is needed.
+                user = Some(
+                    String::from_utf8(name)
+                        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+                );
             }
             Err(Ok(())) => {
                 return Err(fail(
@@ -122,7 +131,7 @@ fn read_credentials(c: &mut Client) -> Result<(Vec<u8>, Secret), Failure> {
 /// target is the peer expected to connect; for UDP ASSOCIATE what the client said it
 /// would send from, often all zeros (port 0 is accepted for both).
 fn read_request(c: &mut Client, policy: &Policy) -> Result<(&'static str, String), Failure> {
-    let general = reply(REP_GENERAL);
+    let general = reply_bytes(REP_GENERAL);
     let trunc = |e: request::ReadError| e.fail("socks5", &general);
     let mut head = [0u8; 4];
     c.read_exact(&mut head).map_err(trunc)?;
@@ -151,12 +160,12 @@ fn read_request(c: &mut Client, policy: &Policy) -> Result<(&'static str, String
         0x01 => {
             let mut a = [0u8; 4];
             c.read_exact(&mut a).map_err(trunc)?;
-            Ipv4Addr::from(a).to_string()
+            Host::V4(Ipv4Addr::from(a))
         }
         0x04 => {
             let mut a = [0u8; 16];
             c.read_exact(&mut a).map_err(trunc)?;
-            Ipv6Addr::from(a).to_string()
+            Host::Text(Ipv6Addr::from(a).to_string())
         }
         0x03 => {
             let n = c.read_byte().map_err(trunc)?;
@@ -164,7 +173,7 @@ fn read_request(c: &mut Client, policy: &Policy) -> Result<(&'static str, String
             c.read_exact(&mut name).map_err(trunc)?;
             let text = String::from_utf8_lossy(&name).into_owned();
             if text.parse::<Ipv6Addr>().is_ok() || request::valid_name(&name) {
-                text
+                Host::Text(text)
             } else {
                 // Read the port too so the refusal is not lost to a reset.
                 let mut p = [0u8; 2];
@@ -190,7 +199,19 @@ fn read_request(c: &mut Client, policy: &Policy) -> Result<(&'static str, String
     if port == 0 && command == "connect" {
         return Err(fail(&general, exit::POLICY, "target port 0"));
     }
-    Ok((command, request::target_text(&host, port)))
+    let target = match host {
+        Host::V4(ip) => request::ipv4_target(ip, port),
+        Host::Text(host) => request::target_text(&host, port),
+    };
+    Ok((command, target))
+}
+
+/// The target's host as the request names it.
+enum Host {
+    /// The usual case, written out without the formatting machinery.
+    V4(Ipv4Addr),
+    /// An IPv6 address or a host name.
+    Text(String),
 }
 
 fn hex(b: &[u8]) -> String {

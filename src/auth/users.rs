@@ -77,6 +77,9 @@ pub struct Users {
     entries: HashMap<Vec<u8>, Entry>,
     /// DUMMY_HASH, for a file without users.
     fallback: StoredHash,
+    /// Whether a line has a `conns=N` above 0: asked at every connection, so worked
+    /// out once rather than over every line each time.
+    conn_limits: bool,
 }
 
 impl Users {
@@ -167,7 +170,14 @@ impl Users {
             }
         }
         let fallback = StoredHash::parse(DUMMY_HASH).map_err(|e| (0, e))?;
-        Ok(Users { entries, fallback })
+        let conn_limits = entries
+            .values()
+            .any(|e: &Entry| e.conns.is_some_and(|n| n > 0));
+        Ok(Users {
+            entries,
+            fallback,
+            conn_limits,
+        })
     }
 
     /// The hash that costs the most to check `len` bytes against, by the estimate of
@@ -197,9 +207,7 @@ impl Users {
 
     /// Whether any line has a `conns=N` above 0.
     pub fn has_conn_limits(&self) -> bool {
-        self.entries
-            .values()
-            .any(|e| e.conns.is_some_and(|n| n > 0))
+        self.conn_limits
     }
 }
 
@@ -244,9 +252,9 @@ impl Checker for Users {
         }
     }
 
-    fn cache_key(&self, user: &[u8]) -> Option<(Vec<u8>, Option<String>)> {
+    fn cache_key(&self, user: &[u8]) -> Option<(&[u8], Option<&str>)> {
         let e = self.entries.get(user)?;
-        Some((e.hash.text().as_bytes().to_vec(), e.rules.clone()))
+        Some((e.hash.text().as_bytes(), e.rules.as_deref()))
     }
 
     fn waste_time(&self, password: &Secret) {
