@@ -147,20 +147,41 @@ fn set_decimal(name: &str, v: u32) {
 
 /// Writes `v` in decimal at the start of `out` (long enough: 10 bytes for any u32);
 /// returns the length.
-fn decimal(mut v: u32, out: &mut [u8]) -> usize {
-    let mut digits = [0u8; 10];
-    let mut k = digits.len();
+fn decimal(v: u32, out: &mut [u8]) -> usize {
+    let mut digits = [0u8; 20];
+    let d = digits_of(v.into(), &mut digits);
+    out[..d.len()].copy_from_slice(d);
+    d.len()
+}
+
+/// `v`'s decimal digits, at the end of `room`.
+fn digits_of(mut v: u64, room: &mut [u8; 20]) -> &[u8] {
+    let mut k = room.len();
     loop {
         k -= 1;
-        digits[k] = b'0' + (v % 10) as u8;
+        room[k] = b'0' + (v % 10) as u8;
         v /= 10;
         if v == 0 {
             break;
         }
     }
-    let len = digits.len() - k;
-    out[..len].copy_from_slice(&digits[k..]);
-    len
+    &room[k..]
+}
+
+/// Appends `v` in decimal: what `write!(s, "{v}")` does, for the lines and values made
+/// at every connection, where the formatting machinery costs several times more.
+pub fn push_decimal(s: &mut String, v: u64) {
+    let mut room = [0u8; 20];
+    digits_of(v, &mut room)
+        .iter()
+        .for_each(|&d| s.push(char::from(d)));
+}
+
+/// Appends `v4` in dotted decimal (see [`push_decimal`]).
+pub fn push_ipv4(s: &mut String, v4: std::net::Ipv4Addr) {
+    let mut buf = [0u8; 15];
+    let n = dotted(v4, &mut buf);
+    buf[..n].iter().for_each(|&b| s.push(char::from(b)));
 }
 
 /// Sets `name` to `value` formatted on the stack: set for every connection, an address
@@ -207,6 +228,11 @@ mod tests {
             let mut b = [0u8; 10];
             let n = decimal(v, &mut b);
             assert_eq!(&b[..n], v.to_string().as_bytes());
+        }
+        for v in [0u64, 9, 10, 65535, u64::from(u32::MAX) + 1, u64::MAX] {
+            let mut s = String::from("x=");
+            push_decimal(&mut s, v);
+            assert_eq!(s, format!("x={v}"));
         }
     }
 

@@ -346,29 +346,10 @@ pub fn target_text(host: &str, port: u16) -> String {
 /// names one, and the formatting machinery costs several times more.
 pub fn ipv4_target(ip: std::net::Ipv4Addr, port: u16) -> String {
     let mut s = String::with_capacity(21);
-    for (i, octet) in ip.octets().into_iter().enumerate() {
-        if i > 0 {
-            s.push('.');
-        }
-        push_decimal(&mut s, octet.into());
-    }
+    crate::conninfo::push_ipv4(&mut s, ip);
     s.push(':');
-    push_decimal(&mut s, port.into());
+    crate::conninfo::push_decimal(&mut s, port.into());
     s
-}
-
-fn push_decimal(s: &mut String, mut n: u32) {
-    let mut digits = [0u8; 10];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    digits[i..].iter().for_each(|&d| s.push(char::from(d)));
 }
 
 /// Client-supplied text made safe for a log line: printable ASCII kept, the rest escaped.

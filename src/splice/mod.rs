@@ -195,20 +195,9 @@ fn log_end(out: &relay::Outcome, client: Option<&str>, target: Option<&str>) {
 }
 
 /// Appends `word` and `n` in decimal.
-fn push_count(line: &mut String, word: &str, mut n: u64) {
+fn push_count(line: &mut String, word: &str, n: u64) {
     line.push_str(word);
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    // Only ASCII digits were written.
-    line.extend(digits[i..].iter().map(|&d| char::from(d)));
+    crate::conninfo::push_decimal(line, n);
 }
 
 /// The request body's framing when tcpsplice-dial forwarded a plain-HTTP request
