@@ -1031,3 +1031,35 @@ print(s.recv(100).decode())\"\n\
     // Without the zone bind says EINVAL: a configuration error, not a retry.
     assert!(out.contains("rc=100"), "{}", ran.show());
 }
+
+/// The writable data of the binary a connection process runs (.data and .bss, whose
+/// pages the process writes after the fork and so owns privately) starts on a page of
+/// its own and fits in one: `.cargo/config.toml` has the linker start each segment on a
+/// page, and the statics must stay under 4 KiB, or every idle connection pays a page
+/// more (ARCHITECTURE.md, "Memory of an idle connection").
+#[test]
+fn the_writable_data_of_the_binary_is_one_page() {
+    let elf = std::fs::read(BIN).expect("read the binary");
+    let u16_at = |o: usize| u16::from_le_bytes(elf[o..o + 2].try_into().unwrap());
+    let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap());
+    let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap());
+    assert_eq!(&elf[..5], b"\x7fELF\x02", "a 64-bit ELF file");
+    let (phoff, phentsize, phnum) = (u64_at(0x20) as usize, u16_at(0x36) as usize, u16_at(0x38));
+    // The last writable PT_LOAD: .data and .bss (the one before it is RELRO, written
+    // only by the dynamic loader at start, before any fork).
+    let (vaddr, memsz) = (0..usize::from(phnum))
+        .map(|i| phoff + i * phentsize)
+        .filter(|&h| u32_at(h) == 1 && u32_at(h + 4) & 2 != 0)
+        .map(|h| (u64_at(h + 0x10), u64_at(h + 0x28)))
+        .last()
+        .expect("a writable loadable segment");
+    assert_eq!(
+        vaddr % 4096,
+        0,
+        "the data segment starts at a page: {vaddr:#x}"
+    );
+    assert!(
+        memsz <= 4096,
+        "the data segment takes more than a page: {memsz} bytes"
+    );
+}
