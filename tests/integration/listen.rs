@@ -1051,7 +1051,7 @@ fn the_writable_data_of_the_binary_is_one_page() {
         .map(|i| phoff + i * phentsize)
         .filter(|&h| u32_at(h) == 1 && u32_at(h + 4) & 2 != 0)
         .map(|h| (u64_at(h + 0x10), u64_at(h + 0x28)))
-        .last()
+        .next_back()
         .expect("a writable loadable segment");
     assert_eq!(
         vaddr % 4096,
