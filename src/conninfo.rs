@@ -230,6 +230,12 @@ pub fn push_decimal(s: &mut String, v: u64) {
         .for_each(|&d| s.push(char::from(d)));
 }
 
+/// Appends `v` in decimal to bytes (see [`push_decimal`]).
+pub fn push_decimal_bytes(s: &mut Vec<u8>, v: u64) {
+    let mut room = [0u8; 20];
+    s.extend_from_slice(digits_of(v, &mut room));
+}
+
 /// Appends `v4` in dotted decimal (see [`push_decimal`]).
 pub fn push_ipv4(s: &mut String, v4: std::net::Ipv4Addr) {
     let mut buf = [0u8; 15];
@@ -286,6 +292,9 @@ mod tests {
             let mut s = String::from("x=");
             push_decimal(&mut s, v);
             assert_eq!(s, format!("x={v}"));
+            let mut b = b"x=".to_vec();
+            push_decimal_bytes(&mut b, v);
+            assert_eq!(b, s.as_bytes());
         }
     }
 
