@@ -69,7 +69,13 @@ pub fn reserve_more(fd: RawFd) {
 
 /// The reserved descriptors (see [`reserve_fds`], [`reserve_more`]).
 pub fn reserved() -> Vec<RawFd> {
-    RESERVED.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    with_reserved(<[RawFd]>::to_vec)
+}
+
+/// Calls `f` with the reserved descriptors, without the copy [`reserved`] makes: asked
+/// at every connection.
+pub fn with_reserved<R>(f: impl FnOnce(&[RawFd]) -> R) -> R {
+    f(&RESERVED.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
 /// Reserved descriptors go this high, out of the way of the fixed numbers a chain uses
@@ -330,13 +336,15 @@ fn exec_image(argv: &[OsString], reply: &[u8]) -> ! {
 // Out of line, like `exec_image`: a sibling runs below `exec`'s frame.
 #[inline(never)]
 fn sibling(prog: &OsStr) -> Sibling {
-    let base = Path::new(prog).file_name()?.as_bytes();
-    let programs: &[Program] = *PROGRAMS.lock().unwrap_or_else(|e| e.into_inner());
-    let (name, entry) = *programs.iter().find(|(n, _)| n.as_bytes() == base)?;
     let mut known = SIBLINGS.lock().unwrap_or_else(|e| e.into_inner());
+    // Asked first: only names of programs are kept, so an answer found stands, and
+    // every link of every connection asks about a name resolved before the fork.
     if let Some((_, found)) = known.iter().find(|(p, _)| p == prog) {
         return *found;
     }
+    let base = Path::new(prog).file_name()?.as_bytes();
+    let programs: &[Program] = *PROGRAMS.lock().unwrap_or_else(|e| e.into_inner());
+    let (name, entry) = *programs.iter().find(|(n, _)| n.as_bytes() == base)?;
     let found = same_directory(prog).then_some((name, entry));
     known.push((prog.to_os_string(), found));
     found

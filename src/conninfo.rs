@@ -16,7 +16,32 @@ use crate::{environ, sys};
 pub const CLIENT_VAR: &str = "TCPSPLICE_CLIENT";
 
 fn var(name: &str) -> Option<String> {
-    environ::var(name).ok().filter(|v| !v.is_empty())
+    with_text(name, str::to_owned)
+}
+
+/// `f` of the value of `name` when it is set, not empty and text, as [`var`] would say,
+/// read in place: copied only by what `f` keeps.
+fn with_text<R>(name: &str, f: impl FnOnce(&str) -> R) -> Option<R> {
+    environ::with_var(name, |v| {
+        v.and_then(std::ffi::OsStr::to_str)
+            .filter(|v| !v.is_empty())
+            .map(f)
+    })
+}
+
+/// `TCPREMOTEIP:TCPREMOTEPORT` as [`join_host_port`] joins them (`?` for no port), in
+/// one allocation.
+fn remote() -> Option<String> {
+    let mut s = with_text("TCPREMOTEIP", |ip| {
+        let mut s = String::with_capacity(ip.len() + 8);
+        push_host(&mut s, ip);
+        s.push(':');
+        s
+    })?;
+    if with_text("TCPREMOTEPORT", |port| s.push_str(port)).is_none() {
+        s.push('?');
+    }
+    Some(s)
 }
 
 /// Whether `name` is set and not empty, as [`var`] would say, without a copy: asked for
@@ -27,29 +52,46 @@ fn has(name: &str) -> bool {
 
 /// `ip:port`, with brackets around an IPv6 address.
 pub fn join_host_port(ip: &str, port: &str) -> String {
-    if ip.contains(':') {
-        format!("[{ip}]:{port}")
+    // Pushed into one allocation of the right size: `format!` costs several times more,
+    // and this runs for every connection.
+    let mut s = String::with_capacity(ip.len() + port.len() + 3);
+    push_host(&mut s, ip);
+    s.push(':');
+    s.push_str(port);
+    s
+}
+
+/// `host:port` as [`join_host_port`] joins them, for a numeric port.
+pub fn join_host_port_number(host: &str, port: u16) -> String {
+    let mut s = String::with_capacity(host.len() + 8);
+    push_host(&mut s, host);
+    s.push(':');
+    push_decimal(&mut s, port.into());
+    s
+}
+
+/// Appends `host`, in brackets when it is an IPv6 address.
+fn push_host(s: &mut String, host: &str) {
+    if host.contains(':') {
+        s.push('[');
+        s.push_str(host);
+        s.push(']');
     } else {
-        format!("{ip}:{port}")
+        s.push_str(host);
     }
 }
 
 /// The client as `ip:port`, as far as the environment knows it.
 pub fn client() -> Option<String> {
-    var(CLIENT_VAR).or_else(|| {
-        let ip = var("TCPREMOTEIP")?;
-        let port = var("TCPREMOTEPORT").unwrap_or_else(|| "?".into());
-        Some(join_host_port(&ip, &port))
-    })
+    var(CLIENT_VAR).or_else(remote)
 }
 
 /// The target as `host:port`: the connection a dialer made (the `TCPREMOTE*` it set), or
 /// else what the client asked for.
 pub fn target() -> Option<String> {
     if has(CLIENT_VAR) {
-        if let Some(ip) = var("TCPREMOTEIP") {
-            let port = var("TCPREMOTEPORT").unwrap_or_else(|| "?".into());
-            return Some(join_host_port(&ip, &port));
+        if let Some(t) = remote() {
+            return Some(t);
         }
     }
     var("TCPSPLICE_TARGET")
@@ -133,7 +175,18 @@ fn dotted(v4: std::net::Ipv4Addr, buf: &mut [u8; 15]) -> usize {
             buf[n] = b'.';
             n += 1;
         }
-        n += decimal(u32::from(octet), &mut buf[n..]);
+        // By hand for an octet's one to three digits: the general writer's loop and
+        // copy were most of an address's cost, twice per connection.
+        if octet >= 100 {
+            buf[n] = b'0' + octet / 100;
+            n += 1;
+        }
+        if octet >= 10 {
+            buf[n] = b'0' + octet / 10 % 10;
+            n += 1;
+        }
+        buf[n] = b'0' + octet % 10;
+        n += 1;
     }
     n
 }
@@ -175,6 +228,12 @@ pub fn push_decimal(s: &mut String, v: u64) {
     digits_of(v, &mut room)
         .iter()
         .for_each(|&d| s.push(char::from(d)));
+}
+
+/// Appends `v` in decimal to bytes (see [`push_decimal`]).
+pub fn push_decimal_bytes(s: &mut Vec<u8>, v: u64) {
+    let mut room = [0u8; 20];
+    s.extend_from_slice(digits_of(v, &mut room));
 }
 
 /// Appends `v4` in dotted decimal (see [`push_decimal`]).
@@ -233,6 +292,9 @@ mod tests {
             let mut s = String::from("x=");
             push_decimal(&mut s, v);
             assert_eq!(s, format!("x={v}"));
+            let mut b = b"x=".to_vec();
+            push_decimal_bytes(&mut b, v);
+            assert_eq!(b, s.as_bytes());
         }
     }
 
@@ -244,5 +306,57 @@ mod tests {
             let n = dotted(v4, &mut b);
             assert_eq!(&b[..n], ip.as_bytes());
         }
+        for o in 0..=255u8 {
+            let v4 = std::net::Ipv4Addr::new(o, 0, 99, o);
+            let mut b = [0u8; 15];
+            let n = dotted(v4, &mut b);
+            assert_eq!(&b[..n], v4.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn client_and_target_from_the_environment() {
+        // The only test here that changes the environment: the names are its own.
+        for (ip, port, want) in [
+            ("192.0.2.1", Some("80"), "192.0.2.1:80"),
+            ("2001:db8::1", Some("443"), "[2001:db8::1]:443"),
+            ("192.0.2.1", None, "192.0.2.1:?"),
+            ("192.0.2.1", Some(""), "192.0.2.1:?"),
+        ] {
+            environ::set_var("TCPREMOTEIP", ip);
+            match port {
+                Some(p) => environ::set_var("TCPREMOTEPORT", p),
+                None => environ::remove_var("TCPREMOTEPORT"),
+            }
+            environ::remove_var(CLIENT_VAR);
+            assert_eq!(client().as_deref(), Some(want));
+            environ::set_var(CLIENT_VAR, "198.51.100.7:9");
+            assert_eq!(client().as_deref(), Some("198.51.100.7:9"));
+            assert_eq!(target().as_deref(), Some(want));
+        }
+        environ::set_var("TCPREMOTEIP", "");
+        environ::remove_var(CLIENT_VAR);
+        assert_eq!(client(), None);
+        for v in ["TCPREMOTEIP", "TCPREMOTEPORT"] {
+            environ::remove_var(v);
+        }
+    }
+
+    #[test]
+    fn joined_by_hand_as_format_joins() {
+        for (h, p) in [
+            ("192.0.2.1", 80u16),
+            ("2001:db8::1", 0),
+            ("example.com", 65535),
+        ] {
+            let want = if h.contains(':') {
+                format!("[{h}]:{p}")
+            } else {
+                format!("{h}:{p}")
+            };
+            assert_eq!(join_host_port(h, &p.to_string()), want);
+            assert_eq!(join_host_port_number(h, p), want);
+        }
+        assert_eq!(join_host_port("::1", "?"), "[::1]:?");
     }
 }

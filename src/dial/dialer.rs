@@ -9,6 +9,7 @@ use std::ffi::{OsStr, OsString};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, Instant};
 
 use super::connect::{self, connect_any, own_addresses, resolve};
@@ -168,12 +169,17 @@ fn save_client() -> (Option<SocketAddr>, Option<SocketAddr>) {
             // `-` when no one knows (a shell pipeline): left unset, the log line of the
             // splicer would take the upstream address we are about to set for the
             // client's.
-            let (client, shown) = match joined("TCPREMOTEIP", "TCPREMOTEPORT", &mut room) {
-                Some(j) => (proxyproto::parse_addr(&j), j.into_owned()),
-                None => (None, "-".to_string()),
-            };
-            environ::set_var(conninfo::CLIENT_VAR, shown);
-            client
+            // Set from the joined text where it lies, not from a copy of it.
+            match joined("TCPREMOTEIP", "TCPREMOTEPORT", &mut room) {
+                Some(j) => {
+                    environ::set_var(conninfo::CLIENT_VAR, &*j);
+                    proxyproto::parse_addr(&j)
+                }
+                None => {
+                    environ::set_var(conninfo::CLIENT_VAR, "-");
+                    None
+                }
+            }
         }
     };
     let local =
@@ -188,14 +194,15 @@ const JOINED_ROOM: usize = 128;
 /// else on the heap. The dialer reads the UCSPI names at every connection, and a copy
 /// of each on the heap was an allocation and a free.
 fn var_in<'r>(name: &str, room: &'r mut [u8]) -> Option<Cow<'r, str>> {
+    // Checked for text once, in `room`, not also where it is read.
     let len = environ::with_var(name, |v| {
-        let v = v.and_then(OsStr::to_str).filter(|v| !v.is_empty())?;
+        let v = v.filter(|v| !v.is_empty())?;
         Some(match room.get_mut(..v.len()) {
             Some(r) => {
                 r.copy_from_slice(v.as_bytes());
                 Ok(v.len())
             }
-            None => Err(v.to_owned()),
+            None => Err(v.to_str()?.to_owned()),
         })
     })?;
     match len {
@@ -208,16 +215,16 @@ fn var_in<'r>(name: &str, room: &'r mut [u8]) -> Option<Cow<'r, str>> {
 /// them, when both are set and not empty; in `room` when it fits.
 fn joined<'r>(ip: &str, port: &str, room: &'r mut [u8; JOINED_ROOM]) -> Option<Cow<'r, str>> {
     let (head, tail) = room.split_at_mut(JOINED_ROOM / 2);
-    let ip = var_in(ip, &mut head[1..])?;
-    let port = var_in(port, tail)?;
-    let (ip_len, port_len) = (ip.len(), port.len());
-    let bracket = ip.contains(':');
+    let ip_len = bytes_in(ip, &mut head[1..])?;
+    let port_len = bytes_in(port, tail)?;
     // `[ip]:` must end before the port's place, which it is then moved down to.
-    let fits = matches!((&ip, &port), (Cow::Borrowed(_), Cow::Borrowed(_)))
-        && 1 + ip_len + 2 <= JOINED_ROOM / 2;
-    if !fits {
+    let fitting = ip_len.filter(|&i| 1 + i + 2 <= JOINED_ROOM / 2);
+    let (Some(ip_len), Some(port_len)) = (fitting, port_len) else {
+        let ip = var_in(ip, &mut head[1..])?;
+        let port = var_in(port, tail)?;
         return Some(Cow::Owned(conninfo::join_host_port(&ip, &port)));
-    }
+    };
+    let bracket = head[1..1 + ip_len].contains(&b':');
     // The ip is at room[1..], the port at room[JOINED_ROOM / 2..]: close the gap.
     let start = if bracket {
         room[0] = b'[';
@@ -229,9 +236,23 @@ fn joined<'r>(ip: &str, port: &str, room: &'r mut [u8; JOINED_ROOM]) -> Option<C
     let colon = 1 + ip_len + usize::from(bracket);
     room[colon] = b':';
     room.copy_within(JOINED_ROOM / 2..JOINED_ROOM / 2 + port_len, colon + 1);
+    // Checked as text once, whole: with ASCII between them, the two values are text
+    // exactly when the joined bytes are.
     std::str::from_utf8(&room[start..colon + 1 + port_len])
         .ok()
         .map(Cow::Borrowed)
+}
+
+/// The bytes of `name` copied to the start of `room`: None when unset or empty,
+/// Some(None) when they do not fit.
+fn bytes_in(name: &str, room: &mut [u8]) -> Option<Option<usize>> {
+    environ::with_var(name, |v| {
+        let v = v.filter(|v| !v.is_empty())?.as_bytes();
+        Some(room.get_mut(..v.len()).map(|r| {
+            r.copy_from_slice(v);
+            v.len()
+        }))
+    })
 }
 
 /// Ends the connection with the failure reply the client waits for, if it waits for one,
@@ -380,7 +401,7 @@ impl Dial<'_> {
                 }
             }
         };
-        let shown = conninfo::join_host_port(&host, &port.to_string());
+        let shown = conninfo::join_host_port_number(&host, port);
         Target {
             host,
             port,
@@ -746,6 +767,18 @@ mod tests {
                 Some(conninfo::join_host_port(ip, port).as_str()),
                 "{ip} {port}"
             );
+        }
+        // Not text, in either place, whole or split by the join.
+        for (ip, port) in [
+            (&b"1.2\xff"[..], &b"80"[..]),
+            (b"\xce", b"\x80"),
+            (b"::1", b"\xff"),
+        ] {
+            environ::set_var("TCPSPLICE_T_JOIN_IP", OsStr::from_bytes(ip));
+            environ::set_var("TCPSPLICE_T_JOIN_PORT", OsStr::from_bytes(port));
+            let mut room = [0u8; JOINED_ROOM];
+            let got = joined("TCPSPLICE_T_JOIN_IP", "TCPSPLICE_T_JOIN_PORT", &mut room);
+            assert_eq!(got, None, "{ip:?} {port:?}");
         }
         environ::set_var("TCPSPLICE_T_JOIN_PORT", "");
         let mut room = [0u8; JOINED_ROOM];

@@ -117,42 +117,72 @@ impl Failure {
     }
 }
 
+/// A success reply, on the stack: written at every connection, where a Vec was an
+/// allocation and a free. Reads as its bytes.
+pub struct Reply {
+    buf: [u8; REPLY_MAX],
+    len: usize,
+}
+
+/// The longest success reply: HTTP's.
+const REPLY_MAX: usize = HTTP_SUCCESS.len();
+
+const HTTP_SUCCESS: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
+
+impl Reply {
+    fn push(&mut self, bytes: &[u8]) {
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+}
+
+impl std::ops::Deref for Reply {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
 /// The success reply; `bound` is the local address of the upstream socket.
-pub fn success(style: Style, bound: Option<SocketAddr>) -> Vec<u8> {
+pub fn success(style: Style, bound: Option<SocketAddr>) -> Reply {
+    let mut v = Reply {
+        buf: [0; REPLY_MAX],
+        len: 0,
+    };
     match style {
         Style::Socks5 => {
-            let mut v = vec![5, 0, 0];
+            v.push(&[5, 0, 0]);
             match bound.map(|b| (crate::rules::canonical(b.ip()), b.port())) {
                 Some((IpAddr::V6(a), port)) => {
-                    v.push(4);
-                    v.extend_from_slice(&a.octets());
-                    v.extend_from_slice(&port.to_be_bytes());
+                    v.push(&[4]);
+                    v.push(&a.octets());
+                    v.push(&port.to_be_bytes());
                 }
                 Some((IpAddr::V4(a), port)) => {
-                    v.push(1);
-                    v.extend_from_slice(&a.octets());
-                    v.extend_from_slice(&port.to_be_bytes());
+                    v.push(&[1]);
+                    v.push(&a.octets());
+                    v.push(&port.to_be_bytes());
                 }
-                None => v.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0]),
+                None => v.push(&[1, 0, 0, 0, 0, 0, 0]),
             }
-            v
         }
         Style::Socks4 => {
-            let mut v = vec![0, 0x5a];
+            v.push(&[0, 0x5a]);
             // SOCKS4 has no room for IPv6: an IPv6 upstream is reported as 0.0.0.0:0,
             // which clients ignore anyway.
             match bound.map(|b| (crate::rules::canonical(b.ip()), b.port())) {
                 Some((IpAddr::V4(a), port)) => {
-                    v.extend_from_slice(&port.to_be_bytes());
-                    v.extend_from_slice(&a.octets());
+                    v.push(&port.to_be_bytes());
+                    v.push(&a.octets());
                 }
-                _ => v.extend_from_slice(&[0; 6]),
+                _ => v.push(&[0; 6]),
             }
-            v
         }
-        Style::Http => b"HTTP/1.1 200 Connection established\r\n\r\n".to_vec(),
-        Style::HttpForward => Vec::new(),
+        Style::Http => v.push(HTTP_SUCCESS),
+        Style::HttpForward => {}
     }
+    v
 }
 
 /// The failure reply for `f`.
@@ -176,19 +206,25 @@ mod tests {
         let b4: SocketAddr = "192.0.2.1:4660".parse().unwrap();
         let b6: SocketAddr = "[2001:db8::1]:80".parse().unwrap();
         assert_eq!(
-            success(Style::Socks5, Some(b4)),
+            &success(Style::Socks5, Some(b4))[..],
             [5, 0, 0, 1, 192, 0, 2, 1, 0x12, 0x34]
         );
         let s6 = success(Style::Socks5, Some(b6));
         assert_eq!(s6.len(), 22);
+        assert_eq!(
+            &success(Style::Socks5, None)[..],
+            [5, 0, 0, 1, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(&success(Style::Http, None)[..], HTTP_SUCCESS);
+        assert!(success(Style::HttpForward, None).is_empty());
         assert_eq!(&s6[..4], &[5, 0, 0, 4]);
         assert_eq!(&s6[20..], &[0, 80]);
         assert_eq!(
-            success(Style::Socks4, Some(b4)),
+            &success(Style::Socks4, Some(b4))[..],
             [0, 0x5a, 0x12, 0x34, 192, 0, 2, 1]
         );
         assert_eq!(
-            success(Style::Socks4, Some(b6)),
+            &success(Style::Socks4, Some(b6))[..],
             [0, 0x5a, 0, 0, 0, 0, 0, 0]
         );
         assert_eq!(

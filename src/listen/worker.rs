@@ -93,6 +93,8 @@ struct Fresh {
     /// fd 2 and the descriptors passed on to PROG... from the supervisor's parent, with
     /// what they referred to.
     fds: Vec<(RawFd, Option<(u64, u64)>)>,
+    /// What [`restore`] keeps open, refilled each time in the same allocation.
+    keep: Vec<RawFd>,
 }
 
 impl Fresh {
@@ -193,6 +195,7 @@ pub fn run<'a>(
     let mut fresh = Fresh {
         env: environ::Fork::now(),
         fds: kept_fds(),
+        keep: Vec::new(),
     };
     fresh.watch();
     diag::keep_decisions();
@@ -498,11 +501,13 @@ fn reserve<'a>(
 fn restore(ch: &Channel<'_>, fresh: &mut Fresh) -> bool {
     // The channel's descriptors (`reserve` reserved them all), what a program of the
     // chain reserved to keep for the next connection, and the inherited ones.
-    let mut keep = chain::reserved();
+    let keep = &mut fresh.keep;
+    keep.clear();
+    chain::with_reserved(|r| keep.extend_from_slice(r));
     keep.extend(fresh.fds.iter().map(|&(fd, _)| fd));
     diag::forget_syslog();
     chain::forget_private();
-    sys::close_fds_from(3, &keep);
+    sys::close_fds_from(3, keep);
     // The client's socket leaves 0 and 1 here, so the client sees the end now.
     if sys::fd_copy(0, ch.devnull)
         .and_then(|()| sys::fd_copy(1, ch.devnull))
