@@ -156,8 +156,10 @@ impl Client {
             wfd,
             deadline: Instant::now() + timeout,
             socket,
-            // Room for what the handshake has read and a message after it.
-            ahead: Secret::new(Vec::with_capacity(if socket { 2 * AHEAD } else { 0 })),
+            // All a peek takes, at once: no reallocation leaves a copy of a password
+            // behind. (No more than malloc's per-thread cache serves: a larger block
+            // costs hundreds of instructions more to take and give back.)
+            ahead: Secret::new(Vec::with_capacity(if socket { AHEAD } else { 0 })),
             used: 0,
         }
     }
@@ -197,10 +199,10 @@ impl Client {
     /// nothing came after them yet are they taken off, for the peek to wait for more.
     fn look_further(&mut self) -> Result<(), ReadError> {
         let (fd, deadline, used) = (self.rfd, self.deadline, self.used);
-        if used > 0 && used <= AHEAD {
+        if used > 0 && used < AHEAD {
             let space = self.ahead.vec_mut();
             // Within the capacity reserved: no reallocation leaves a copy behind.
-            space.resize(used + AHEAD, 0);
+            space.resize(AHEAD, 0);
             let peeked = recv(fd, deadline, space, libc::MSG_PEEK);
             // The first `used` bytes come back as they were: the socket is ours alone.
             let n = match peeked {
