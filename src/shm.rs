@@ -136,9 +136,38 @@ pub fn alive(pid: u32) -> bool {
     sent != Err(nix::errno::Errno::ESRCH)
 }
 
-/// This process's id, as the owner mark in a shared word.
+/// This process's id, as the owner mark in a shared word. Asked of the kernel once per
+/// process (a reused connection process takes a lock for every connection): a fork
+/// forgets it in the child (`forget_pid`, run by fork(3) in the child), which asks again.
 pub fn pid() -> u32 {
-    std::process::id()
+    match PID.load(Ordering::Relaxed) {
+        0 => {
+            static FORGET_ON_FORK: std::sync::Once = std::sync::Once::new();
+            static HOOKED: AtomicU32 = AtomicU32::new(0);
+            FORGET_ON_FORK.call_once(|| {
+                // SAFETY: registers a handler that only stores to an atomic, which is
+                // async-signal-safe, as a handler run in a forked child must be.
+                if unsafe { libc::pthread_atfork(None, None, Some(forget_pid)) } == 0 {
+                    HOOKED.store(1, Ordering::Relaxed);
+                }
+            });
+            let me = std::process::id();
+            // Without the handler (no memory for it), a child would keep our id.
+            if HOOKED.load(Ordering::Relaxed) == 1 {
+                PID.store(me, Ordering::Relaxed);
+            }
+            me
+        }
+        me => me,
+    }
+}
+
+/// What [`pid`] found, 0 before it asked (and in a child forked since).
+static PID: AtomicU32 = AtomicU32::new(0);
+
+/// fork(3)'s child handler: the parent's id is not the child's.
+extern "C" fn forget_pid() {
+    PID.store(0, Ordering::Relaxed);
 }
 
 /// Milliseconds of CLOCK_MONOTONIC: the same clock in every process of the machine,
@@ -156,4 +185,28 @@ pub fn monotonic_ms() -> u64 {
 /// `getrandom` crate, which retries EINTR and short reads).
 pub fn random(buf: &mut [u8]) -> io::Result<()> {
     Ok(getrandom::fill(buf)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forked_child_has_its_own_pid() {
+        assert_eq!(pid(), std::process::id());
+        assert_eq!(pid(), std::process::id());
+        // SAFETY: the child only loads atomics, asks for its id and exits.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0);
+        if child == 0 {
+            let ok = pid() == std::process::id() && pid() == std::process::id();
+            // SAFETY: exiting the child without running the parent's atexit handlers.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just forked, into a local.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+        assert_eq!(pid(), std::process::id());
+    }
 }

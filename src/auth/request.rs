@@ -156,7 +156,10 @@ impl Client {
             wfd,
             deadline: Instant::now() + timeout,
             socket,
-            ahead: Secret::new(Vec::new()),
+            // All a peek takes, at once: no reallocation leaves a copy of a password
+            // behind. (No more than malloc's per-thread cache serves: a larger block
+            // costs hundreds of instructions more to take and give back.)
+            ahead: Secret::new(Vec::with_capacity(if socket { AHEAD } else { 0 })),
             used: 0,
         }
     }
@@ -181,23 +184,53 @@ impl Client {
     /// sends it) when they are all read.
     fn read_ahead(&mut self, buf: &mut [u8]) -> Result<usize, ReadError> {
         if self.used == self.ahead.as_bytes().len() {
-            self.settle()?;
-            let (fd, deadline) = (self.rfd, self.deadline);
-            let space = self.ahead.vec_mut();
-            space.resize(AHEAD, 0);
-            match recv(fd, deadline, space, libc::MSG_PEEK) {
-                Ok(n) => space.truncate(n),
-                Err(e) => {
-                    space.clear();
-                    return Err(e);
-                }
-            }
+            self.look_further()?;
         }
         let have = &self.ahead.as_bytes()[self.used..];
         let n = have.len().min(buf.len());
         buf[..n].copy_from_slice(&have[..n]);
         self.used += n;
         Ok(n)
+    }
+
+    /// Peeks at what follows the bytes read so far. Those stay on the socket meanwhile:
+    /// a peek returns them again with what came after, so the messages of a handshake
+    /// (a SOCKS5 greeting and request) are taken off in one recv at its end. Only when
+    /// nothing came after them yet are they taken off, for the peek to wait for more.
+    fn look_further(&mut self) -> Result<(), ReadError> {
+        let (fd, deadline, used) = (self.rfd, self.deadline, self.used);
+        if used > 0 && used < AHEAD {
+            let space = self.ahead.vec_mut();
+            // Within the capacity reserved: no reallocation leaves a copy behind.
+            space.resize(AHEAD, 0);
+            let peeked = recv(fd, deadline, space, libc::MSG_PEEK);
+            // The first `used` bytes come back as they were: the socket is ours alone.
+            let n = match peeked {
+                Ok(n) => n.max(used),
+                Err(e) => {
+                    space.truncate(used);
+                    return Err(e);
+                }
+            };
+            space.truncate(n);
+            if n > used {
+                return Ok(());
+            }
+        }
+        self.settle()?;
+        let (fd, deadline) = (self.rfd, self.deadline);
+        let space = self.ahead.vec_mut();
+        space.resize(AHEAD, 0);
+        match recv(fd, deadline, space, libc::MSG_PEEK) {
+            Ok(n) => {
+                space.truncate(n);
+                Ok(())
+            }
+            Err(e) => {
+                space.clear();
+                Err(e)
+            }
+        }
     }
 
     pub fn is_socket(&self) -> bool {

@@ -160,6 +160,25 @@ struct Supervisor<'a> {
     /// `accept_left_behind`), and whether a listener was readable at the last look.
     next_backlog_look: Instant,
     backlog_seen: bool,
+    /// The local address of every connection, when it is known ahead ([`fixed_local`]).
+    fixed_local: Option<SocketAddr>,
+}
+
+/// The local address every connection on `listeners` has: that of the one listener we
+/// bound ourselves to a specific address and port. None when it is per connection: a
+/// wildcard address, several listeners, systemd's sockets (which may be transparent
+/// ones, whose connections have the address the client asked for).
+fn fixed_local(listeners: &[RawFd], cfg: &Config) -> Option<SocketAddr> {
+    let [fd] = listeners else {
+        return None;
+    };
+    if cfg.listeners_shared {
+        return None;
+    }
+    sys::local_addr(*fd)
+        .ok()
+        .flatten()
+        .filter(|a| !a.ip().is_unspecified() && a.port() != 0)
 }
 
 /// Seconds since `start_ms` (`shm::monotonic_ms`).
@@ -323,6 +342,7 @@ pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce(usize)) -> 
     } else {
         None
     };
+    let fixed_local = fixed_local(&listeners, cfg);
     let mut sup = Supervisor {
         cfg,
         listeners,
@@ -339,6 +359,7 @@ pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce(usize)) -> 
         pool,
         next_backlog_look: Instant::now() + TICK,
         backlog_seen: false,
+        fixed_local,
     };
     ready(max_use);
     sup.run()
@@ -1217,9 +1238,15 @@ impl Supervisor<'_> {
         if self.cfg.nodelay {
             let _ = sys::setsockopt_int(0, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
         }
-        // The local address is per connection when bound to a wildcard address; behind
-        // a balancer, the one the client connected to, from the PROXY header.
-        match peer.local.map(Some).map_or_else(|| sys::local_addr(0), Ok) {
+        // Behind a balancer, the one the client connected to, from the PROXY header;
+        // else the listener's, when it is bound to one; asked of the kernel per
+        // connection when bound to a wildcard address.
+        match peer
+            .local
+            .or(self.fixed_local)
+            .map(Some)
+            .map_or_else(|| sys::local_addr(0), Ok)
+        {
             Ok(Some(local)) => {
                 let local = SocketAddr::new(canonical(local.ip()), local.port());
                 conninfo::set_ucspi(&local, &peer.client);

@@ -391,6 +391,162 @@ fn socks5_truncated_handshakes_end_without_running_the_next_program() {
     }
 }
 
+/// A client's step: bytes to send, a pause, how many reply bytes to wait for then.
+type Step<'a> = (&'a [u8], Duration, usize);
+
+/// Runs tcpsplice-auth on a loopback socket, the client sending `steps` one at a time,
+/// each in its own segment: its bytes, a pause, then the reply bytes it waits for
+/// before going on. The last step's bytes go as `over_socket`'s do (then a half-close).
+/// Returns what the client got after the steps' replies, and the run.
+fn over_socket_in_steps(mut cmd: Command, steps: &[Step], last: &[u8]) -> (Vec<u8>, Ran) {
+    let (mut client, server) = util::tcp_pair();
+    client.set_nodelay(true).expect("nodelay");
+    client.set_read_timeout(Some(LIMIT)).expect("read timeout");
+    let so = server.try_clone().expect("clone");
+    cmd.stdin(Stdio::from(OwnedFd::from(server)))
+        .stdout(Stdio::from(OwnedFd::from(so)))
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().expect("spawn tcpsplice-auth");
+    let desc = format!("{cmd:?}");
+    drop(cmd);
+    let mut replies = Vec::new();
+    for &(bytes, pause, reply) in steps {
+        client.write_all(bytes).expect("write a step");
+        std::thread::sleep(pause);
+        let mut r = vec![0u8; reply];
+        client.read_exact(&mut r).expect("the step's reply");
+        replies.extend_from_slice(&r);
+    }
+    let mut got = talk(client, last);
+    replies.append(&mut got);
+    let ran = util::finish(child, &desc, LIMIT);
+    (replies, ran)
+}
+
+#[test]
+fn socks5_messages_apart_or_in_pieces_leave_the_early_data_intact() {
+    let p = payload();
+    let greeting: &[u8] = b"\x05\x01\x00";
+    let req = socks5_domain("example.com", 443);
+    let with_start = cat(&[greeting, &req[..6]]);
+    let pause = Duration::from_millis(50);
+    let none = Duration::ZERO;
+    let cases: Vec<(Vec<Step>, Vec<u8>)> = vec![
+        // The greeting, its answer, then the request with the early data behind it.
+        (vec![(greeting, none, 2)], cat(&[&req, &p])),
+        // The request, then the early data once the request has surely been read.
+        (vec![(greeting, none, 2), (&req, pause, 0)], p.clone()),
+        // The request in two pieces, the second with the early data.
+        (
+            vec![(greeting, none, 2), (&req[..3], pause, 0)],
+            cat(&[&req[3..], &p]),
+        ),
+        // The greeting with the start of the request, the rest later.
+        (vec![(&with_start, pause, 2)], cat(&[&req[6..], &p])),
+        // The greeting a byte at a time.
+        (
+            vec![
+                (&greeting[..1], pause, 0),
+                (&greeting[1..2], pause, 0),
+                (&greeting[2..], none, 2),
+            ],
+            cat(&[&req, &p]),
+        ),
+    ];
+    for (i, (steps, last)) in cases.iter().enumerate() {
+        let (got, r) = over_socket_in_steps(auth_cmd(&["-n"]), steps, last);
+        r.expect_code(0);
+        expect_echo(&got, b"\x05\x00", &p, &r);
+        assert_eq!(
+            env_line(&r).as_deref(),
+            Some("example.com:443|unset|socks5|unset|unset|127.0.0.1"),
+            "case {i}{}",
+            r.show()
+        );
+    }
+}
+
+#[test]
+fn socks5_login_apart_or_pipelined_leaves_the_early_data_intact() {
+    let users = sha512_users("s5steps");
+    let p = payload();
+    let greeting: &[u8] = b"\x05\x01\x02";
+    let login = socks5_userpass("alice", PW);
+    let req: &[u8] = b"\x05\x01\x00\x01\xc0\x00\x02\x07\x00\x50";
+    let pause = Duration::from_millis(50);
+    let none = Duration::ZERO;
+    let cases: Vec<(Vec<Step>, Vec<u8>)> = vec![
+        // Every message apart.
+        (
+            vec![(greeting, none, 2), (&login, none, 2)],
+            cat(&[req, &p]),
+        ),
+        // The login and the request together.
+        (vec![(greeting, none, 2)], cat(&[&login, req, &p])),
+        // The login in two pieces.
+        (
+            vec![(greeting, none, 2), (&login[..4], pause, 0)],
+            cat(&[&login[4..], req, &p]),
+        ),
+        // The request in two pieces after the login.
+        (
+            vec![
+                (greeting, none, 2),
+                (&login, none, 2),
+                (&req[..5], pause, 0),
+            ],
+            cat(&[&req[5..], &p]),
+        ),
+    ];
+    for (i, (steps, last)) in cases.iter().enumerate() {
+        let (got, r) =
+            over_socket_in_steps(auth_cmd(&["-f", users.to_str().unwrap()]), steps, last);
+        r.expect_code(0);
+        expect_echo(&got, b"\x05\x02\x01\x00", &p, &r);
+        assert_eq!(
+            env_line(&r).as_deref(),
+            Some("192.0.2.7:80|alice|socks5|unset|unset|127.0.0.1"),
+            "case {i}{}",
+            r.show()
+        );
+    }
+}
+
+#[test]
+fn socks5_truncated_handshakes_over_a_socket_end_without_running_the_next_program() {
+    let users = sha512_users("s5truncsock");
+    let full = cat(&[
+        b"\x05\x01\x02",
+        &socks5_userpass("alice", PW),
+        &socks5_domain("example.com", 80),
+    ]);
+    for n in 0..full.len() {
+        let (_, r) = over_socket(
+            auth_cmd(&["-d", "0", "-t", "5", "-f", users.to_str().unwrap()]),
+            &full[..n],
+        );
+        r.expect_code(1);
+        assert!(env_line(&r).is_none(), "prefix {n}{}", r.show());
+    }
+}
+
+#[test]
+fn socks5_request_left_half_sent_times_out() {
+    let (mut client, server) = util::tcp_pair();
+    let so = server.try_clone().unwrap();
+    let mut cmd = auth_cmd(&["-n", "-t", "1"]);
+    cmd.stdin(Stdio::from(OwnedFd::from(server)))
+        .stdout(Stdio::from(OwnedFd::from(so)))
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    // A greeting and half a request, then nothing, with the connection kept open.
+    client.write_all(b"\x05\x01\x00\x05\x01\x00").unwrap();
+    let r = util::finish(child, &format!("{cmd:?}"), LIMIT);
+    r.expect_code(1);
+    assert!(r.stderr_text().contains("timed out"), "{}", r.show());
+    drop(client);
+}
+
 #[test]
 fn socks5_slow_client_times_out() {
     let (mut client, server) = util::tcp_pair();
@@ -561,6 +717,10 @@ fn http_head_in_slow_pieces_is_read_exactly() {
         .stdout(Stdio::from(OwnedFd::from(so)))
         .stderr(Stdio::piped());
     let child = cmd.spawn().unwrap();
+    // The command holds the server's socket: dropped, the client sees the end of cat's
+    // output instead of waiting for its read timeout.
+    let desc = format!("{cmd:?}");
+    drop(cmd);
     let p = payload();
     for piece in [
         &b"CONN"[..],
@@ -571,7 +731,7 @@ fn http_head_in_slow_pieces_is_read_exactly() {
         std::thread::sleep(Duration::from_millis(150));
     }
     let got = talk(client, &cat(&[b"\n", &p]));
-    let r = util::finish(child, &format!("{cmd:?}"), LIMIT);
+    let r = util::finish(child, &desc, LIMIT);
     r.expect_code(0);
     expect_echo(&got, b"", &p, &r);
     assert_eq!(
