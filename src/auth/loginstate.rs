@@ -157,13 +157,30 @@ impl Checker for Gate<'_> {
             }
         }
         let verdict = match self.slot() {
-            Ok(_slot) => self.inner.check(user, password),
+            Ok(_slot) => {
+                // Another connection may have verified the same login while this one
+                // waited for a slot (a browser opens many at once, a proxy that just
+                // started has an empty cache): found now, it costs no hash. A wrong
+                // password's tag is never there, so it still pays in full.
+                if let Some((r, t, rules)) = &cached {
+                    if r.lookup(t) {
+                        self.outcome.set(Some(Login::Cached));
+                        return Verdict::Accept {
+                            rules: rules.map(str::to_owned),
+                        };
+                    }
+                }
+                let verdict = self.inner.check(user, password);
+                // Stored before the slot is given back, so that whoever takes it next
+                // finds it.
+                if let (Verdict::Accept { .. }, Some((r, t, _))) = (&verdict, &cached) {
+                    r.insert(t, self.ttl);
+                }
+                verdict
+            }
             Err(why) => return Verdict::Temporary(why),
         };
         if let Verdict::Accept { .. } = verdict {
-            if let Some((r, t, _)) = &cached {
-                r.insert(t, self.ttl);
-            }
             self.outcome.set(Some(Login::Verified));
         }
         verdict

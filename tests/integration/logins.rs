@@ -328,6 +328,32 @@ fn j1_runs_one_password_check_at_a_time_and_checkpassword_logins_are_cached() {
 }
 
 #[test]
+fn logins_that_waited_for_a_check_slot_take_the_one_verified_meanwhile() {
+    // The same login three times at once, from three addresses (no address holds its
+    // share of the one slot): one check runs, and the two that waited for the slot find
+    // its verdict in the cache instead of running the checker again.
+    let target = echo_target();
+    let dir = scratch("waited");
+    let (prog, record) = recording_checker(&dir, 0.4);
+    let proxy = Proxy::start(&["-j", "1", "-c", &prog.to_string_lossy()], target, &[]);
+    let port = proxy.port;
+    let threads: Vec<_> = ["127.0.0.21", "127.0.0.22", "127.0.0.23"]
+        .into_iter()
+        .map(|src| std::thread::spawn(move || login_from(src, port, "u1", "pw", target)))
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().expect("client thread"), Ok(()), "{}", proxy.show());
+    }
+    assert_eq!(checks(&record).len(), 1, "{}", proxy.show());
+    let mut l = proxy.logins(3);
+    l.sort();
+    assert_eq!(l, ["cached", "cached", "verified"], "{}", proxy.show());
+    // A wrong password meanwhile is still checked in full.
+    assert_eq!(login(port, "u1", "nope", target), Err(1));
+    assert_eq!(checks(&record).len(), 2);
+}
+
+#[test]
 fn j3_lets_three_checks_run_at_once() {
     // The counterpart of the test above: with room for all three, they do overlap, so
     // the non-overlap seen under -j 1 is the bound's doing.
