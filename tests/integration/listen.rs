@@ -1036,8 +1036,10 @@ print(s.recv(100).decode())\"\n\
 /// pages the process writes after the fork and so owns privately) starts on a page of
 /// its own and fits in one: `.cargo/config.toml` has the linker start each segment on a
 /// page, and the statics must stay under 4 KiB, or every idle connection pays a page
-/// more (ARCHITECTURE.md, "Memory of an idle connection").
+/// more (ARCHITECTURE.md, "Memory of an idle connection"). Where the config's linker
+/// flag applies: x86_64 Linux with glibc, rust-lld.
 #[test]
+#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
 fn the_writable_data_of_the_binary_is_one_page() {
     let elf = std::fs::read(BIN).expect("read the binary");
     let u16_at = |o: usize| u16::from_le_bytes(elf[o..o + 2].try_into().unwrap());
