@@ -1058,7 +1058,8 @@ fn the_writable_data_of_the_binary_is_one_page() {
     assert_eq!(
         vaddr % 4096,
         0,
-        "the data segment starts at a page: {vaddr:#x}"
+        "the data segment does not start at a page ({vaddr:#x}): was the linker flag of \
+         .cargo/config.toml in effect? (a RUSTFLAGS variable overrides it)"
     );
     assert!(
         memsz <= 4096,
