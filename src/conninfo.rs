@@ -47,7 +47,9 @@ fn remote() -> Option<String> {
 /// Whether `name` is set and not empty, as [`var`] would say, without a copy: asked for
 /// every connection by three links.
 fn has(name: &str) -> bool {
-    environ::with_var(name, |v| v.is_some_and(|v| !v.is_empty()))
+    environ::with_var(name, |v| {
+        v.and_then(|v| v.to_str()).is_some_and(|v| !v.is_empty())
+    })
 }
 
 /// `ip:port`, with brackets around an IPv6 address.

@@ -201,8 +201,9 @@ fn log_end(out: &relay::Outcome, client: Option<&str>, target: Option<&str>) {
     diag::info(&line);
 }
 
-/// Appends ` secs=` and `d` in seconds to the millisecond, rounded as `{:.3}` rounds
-/// it: float formatting was a third of the line's cost.
+/// Appends ` secs=` and `d` in seconds to the millisecond, an exact half rounded up
+/// (`{:.3}` of the nearest double, as before, could round it either way): float
+/// formatting was a third of the line's cost.
 fn push_secs(line: &mut Vec<u8>, d: std::time::Duration) {
     let ms = (d.as_nanos() + 500_000) / 1_000_000;
     push_count(line, " secs=", u64::try_from(ms / 1000).unwrap_or(u64::MAX));
