@@ -29,27 +29,37 @@ fn with_text<R>(name: &str, f: impl FnOnce(&str) -> R) -> Option<R> {
     })
 }
 
-/// `TCPREMOTEIP:TCPREMOTEPORT` as [`join_host_port`] joins them (`?` for no port), in
-/// one allocation.
+/// `TCPREMOTEIP:TCPREMOTEPORT` as [`join_host_port`] joins them (`?` for no port).
 fn remote() -> Option<String> {
-    let mut s = with_text("TCPREMOTEIP", |ip| {
+    join_vars("TCPREMOTEIP", "TCPREMOTEPORT", Some("?"))
+}
+
+/// The variables `ip` and `port` joined as [`join_host_port`] joins them, read in place
+/// and joined in one allocation (the dialer asks at every connection): None unless both
+/// are set, not empty and text.
+pub fn joined(ip: &str, port: &str) -> Option<String> {
+    join_vars(ip, port, None)
+}
+
+/// [`joined`], with `no_port` standing for an unset port when given.
+fn join_vars(ip: &str, port: &str, no_port: Option<&str>) -> Option<String> {
+    let mut s = with_text(ip, |ip| {
         let mut s = String::with_capacity(ip.len() + 8);
         push_host(&mut s, ip);
         s.push(':');
         s
     })?;
-    if with_text("TCPREMOTEPORT", |port| s.push_str(port)).is_none() {
-        s.push('?');
+    match with_text(port, |port| s.push_str(port)) {
+        Some(()) => {}
+        None => s.push_str(no_port?),
     }
     Some(s)
 }
 
-/// Whether `name` is set and not empty, as [`var`] would say, without a copy: asked for
-/// every connection by three links.
+/// Whether `name` is set, not empty and text, as [`var`] would say, without a copy:
+/// asked for every connection by three links.
 fn has(name: &str) -> bool {
-    environ::with_var(name, |v| {
-        v.and_then(|v| v.to_str()).is_some_and(|v| !v.is_empty())
-    })
+    with_text(name, |_| ()).is_some()
 }
 
 /// `ip:port`, with brackets around an IPv6 address.
@@ -195,18 +205,11 @@ fn dotted(v4: std::net::Ipv4Addr, buf: &mut [u8; 15]) -> usize {
 
 /// Sets `name` to `v` in decimal.
 fn set_decimal(name: &str, v: u32) {
-    let mut buf = [0u8; 10];
-    let n = decimal(v, &mut buf);
-    environ::set_var(name, std::ffi::OsStr::from_bytes(&buf[..n]));
-}
-
-/// Writes `v` in decimal at the start of `out` (long enough: 10 bytes for any u32);
-/// returns the length.
-fn decimal(v: u32, out: &mut [u8]) -> usize {
-    let mut digits = [0u8; 20];
-    let d = digits_of(v.into(), &mut digits);
-    out[..d.len()].copy_from_slice(d);
-    d.len()
+    let mut room = [0u8; 20];
+    environ::set_var(
+        name,
+        std::ffi::OsStr::from_bytes(digits_of(v.into(), &mut room)),
+    );
 }
 
 /// `v`'s decimal digits, at the end of `room`.
@@ -286,9 +289,8 @@ mod tests {
     #[test]
     fn hand_written_decimals_are_what_display_writes() {
         for v in [0u32, 7, 10, 99, 100, 255, 65535, u32::MAX] {
-            let mut b = [0u8; 10];
-            let n = decimal(v, &mut b);
-            assert_eq!(&b[..n], v.to_string().as_bytes());
+            let mut room = [0u8; 20];
+            assert_eq!(digits_of(v.into(), &mut room), v.to_string().as_bytes());
         }
         for v in [0u64, 9, 10, 65535, u64::from(u32::MAX) + 1, u64::MAX] {
             let mut s = String::from("x=");

@@ -4,12 +4,10 @@
 //! HTTP client, and exec the next program. A SOCKS5 BIND accepts the connection instead
 //! of making it (`bind`); a UDP ASSOCIATE makes this process the datagram relay (`udp`).
 
-use std::borrow::Cow;
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, Instant};
 
 use super::connect::{self, connect_any, own_addresses, resolve};
@@ -162,97 +160,25 @@ fn why(cfg: &Config, e: &io::Error) -> String {
 /// us. Under inetd, xinetd and systemd nothing set them, so they come from fd 0.
 fn save_client() -> (Option<SocketAddr>, Option<SocketAddr>) {
     conninfo::fill_from_socket(0);
-    let mut room = [0u8; JOINED_ROOM];
-    let client = match var_in(conninfo::CLIENT_VAR, &mut room) {
-        Some(c) => proxyproto::parse_addr(&c),
+    let saved = environ::with_var(conninfo::CLIENT_VAR, |v| {
+        v.and_then(OsStr::to_str)
+            .filter(|v| !v.is_empty())
+            .map(proxyproto::parse_addr)
+    });
+    let client = match saved {
+        Some(c) => c,
         None => {
             // `-` when no one knows (a shell pipeline): left unset, the log line of the
             // splicer would take the upstream address we are about to set for the
             // client's.
-            // Set from the joined text where it lies, not from a copy of it.
-            match joined("TCPREMOTEIP", "TCPREMOTEPORT", &mut room) {
-                Some(j) => {
-                    environ::set_var(conninfo::CLIENT_VAR, &*j);
-                    proxyproto::parse_addr(&j)
-                }
-                None => {
-                    environ::set_var(conninfo::CLIENT_VAR, "-");
-                    None
-                }
-            }
+            let j = conninfo::joined("TCPREMOTEIP", "TCPREMOTEPORT");
+            environ::set_var(conninfo::CLIENT_VAR, j.as_deref().unwrap_or("-"));
+            j.and_then(|j| proxyproto::parse_addr(&j))
         }
     };
     let local =
-        joined("TCPLOCALIP", "TCPLOCALPORT", &mut room).and_then(|j| proxyproto::parse_addr(&j));
+        conninfo::joined("TCPLOCALIP", "TCPLOCALPORT").and_then(|j| proxyproto::parse_addr(&j));
     (client, local)
-}
-
-/// Room on the stack for `[ip]:port` of any address (a scoped IPv6 one included).
-const JOINED_ROOM: usize = 128;
-
-/// The value of `name` when set, not empty and text: copied into `room` when it fits,
-/// else on the heap. The dialer reads the UCSPI names at every connection, and a copy
-/// of each on the heap was an allocation and a free.
-fn var_in<'r>(name: &str, room: &'r mut [u8]) -> Option<Cow<'r, str>> {
-    // Checked for text once, in `room`, not also where it is read.
-    let len = environ::with_var(name, |v| {
-        let v = v.filter(|v| !v.is_empty())?;
-        Some(match room.get_mut(..v.len()) {
-            Some(r) => {
-                r.copy_from_slice(v.as_bytes());
-                Ok(v.len())
-            }
-            None => Err(v.to_str()?.to_owned()),
-        })
-    })?;
-    match len {
-        Ok(n) => std::str::from_utf8(&room[..n]).ok().map(Cow::Borrowed),
-        Err(long) => Some(Cow::Owned(long)),
-    }
-}
-
-/// `ip:port` from the variables `ip` and `port` as [`conninfo::join_host_port`] joins
-/// them, when both are set and not empty; in `room` when it fits.
-fn joined<'r>(ip: &str, port: &str, room: &'r mut [u8; JOINED_ROOM]) -> Option<Cow<'r, str>> {
-    let (head, tail) = room.split_at_mut(JOINED_ROOM / 2);
-    let ip_len = bytes_in(ip, &mut head[1..])?;
-    let port_len = bytes_in(port, tail)?;
-    // `[ip]:` must end before the port's place, which it is then moved down to.
-    let fitting = ip_len.filter(|&i| 1 + i + 2 <= JOINED_ROOM / 2);
-    let (Some(ip_len), Some(port_len)) = (fitting, port_len) else {
-        let ip = var_in(ip, &mut head[1..])?;
-        let port = var_in(port, tail)?;
-        return Some(Cow::Owned(conninfo::join_host_port(&ip, &port)));
-    };
-    let bracket = head[1..1 + ip_len].contains(&b':');
-    // The ip is at room[1..], the port at room[JOINED_ROOM / 2..]: close the gap.
-    let start = if bracket {
-        room[0] = b'[';
-        room[1 + ip_len] = b']';
-        0
-    } else {
-        1
-    };
-    let colon = 1 + ip_len + usize::from(bracket);
-    room[colon] = b':';
-    room.copy_within(JOINED_ROOM / 2..JOINED_ROOM / 2 + port_len, colon + 1);
-    // Checked as text once, whole: with ASCII between them, the two values are text
-    // exactly when the joined bytes are.
-    std::str::from_utf8(&room[start..colon + 1 + port_len])
-        .ok()
-        .map(Cow::Borrowed)
-}
-
-/// The bytes of `name` copied to the start of `room`: None when unset or empty,
-/// Some(None) when they do not fit.
-fn bytes_in(name: &str, room: &mut [u8]) -> Option<Option<usize>> {
-    environ::with_var(name, |v| {
-        let v = v.filter(|v| !v.is_empty())?.as_bytes();
-        Some(room.get_mut(..v.len()).map(|r| {
-            r.copy_from_slice(v);
-            v.len()
-        }))
-    })
 }
 
 /// Ends the connection with the failure reply the client waits for, if it waits for one,
@@ -741,9 +667,10 @@ fn connect_target(cfg: &Config) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::ffi::OsStrExt;
 
     #[test]
-    fn addresses_joined_on_the_stack_as_join_host_port_joins_them() {
+    fn addresses_joined_from_the_environment_as_join_host_port_joins_them() {
         let long6 = "fe80:1234:5678:9abc:def0:1234:5678:9abc%eth0-with-a-long-name";
         let cases = [
             ("127.0.0.1", "80"),
@@ -760,8 +687,7 @@ mod tests {
         for (ip, port) in cases {
             environ::set_var("TCPSPLICE_T_JOIN_IP", ip);
             environ::set_var("TCPSPLICE_T_JOIN_PORT", port);
-            let mut room = [0u8; JOINED_ROOM];
-            let got = joined("TCPSPLICE_T_JOIN_IP", "TCPSPLICE_T_JOIN_PORT", &mut room);
+            let got = conninfo::joined("TCPSPLICE_T_JOIN_IP", "TCPSPLICE_T_JOIN_PORT");
             assert_eq!(
                 got.as_deref(),
                 Some(conninfo::join_host_port(ip, port).as_str()),
@@ -776,14 +702,12 @@ mod tests {
         ] {
             environ::set_var("TCPSPLICE_T_JOIN_IP", OsStr::from_bytes(ip));
             environ::set_var("TCPSPLICE_T_JOIN_PORT", OsStr::from_bytes(port));
-            let mut room = [0u8; JOINED_ROOM];
-            let got = joined("TCPSPLICE_T_JOIN_IP", "TCPSPLICE_T_JOIN_PORT", &mut room);
+            let got = conninfo::joined("TCPSPLICE_T_JOIN_IP", "TCPSPLICE_T_JOIN_PORT");
             assert_eq!(got, None, "{ip:?} {port:?}");
         }
         environ::set_var("TCPSPLICE_T_JOIN_PORT", "");
-        let mut room = [0u8; JOINED_ROOM];
         assert_eq!(
-            joined("TCPSPLICE_T_JOIN_IP", "TCPSPLICE_T_JOIN_PORT", &mut room),
+            conninfo::joined("TCPSPLICE_T_JOIN_IP", "TCPSPLICE_T_JOIN_PORT"),
             None
         );
         environ::remove_var("TCPSPLICE_T_JOIN_IP");
