@@ -74,8 +74,9 @@ fn setup(argv: &[OsString]) -> (Vec<RawFd>, Config, Vec<SocketAddr>, bool) {
     };
     // A reused process no longer grows (the environment overlay gave the C library no
     // strings per connection): measured flat at 92 KiB private over 15,000 connections.
-    // So the default cap only bounds a leak nobody has found, and a fork per 100
-    // connections (200-270 µs of CPU) was 2 % of a short connection's.
+    // So the default cap only bounds a leak nobody has found, and a fork and exit per
+    // 100 connections (200-270 µs of CPU, README's earlier measurement) is, by estimate,
+    // 2 % of a short connection's.
     let max_use = num("r", 10_000, 1, 10_000);
     let proxy =
         crate::proxy::from_options(&m, "P").map(|(from, timeout)| ProxyIn { from, timeout });
