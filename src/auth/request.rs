@@ -133,6 +133,10 @@ pub struct Client {
     ahead: Secret,
     /// How many of them the handshake has read.
     used: usize,
+    /// Whether a message went to the client since the last peek: a client that waits
+    /// for it sends nothing before it has it, so the next peek waits first (see
+    /// [`Client::look_further`]).
+    replied: std::cell::Cell<bool>,
 }
 
 /// The most looked at in one peek: more than a SOCKS5 message can be (a name and a
@@ -161,6 +165,7 @@ impl Client {
             // costs hundreds of instructions more to take and give back.)
             ahead: Secret::new(Vec::with_capacity(if socket { AHEAD } else { 0 })),
             used: 0,
+            replied: std::cell::Cell::new(false),
         }
     }
 
@@ -197,9 +202,15 @@ impl Client {
     /// a peek returns them again with what came after, so the messages of a handshake
     /// (a SOCKS5 greeting and request) are taken off in one recv at its end. Only when
     /// nothing came after them yet are they taken off, for the peek to wait for more.
+    ///
+    /// After a reply the client waits for (a SOCKS5 method choice or login status),
+    /// what it has read is taken off and the peek waits first: looking before waiting
+    /// found nothing new but from a client that sends ahead, and cost a peek, a recv
+    /// that found nothing and the poll (5 syscalls at each such turn, now 3).
     fn look_further(&mut self) -> Result<(), ReadError> {
         let (fd, deadline, used) = (self.rfd, self.deadline, self.used);
-        if used > 0 && used < AHEAD {
+        let replied = self.replied.replace(false);
+        if used > 0 && used < AHEAD && !replied {
             let space = self.ahead.vec_mut();
             // Within the capacity reserved: no reallocation leaves a copy behind.
             space.resize(AHEAD, 0);
@@ -219,6 +230,9 @@ impl Client {
         }
         self.settle()?;
         let (fd, deadline) = (self.rfd, self.deadline);
+        if replied {
+            wait_readable(fd, deadline)?;
+        }
         let space = self.ahead.vec_mut();
         space.resize(AHEAD, 0);
         match recv(fd, deadline, space, libc::MSG_PEEK) {
@@ -290,6 +304,7 @@ impl Client {
     /// Sends an intermediate message of the handshake (SOCKS5 method choice, auth
     /// status). A client that does not read cannot block us: these are a few bytes.
     pub fn send(&self, bytes: &[u8]) -> io::Result<()> {
+        self.replied.set(self.socket);
         sys::write_all(self.wfd, bytes)
     }
 
