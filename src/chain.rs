@@ -178,7 +178,7 @@ fn blocking_again() {
 }
 
 /// A program's `main`: its command line without its name in, its exit status out.
-pub type Entry = fn(Vec<OsString>) -> i32;
+pub type Entry = fn(&[OsString]) -> i32;
 /// A sibling program: the name it is installed under and its `main`.
 pub type Program = (&'static str, Entry);
 type Sibling = Option<Program>;
@@ -233,7 +233,7 @@ pub fn check(argv: &[OsString]) -> i32 {
     };
     if let Some((name, entry)) = sibling(first) {
         diag::init(name);
-        return entry(argv[1..].to_vec());
+        return entry(&argv[1..]);
     }
     let shown = first.to_string_lossy();
     match search_path(first) {
@@ -287,7 +287,7 @@ pub fn exec(argv: &[OsString]) -> i32 {
             // program of the suite does), so setting the default here would only be
             // undone by the next syscall.
             become_sibling(name);
-            return entry(argv[1..].to_vec());
+            return entry(&argv[1..]);
         }
     }
     sys::signal_ignore(libc::SIGPIPE, false);

@@ -228,7 +228,7 @@ fn config(argv: &[OsString]) -> Config {
 }
 
 /// The program: `argv` is its command line without the program name.
-pub fn main(argv: Vec<OsString>) -> i32 {
+pub fn main(argv: &[OsString]) -> i32 {
     match handshake_step(argv) {
         Ok(cfg) => chain::exec(&cfg.next),
         Err(code) => code,
@@ -241,7 +241,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
 /// what this held on the stack would stay there, private memory of an idle connection
 /// (ARCHITECTURE.md).
 #[inline(never)]
-fn handshake_step(argv: Vec<OsString>) -> Result<Arc<Config>, i32> {
+fn handshake_step(argv: &[OsString]) -> Result<Arc<Config>, i32> {
     diag::init("tcpsplice-auth");
     // Whether the next program may continue in this process is left as it was found:
     // so only under tcpsplice-listen, whose connection process ran us in-process. The
@@ -250,7 +250,7 @@ fn handshake_step(argv: Vec<OsString>) -> Result<Arc<Config>, i32> {
     // file, hashes the process could read from the file anyway (Users::load_kept),
     // and the parsed command line (config_kept).
     sys::signal_ignore(libc::SIGPIPE, true);
-    let cfg = config_kept(&argv);
+    let cfg = config_kept(argv);
     // Who is on the other end, before anything reads the environment for it (inetd and
     // systemd set none of the UCSPI names).
     conninfo::fill_from_socket(0);

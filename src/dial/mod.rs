@@ -34,12 +34,12 @@ fn parse_source(s: &str) -> Option<Source> {
 
 /// The program: `argv` is its command line without the program name. Returns only
 /// when the next program ran in this process and ended normally (see `chain`).
-pub fn main(argv: Vec<OsString>) -> i32 {
+pub fn main(argv: &[OsString]) -> i32 {
     diag::init("tcpsplice-dial");
     // Nothing here is secret: the next link may continue in this process.
     chain::allow_in_process(true);
     sys::signal_ignore(libc::SIGPIPE, true);
-    let cfg = options_kept(&argv);
+    let cfg = options_kept(argv);
     if chain::checking() {
         return chain::check(&cfg.prog);
     }

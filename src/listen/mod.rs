@@ -21,7 +21,7 @@ const USAGE: &str = "tcpsplice-listen [-1Dhq] [-b backlog] [-c max] [-C max_per_
        tcpsplice-listen [options] - - PROG...  (listening sockets from systemd, Accept=no)";
 
 /// The program: `argv` is its command line without the program name.
-pub fn main(argv: Vec<OsString>) -> ! {
+pub fn main(argv: &[OsString]) -> ! {
     let (listeners, cfg, bound, print_port) = setup(&argv);
     serve(listeners, cfg, bound, print_port)
 }

@@ -93,7 +93,7 @@ pub const BALANCER_VARS: [&str; 4] = [
 
 /// The program: `argv` is its command line without the program name. Returns only
 /// when the next program ran in this process and ended normally (see `chain`).
-pub fn main(argv: Vec<OsString>) -> i32 {
+pub fn main(argv: &[OsString]) -> i32 {
     diag::init("tcpsplice-proxy");
     // Whether the next program may continue in this process is left as it was found,
     // as tcpsplice-auth leaves it: only under tcpsplice-listen.

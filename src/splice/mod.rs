@@ -14,10 +14,10 @@ const USAGE: &str = "tcpsplice [-cq] [-t idle] [-g grace] [-k idle[,interval[,co
 
 /// The program: `argv` is its command line without the program name. Returns the exit
 /// status at a normal end (see `chain`); a failure or a signal exits at once.
-pub fn main(argv: Vec<OsString>) -> i32 {
+pub fn main(argv: &[OsString]) -> i32 {
     diag::init("tcpsplice");
     sys::signal_ignore(libc::SIGPIPE, true);
-    let (cfg, quiet) = options_kept(&argv);
+    let (cfg, quiet) = options_kept(argv);
     if chain::checking() {
         // The last link: its options are all there is to check.
         return exit::OK;
