@@ -22,7 +22,7 @@ const USAGE: &str = "tcpsplice-listen [-1Dhq] [-b backlog] [-c max] [-C max_per_
 
 /// The program: `argv` is its command line without the program name.
 pub fn main(argv: &[OsString]) -> ! {
-    let (listeners, cfg, bound, print_port) = setup(&argv);
+    let (listeners, cfg, bound, print_port) = setup(argv);
     serve(listeners, cfg, bound, print_port)
 }
 

@@ -100,7 +100,7 @@ pub fn main(argv: &[OsString]) -> i32 {
     sys::signal_ignore(libc::SIGPIPE, true);
     let mut o = args::options();
     add_options(&mut o, "a");
-    let m = args::parse(&o, &argv, USAGE);
+    let m = args::parse(&o, argv, USAGE);
     let Some((balancers, timeout)) = from_options(&m, "a") else {
         diag::usage(&format!(
             "-a: which balancers to believe is required: {USAGE}"
