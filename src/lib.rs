@@ -61,6 +61,7 @@ pub const SIBLINGS: &[chain::Program] = &[
 /// What every `src/bin` main does: tell [`chain`] about the sibling programs, then run
 /// `program` with the command line after its name, returning its exit status.
 pub fn run(program: fn(&[OsString]) -> i32) -> i32 {
+    sys::mark_stack_top();
     chain::set_siblings(SIBLINGS);
     let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
     program(&argv)

@@ -10,7 +10,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::mem::size_of;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::io::{BorrowedFd, IntoRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag, SpliceFFlags};
@@ -209,6 +209,60 @@ fn touch_range(from: RawFd, upto: RawFd) {
 pub fn pipe_nonblocking() -> io::Result<(RawFd, RawFd)> {
     let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
     Ok((r.into_raw_fd(), w.into_raw_fd()))
+}
+
+/// How much of the stack below the caller [`release_stack_below`] gives back: more than
+/// any set-up of the chain reaches below the relay's frame.
+const STACK_RELEASE: usize = 256 * 1024;
+
+/// What [`release_stack_below`] keeps below its own frame's marker.
+const STACK_ROOM: usize = 512;
+
+/// An address in the main thread's first frames (see [`mark_stack_top`]); 0 until said.
+static STACK_TOP: AtomicUsize = AtomicUsize::new(0);
+
+/// Says where the main thread's stack is, for [`release_stack_below`]: called first
+/// thing by each program, from its outermost frame.
+#[inline(never)]
+pub fn mark_stack_top() {
+    let marker = [0u8; 1];
+    let here = std::hint::black_box(marker.as_ptr()) as usize;
+    let _ = STACK_TOP.compare_exchange(0, here, Ordering::Relaxed, Ordering::Relaxed);
+}
+
+/// Gives the kernel back the pages of this thread's stack below the caller's frame (but
+/// for a little room, [`STACK_ROOM`]). A connection that lasts then keeps only what its frames
+/// hold, not what the deeper calls of its set-up wrote: under tcpsplice-listen a SOCKS5
+/// connection's relay waits 15 KiB down the stack, and the handshake and the dial's
+/// check of this host's addresses had written two pages more below it, private memory
+/// of each idle connection (/proc/PID/pagemap, 2026-12-01). A page touched again comes
+/// back zeroed. What the range holds beyond the stack (the kernel keeps a gap of a
+/// megabyte or more below it) is unmapped, and madvise passes over it.
+#[inline(never)]
+pub fn release_stack_below() {
+    // A local whose address escapes lives in this frame.
+    let marker = [0u8; 1];
+    let here = std::hint::black_box(marker.as_ptr()) as usize;
+    // Only on the main thread's stack, below where the program started: anything else
+    // (another thread, a caller that never said where its stack is) keeps its pages.
+    let top = STACK_TOP.load(Ordering::Relaxed);
+    if top == 0 || here >= top || top - here > 64 << 20 {
+        return;
+    }
+    let page = 4096;
+    // Room for the madvise call's own return address and whatever this frame has below
+    // the marker: the page under it, or part of it, is kept only when that room needs it.
+    let end = here.saturating_sub(STACK_ROOM) & !(page - 1);
+    let start = end.saturating_sub(STACK_RELEASE);
+    if end <= start {
+        return;
+    }
+    // SAFETY: [start, end) is below this function's frame with STACK_ROOM to spare for
+    // the call below (a return address; the libc wrapper has no frame): no frame lives there, and nothing points into it (the
+    // stack below the lowest frame is dead by definition). MADV_DONTNEED on private
+    // anonymous memory only drops pages; the range's unmapped parts are skipped (the
+    // call then says ENOMEM, which changes nothing).
+    let _ = unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
 }
 
 /// Asks for a pipe of `size` bytes and returns the size the kernel granted. The request

@@ -1090,6 +1090,9 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
                     set_liveness(cfg, fd);
                 }
                 liveness_due = None;
+                // A connection that lasts: what its set-up wrote below this frame need
+                // not stay its own memory for as long (see sys::release_stack_below).
+                sys::release_stack_below();
             } else {
                 let left = due.saturating_duration_since(now);
                 timeout = Some(timeout.map_or(left, |t| t.min(left)));

@@ -1580,3 +1580,96 @@ fn a_reused_process_leaks_no_variable_of_one_connection_into_the_next() {
         ran.show()
     );
 }
+
+// ---------------------------------------------------------------- memory of a lasting connection
+
+/// The stack pointer of `pid` while it waits in a syscall (/proc/PID/syscall), and the
+/// range of its main stack (/proc/PID/maps).
+fn stack_of(pid: u32) -> (u64, u64, u64) {
+    let end = Instant::now() + Duration::from_secs(10);
+    let sp = loop {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap();
+        let f: Vec<&str> = s.split_whitespace().collect();
+        if f.len() >= 3 && f[0] != "running" {
+            break u64::from_str_radix(f[f.len() - 2].trim_start_matches("0x"), 16).unwrap();
+        }
+        assert!(Instant::now() < end, "{pid} never waits in a syscall: {s}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let line = maps
+        .lines()
+        .find(|l| l.ends_with("[stack]"))
+        .expect("a [stack] mapping");
+    let range = line.split_whitespace().next().unwrap();
+    let (lo, hi) = range.split_once('-').unwrap();
+    let hex = |x: &str| u64::from_str_radix(x, 16).unwrap();
+    (sp, hex(lo), hex(hi))
+}
+
+/// The pages of `pid` in [from, to) that are present and its own (/proc/PID/pagemap:
+/// bit 63 present, bit 56 exclusively mapped).
+fn own_pages(pid: u32, from: u64, to: u64) -> Vec<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::File::open(format!("/proc/{pid}/pagemap")).unwrap();
+    f.seek(SeekFrom::Start(from / 4096 * 8)).unwrap();
+    let mut buf = vec![0u8; ((to - from) / 4096 * 8) as usize];
+    f.read_exact(&mut buf).unwrap();
+    buf.chunks_exact(8)
+        .enumerate()
+        .filter(|(_, e)| {
+            let v = u64::from_le_bytes((*e).try_into().unwrap());
+            v >> 63 & 1 == 1 && v >> 56 & 1 == 1
+        })
+        .map(|(i, _)| from + i as u64 * 4096)
+        .collect()
+}
+
+/// A connection that lasts keeps no stack pages below its relay's frame: the SOCKS5
+/// handshake and the dial's check of this host's addresses run deeper than the relay
+/// waits, and what they wrote there was each idle connection's own memory
+/// (`sys::release_stack_below`, after the relay's first second).
+#[test]
+fn a_lasting_connection_keeps_no_stack_below_its_relay() {
+    let (target_l, target_a) = util::listener();
+    let (listen, port) = start_listen(&[AUTH, "-n", DIAL, "-a", "127.0.0.1/32", SPLICE], &[]);
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut req = vec![5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1];
+    req.extend_from_slice(&target_a.port().to_be_bytes());
+    client.write_all(&req).unwrap();
+    let mut reply = [0u8; 12];
+    client.read_exact(&mut reply).unwrap();
+    assert_eq!(
+        &reply[..4],
+        &[5, 0, 5, 0],
+        "method choice and success: {reply:?}"
+    );
+    let target = util::accept_timeout(&target_l, Duration::from_secs(10));
+    let relay = live_relay_of(&listen);
+    // Past the relay's first second, idle.
+    std::thread::sleep(Duration::from_millis(1800));
+    let (sp, lo, hi) = stack_of(relay);
+    assert!(
+        lo <= sp && sp < hi,
+        "sp {sp:#x} outside the stack {lo:#x}-{hi:#x}"
+    );
+    let sp_page = sp & !4095;
+    // The page the relay waits on is there (so the pagemap is being read right) ...
+    assert_eq!(
+        own_pages(relay, sp_page, sp_page + 4096),
+        [sp_page],
+        "the relay's own page"
+    );
+    // ... and none below the one under it (kept as room for the release's own call).
+    let below = own_pages(relay, lo, sp_page.saturating_sub(4096).max(lo));
+    assert!(
+        below.is_empty(),
+        "stack pages below the relay's frame at sp {sp:#x}: {:?}",
+        below.iter().map(|p| format!("{p:#x}")).collect::<Vec<_>>()
+    );
+    drop((client, target));
+    stop(listen);
+}
