@@ -1090,9 +1090,11 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
                     set_liveness(cfg, fd);
                 }
                 liveness_due = None;
-                // A connection that lasts: what its set-up wrote below this frame need
-                // not stay its own memory for as long (see sys::release_stack_below).
+                // A connection that lasts: what its set-up wrote and no longer uses
+                // need not stay its own memory for as long (see sys::release_stack_below
+                // and sys::release_free_heap).
                 sys::release_stack_below();
+                sys::release_free_heap();
             } else {
                 let left = due.saturating_duration_since(now);
                 timeout = Some(timeout.map_or(left, |t| t.min(left)));
