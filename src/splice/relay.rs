@@ -972,6 +972,40 @@ fn give_buf(b: Vec<u8>) {
     }
 }
 
+/// The descriptors poll may watch in place of others, as (instead of, watched): the
+/// output descriptor of a side that is the same socket as its input, as tcpsplice-listen's
+/// chain says of fds 0/1 and 6/7 (`chain::private`). One socket is then one entry of the
+/// poll set, its events merged (`watch`), where two cost the kernel a second look at the
+/// socket at every poll (three or four polls per short connection). What poll reports is
+/// the socket's: the same through either descriptor, and each direction reads only the
+/// bits it asked for.
+fn poll_aliases(cfg: &Config) -> [(RawFd, RawFd); 2] {
+    let same = |a: RawFd, b: RawFd| {
+        a != b
+            && matches!((chain::private(a), chain::private(b)),
+                (Some(x), Some(y)) if x.socket == y.socket)
+    };
+    let alias = |input: RawFd, output: RawFd| {
+        if same(input, output) {
+            (output, input)
+        } else {
+            (-1, -1)
+        }
+    };
+    [
+        alias(cfg.client_in, cfg.client_out),
+        alias(cfg.target_in, cfg.target_out),
+    ]
+}
+
+/// The descriptor poll watches for `fd` (see [`poll_aliases`]).
+fn polled(aliases: &[(RawFd, RawFd); 2], fd: RawFd) -> RawFd {
+    aliases
+        .iter()
+        .find(|&&(from, _)| from == fd && fd >= 0)
+        .map_or(fd, |&(_, to)| to)
+}
+
 /// Adds `fd` with `events` to the poll set (merging with an entry for the same fd) and
 /// returns its index.
 fn watch(set: &mut Vec<libc::pollfd>, fd: RawFd, events: i16) -> usize {
@@ -1019,6 +1053,7 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
     let mut deadline: Option<Instant> = None; // set by a signal: drain until then
     let mut signo = 0;
     let mut set: Vec<libc::pollfd> = Vec::with_capacity(6);
+    let aliases = poll_aliases(cfg);
 
     let end = loop {
         // Finish what has drained; a direction whose dst is also a descriptor of the
@@ -1063,12 +1098,12 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
             // A src is not: a half-closed socket reports POLLHUP for ever, which would
             // spin while we wait for dst to drain; its reset shows at the next read.
             let s = if se != 0 {
-                watch(&mut set, d.src, se)
+                watch(&mut set, polled(&aliases, d.src), se)
             } else {
                 usize::MAX
             };
             let t = if de != 0 || (d.dst_kind == FdKind::Socket && !d.dst_hup) {
-                watch(&mut set, d.dst, de)
+                watch(&mut set, polled(&aliases, d.dst), de)
             } else {
                 usize::MAX
             };
@@ -1282,5 +1317,27 @@ impl Dir {
         } else {
             "splice"
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_watches_an_aliased_descriptor_through_its_socket_and_others_as_they_are() {
+        let aliases = [(1, 0), (-1, -1)];
+        assert_eq!(polled(&aliases, 1), 0);
+        assert_eq!(polled(&aliases, 0), 0);
+        assert_eq!(polled(&aliases, 7), 7);
+        assert_eq!(polled(&aliases, 6), 6);
+        // The unused slot matches nothing, not even a descriptor numbered -1.
+        assert_eq!(polled(&aliases, -1), -1);
+        // Watched through the alias, both directions' events land on one entry.
+        let mut set = Vec::new();
+        let a = watch(&mut set, polled(&aliases, 0), libc::POLLIN);
+        let b = watch(&mut set, polled(&aliases, 1), libc::POLLOUT);
+        assert_eq!((a, b, set.len()), (0, 0, 1));
+        assert_eq!(set[0].events, libc::POLLIN | libc::POLLOUT);
     }
 }
