@@ -79,7 +79,8 @@ fn reuse_kept() {
     if kept.is_some_and(|s| s.syslog) {
         // The C library's connection was closed with the last program (forget_syslog);
         // openlog only names the next one, it connects at the first message.
-        openlog(prog);
+        let ident = syslog_ident(prog);
+        let _ = nix::syslog::openlog(Some(ident), LogFlags::LOG_PID, Facility::LOG_DAEMON);
     }
     *SINKS.lock().unwrap_or_else(|e| e.into_inner()) = kept;
 }
@@ -135,7 +136,8 @@ fn sinks() -> Sinks {
         };
         let stderr = stderr && stderr_is_safe();
         if syslog {
-            openlog(prog());
+            let ident = syslog_ident(prog());
+            let _ = nix::syslog::openlog(Some(ident), LogFlags::LOG_PID, Facility::LOG_DAEMON);
         }
         let s = Sinks { syslog, stderr };
         if KEEP.load(Ordering::Relaxed) {
@@ -153,25 +155,7 @@ fn sinks() -> Sinks {
 /// number closed behind syslog's back and reused by a connection would receive the
 /// next message.
 pub fn forget_syslog() {
-    // Only when opened: closelog takes its lock and writes the C library's syslog state
-    // even with no connection, at every connection of a reused process that logs to
-    // stderr.
-    if SYSLOG_OPENED.load(Ordering::Relaxed) {
-        nix::syslog::closelog();
-    }
-}
-
-/// Whether this process (or the one it was forked from) called openlog: only then has
-/// [`forget_syslog`] anything to close.
-static SYSLOG_OPENED: AtomicBool = AtomicBool::new(false);
-
-fn openlog(prog: &'static str) {
-    SYSLOG_OPENED.store(true, Ordering::Relaxed);
-    let _ = nix::syslog::openlog(
-        Some(syslog_ident(prog)),
-        LogFlags::LOG_PID,
-        Facility::LOG_DAEMON,
-    );
+    nix::syslog::closelog();
 }
 
 /// openlog keeps the pointer it is given, so the ident must live for the whole process;
