@@ -229,6 +229,22 @@ pub fn release_free_heap() {
     }
 }
 
+/// Where the mapping of the main thread's stack started when [`release_stack_below`]
+/// first looked (None: not found).
+static STACK_LOW: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+
+/// The start of the mapping that holds `addr`, from /proc/self/maps.
+fn mapping_start(addr: usize) -> Option<usize> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().find_map(|l| {
+        let (range, _) = l.split_once(' ')?;
+        let (lo, hi) = range.split_once('-')?;
+        let lo = usize::from_str_radix(lo, 16).ok()?;
+        let hi = usize::from_str_radix(hi, 16).ok()?;
+        (lo <= addr && addr < hi).then_some(lo)
+    })
+}
+
 /// What [`release_stack_below`] keeps below its own frame's marker.
 const STACK_ROOM: usize = 512;
 
@@ -250,8 +266,9 @@ pub fn mark_stack_top() {
 /// connection's relay waits 15 KiB down the stack, and the handshake and the dial's
 /// check of this host's addresses had written two pages more below it, private memory
 /// of each idle connection (/proc/PID/pagemap, 2026-12-01). A page touched again comes
-/// back zeroed. What the range holds beyond the stack (the kernel keeps a gap of a
-/// megabyte or more below it) is unmapped, and madvise passes over it.
+/// back zeroed. The range stops at the start of the stack's mapping (read once per
+/// process from /proc/self/maps), so no other mapping is touched whatever the kernel's
+/// gap below the stack.
 #[inline(never)]
 pub fn release_stack_below() {
     // A local whose address escapes lives in this frame.
@@ -267,15 +284,19 @@ pub fn release_stack_below() {
     // Room for the madvise call's own return address and whatever this frame has below
     // the marker: the page under it, or part of it, is kept only when that room needs it.
     let end = here.saturating_sub(STACK_ROOM) & !(page - 1);
-    let start = end.saturating_sub(STACK_RELEASE);
+    let Some(low) = *STACK_LOW.get_or_init(|| mapping_start(here)) else {
+        return;
+    };
+    let start = end.saturating_sub(STACK_RELEASE).max(low);
     if end <= start {
         return;
     }
-    // SAFETY: [start, end) is below this function's frame with STACK_ROOM to spare for
-    // the call below (a return address; the libc wrapper has no frame): no frame lives there, and nothing points into it (the
-    // stack below the lowest frame is dead by definition). MADV_DONTNEED on private
-    // anonymous memory only drops pages; the range's unmapped parts are skipped (the
-    // call then says ENOMEM, which changes nothing).
+    // SAFETY: [start, end) lies within the mapping of this thread's stack (from its
+    // start, as it was when first read: the stack only grows down from there) and below
+    // this function's frame, with STACK_ROOM to spare for the call below (a return
+    // address; the libc wrapper has no frame): no frame lives there, and nothing points
+    // into it (the stack below the lowest frame is dead by definition). MADV_DONTNEED on
+    // private anonymous memory only drops pages, which come back zeroed.
     let _ = unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
 }
 
@@ -1285,4 +1306,19 @@ pub fn getpid() -> libc::pid_t {
 
 pub fn getppid() -> libc::pid_t {
     nix::unistd::getppid().as_raw()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mapping_of_an_address_is_found_and_of_no_address_none() {
+        let local = [1u8; 1];
+        let addr = std::hint::black_box(local.as_ptr()) as usize;
+        let low = mapping_start(addr).expect("the mapping of a local");
+        assert!(low <= addr && addr - low < 1 << 30, "{low:#x} {addr:#x}");
+        assert_eq!(low % 4096, 0);
+        assert_eq!(mapping_start(0), None);
+    }
 }
