@@ -412,7 +412,7 @@ pub fn run(cfg: &Config, body: Body) -> io::Result<Outcome> {
     let mut guard = relay::FlagGuard::new();
     let mut seen = Vec::with_capacity(4);
     let fds = [cfg.client_in, cfg.client_out, cfg.target_in, cfg.target_out];
-    let kind = relay::prepare_all(cfg, fds, &mut guard, &mut seen, false)?;
+    let (kind, _) = relay::prepare_all(cfg, fds, &mut guard, &mut seen, false)?;
     let mut m = Mover {
         idle: cfg.idle,
         pipe_size: cfg.pipe_size,

@@ -768,14 +768,15 @@ pub const LIVENESS_AFTER: Duration = Duration::from_secs(1);
 /// [`prepare_fd`]). The flags of all are read before any is changed: two of them may be
 /// one open file (a terminal on 0 and 1), and the second would otherwise be found with
 /// our O_NONBLOCK. A descriptor this process alone holds (`chain::private`) is a socket
-/// its link described: nothing is asked of it.
+/// its link described: nothing is asked of it. Also returns what `chain::private` said
+/// of each (for [`poll_aliases`]).
 pub(super) fn prepare_all(
     cfg: &Config,
     fds: [RawFd; 4],
     guard: &mut FlagGuard,
     seen: &mut Vec<((u64, u64), RawFd)>,
     defer_liveness: bool,
-) -> io::Result<[FdKind; 4]> {
+) -> io::Result<([FdKind; 4], [Option<chain::Private>; 4])> {
     let private = fds.map(chain::private);
     let mut found = [0; 4];
     for ((f, &fd), p) in found.iter_mut().zip(&fds).zip(&private) {
@@ -790,7 +791,7 @@ pub(super) fn prepare_all(
             None => prepare_fd(cfg, fds[i], found[i], guard, seen, defer_liveness)?,
         };
     }
-    Ok(kind)
+    Ok((kind, private))
 }
 
 /// Makes `fd` ready for the loop and returns its kind. O_NONBLOCK belongs to the open
@@ -979,23 +980,15 @@ fn give_buf(b: Vec<u8>) {
 /// socket at every poll (three or four polls per short connection). What poll reports is
 /// the socket's: the same through either descriptor, and each direction reads only the
 /// bits it asked for.
-fn poll_aliases(cfg: &Config) -> [(RawFd, RawFd); 2] {
-    let same = |a: RawFd, b: RawFd| {
-        a != b
-            && matches!((chain::private(a), chain::private(b)),
-                (Some(x), Some(y)) if x.socket == y.socket)
-    };
-    let alias = |input: RawFd, output: RawFd| {
-        if same(input, output) {
-            (output, input)
-        } else {
-            (-1, -1)
+fn poll_aliases(fds: [RawFd; 4], private: &[Option<chain::Private>; 4]) -> [(RawFd, RawFd); 2] {
+    // fds is client in, client out, target in, target out.
+    let alias = |input: usize, output: usize| match (private[input], private[output]) {
+        (Some(x), Some(y)) if x.socket == y.socket && fds[input] != fds[output] => {
+            (fds[output], fds[input])
         }
+        _ => (-1, -1),
     };
-    [
-        alias(cfg.client_in, cfg.client_out),
-        alias(cfg.target_in, cfg.target_out),
-    ]
+    [alias(0, 1), alias(2, 3)]
 }
 
 /// The descriptor poll watches for `fd` (see [`poll_aliases`]).
@@ -1028,7 +1021,7 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
     let mut guard = FlagGuard::new();
     let mut seen = Vec::with_capacity(4);
     let fds = [cfg.client_in, cfg.client_out, cfg.target_in, cfg.target_out];
-    let kind = prepare_all(cfg, fds, &mut guard, &mut seen, true)?;
+    let (kind, private) = prepare_all(cfg, fds, &mut guard, &mut seen, true)?;
     // `seen` holds a descriptor of each socket, for the liveness options once the relay
     // has lasted.
     let mut liveness_due = (!seen.is_empty()).then(|| start + LIVENESS_AFTER);
@@ -1053,7 +1046,7 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
     let mut deadline: Option<Instant> = None; // set by a signal: drain until then
     let mut signo = 0;
     let mut set: Vec<libc::pollfd> = Vec::with_capacity(6);
-    let aliases = poll_aliases(cfg);
+    let aliases = poll_aliases(fds, &private);
 
     let end = loop {
         // Finish what has drained; a direction whose dst is also a descriptor of the
