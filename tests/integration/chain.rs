@@ -1583,18 +1583,17 @@ fn a_reused_process_leaks_no_variable_of_one_connection_into_the_next() {
 
 // ---------------------------------------------------------------- memory of a lasting connection
 
-/// The stack pointer of `pid` while it waits in a syscall (/proc/PID/syscall), and the
+/// The stack pointer of `pid` while it waits in poll (/proc/PID/syscall), and the
 /// range of its main stack (/proc/PID/maps).
 fn stack_of(pid: u32) -> (u64, u64, u64) {
-    let end = Instant::now() + Duration::from_secs(10);
     let sp = loop {
+        util::wait_until_polling(pid, Duration::from_secs(10));
+        // Still in poll when read again, or looked for once more.
         let s = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap();
         let f: Vec<&str> = s.split_whitespace().collect();
-        if f.len() >= 3 && f[0] != "running" {
+        if f.len() >= 3 {
             break u64::from_str_radix(f[f.len() - 2].trim_start_matches("0x"), 16).unwrap();
         }
-        assert!(Instant::now() < end, "{pid} never waits in a syscall: {s}");
-        std::thread::sleep(Duration::from_millis(10));
     };
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     let line = maps

@@ -1273,32 +1273,12 @@ fn anon_private_dirty_kib(pid: u32) -> u64 {
     kib
 }
 
-/// Waits until `pid` sleeps in poll(2), as a relay does once it is set up.
-fn wait_until_polling(pid: u32) {
-    let end = std::time::Instant::now() + LIMIT;
-    loop {
-        let path = format!("/proc/{pid}/syscall");
-        let nr = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse::<libc::c_long>().ok());
-        #[cfg(target_arch = "x86_64")]
-        if nr == Some(libc::SYS_poll) {
-            return;
-        }
-        if nr == Some(libc::SYS_ppoll) {
-            return;
-        }
-        assert!(std::time::Instant::now() < end, "{pid} never polled");
-        thread::sleep(Duration::from_millis(5));
-    }
-}
-
 #[test]
 fn a_copying_relay_allocates_its_buffers_when_bytes_come_and_grows_them_for_bulk() {
     // -c takes the path of every connection past the per-user pipe budget (see
     // exhausted_pipe_budget_falls_back_to_copying): copying from the setup on.
     let mut r = Relay::start(&["-c"]);
-    wait_until_polling(r.pid());
+    util::wait_until_polling(r.pid(), LIMIT);
     // Allocated at setup, the 2 × 256 KiB buffers were 580 KiB here.
     let idle = anon_private_dirty_kib(r.pid());
     assert!(idle < 200, "an idle copying relay holds {idle} KiB");
@@ -1307,7 +1287,7 @@ fn a_copying_relay_allocates_its_buffers_when_bytes_come_and_grows_them_for_bulk
     r.target.read_exact(&mut b).unwrap();
     r.target.write_all(b"!").unwrap();
     r.client.read_exact(&mut b).unwrap();
-    wait_until_polling(r.pid());
+    util::wait_until_polling(r.pid(), LIMIT);
     let small = anon_private_dirty_kib(r.pid());
     assert!(
         small < 200,

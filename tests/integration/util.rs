@@ -620,3 +620,23 @@ impl Drop for Logged {
         let _ = self.child.wait();
     }
 }
+
+/// Waits until `pid` sleeps in poll(2), as a relay does once it is set up.
+pub fn wait_until_polling(pid: u32, limit: Duration) {
+    let end = std::time::Instant::now() + limit;
+    loop {
+        let path = format!("/proc/{pid}/syscall");
+        let nr = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<libc::c_long>().ok());
+        #[cfg(target_arch = "x86_64")]
+        if nr == Some(libc::SYS_poll) {
+            return;
+        }
+        if nr == Some(libc::SYS_ppoll) {
+            return;
+        }
+        assert!(std::time::Instant::now() < end, "{pid} never polled");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
