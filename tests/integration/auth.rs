@@ -1595,6 +1595,20 @@ impl Proxy {
     fn log(&self) -> String {
         String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
     }
+
+    /// The log once it holds `needle`, or as it is after LIMIT: the relay writes its end
+    /// line after the client has seen the connection close, so a client's exit is no
+    /// sign that the line is there.
+    fn log_with(&self, needle: &str) -> String {
+        let end = std::time::Instant::now() + LIMIT;
+        loop {
+            let log = self.log();
+            if log.contains(needle) || std::time::Instant::now() > end {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 impl Drop for Proxy {
@@ -1698,7 +1712,9 @@ fn chain_curl_socks5_socks5h_and_http_with_credentials() {
             r.show(),
             p.log()
         );
-        assert!(p.log().contains(&format!("user={user} ")), "{}", p.log());
+        let needle = format!("user={user} ");
+        let log = p.log_with(&needle);
+        assert!(log.contains(&needle), "{log}");
     }
     // A wrong password: curl reports the SOCKS5 rejection; HTTP gets 407.
     let r = curl(
@@ -1913,7 +1929,8 @@ fn chain_netcat_ncat_and_curl_socks4a_clients() {
         r.show(),
         auth.log()
     );
-    assert!(auth.log().contains("user=alice "), "{}", auth.log());
+    let log = auth.log_with("user=alice ");
+    assert!(log.contains("user=alice "), "{log}");
 }
 
 /// The README's text for a supervisor, with the installed paths replaced by the built

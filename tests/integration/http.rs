@@ -1047,11 +1047,9 @@ fn apt_get_update_and_download_from_a_flat_repository() {
     let got = std::fs::read(dir.join("tcpsplice-demo_1.0_all.deb")).expect("downloaded .deb");
     let want = std::fs::read(repo.join("tcpsplice-demo_1.0_all.deb")).expect("repo .deb");
     assert_eq!(util::hash_of(&got), util::hash_of(&want));
-    let log = proxy.log();
-    assert!(
-        log.contains(&format!("user={USER} target=127.0.0.1:{}", origin.port)),
-        "{log}"
-    );
+    let needle = format!("user={USER} target=127.0.0.1:{}", origin.port);
+    let log = proxy.wait_log(&needle, 1);
+    assert!(log.contains(&needle), "{log}");
     one_request_each(&origin.connections());
 }
 
