@@ -233,16 +233,63 @@ pub fn release_free_heap() {
 /// first looked (None: not found).
 static STACK_LOW: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
 
-/// The start of the mapping that holds `addr`, from /proc/self/maps.
+/// The start of the mapping that holds `addr`, from /proc/self/maps. Read through a
+/// buffer on the stack, not into a String: the heap pages such a read writes would stay
+/// private pages of each lasting connection, the very memory the caller gives back.
 fn mapping_start(addr: usize) -> Option<usize> {
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines().find_map(|l| {
-        let (range, _) = l.split_once(' ')?;
-        let (lo, hi) = range.split_once('-')?;
-        let lo = usize::from_str_radix(lo, 16).ok()?;
-        let hi = usize::from_str_radix(hi, 16).ok()?;
-        (lo <= addr && addr < hi).then_some(lo)
-    })
+    use std::io::Read;
+    let mut maps = std::fs::File::open("/proc/self/maps").ok()?;
+    let mut buf = [0u8; 1024];
+    // The head of the current line: its range is all that is looked at.
+    let mut head = [0u8; 48];
+    let mut len = 0;
+    loop {
+        let n = match maps.read(&mut buf) {
+            Ok(0) => return None,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return None,
+        };
+        for &b in &buf[..n] {
+            if b != b'\n' {
+                if len < head.len() {
+                    head[len] = b;
+                    len += 1;
+                }
+                continue;
+            }
+            if let Some((lo, hi)) = maps_range(&head[..len]) {
+                if lo <= addr && addr < hi {
+                    return Some(lo);
+                }
+            }
+            len = 0;
+        }
+    }
+}
+
+/// The address range a line of /proc/PID/maps begins with ("lo-hi ...").
+fn maps_range(line: &[u8]) -> Option<(usize, usize)> {
+    let line = std::str::from_utf8(line).ok()?;
+    let (range, _) = line.split_once(' ')?;
+    let (lo, hi) = range.split_once('-')?;
+    let lo = usize::from_str_radix(lo, 16).ok()?;
+    let hi = usize::from_str_radix(hi, 16).ok()?;
+    Some((lo, hi))
+}
+
+/// Learns where the main thread's stack mapping starts, for [`release_stack_below`],
+/// now rather than when a connection has lasted: a supervisor calls it once before it
+/// forks, and its connection processes never read /proc/self/maps themselves.
+#[inline(never)]
+pub fn learn_stack_mapping() {
+    let marker = [0u8; 1];
+    let here = std::hint::black_box(marker.as_ptr()) as usize;
+    let top = STACK_TOP.load(Ordering::Relaxed);
+    if top == 0 || here >= top {
+        return;
+    }
+    let _ = STACK_LOW.get_or_init(|| mapping_start(here));
 }
 
 /// What [`release_stack_below`] keeps below its own frame's marker.

@@ -362,6 +362,9 @@ pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce(usize)) -> 
         fixed_local,
     };
     ready(max_use);
+    // Each connection process that lasts gives back the stack its set-up wrote; where
+    // the stack's mapping starts is learnt here once, for all of them.
+    sys::learn_stack_mapping();
     sup.run()
 }
 
