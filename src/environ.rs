@@ -225,9 +225,8 @@ pub fn pass_to(cmd: &mut Command) {
     }
 }
 
-/// The environment a freshly forked connection process had, to put back after each
-/// connection (`listen::worker`).
-pub struct Fork {
+/// An environment as it was at one moment: what [`Fork::restore`] puts back.
+struct Snapshot {
     /// The C library's environment array then: the address of each entry, compared
     /// after each connection to see that nothing changed it.
     entries: Vec<usize>,
@@ -235,15 +234,53 @@ pub struct Fork {
     vars: HashMap<OsString, OsString>,
 }
 
-impl Fork {
-    /// Takes the environment as it is now, made real first: the fork inherited the
-    /// supervisor's overlay, if it had one.
-    pub fn now() -> Fork {
-        make_real();
+impl Snapshot {
+    fn now() -> Snapshot {
         let mut entries = Vec::new();
         sys::environ_entries(&mut entries);
         let vars = std::env::vars_os().collect();
-        Fork { entries, vars }
+        Snapshot { entries, vars }
+    }
+}
+
+/// The environment tcpsplice-listen forks its connection processes with, taken once
+/// before the first fork ([`remember_for_forks`]). Why: a process's own copy was the
+/// largest part of its heap (11 KB in 120 allocations under a usual login environment,
+/// written all over the pages it shares with the supervisor); this one is the
+/// supervisor's, which the processes only read.
+static FORKED_WITH: std::sync::OnceLock<Snapshot> = std::sync::OnceLock::new();
+
+/// Makes the environment real and remembers it as what connection processes forked from
+/// now on start with: for a supervisor, after its last change of the environment.
+pub fn remember_for_forks() {
+    make_real();
+    let _ = FORKED_WITH.get_or_init(Snapshot::now);
+    // The entries are real now, and a forked process makes its own: written by every
+    // one of them, the supervisor's would be a private heap page of each.
+    let mut o = overlay();
+    o.entries = Vec::new();
+    o.hints = [NO_HINT; HINTS];
+}
+
+/// The environment a freshly forked connection process had, to put back after each
+/// connection (`listen::worker`).
+pub struct Fork {
+    /// None while it is [`FORKED_WITH`]'s, as nearly always.
+    own: Option<Snapshot>,
+}
+
+impl Fork {
+    /// Takes the environment as it is now, made real first: the fork inherited the
+    /// supervisor's overlay, if it had one. It is the supervisor's remembered one when
+    /// every entry is still where it was then.
+    pub fn now() -> Fork {
+        make_real();
+        match FORKED_WITH.get() {
+            Some(s) if sys::environ_entries_are(&s.entries) => Fork { own: None },
+            _ => Fork {
+                own: Some(Snapshot::now()),
+            },
+        }
     }
 
     /// Puts the environment back as it was at [`Fork::now`]: the overlay dropped, and
@@ -262,7 +299,10 @@ impl Fork {
                 e.state = State::Real;
             }
         }
-        if sys::environ_entries_are(&self.entries) {
+        let Some(was) = self.own.as_ref().or_else(|| FORKED_WITH.get()) else {
+            return;
+        };
+        if sys::environ_entries_are(&was.entries) {
             return;
         }
         // Changed behind our back: what was read of it is no longer known.
@@ -270,19 +310,22 @@ impl Fork {
             e.state = State::Real;
         }
         drop(o);
+        let vars = was.vars.clone();
         let now: HashMap<OsString, OsString> = std::env::vars_os().collect();
         for k in now.keys() {
-            if !self.vars.contains_key(k) {
+            if !vars.contains_key(k) {
                 std::env::remove_var(k);
             }
         }
-        for (k, v) in &self.vars {
+        for (k, v) in &vars {
             if now.get(k) != Some(v) {
                 std::env::set_var(k, v);
             }
         }
         // The entries are new strings now: the next check compares against these.
-        sys::environ_entries(&mut self.entries);
+        let mut entries = Vec::new();
+        sys::environ_entries(&mut entries);
+        self.own = Some(Snapshot { entries, vars });
     }
 }
 
@@ -338,8 +381,38 @@ mod tests {
         fork.restore();
         assert_eq!(std::env::var("TCPSPLICE_T_KEPT").as_deref(), Ok("1"));
         assert_eq!(std::env::var_os("TCPSPLICE_T_ADDED"), None);
-        assert!(sys::environ_entries_are(&fork.entries));
+        let own = fork.own.as_ref().expect("a fork's own snapshot");
+        assert!(sys::environ_entries_are(&own.entries));
         std::env::remove_var("TCPSPLICE_T_KEPT");
+    }
+
+    #[test]
+    fn a_fork_of_a_remembered_environment_shares_it_and_is_put_back_to_it() {
+        let _turn = turn();
+        std::env::set_var("TCPSPLICE_T_REMEMBERED", "1");
+        set_var("TCPSPLICE_T_OVERLAID", "o");
+        remember_for_forks();
+        // Made real, and nothing left in the overlay.
+        assert_eq!(std::env::var("TCPSPLICE_T_OVERLAID").as_deref(), Ok("o"));
+        assert!(overlay().entries.is_empty());
+        let mut fork = Fork::now();
+        assert!(fork.own.is_none(), "the remembered environment is shared");
+        set_var("TCPSPLICE_T_REMEMBERED", "2");
+        fork.restore();
+        assert_eq!(var("TCPSPLICE_T_REMEMBERED").as_deref(), Ok("1"));
+        assert!(fork.own.is_none(), "the overlay's change cost no copy");
+        std::env::set_var("TCPSPLICE_T_REMEMBERED", "3");
+        std::env::remove_var("TCPSPLICE_T_OVERLAID");
+        fork.restore();
+        assert_eq!(std::env::var("TCPSPLICE_T_REMEMBERED").as_deref(), Ok("1"));
+        assert_eq!(std::env::var("TCPSPLICE_T_OVERLAID").as_deref(), Ok("o"));
+        let own = fork
+            .own
+            .as_ref()
+            .expect("its own snapshot after a real change");
+        assert!(sys::environ_entries_are(&own.entries));
+        std::env::remove_var("TCPSPLICE_T_REMEMBERED");
+        std::env::remove_var("TCPSPLICE_T_OVERLAID");
     }
 
     #[test]

@@ -365,6 +365,8 @@ pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce(usize)) -> 
     // Each connection process that lasts gives back the stack its set-up wrote; where
     // the stack's mapping starts is learnt here once, for all of them.
     sys::learn_stack_mapping();
+    // The environment they fork with is read from here, not copied by each of them.
+    environ::remember_for_forks();
     sup.run()
 }
 
