@@ -23,8 +23,13 @@ pub fn options() -> getopts::Options {
 /// every option's names and description, and of every argument) was 3 % of a short
 /// connection's CPU. Only a command line that parsed is kept: a wrong one exits.
 pub struct ParsedOnce<E, T> {
-    kept: Mutex<Option<(Vec<OsString>, E, T)>>,
+    // Boxed: the writable data of a binary is one page (`.cargo/config.toml`), and a
+    // static of its own size for each link's parse would push it over.
+    kept: Mutex<Option<Box<Parsed<E, T>>>>,
 }
+
+/// The words a link was given, what else its parse depended on, and what it made.
+type Parsed<E, T> = (Vec<OsString>, E, T);
 
 impl<E: PartialEq, T: Clone> Default for ParsedOnce<E, T> {
     fn default() -> Self {
@@ -43,13 +48,13 @@ impl<E: PartialEq, T: Clone> ParsedOnce<E, T> {
     /// kept.
     pub fn get(&self, argv: &[OsString], extra: E, parse: impl FnOnce() -> T) -> T {
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((words, e, v)) = &*kept {
+        if let Some((words, e, v)) = kept.as_deref() {
             if words.as_slice() == argv && *e == extra {
                 return v.clone();
             }
         }
         let v = parse();
-        *kept = Some((argv.to_vec(), extra, v.clone()));
+        *kept = Some(Box::new((argv.to_vec(), extra, v.clone())));
         v
     }
 }

@@ -367,6 +367,9 @@ pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce(usize)) -> 
     sys::learn_stack_mapping();
     // The environment they fork with is read from here, not copied by each of them.
     environ::remember_for_forks();
+    // Last, after start-up's allocations: the free chunks it left are held, and
+    // connection processes allocate past them.
+    sys::hold_heap_holes();
     sup.run()
 }
 
