@@ -1595,20 +1595,25 @@ fn stack_of(pid: u32) -> (u64, u64, u64) {
             break u64::from_str_radix(f[f.len() - 2].trim_start_matches("0x"), 16).unwrap();
         }
     };
+    let (lo, hi) = mapping_of(pid, "[stack]");
+    (sp, lo, hi)
+}
+
+/// The range of the mapping of `pid` named `name` ("[stack]", "[heap]").
+fn mapping_of(pid: u32, name: &str) -> (u64, u64) {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     let line = maps
         .lines()
-        .find(|l| l.ends_with("[stack]"))
-        .expect("a [stack] mapping");
+        .find(|l| l.ends_with(name))
+        .unwrap_or_else(|| panic!("a {name} mapping"));
     let range = line.split_whitespace().next().unwrap();
     let (lo, hi) = range.split_once('-').unwrap();
     let hex = |x: &str| u64::from_str_radix(x, 16).unwrap();
-    (sp, hex(lo), hex(hi))
+    (hex(lo), hex(hi))
 }
 
-/// The pages of `pid` in [from, to) that are present and its own (/proc/PID/pagemap:
-/// bit 63 present, bit 56 exclusively mapped).
-fn own_pages(pid: u32, from: u64, to: u64) -> Vec<u64> {
+/// The pages of `pid` in [from, to) whose /proc/PID/pagemap entry has all of `bits`.
+fn pages_with(pid: u32, from: u64, to: u64, bits: u64) -> Vec<u64> {
     use std::io::{Seek, SeekFrom};
     let mut f = std::fs::File::open(format!("/proc/{pid}/pagemap")).unwrap();
     f.seek(SeekFrom::Start(from / 4096 * 8)).unwrap();
@@ -1616,12 +1621,20 @@ fn own_pages(pid: u32, from: u64, to: u64) -> Vec<u64> {
     f.read_exact(&mut buf).unwrap();
     buf.chunks_exact(8)
         .enumerate()
-        .filter(|(_, e)| {
-            let v = u64::from_le_bytes((*e).try_into().unwrap());
-            v >> 63 & 1 == 1 && v >> 56 & 1 == 1
-        })
+        .filter(|(_, e)| u64::from_le_bytes((*e).try_into().unwrap()) & bits == bits)
         .map(|(i, _)| from + i as u64 * 4096)
         .collect()
+}
+
+/// The pages of `pid` in [from, to) that are present and its own (/proc/PID/pagemap:
+/// bit 63 present, bit 56 exclusively mapped).
+fn own_pages(pid: u32, from: u64, to: u64) -> Vec<u64> {
+    pages_with(pid, from, to, 1 << 63 | 1 << 56)
+}
+
+/// The pages of `pid` in [from, to) that are present (bit 63).
+fn present_pages(pid: u32, from: u64, to: u64) -> Vec<u64> {
+    pages_with(pid, from, to, 1 << 63)
 }
 
 /// A connection that lasts keeps no stack pages below its relay's frame: the SOCKS5
@@ -1677,33 +1690,6 @@ fn a_lasting_connection_keeps_no_stack_below_its_relay() {
     stop(listen);
 }
 
-/// The [heap] mapping of `pid`.
-fn heap_of(pid: u32) -> (u64, u64) {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let line = maps
-        .lines()
-        .find(|l| l.ends_with("[heap]"))
-        .expect("a [heap] mapping");
-    let range = line.split_whitespace().next().unwrap();
-    let (lo, hi) = range.split_once('-').unwrap();
-    let hex = |x: &str| u64::from_str_radix(x, 16).unwrap();
-    (hex(lo), hex(hi))
-}
-
-/// The pages of `pid` in [from, to) that are present (/proc/PID/pagemap bit 63).
-fn present_pages(pid: u32, from: u64, to: u64) -> Vec<u64> {
-    use std::io::{Seek, SeekFrom};
-    let mut f = std::fs::File::open(format!("/proc/{pid}/pagemap")).unwrap();
-    f.seek(SeekFrom::Start(from / 4096 * 8)).unwrap();
-    let mut buf = vec![0u8; ((to - from) / 4096 * 8) as usize];
-    f.read_exact(&mut buf).unwrap();
-    buf.chunks_exact(8)
-        .enumerate()
-        .filter(|(_, e)| u64::from_le_bytes((*e).try_into().unwrap()) >> 63 & 1 == 1)
-        .map(|(i, _)| from + i as u64 * 4096)
-        .collect()
-}
-
 /// Idle connection processes leave the supervisor's heap pages shared: they allocate
 /// from the top of the heap, not from the free chunks the supervisor's start-up left on
 /// every page (`sys::hold_heap_holes`) nor from tables it outgrew while serving (its books
@@ -1745,7 +1731,7 @@ fn idle_connection_processes_leave_the_supervisors_heap_shared() {
     }
     // Past the relays' first second, when they give back what they no longer use.
     std::thread::sleep(Duration::from_millis(1500));
-    let (lo, hi) = heap_of(listen.id());
+    let (lo, hi) = mapping_of(listen.id(), "[heap]");
     let theirs = present_pages(listen.id(), lo, hi);
     let show = |ps: &[u64]| ps.iter().map(|p| (p - lo) / 4096).collect::<Vec<_>>();
     // The test's own: the filler alone is three and a half pages.
@@ -1755,7 +1741,7 @@ fn idle_connection_processes_leave_the_supervisors_heap_shared() {
         show(&theirs)
     );
     for &relay in &relays {
-        let (clo, chi) = heap_of(relay);
+        let (clo, chi) = mapping_of(relay, "[heap]");
         assert_eq!(lo, clo, "the heap starts where the supervisor's does");
         let own = own_pages(relay, lo, hi.min(chi));
         let copied: Vec<u64> = theirs.iter().copied().filter(|p| own.contains(p)).collect();
