@@ -199,7 +199,11 @@ fn change(name: &OsStr, value: Option<&OsStr>) {
 /// or where something other than this module will read it. Costs a setenv per change, which only a real exec (or a process's start)
 /// pays.
 pub fn make_real() {
-    for e in overlay().entries.iter_mut() {
+    make_real_in(&mut overlay());
+}
+
+fn make_real_in(o: &mut Overlay) {
+    for e in o.entries.iter_mut() {
         match e.state {
             State::Set => std::env::set_var(&e.name, &e.value),
             State::Removed => std::env::remove_var(&e.name),
@@ -253,11 +257,13 @@ static FORKED_WITH: std::sync::OnceLock<Snapshot> = std::sync::OnceLock::new();
 /// Makes the environment real and remembers it as what connection processes forked from
 /// now on start with: for a supervisor, after its last change of the environment.
 pub fn remember_for_forks() {
-    make_real();
+    // One hold of the overlay throughout: a change made between making it real and
+    // dropping the entries would be lost.
+    let mut o = overlay();
+    make_real_in(&mut o);
     let _ = FORKED_WITH.get_or_init(Snapshot::now);
     // The entries are real now, and a forked process makes its own: written by every
     // one of them, the supervisor's would be a private heap page of each.
-    let mut o = overlay();
     o.entries = Vec::new();
     o.hints = [NO_HINT; HINTS];
 }
@@ -310,7 +316,14 @@ impl Fork {
             e.state = State::Real;
         }
         drop(o);
-        let vars = was.vars.clone();
+        // Its own, taken; the supervisor's, copied (the first time only).
+        let vars = match self.own.take() {
+            Some(own) => own.vars,
+            None => FORKED_WITH
+                .get()
+                .map(|s| s.vars.clone())
+                .unwrap_or_default(),
+        };
         let now: HashMap<OsString, OsString> = std::env::vars_os().collect();
         for k in now.keys() {
             if !vars.contains_key(k) {
@@ -341,6 +354,31 @@ mod tests {
         TURN.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Runs `body` in a process of its own: the test binary again, given only the test
+    /// `name`. For a test that puts the whole environment back (or drops the overlay's
+    /// entries), which would undo what tests on other threads set meanwhile.
+    fn alone(name: &str, body: impl FnOnce()) {
+        if std::env::var_os("TCPSPLICE_T_ALONE").is_some() {
+            body();
+            return;
+        }
+        let exe = std::env::current_exe().expect("the test binary");
+        let out = Command::new(exe)
+            .args([name, "--exact", "--test-threads", "1"])
+            .env("TCPSPLICE_T_ALONE", "1")
+            .output()
+            .expect("run the test binary");
+        let shown = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && shown.contains("1 passed"),
+            "{name} in a process of its own: {shown}"
+        );
+    }
+
     #[test]
     fn the_overlay_is_read_first_and_made_real_on_demand() {
         let _turn = turn();
@@ -369,6 +407,13 @@ mod tests {
 
     #[test]
     fn a_fork_is_put_back_even_after_a_real_change() {
+        alone(
+            "environ::tests::a_fork_is_put_back_even_after_a_real_change",
+            a_fork_is_put_back_even_after_a_real_change_alone,
+        );
+    }
+
+    fn a_fork_is_put_back_even_after_a_real_change_alone() {
         let _turn = turn();
         std::env::set_var("TCPSPLICE_T_KEPT", "1");
         let mut fork = Fork::now();
@@ -388,6 +433,13 @@ mod tests {
 
     #[test]
     fn a_fork_of_a_remembered_environment_shares_it_and_is_put_back_to_it() {
+        alone(
+            "environ::tests::a_fork_of_a_remembered_environment_shares_it_and_is_put_back_to_it",
+            a_fork_of_a_remembered_environment_alone,
+        );
+    }
+
+    fn a_fork_of_a_remembered_environment_alone() {
         let _turn = turn();
         std::env::set_var("TCPSPLICE_T_REMEMBERED", "1");
         set_var("TCPSPLICE_T_OVERLAID", "o");

@@ -229,7 +229,8 @@ const HOLES_HELD_MAX: usize = 256 * 1024;
 /// cost is the free memory of one process, paid once. Returns the bytes held.
 ///
 /// glibc's malloc only (mallinfo2's `keepcost` is the size of the top chunk, which ends
-/// at the program break); on another thread's arena or another malloc it holds nothing.
+/// at the program break): on another thread, or where a chunk is not from the heap
+/// below the break (another malloc preloaded, an arena of its own), it stops there.
 pub fn hold_heap_holes() -> usize {
     let mut held = 0;
     #[cfg(target_env = "gnu")]
@@ -244,17 +245,33 @@ pub fn hold_heap_holes() -> usize {
         // Largest first: a large free chunk then goes in large pieces, not in many small.
         for chunk in (32..=1040usize).rev().step_by(16) {
             loop {
-                let top = (libc::sbrk(0) as usize).saturating_sub(libc::mallinfo2().keepcost);
+                let info = libc::mallinfo2();
+                let brk = libc::sbrk(0) as usize;
+                let top = brk.saturating_sub(info.keepcost);
                 let p = libc::malloc(chunk - 8);
                 if p.is_null() {
                     return held;
                 }
-                if p as usize >= top || held >= HOLES_HELD_MAX {
+                let at = p as usize;
+                // Not from glibc's heap below the break (another malloc, or an arena
+                // that is not the main one): there is nothing to hold here.
+                if info.arena == 0 || at < brk.saturating_sub(info.arena) || at >= brk {
+                    libc::free(p);
+                    return held;
+                }
+                if at >= top || held >= HOLES_HELD_MAX {
                     // From the top: no hole of this size is left. Freed as it is, the
                     // probe would stay in the per-thread cache, a hole of its own; grown
                     // past the cache's sizes first, it merges back into the top.
                     let grown = libc::realloc(p, 4096);
                     libc::free(if grown.is_null() { p } else { grown });
+                    // Where the cache takes larger sizes too (glibc.malloc.tcache_max),
+                    // it did not merge: stop before more of these are left.
+                    let top_now =
+                        (libc::sbrk(0) as usize).saturating_sub(libc::mallinfo2().keepcost);
+                    if top_now > at || held >= HOLES_HELD_MAX {
+                        return held;
+                    }
                     break;
                 }
                 held += chunk;
@@ -334,8 +351,9 @@ fn maps_range(line: &[u8]) -> Option<(usize, usize)> {
 pub fn learn_stack_mapping() {
     let marker = [0u8; 1];
     let here = std::hint::black_box(marker.as_ptr()) as usize;
+    // As in release_stack_below: the main thread's stack only.
     let top = STACK_TOP.load(Ordering::Relaxed);
-    if top == 0 || here >= top {
+    if top == 0 || here >= top || top - here > 64 << 20 {
         return;
     }
     let _ = STACK_LOW.get_or_init(|| mapping_start(here));
@@ -362,9 +380,9 @@ pub fn mark_stack_top() {
 /// connection's relay waits 15 KiB down the stack, and the handshake and the dial's
 /// check of this host's addresses had written two pages more below it, private memory
 /// of each idle connection (/proc/PID/pagemap, 2026-12-01). A page touched again comes
-/// back zeroed. The range stops at the start of the stack's mapping (read once per
-/// process from /proc/self/maps), so no other mapping is touched whatever the kernel's
-/// gap below the stack.
+/// back zeroed. The range stops at the start of the stack's mapping (read from
+/// /proc/self/maps once, by the supervisor before it forks or else here), so no other
+/// mapping is touched whatever the kernel's gap below the stack.
 #[inline(never)]
 pub fn release_stack_below() {
     // A local whose address escapes lives in this frame.

@@ -381,10 +381,11 @@ pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce(usize)) -> 
         backlog_seen: false,
         fixed_local,
     };
-    ready(max_use);
     // Each connection process that lasts gives back the stack its set-up wrote; where
-    // the stack's mapping starts is learnt here once, for all of them.
+    // the stack's mapping starts is learnt here once, for all of them. Before saying
+    // ready: it opens a file, and a descriptor that comes and goes after would show.
     sys::learn_stack_mapping();
+    ready(max_use);
     // The environment they fork with is read from here, not copied by each of them.
     environ::remember_for_forks();
     // Last, after start-up's allocations: the free chunks it left are held, and
