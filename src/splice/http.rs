@@ -57,6 +57,9 @@ struct Mover {
     grace: Duration,
     stop_at: Cell<Option<Instant>>,
     signo: Cell<i32>,
+    /// When the request has lasted long enough to give back the memory its set-up no
+    /// longer uses, as the plain relay does (`relay::LIVENESS_AFTER`); None once done.
+    release_at: Cell<Option<Instant>>,
 }
 
 fn side_of(cfg: &Config, fd: RawFd) -> Side {
@@ -81,6 +84,8 @@ impl Mover {
             pfd(self.early.unwrap_or(-1), libc::POLLIN),
             pfd(self.signals.fd(), libc::POLLIN),
         ];
+        // What is left of the idle timeout when a wait is woken for the release alone.
+        let mut idle_left = self.idle;
         loop {
             let to_stop = self
                 .stop_at
@@ -89,14 +94,35 @@ impl Mover {
             if to_stop.is_some_and(|d| d.is_zero()) {
                 return Err(Stop::Signal(self.signo.get()));
             }
-            let timeout = match (self.idle, to_stop) {
+            let to_release = self
+                .release_at
+                .get()
+                .map(|d| d.saturating_duration_since(Instant::now()));
+            if to_release.is_some_and(|d| d.is_zero()) {
+                // A request that lasts (a long poll, a download): its set-up's stack
+                // and free heap pages need not stay its own.
+                self.release_at.set(None);
+                sys::release_stack_below();
+                sys::release_free_heap();
+                continue;
+            }
+            let timeout = match (idle_left, to_stop) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
+            let waited = Instant::now();
+            // The release comes first: a timeout now is its, not the idle one's.
+            let for_release = to_release.is_some_and(|r| timeout.is_none_or(|t| r < t));
+            let timeout = if for_release { to_release } else { timeout };
             p.iter_mut().for_each(|x| x.revents = 0);
             match sys::poll(&mut p, timeout) {
                 Ok(0) if self.stop_at.get().is_some_and(|d| Instant::now() >= d) => {
                     return Err(Stop::Signal(self.signo.get()))
+                }
+                // Woken for the release only: the idle timeout has not run out.
+                Ok(0) if for_release => {
+                    idle_left = idle_left.map(|d| d.saturating_sub(waited.elapsed()));
+                    continue;
                 }
                 Ok(0) => return Err(Stop::Idle),
                 Ok(_) => {
@@ -425,6 +451,7 @@ pub fn run(cfg: &Config, body: Body) -> io::Result<Outcome> {
         grace: cfg.grace,
         stop_at: Cell::new(None),
         signo: Cell::new(0),
+        release_at: Cell::new(Some(start + relay::LIVENESS_AFTER)),
     };
     let (mut up, mut down) = (0u64, 0u64);
     let mut end = End::Clean;

@@ -1690,6 +1690,78 @@ fn a_lasting_connection_keeps_no_stack_below_its_relay() {
     stop(listen);
 }
 
+/// A forwarded plain-HTTP request that lasts (a long poll, a slow origin) keeps no stack
+/// pages below its relay's frame either: the request head's parsing and the dial ran
+/// deeper than the HTTP relay waits (`splice::http`, after the first second).
+#[test]
+fn a_lasting_forwarded_request_keeps_no_stack_below_its_relay() {
+    let (origin_l, origin_a) = util::listener();
+    let (listen, port) = start_listen(&[AUTH, "-n", DIAL, "-a", "127.0.0.1/32", SPLICE], &[]);
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let req = format!(
+        "GET http://127.0.0.1:{0}/slow HTTP/1.1\r\nHost: 127.0.0.1:{0}\r\n\r\n",
+        origin_a.port()
+    );
+    client.write_all(req.as_bytes()).unwrap();
+    // The origin takes the request and holds its answer.
+    let mut origin = util::accept_timeout(&origin_l, Duration::from_secs(10));
+    origin
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && origin.read(&mut b).unwrap_or(0) == 1 {
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"GET /slow HTTP/1.1\r\n"),
+        "the origin got: {:?}",
+        String::from_utf8_lossy(&head)
+    );
+    let relay = live_relay_of(&listen);
+    std::thread::sleep(Duration::from_millis(1800));
+    let (sp, lo, hi) = stack_of(relay);
+    assert!(
+        lo <= sp && sp < hi,
+        "sp {sp:#x} outside the stack {lo:#x}-{hi:#x}"
+    );
+    let sp_page = sp & !4095;
+    assert_eq!(
+        own_pages(relay, sp_page, sp_page + 4096),
+        [sp_page],
+        "the relay's own page"
+    );
+    // The release keeps half a KiB under a marker next to poll's frame. The set-up's
+    // deepest page here is the one right under the relay's, so the bound is tighter
+    // than the SOCKS5 test's: with 2 KiB it passed without the release in a quarter of
+    // the layouts; with 1 KiB it failed 7 of 7 without and passed 8 of 8 with.
+    let floor = (sp.saturating_sub(1024) & !4095).max(lo);
+    let below = own_pages(relay, lo, floor);
+    assert!(
+        below.is_empty(),
+        "stack pages below the HTTP relay's frame at sp {sp:#x}: {:?}",
+        below.iter().map(|p| format!("{p:#x}")).collect::<Vec<_>>()
+    );
+    // And the request still completes.
+    origin
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
+        .unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(b"slow") && client.read(&mut b).unwrap_or(0) == 1 {
+        got.push(b[0]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200 OK\r\n") && got.ends_with(b"slow"),
+        "the client got: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    drop((client, origin));
+    stop(listen);
+}
+
 /// Idle connection processes leave the supervisor's heap pages shared: they allocate
 /// from the top of the heap, not from the free chunks the supervisor's start-up left on
 /// every page (`sys::hold_heap_holes`) nor from tables it outgrew while serving (its books
