@@ -351,12 +351,9 @@ fn maps_range(line: &[u8]) -> Option<(usize, usize)> {
 pub fn learn_stack_mapping() {
     let marker = [0u8; 1];
     let here = std::hint::black_box(marker.as_ptr()) as usize;
-    // As in release_stack_below: the main thread's stack only.
-    let top = STACK_TOP.load(Ordering::Relaxed);
-    if top == 0 || here >= top || top - here > 64 << 20 {
-        return;
+    if on_main_stack(here) {
+        let _ = STACK_LOW.get_or_init(|| mapping_start(here));
     }
-    let _ = STACK_LOW.get_or_init(|| mapping_start(here));
 }
 
 /// What [`release_stack_below`] keeps below its own frame's marker.
@@ -364,6 +361,15 @@ const STACK_ROOM: usize = 512;
 
 /// An address in the main thread's first frames (see [`mark_stack_top`]); 0 until said.
 static STACK_TOP: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether `here`, an address in the caller's frame, is on the main thread's stack,
+/// below where the program started: anything else (another thread, a program that never
+/// said where its stack is) is left alone.
+#[inline(always)]
+fn on_main_stack(here: usize) -> bool {
+    let top = STACK_TOP.load(Ordering::Relaxed);
+    top != 0 && here < top && top - here <= 64 << 20
+}
 
 /// Says where the main thread's stack is, for [`release_stack_below`]: called first
 /// thing by each program, from its outermost frame.
@@ -388,10 +394,7 @@ pub fn release_stack_below() {
     // A local whose address escapes lives in this frame.
     let marker = [0u8; 1];
     let here = std::hint::black_box(marker.as_ptr()) as usize;
-    // Only on the main thread's stack, below where the program started: anything else
-    // (another thread, a caller that never said where its stack is) keeps its pages.
-    let top = STACK_TOP.load(Ordering::Relaxed);
-    if top == 0 || here >= top || top - here > 64 << 20 {
+    if !on_main_stack(here) {
         return;
     }
     let page = 4096;

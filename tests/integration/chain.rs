@@ -1637,6 +1637,32 @@ fn present_pages(pid: u32, from: u64, to: u64) -> Vec<u64> {
     pages_with(pid, from, to, 1 << 63)
 }
 
+/// Asserts that `relay`, waiting in poll, has the page it waits on and none of its own
+/// wholly below `room` bytes under its stack pointer (poll's frame and what the release
+/// keeps).
+fn assert_no_stack_below(relay: u32, room: u64) {
+    let (sp, lo, hi) = stack_of(relay);
+    assert!(
+        lo <= sp && sp < hi,
+        "sp {sp:#x} outside the stack {lo:#x}-{hi:#x}"
+    );
+    let sp_page = sp & !4095;
+    // The page the relay waits on is there (so the pagemap is being read right) ...
+    assert_eq!(
+        own_pages(relay, sp_page, sp_page + 4096),
+        [sp_page],
+        "the relay's own page"
+    );
+    // ... and none below.
+    let floor = (sp.saturating_sub(room) & !4095).max(lo);
+    let below = own_pages(relay, lo, floor);
+    assert!(
+        below.is_empty(),
+        "stack pages below the relay's frame at sp {sp:#x}: {:?}",
+        below.iter().map(|p| format!("{p:#x}")).collect::<Vec<_>>()
+    );
+}
+
 /// A connection that lasts keeps no stack pages below its relay's frame: the SOCKS5
 /// handshake and the dial's check of this host's addresses run deeper than the relay
 /// waits, and what they wrote there was each idle connection's own memory
@@ -1663,29 +1689,11 @@ fn a_lasting_connection_keeps_no_stack_below_its_relay() {
     let relay = live_relay_of(&listen);
     // Past the relay's first second, idle.
     std::thread::sleep(Duration::from_millis(1800));
-    let (sp, lo, hi) = stack_of(relay);
-    assert!(
-        lo <= sp && sp < hi,
-        "sp {sp:#x} outside the stack {lo:#x}-{hi:#x}"
-    );
-    let sp_page = sp & !4095;
-    // The page the relay waits on is there (so the pagemap is being read right) ...
-    assert_eq!(
-        own_pages(relay, sp_page, sp_page + 4096),
-        [sp_page],
-        "the relay's own page"
-    );
-    // ... and none wholly below the wait's frames: poll's own, and the room the release
-    // keeps (half a KiB under a marker a few hundred bytes below the relay's frame).
-    // Without the release, the set-up's deepest page was 6-10 KiB below sp in every
-    // layout seen (13 runs, debug and release builds), so below this bound.
-    let floor = (sp.saturating_sub(2048) & !4095).max(lo);
-    let below = own_pages(relay, lo, floor);
-    assert!(
-        below.is_empty(),
-        "stack pages below the relay's frame at sp {sp:#x}: {:?}",
-        below.iter().map(|p| format!("{p:#x}")).collect::<Vec<_>>()
-    );
+    // The room the release keeps is half a KiB under a marker a few hundred bytes below
+    // the relay's frame. Without the release, the set-up's deepest page was 6-10 KiB
+    // below sp in every layout seen (13 runs, debug and release builds), so below this
+    // bound.
+    assert_no_stack_below(relay, 2048);
     drop((client, target));
     stop(listen);
 }
@@ -1720,28 +1728,11 @@ fn a_lasting_forwarded_request_keeps_no_stack_below_its_relay() {
     );
     let relay = live_relay_of(&listen);
     std::thread::sleep(Duration::from_millis(1800));
-    let (sp, lo, hi) = stack_of(relay);
-    assert!(
-        lo <= sp && sp < hi,
-        "sp {sp:#x} outside the stack {lo:#x}-{hi:#x}"
-    );
-    let sp_page = sp & !4095;
-    assert_eq!(
-        own_pages(relay, sp_page, sp_page + 4096),
-        [sp_page],
-        "the relay's own page"
-    );
-    // The release keeps half a KiB under a marker next to poll's frame. The set-up's
-    // deepest page here is the one right under the relay's, so the bound is tighter
-    // than the SOCKS5 test's: with 2 KiB it passed without the release in a quarter of
-    // the layouts; with 1 KiB it failed 7 of 7 without and passed 8 of 8 with.
-    let floor = (sp.saturating_sub(1024) & !4095).max(lo);
-    let below = own_pages(relay, lo, floor);
-    assert!(
-        below.is_empty(),
-        "stack pages below the HTTP relay's frame at sp {sp:#x}: {:?}",
-        below.iter().map(|p| format!("{p:#x}")).collect::<Vec<_>>()
-    );
+    // The set-up's deepest page here is the one right under the relay's, so the bound
+    // is tighter than the SOCKS5 test's: with 2 KiB it passed without the release in a
+    // quarter of the layouts; with 1 KiB it failed 7 of 7 without and passed 8 of 8
+    // with.
+    assert_no_stack_below(relay, 1024);
     // And the request still completes.
     origin
         .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
