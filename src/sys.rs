@@ -245,6 +245,9 @@ pub fn hold_heap_holes() -> usize {
         // Largest first: a large free chunk then goes in large pieces, not in many small.
         for chunk in (32..=1040usize).rev().step_by(16) {
             loop {
+                if held >= HOLES_HELD_MAX {
+                    return held;
+                }
                 let info = libc::mallinfo2();
                 let brk = libc::sbrk(0) as usize;
                 let top = brk.saturating_sub(info.keepcost);
@@ -259,7 +262,7 @@ pub fn hold_heap_holes() -> usize {
                     libc::free(p);
                     return held;
                 }
-                if at >= top || held >= HOLES_HELD_MAX {
+                if at >= top {
                     // From the top: no hole of this size is left. Freed as it is, the
                     // probe would stay in the per-thread cache, a hole of its own; grown
                     // past the cache's sizes first, it merges back into the top.
@@ -269,7 +272,7 @@ pub fn hold_heap_holes() -> usize {
                     // it did not merge: stop before more of these are left.
                     let top_now =
                         (libc::sbrk(0) as usize).saturating_sub(libc::mallinfo2().keepcost);
-                    if top_now > at || held >= HOLES_HELD_MAX {
+                    if top_now > at {
                         return held;
                     }
                     break;
@@ -295,8 +298,8 @@ pub fn release_free_heap() {
     }
 }
 
-/// Where the mapping of the main thread's stack started when [`release_stack_below`]
-/// first looked (None: not found).
+/// Where the mapping of the main thread's stack started when first read, by
+/// [`learn_stack_mapping`] or [`release_stack_below`] (None: not found).
 static STACK_LOW: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
 
 /// The start of the mapping that holds `addr`, from /proc/self/maps. Read through a

@@ -99,11 +99,9 @@ impl Mover {
                 .get()
                 .map(|d| d.saturating_duration_since(Instant::now()));
             if to_release.is_some_and(|d| d.is_zero()) {
-                // A request that lasts (a long poll, a download): its set-up's stack
-                // and free heap pages need not stay its own.
+                // A request that lasts: a long poll, a download.
                 self.release_at.set(None);
-                sys::release_stack_below();
-                sys::release_free_heap();
+                relay::give_back_set_up_memory();
                 continue;
             }
             let timeout = match (idle_left, to_stop) {

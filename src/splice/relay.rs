@@ -764,6 +764,15 @@ impl Drop for FlagGuard {
 /// (most of them, for a proxy) is spared ten setsockopt calls.
 pub const LIVENESS_AFTER: Duration = Duration::from_secs(1);
 
+/// For a relay that has lasted [`LIVENESS_AFTER`]: what its set-up wrote and no longer
+/// uses need not stay its own memory for as long as it lasts (see
+/// sys::release_stack_below and sys::release_free_heap). Called from the relay's own
+/// frames, which the stack release keeps.
+pub(super) fn give_back_set_up_memory() {
+    sys::release_stack_below();
+    sys::release_free_heap();
+}
+
 /// Makes the four descriptors ready for the loop and returns their kinds (see
 /// [`prepare_fd`]). The flags of all are read before any is changed: two of them may be
 /// one open file (a terminal on 0 and 1), and the second would otherwise be found with
@@ -1118,11 +1127,7 @@ pub fn run(cfg: &Config) -> io::Result<Outcome> {
                     set_liveness(cfg, fd);
                 }
                 liveness_due = None;
-                // A connection that lasts: what its set-up wrote and no longer uses
-                // need not stay its own memory for as long (see sys::release_stack_below
-                // and sys::release_free_heap).
-                sys::release_stack_below();
-                sys::release_free_heap();
+                give_back_set_up_memory();
             } else {
                 let left = due.saturating_duration_since(now);
                 timeout = Some(timeout.map_or(left, |t| t.min(left)));
