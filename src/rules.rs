@@ -366,8 +366,10 @@ pub struct Policy<'a> {
     /// The user's own rules (`TCPSPLICE_RULES`): when Some, the address must also match
     /// one of them. They restrict only; they never lift the deny list.
     pub user: Option<&'a [Rule]>,
-    /// This host's own addresses, denied like loopback; each is a range of its own, so
-    /// only a rule for that one address lifts it (unless it is in the deny list too).
+    /// Addresses known to be this host's, denied like loopback; each is a range of its
+    /// own, so only a rule for that one address lifts it (unless it is in the deny list
+    /// too). tcpsplice-dial names the address the routing table delivers to this host
+    /// (`dial::dialer::judge`).
     pub own: &'a [IpAddr],
 }
 

@@ -5,7 +5,6 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::sys;
@@ -43,31 +42,6 @@ pub fn resolve(host: &str, port: u16, limit: Duration) -> io::Result<Vec<SocketA
         )),
     }
 }
-
-/// This host's addresses, from getifaddrs(3): a client-chosen target must not be the
-/// proxy itself under one of its public addresses.
-///
-/// Listed at most once a second per process: getifaddrs dumps every link and address
-/// over netlink, which a reused connection process would otherwise pay for each
-/// connection (ten syscalls, more kernel time than the connect). An address added
-/// since is still caught, before any connect, by [`routes_to_this_host`]: the kernel
-/// gives every address of the host a local route the moment it is added.
-pub fn own_addresses() -> io::Result<Vec<IpAddr>> {
-    static LAST: Mutex<Option<(Instant, Vec<IpAddr>)>> = Mutex::new(None);
-    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    let now = Instant::now();
-    if let Some((at, ips)) = &*last {
-        if now.saturating_duration_since(*at) < OWN_ADDRESSES_TTL {
-            return Ok(ips.clone());
-        }
-    }
-    let ips = sys::interface_addresses()?;
-    *last = Some((now, ips.clone()));
-    Ok(ips)
-}
-
-/// How long [`own_addresses`] keeps its list.
-const OWN_ADDRESSES_TTL: Duration = Duration::from_secs(1);
 
 /// Whether the routing table delivers `addr` to this host: a route of type local (an
 /// address of ours, or a whole prefix routed to us without an interface address for
@@ -319,7 +293,7 @@ mod tests {
         assert!(local("127.0.0.1:1"));
         assert!(local("127.1.2.3:1"));
         assert!(local("[::1]:1"));
-        for ip in own_addresses().unwrap() {
+        for ip in sys::interface_addresses().unwrap() {
             // Link-local ones would need their interface.
             let scoped = matches!(ip, IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80);
             if !scoped {

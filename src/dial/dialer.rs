@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use super::connect::{self, connect_any, own_addresses, resolve};
+use super::connect::{self, connect_any, resolve};
 use super::proxyproto;
 use super::reply::{self, Failure, Style};
 use crate::rules::{self, Policy, Rule};
@@ -243,22 +243,25 @@ pub(super) struct Target {
 }
 
 /// Judges one address of a client-chosen target: the rules and the deny list, then
-/// whether the routing table delivers it to this host although the interface list does
-/// not show it (`ip route add local 203.0.113.0/24 dev lo`, an address added since),
-/// which is judged as one of this host's own addresses, so an `-a` rule for it can
-/// still lift it. Ok(Err(why)) refuses it; Err: the routing table could not be asked.
+/// whether the routing table delivers it to this host (an address of one of its
+/// interfaces, each of which has a local route from the moment it is added, or a whole
+/// prefix routed to it, `ip route add local 203.0.113.0/24 dev lo`), which is judged as
+/// one of this host's own addresses, so an `-a` rule for it can still lift it.
+/// Ok(Err(why)) refuses it; Err: the routing table could not be asked.
+///
+/// The table is the one answer asked: the interface list (getifaddrs(3), a netlink dump
+/// of every link and address and 8 KiB of the C library's allocations) would name only
+/// addresses the table has, and an IPv6 one on an interface that is down, which
+/// nothing reaches.
 pub(super) fn judge(policy: &Policy, a: &SocketAddr) -> io::Result<Result<(), String>> {
     if let Err(why) = policy.check(a) {
         return Ok(Err(why));
     }
-    // Judged as one of ours already; and a loopback address is this host's whatever the
-    // table says. Either way the netlink round trip (a socket of its own, five calls)
-    // would tell nothing new.
+    // A loopback address is this host's whatever the table says (and denied unless a
+    // rule lifted it): the netlink round trip (a socket of its own, five calls) would
+    // tell nothing new.
     let ip = a.ip();
-    if policy.own.contains(&ip) {
-        return Ok(Ok(()));
-    }
-    if !ip.is_loopback() && !connect::routes_to_this_host(a)? {
+    if ip.is_loopback() || !connect::routes_to_this_host(a)? {
         return Ok(Ok(()));
     }
     Ok(Policy {
@@ -348,7 +351,7 @@ impl Dial<'_> {
     }
 
     /// The user's rules (`TCPSPLICE_RULES`), if any.
-    fn user_rules(&self) -> Option<Vec<Rule>> {
+    pub(super) fn user_rules(&self) -> Option<Vec<Rule>> {
         match environ::var(RULES_VAR) {
             Ok(s) if !s.trim().is_empty() => match rules::parse_list(&s) {
                 Ok(r) => Some(r),
@@ -358,34 +361,14 @@ impl Dial<'_> {
         }
     }
 
-    /// The user's rules and this host's addresses, for a client-chosen target.
-    pub(super) fn policy_inputs(&self) -> (Option<Vec<Rule>>, Vec<IpAddr>) {
-        let user = self.user_rules();
-        let own = own_addresses().unwrap_or_else(|e| {
-            self.fail(
-                Failure::General,
-                exit::TEMP,
-                &format!(
-                    "unable to list this host's addresses: {}",
-                    sys::strerror(&e)
-                ),
-            )
-        });
-        (user, own)
-    }
-
     /// The addresses to try: resolved, of the wanted family, and for a client-chosen
     /// target allowed by the policy. Exits when none is left.
     pub(super) fn candidates(&self, t: &Target, source: Option<SocketAddr>) -> Vec<SocketAddr> {
-        let (user, own) = if t.trusted {
-            (None, Vec::new())
-        } else {
-            self.policy_inputs()
-        };
+        let user = if t.trusted { None } else { self.user_rules() };
         let policy = Policy {
             allow: &self.cfg.allow,
             user: user.as_deref(),
-            own: &own,
+            own: &[],
         };
         let addrs = resolve(&t.host, t.port, self.cfg.timeout).unwrap_or_else(|e| {
             self.fail(

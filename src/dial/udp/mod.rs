@@ -58,7 +58,6 @@ const REFUSALS_LOGGED: u32 = 8;
 struct Setup<'a> {
     pub allow: &'a [Rule],
     pub user: Option<Vec<Rule>>,
-    pub own: Vec<IpAddr>,
     pub family: Family,
     /// Where datagrams leave from (`-s`), port 0 for any.
     pub source: Option<SocketAddr>,
@@ -163,7 +162,7 @@ pub(super) fn start(d: &Dial, client: Option<SocketAddr>) -> ! {
         d.usage_fail("unable to serve UDP ASSOCIATE: the client's address is not known")
     };
     // Before the reply: a failure here is still answered as one.
-    let (user, own) = d.policy_inputs();
+    let user = d.user_rules();
     let mut at = local;
     at.set_port(0);
     let relay = UdpSocket::bind(at).unwrap_or_else(|e| {
@@ -185,7 +184,6 @@ pub(super) fn start(d: &Dial, client: Option<SocketAddr>) -> ! {
     run(Setup {
         allow: &d.cfg.allow,
         user,
-        own,
         family: d.cfg.family,
         source: d.source(Some(local)),
         lookup: d.cfg.timeout,
@@ -516,7 +514,7 @@ impl Relay<'_> {
         let policy = Policy {
             allow: self.s.allow,
             user: self.s.user.as_deref(),
-            own: &self.s.own,
+            own: &[],
         };
         let verdict = if !family_ok {
             Err("not of the family datagrams may leave in (-4, -6, -s)".to_string())
