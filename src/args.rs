@@ -21,41 +21,70 @@ pub fn options() -> getopts::Options {
 /// environment): a reused connection process of tcpsplice-listen runs each link with the
 /// same words for every connection, and building getopts' table and parsing (a copy of
 /// every option's names and description, and of every argument) was 3 % of a short
-/// connection's CPU. Only a command line that parsed is kept: a wrong one exits.
-pub struct ParsedOnce<E, T> {
-    // Boxed: the writable data of a binary is one page (`.cargo/config.toml`), and a
-    // static of its own size for each link's parse would push it over.
-    kept: Mutex<Option<Box<Parsed<E, T>>>>,
+/// connection's CPU. tcpsplice-listen parses ahead ([`crate::chain::parse_ahead`]), so
+/// that its connection processes find the parse kept in the memory they share with it.
+/// Only a command line that parsed is kept: a wrong one exits.
+pub struct ParsedOnce<E: 'static, T: 'static> {
+    // Kept for the life of the process (a link's words are the same for every
+    // connection), so a connection process reads them where the supervisor put them: a
+    // reference count to raise, as an `Arc` clone would, would write to that page and
+    // make it the process's own.
+    kept: Mutex<Vec<&'static Parsed<E, T>>>,
 }
 
 /// The words a link was given, what else its parse depended on, and what it made.
 type Parsed<E, T> = (Vec<OsString>, E, T);
 
-impl<E: PartialEq, T: Clone> Default for ParsedOnce<E, T> {
+/// Most parses one [`ParsedOnce`] keeps: one per place the link has in a chain is the
+/// use; beyond, a parse is made and dropped each time rather than kept without bound.
+const KEPT_MAX: usize = 4;
+
+/// What [`ParsedOnce::get`] gives: the parse kept, or one made for this time only.
+pub enum Parse<T: 'static> {
+    Kept(&'static T),
+    Own(T),
+}
+
+impl<T> std::ops::Deref for Parse<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        match self {
+            Parse::Kept(t) => t,
+            Parse::Own(t) => t,
+        }
+    }
+}
+
+impl<E: PartialEq, T> Default for ParsedOnce<E, T> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<E: PartialEq, T: Clone> ParsedOnce<E, T> {
+impl<E: PartialEq, T> ParsedOnce<E, T> {
     pub const fn new() -> Self {
         ParsedOnce {
-            kept: Mutex::new(None),
+            kept: Mutex::new(Vec::new()),
         }
     }
 
-    /// What `parse` gave for `argv` and `extra`, parsing only when they are not the ones
-    /// kept.
-    pub fn get(&self, argv: &[OsString], extra: E, parse: impl FnOnce() -> T) -> T {
+    /// What `parse` gave for `argv` and `extra`, parsing only when they are not among
+    /// those kept.
+    pub fn get(&self, argv: &[OsString], extra: E, parse: impl FnOnce() -> T) -> Parse<T> {
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((words, e, v)) = kept.as_deref() {
-            if words.as_slice() == argv && *e == extra {
-                return v.clone();
-            }
+        if let Some((_, _, v)) = kept
+            .iter()
+            .find(|(words, e, _)| words.as_slice() == argv && *e == extra)
+        {
+            return Parse::Kept(v);
         }
         let v = parse();
-        *kept = Some(Box::new((argv.to_vec(), extra, v.clone())));
-        v
+        if kept.len() >= KEPT_MAX {
+            return Parse::Own(v);
+        }
+        let p: &'static Parsed<E, T> = Box::leak(Box::new((argv.to_vec(), extra, v)));
+        kept.push(p);
+        Parse::Kept(&p.2)
     }
 }
 
@@ -67,6 +96,14 @@ pub fn parse(o: &getopts::Options, argv: &[OsString], usage: &str) -> getopts::M
         Err(e) => crate::diag::usage(&format!("{e}: {usage}")),
     };
     if m.opt_present("h") {
+        // In a chain tcpsplice-listen checks, -h is a mistake: it would print the
+        // usage to every client (and tcpsplice-listen parses the chain ahead itself,
+        // where it would print it and stop the server).
+        if crate::chain::checking() {
+            crate::diag::usage(&format!(
+                "-h asks for the usage, in a chain to serve: {usage}"
+            ));
+        }
         crate::diag::help(&format!("usage: {usage}\n"));
     }
     m
@@ -107,6 +144,36 @@ pub fn number<T: std::str::FromStr + PartialOrd>(s: &str, min: T, max: T) -> Opt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parse_is_kept_for_the_same_words_and_extra_only() {
+        let once: ParsedOnce<bool, usize> = ParsedOnce::new();
+        let words = |w: &[&str]| w.iter().map(OsString::from).collect::<Vec<_>>();
+        let parses = std::cell::Cell::new(0);
+        let parse = || {
+            parses.set(parses.get() + 1);
+            parses.get()
+        };
+        assert_eq!(*once.get(&words(&["a"]), false, parse), 1);
+        assert_eq!(*once.get(&words(&["a"]), false, parse), 1);
+        assert_eq!(*once.get(&words(&["a"]), true, parse), 2);
+        assert_eq!(*once.get(&words(&["b"]), false, parse), 3);
+        assert_eq!(*once.get(&words(&["a"]), true, parse), 2);
+        assert_eq!(*once.get(&words(&["c"]), false, parse), 4);
+        // Four kept; a fifth is parsed each time, not kept.
+        assert!(matches!(
+            once.get(&words(&["d"]), false, parse),
+            Parse::Own(5)
+        ));
+        assert!(matches!(
+            once.get(&words(&["d"]), false, parse),
+            Parse::Own(6)
+        ));
+        assert!(matches!(
+            once.get(&words(&["b"]), false, parse),
+            Parse::Kept(3)
+        ));
+    }
 
     #[test]
     fn parses_values() {

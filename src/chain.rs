@@ -179,9 +179,55 @@ fn blocking_again() {
 
 /// A program's `main`: its command line without its name in, its exit status out.
 pub type Entry = fn(&[OsString]) -> i32;
-/// A sibling program: the name it is installed under and its `main`.
-pub type Program = (&'static str, Entry);
+/// A program's parse of its command line ahead of any connection ([`parse_ahead`]):
+/// the words after its name in, what it keeps of them for its connections' runs, and
+/// the command line of the program it will run next out (None: it runs none, or it
+/// cannot tell before a connection comes).
+pub type ParseAhead = fn(&[OsString], &mut Ahead) -> Option<Vec<OsString>>;
+
+/// A sibling program: the name it is installed under, its `main` and its
+/// [`ParseAhead`] (None: it parses its options for each connection).
+#[derive(Clone, Copy)]
+pub struct Program {
+    pub name: &'static str,
+    pub main: Entry,
+    pub parse_ahead: Option<ParseAhead>,
+}
 type Sibling = Option<Program>;
+
+/// What the links before one will have put in the environment, as far as a link's
+/// parse depends on it: [`parse_ahead`] runs in the supervisor, before any of them.
+#[derive(Default)]
+pub struct Ahead {
+    /// TCPSPLICE_TARGET is set: a link before chose the target (tcpsplice-auth).
+    pub target_chosen: bool,
+}
+
+/// Parses ahead, in tcpsplice-listen before its first fork, the command line of every
+/// link of `argv` that will continue in the connection processes, as each will parse
+/// it for a connection: what a link keeps of its parse (`args::ParsedOnce`) is then
+/// read from the supervisor's memory by every connection process, not built again by
+/// each one. Why: the parse (getopts' table, a copy of every option's description and
+/// of every word) was some 150 allocations per connection process, and what it left
+/// spread over 2 of the 6 heap pages an idle connection's process owns. Stops at the
+/// first link that is exec'd or has no parse ahead. Only for a chain that passed its
+/// check: a parse that fails exits, and here it would take the supervisor with it.
+pub fn parse_ahead(argv: &[OsString]) {
+    let mut words = argv.to_vec();
+    let mut ahead = Ahead::default();
+    while let Some(first) = words.first() {
+        if continues_as(first).is_none() {
+            return;
+        }
+        let Some(parse) = sibling(first).and_then(|p| p.parse_ahead) else {
+            return;
+        };
+        match parse(&words[1..], &mut ahead) {
+            Some(next) => words = next,
+            None => return,
+        }
+    }
+}
 
 /// The programs of the installation, handed over by the binary's `main`
 /// (`tcpsplice::run`); none until then, so that every program is exec'd.
@@ -210,7 +256,7 @@ pub fn continues_as(prog: &OsStr) -> Option<&'static str> {
     if !IN_PROCESS.load(Ordering::Relaxed) || exec_always() {
         return None;
     }
-    sibling(prog).map(|(name, _)| name)
+    sibling(prog).map(|p| p.name)
 }
 
 /// Set for one run of the chain by tcpsplice-listen before it listens: every link
@@ -231,9 +277,9 @@ pub fn check(argv: &[OsString]) -> i32 {
     let Some(first) = argv.first() else {
         diag::die(exit::USAGE, "no program to run");
     };
-    if let Some((name, entry)) = sibling(first) {
-        diag::init(name);
-        return entry(&argv[1..]);
+    if let Some(p) = sibling(first) {
+        diag::init(p.name);
+        return (p.main)(&argv[1..]);
     }
     let shown = first.to_string_lossy();
     match search_path(first) {
@@ -282,12 +328,12 @@ pub fn exec(argv: &[OsString]) -> i32 {
     if IN_PROCESS.load(Ordering::Relaxed) && !exec_always() {
         // Asked again (within a second) each time, as the answer about the sibling was
         // kept from before: after an upgrade, the new programs are what must run.
-        if let Some((name, entry)) = sibling(first).filter(|_| !image_replaced()) {
+        if let Some(p) = sibling(first).filter(|_| !image_replaced()) {
             // SIGPIPE stays ignored: every sibling ignores it first thing (as every
             // program of the suite does), so setting the default here would only be
             // undone by the next syscall.
-            become_sibling(name);
-            return entry(&argv[1..]);
+            become_sibling(p.name);
+            return (p.main)(&argv[1..]);
         }
     }
     sys::signal_ignore(libc::SIGPIPE, false);
@@ -344,8 +390,8 @@ fn sibling(prog: &OsStr) -> Sibling {
     }
     let base = Path::new(prog).file_name()?.as_bytes();
     let programs: &[Program] = *PROGRAMS.lock().unwrap_or_else(|e| e.into_inner());
-    let (name, entry) = *programs.iter().find(|(n, _)| n.as_bytes() == base)?;
-    let found = same_directory(prog).then_some((name, entry));
+    let program = *programs.iter().find(|p| p.name.as_bytes() == base)?;
+    let found = same_directory(prog).then_some(program);
     known.push((prog.to_os_string(), found));
     found
 }
@@ -426,7 +472,7 @@ fn beside_self(prog: &OsStr) -> Option<PathBuf> {
     let programs: &[Program] = *PROGRAMS.lock().unwrap_or_else(|e| e.into_inner());
     programs
         .iter()
-        .find(|(n, _)| n.as_bytes() == prog.as_bytes())?;
+        .find(|p| p.name.as_bytes() == prog.as_bytes())?;
     let here = std::fs::read_link("/proc/self/exe").ok()?;
     let p = here.parent()?.join(prog);
     is_executable(&p).then_some(p)

@@ -52,10 +52,26 @@ use std::ffi::OsString;
 /// The programs a link may continue with in its own process (see [`chain::exec`]): the
 /// one place that knows them all, handed to [`chain`] by [`run`].
 pub const SIBLINGS: &[chain::Program] = &[
-    ("tcpsplice", splice::main),
-    ("tcpsplice-dial", dial::main),
-    ("tcpsplice-auth", auth::main),
-    ("tcpsplice-proxy", proxy::main),
+    chain::Program {
+        name: "tcpsplice",
+        main: splice::main,
+        parse_ahead: Some(splice::parse_ahead),
+    },
+    chain::Program {
+        name: "tcpsplice-dial",
+        main: dial::main,
+        parse_ahead: Some(dial::parse_ahead),
+    },
+    chain::Program {
+        name: "tcpsplice-auth",
+        main: auth::main,
+        parse_ahead: Some(auth::parse_ahead),
+    },
+    chain::Program {
+        name: "tcpsplice-proxy",
+        main: proxy::main,
+        parse_ahead: None,
+    },
 ];
 
 /// What every `src/bin` main does: tell [`chain`] about the sibling programs, then run

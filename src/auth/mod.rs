@@ -3,7 +3,6 @@
 //! command line (normally tcpsplice-dial). See man/tcpsplice-auth.1.
 
 use std::ffi::OsString;
-use std::sync::Arc;
 use std::time::Duration;
 
 pub mod checkpassword;
@@ -89,9 +88,21 @@ struct Config {
 }
 
 /// [`config`], once per process for the same words (`args::ParsedOnce`).
-fn config_kept(argv: &[OsString]) -> Arc<Config> {
-    static KEPT: args::ParsedOnce<(), Arc<Config>> = args::ParsedOnce::new();
-    KEPT.get(argv, (), || Arc::new(config(argv)))
+fn config_kept(argv: &[OsString]) -> args::Parse<Config> {
+    static KEPT: args::ParsedOnce<(), Config> = args::ParsedOnce::new();
+    KEPT.get(argv, (), || config(argv))
+}
+
+/// The parse ahead of tcpsplice-listen (`chain::parse_ahead`). Not with -H, which
+/// is a command of its own (it reads a password on stdin), not a link of a chain.
+pub fn parse_ahead(argv: &[OsString], ahead: &mut chain::Ahead) -> Option<Vec<OsString>> {
+    if matches(argv).opt_present("H") {
+        return None;
+    }
+    let cfg = config_kept(argv);
+    // Every handshake it passes exports the client's choice (handshake::export).
+    ahead.target_chosen = true;
+    Some(cfg.next.clone())
 }
 
 fn matches(argv: &[OsString]) -> getopts::Matches {
@@ -241,7 +252,7 @@ pub fn main(argv: &[OsString]) -> i32 {
 /// what this held on the stack would stay there, private memory of an idle connection
 /// (ARCHITECTURE.md).
 #[inline(never)]
-fn handshake_step(argv: &[OsString]) -> Result<Arc<Config>, i32> {
+fn handshake_step(argv: &[OsString]) -> Result<args::Parse<Config>, i32> {
     diag::init("tcpsplice-auth");
     // Whether the next program may continue in this process is left as it was found:
     // so only under tcpsplice-listen, whose connection process ran us in-process. The

@@ -3,7 +3,6 @@
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 mod bind;
@@ -48,16 +47,26 @@ pub fn main(argv: &[OsString]) -> i32 {
 
 /// [`options`], once per process for the same words (`args::ParsedOnce`). Whether
 /// TCPSPLICE_TARGET is set changes what the words mean, so it is part of the key.
-fn options_kept(argv: &[OsString]) -> Arc<Config> {
-    static KEPT: args::ParsedOnce<bool, Arc<Config>> = args::ParsedOnce::new();
+fn options_kept(argv: &[OsString]) -> args::Parse<Config> {
     let chosen = environ::with_var(dialer::TARGET_VAR, |v| v.is_some_and(|v| !v.is_empty()));
-    KEPT.get(argv, chosen, || Arc::new(options(argv)))
+    KEPT.get(argv, chosen, || options(argv, chosen))
 }
 
-/// The options, as a [`Config`]. Never inlined, so that what parsing needs is off the
-/// stack while the next program runs in this process (see `splice::options`).
+static KEPT: args::ParsedOnce<bool, Config> = args::ParsedOnce::new();
+
+/// The parse ahead of tcpsplice-listen (`chain::parse_ahead`), with TCPSPLICE_TARGET
+/// as the links before will have left it.
+pub fn parse_ahead(argv: &[OsString], ahead: &mut chain::Ahead) -> Option<Vec<OsString>> {
+    let chosen = ahead.target_chosen;
+    let cfg = KEPT.get(argv, chosen, || options(argv, chosen));
+    Some(cfg.prog.clone())
+}
+
+/// The options, as a [`Config`]; `chosen`: TCPSPLICE_TARGET is set, so the command
+/// line has no HOST PORT. Never inlined, so that what parsing needs is off the stack
+/// while the next program runs in this process (see `splice::options`).
 #[inline(never)]
-fn options(argv: &[OsString]) -> Config {
+fn options(argv: &[OsString], chosen: bool) -> Config {
     let mut o = args::options();
     o.optflag("4", "", "IPv4 only");
     o.optflag("6", "", "IPv6 only");
@@ -120,7 +129,7 @@ fn options(argv: &[OsString]) -> Config {
     let (nodelay, keepalive) = (m.opt_present("D"), m.opt_present("k"));
     let udp_any_source = m.opt_present("m");
     let mut free = m.free;
-    let fixed = if environ::with_var(dialer::TARGET_VAR, |v| v.is_some_and(|v| !v.is_empty())) {
+    let fixed = if chosen {
         None
     } else {
         if free.len() < 3 {

@@ -149,6 +149,9 @@ fn setup(argv: &[OsString]) -> (Vec<RawFd>, Config, Vec<SocketAddr>, bool) {
     // Mistakes in PROG... (a bad rule, a broken users file, a program not there) show
     // now, with the link's own message, not as a bare close at the first client.
     check_chain_apart(&prog);
+    // Passed: each link's parse of its command line is made once, here, for all the
+    // connection processes to read (`chain::parse_ahead`).
+    chain::parse_ahead(&prog);
     // tcpsplice-auth continuing in the connection processes shares its login cache and
     // its bound on password checks through memory mapped here, before any fork.
     if prog.first().and_then(|p| chain::continues_as(p)) == Some("tcpsplice-auth") {

@@ -17,7 +17,8 @@ const USAGE: &str = "tcpsplice [-cq] [-t idle] [-g grace] [-k idle[,interval[,co
 pub fn main(argv: &[OsString]) -> i32 {
     diag::init("tcpsplice");
     sys::signal_ignore(libc::SIGPIPE, true);
-    let (cfg, quiet) = options_kept(argv);
+    let kept = options_kept(argv);
+    let (cfg, quiet) = (&kept.0, kept.1);
     if chain::checking() {
         // The last link: its options are all there is to check.
         return exit::OK;
@@ -34,8 +35,8 @@ pub fn main(argv: &[OsString]) -> i32 {
         false => conninfo::ends(cfg.client_in, cfg.target_in),
     };
     let out = match http_body() {
-        Some(body) => http::run(&cfg, body),
-        None => relay::run(&cfg),
+        Some(body) => http::run(cfg, body),
+        None => relay::run(cfg),
     };
     let out = match out {
         Ok(out) => out,
@@ -59,9 +60,17 @@ pub fn main(argv: &[OsString]) -> i32 {
 }
 
 /// [`options`], once per process for the same words (`args::ParsedOnce`).
-fn options_kept(argv: &[OsString]) -> (Config, bool) {
-    static KEPT: args::ParsedOnce<(), (Config, bool)> = args::ParsedOnce::new();
+fn options_kept(argv: &[OsString]) -> args::Parse<(Config, bool)> {
     KEPT.get(argv, (), || options(argv))
+}
+
+static KEPT: args::ParsedOnce<(), (Config, bool)> = args::ParsedOnce::new();
+
+/// The parse ahead of tcpsplice-listen (`chain::parse_ahead`): the last link, it runs
+/// no program after it.
+pub fn parse_ahead(argv: &[OsString], _: &mut chain::Ahead) -> Option<Vec<OsString>> {
+    options_kept(argv);
+    None
 }
 
 /// The options: the relay's configuration, and whether not to log (`-q`). A function of

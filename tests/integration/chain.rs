@@ -1350,6 +1350,24 @@ fn mistakes_in_the_chain_show_at_start_with_the_links_own_message() {
         "{}",
         ran.show()
     );
+    // -h in a link: it would print the usage to every client, and the supervisor's
+    // parse ahead would print it and end the server. Each link's own -h.
+    for prog in [
+        &[AUTH, "-h", DIAL, SPLICE][..],
+        &[DIAL, "-h", "127.0.0.1", "9", SPLICE],
+        &[DIAL, "127.0.0.1", "9", SPLICE, "--help"],
+    ] {
+        let ran = refused_start(prog);
+        ran.expect_code(100);
+        assert!(
+            ran.stdout.is_empty()
+                && ran
+                    .stderr_text()
+                    .contains(": usage: -h asks for the usage, in a chain"),
+            "{prog:?}{}",
+            ran.show()
+        );
+    }
 }
 
 /// A SOCKS5 client of `port`: a no-auth greeting when `pw` is None, else a login; then a
@@ -1756,14 +1774,31 @@ fn a_lasting_forwarded_request_keeps_no_stack_below_its_relay() {
 /// Idle connection processes leave the supervisor's heap pages shared: they allocate
 /// from the top of the heap, not from the free chunks the supervisor's start-up left on
 /// every page (`sys::hold_heap_holes`) nor from tables it outgrew while serving (its books
-/// are sized at the start), and they read the supervisor's copy of the environment
-/// instead of making their own (`environ::remember_for_forks`). Each page one wrote there
-/// was a copy, private memory of every idle connection.
+/// are sized at the start); they read the supervisor's copy of the environment instead
+/// of making their own (`environ::remember_for_forks`), and the supervisor's parse of
+/// each link's command line instead of parsing it again (`chain::parse_ahead`). Each
+/// page one wrote there was a copy, private memory of every idle connection.
 #[test]
 fn idle_connection_processes_leave_the_supervisors_heap_shared() {
-    const CONNS: usize = 24;
     let (target_l, target_a) = util::listener();
     let tport = target_a.port().to_string();
+    assert_idle_heaps_shared(&[DIAL, "127.0.0.1", &tport, SPLICE], &target_l, None);
+}
+
+/// As [`idle_connection_processes_leave_the_supervisors_heap_shared`], for the SOCKS5
+/// chain: tcpsplice-auth's command line too is parsed ahead, and the target comes
+/// from the client.
+#[test]
+fn idle_socks5_connection_processes_leave_the_supervisors_heap_shared() {
+    let (target_l, target_a) = util::listener();
+    let chain = [AUTH, "-n", DIAL, "-a", "127.0.0.1/32", SPLICE];
+    assert_idle_heaps_shared(&chain, &target_l, Some(target_a.port()));
+}
+
+/// Holds idle connections through `chain` (SOCKS5 to `socks_to` when Some) and asserts
+/// each connection process's own heap pages are few, and copies of the supervisor's.
+fn assert_idle_heaps_shared(chain: &[&str], target_l: &TcpListener, socks_to: Option<u16>) {
+    const CONNS: usize = 24;
     // A few pages of start-up data, whatever the environment the tests run in.
     let filler: Vec<(String, String)> = (0..48)
         .map(|i| (format!("TCPSPLICE_TEST_FILLER_{i}"), "x".repeat(300)))
@@ -1772,11 +1807,23 @@ fn idle_connection_processes_leave_the_supervisors_heap_shared() {
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    let (listen, port) = start_listen(&[DIAL, "127.0.0.1", &tport, SPLICE], &env);
+    let (listen, port) = start_listen(chain, &env);
     let mut held = Vec::new();
     for _ in 0..CONNS {
-        let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let target = util::accept_timeout(&target_l, Duration::from_secs(10));
+        let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        if let Some(tp) = socks_to {
+            client
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let p = tp.to_be_bytes();
+            client
+                .write_all(&[5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1, p[0], p[1]])
+                .unwrap();
+            let mut replies = [0u8; 12];
+            client.read_exact(&mut replies).unwrap();
+            assert_eq!(replies[..4], [5, 0, 5, 0], "method choice, then success");
+        }
+        let target = util::accept_timeout(target_l, Duration::from_secs(10));
         held.push((client, target));
     }
     let end = Instant::now() + Duration::from_secs(10);
@@ -1806,17 +1853,19 @@ fn idle_connection_processes_leave_the_supervisors_heap_shared() {
     for &relay in &relays {
         let (clo, chi) = mapping_of(relay, "[heap]");
         assert_eq!(lo, clo, "the heap starts where the supervisor's does");
-        let own = own_pages(relay, lo, hi.min(chi));
+        // All of its heap, up to its own top: what it grew past the supervisor's counts.
+        let own = own_pages(relay, clo, chi);
         let copied: Vec<u64> = theirs.iter().copied().filter(|p| own.contains(p)).collect();
-        // Measured (2026-12-01, release and debug builds): 6 or 7 pages of its own, of
-        // which 4 or 5 were the supervisor's: malloc's per-thread cache on the first
-        // page; the pages of the supervisor's books it wrote after this fork and before
-        // the next (the process forked just before keeps the old copy: one or two); and
-        // those where its allocations after start-up sit. With the supervisor's free
-        // chunks left to them, 16 pages of their own; with those held but each process's
+        // Measured (2026-12-02, release and debug builds): 4 or 5 pages of its own, all
+        // of them the supervisor's: malloc's per-thread cache on the first page; the
+        // pages of the supervisor's books it wrote after this fork and before the next
+        // (the process forked just before keeps the old copy: one or two); and those
+        // where its allocations after start-up sit. With the links' command lines parsed
+        // in each process rather than ahead by the supervisor, 6 or 7; with the
+        // supervisor's free chunks left to them, 16; with those held but each process's
         // own copy of the environment, 10.
         assert!(
-            own.len() <= 8 && copied.len() <= 6,
+            own.len() <= 5 && copied.len() <= 5,
             "connection process {relay}'s own heap pages: {:?}, of which copies of the \
              supervisor's: {:?}, of its {:?}",
             show(&own),
