@@ -211,6 +211,75 @@ pub fn pipe_nonblocking() -> io::Result<(RawFd, RawFd)> {
     Ok((r.into_raw_fd(), w.into_raw_fd()))
 }
 
+/// An allocator for what only the forking process uses, in memory its forked children
+/// do not get: each block is an anonymous mapping of its own marked MADV_DONTFORK. Why:
+/// tcpsplice-listen writes its books of connection processes after every fork, and a
+/// page it writes that a child still shares becomes a private copy of that child (the
+/// page of the books' table written at each insert: 4 KiB of every idle connection,
+/// /proc/PID/pagemap, 2026-12-02). A child must never touch such a block, not even to
+/// drop what holds it: there is nothing mapped there in the child.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NotForked;
+
+impl NotForked {
+    /// The length mapped for `size` bytes: whole pages (and none for nothing).
+    fn mapped_len(size: usize) -> Option<usize> {
+        Some(size.checked_add(NOT_FORKED_PAGE - 1)? & !(NOT_FORKED_PAGE - 1))
+    }
+}
+
+/// The page size [`NotForked`] maps in (its blocks' largest alignment too).
+const NOT_FORKED_PAGE: usize = 4096;
+
+// SAFETY: a block is a mapping of its own, valid (and not moved) until `deallocate`
+// unmaps it; the value is a unit, so every copy of it is the same allocator and can
+// free what another copy allocated.
+unsafe impl allocator_api2::alloc::Allocator for NotForked {
+    fn allocate(
+        &self,
+        layout: std::alloc::Layout,
+    ) -> Result<std::ptr::NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        use allocator_api2::alloc::AllocError;
+        use nix::sys::mman::{madvise, mmap_anonymous, munmap, MapFlags, MmapAdvise, ProtFlags};
+        if layout.align() > NOT_FORKED_PAGE {
+            return Err(AllocError);
+        }
+        let len = Self::mapped_len(layout.size()).ok_or(AllocError)?;
+        let Some(mapped) = std::num::NonZeroUsize::new(len) else {
+            // Nothing to map: a dangling pointer of the alignment asked, as for a ZST.
+            let dangling = std::ptr::NonNull::new(layout.align() as *mut u8).ok_or(AllocError)?;
+            return Ok(std::ptr::NonNull::slice_from_raw_parts(dangling, 0));
+        };
+        // SAFETY: a new anonymous private mapping at an address the kernel picks: no
+        // memory that exists is touched.
+        let p = unsafe {
+            mmap_anonymous(
+                None,
+                mapped,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE,
+            )
+        }
+        .map_err(|_| AllocError)?;
+        // SAFETY: [p, p + len) is the mapping just made, ours alone.
+        if unsafe { madvise(p, len, MmapAdvise::MADV_DONTFORK) }.is_err() {
+            // SAFETY: as above; nothing refers to it yet.
+            let _ = unsafe { munmap(p, len) };
+            return Err(AllocError);
+        }
+        Ok(std::ptr::NonNull::slice_from_raw_parts(p.cast::<u8>(), len))
+    }
+
+    unsafe fn deallocate(&self, ptr: std::ptr::NonNull<u8>, layout: std::alloc::Layout) {
+        let Some(len) = Self::mapped_len(layout.size()).filter(|&l| l > 0) else {
+            return;
+        };
+        // SAFETY: the caller hands back a block `allocate` made for this layout (the
+        // trait's contract): the whole of one mapping of `len` bytes, no longer used.
+        let _ = unsafe { nix::sys::mman::munmap(ptr.cast(), len) };
+    }
+}
+
 /// How much of the stack below the caller [`release_stack_below`] gives back: more than
 /// any set-up of the chain reaches below the relay's frame.
 const STACK_RELEASE: usize = 256 * 1024;

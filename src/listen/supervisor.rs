@@ -21,7 +21,7 @@
 //! (`-t`) has passed, holding one of the `-c` slots meanwhile. A balancer sends it at
 //! once, so a connection almost always goes on right after its accept.
 
-use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
 use std::ffi::OsString;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -33,6 +33,7 @@ use super::sockets;
 use super::worker::{self, Peer};
 use crate::proxy::header::{self, Header, Step};
 use crate::rules::Rule;
+use crate::sys::NotForked;
 use crate::{chain, conninfo, diag, environ, exit, sys};
 
 /// How long accepting pauses after the process or system ran out of descriptors or
@@ -138,19 +139,24 @@ struct Done {
     write: RawFd,
 }
 
+/// The supervisor's books of its connection processes, in memory they do not get
+/// (`sys::NotForked`): it writes them after each fork. Never touched in a child.
+type Books<K, V> = hashbrown::HashMap<K, V, RandomState, NotForked>;
+type BookList<T> = allocator_api2::vec::Vec<T, NotForked>;
+
 struct Supervisor<'a> {
     cfg: &'a Config,
     listeners: Vec<RawFd>,
     signals: sys::SignalFd,
-    children: HashMap<libc::pid_t, Child>,
+    children: Books<libc::pid_t, Child>,
     /// Connections being served (children with a connection).
     busy: usize,
     /// Children waiting for a connection, the longest waiting first.
-    idle: Vec<libc::pid_t>,
+    idle: BookList<libc::pid_t>,
     /// Set when connection processes are reused.
     done: Option<Done>,
     /// Connections per client address, kept for -C only.
-    per_ip: HashMap<IpAddr, usize>,
+    per_ip: Books<IpAddr, usize>,
     /// Connections waiting for their PROXY header, each holding a `-c` slot.
     awaiting: Vec<Awaiting>,
     /// Accepting is paused until then (out of fds, memory or processes).
@@ -347,27 +353,29 @@ pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce(usize)) -> 
         None
     };
     let fixed_local = fixed_local(&listeners, cfg);
-    // The books are sized for the connections allowed at once, now: grown while serving,
-    // each table left behind was a free chunk in the middle of the heap, which the
-    // processes forked next allocated from and so copied (200 idle SOCKS5 connections
-    // under -c 1000: 8 heap pages each against 6 for the first ones; sized, 6 for all,
-    // /proc/PID/pagemap, 2026-12-01). The price: an insert writes a page of a larger
-    // table, whose old copy stays with the process forked just before (24 connections
-    // under -c 100: 6-7 pages against 5-6).
+    // The books are sized for the connections allowed at once, now, so that serving
+    // does not stop to grow them. They are not in the children's memory (`Books`): on
+    // the heap, a table grown while serving left its old one free in the middle of it,
+    // which the processes forked next allocated from and so copied, and each insert
+    // wrote a page whose old copy stayed with the process forked just before.
     let expected = cfg.max_conns.min(BOOKS_SIZED_FOR);
     let mut sup = Supervisor {
         cfg,
         listeners,
         signals,
-        children: HashMap::with_capacity(expected),
+        children: Books::with_capacity_and_hasher_in(expected, RandomState::new(), NotForked),
         busy: 0,
-        idle: Vec::with_capacity(expected),
+        idle: BookList::with_capacity_in(expected, NotForked),
         done,
-        per_ip: if cfg.max_per_ip.is_some() {
-            HashMap::with_capacity(expected)
-        } else {
-            HashMap::new()
-        },
+        per_ip: Books::with_capacity_and_hasher_in(
+            if cfg.max_per_ip.is_some() {
+                expected
+            } else {
+                0
+            },
+            RandomState::new(),
+            NotForked,
+        ),
         awaiting: if cfg.proxy.is_some() {
             Vec::with_capacity(expected)
         } else {
@@ -636,7 +644,7 @@ impl Supervisor<'_> {
         for a in self.awaiting.drain(..) {
             sys::close(a.fd);
         }
-        for pid in std::mem::take(&mut self.idle) {
+        for pid in std::mem::replace(&mut self.idle, BookList::new_in(NotForked)) {
             self.let_go(pid);
         }
         // Those that accept for themselves see their channel close and leave, now or
@@ -930,7 +938,7 @@ impl Supervisor<'_> {
                     Some(libc::EINTR | libc::ECONNABORTED) => continue,
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
                         // Each idle child holds a descriptor of ours: give them back.
-                        for pid in std::mem::take(&mut self.idle) {
+                        for pid in std::mem::replace(&mut self.idle, BookList::new_in(NotForked)) {
                             self.let_go(pid);
                         }
                         self.let_go_waiting();
@@ -1225,9 +1233,14 @@ impl Supervisor<'_> {
         Ok(pid)
     }
 
-    /// In a forked child: closes the supervisor's descriptors (they are close-on-exec,
-    /// but a child that is reused needs the room before it would exec), but for the
-    /// listeners and the pool's eventfd when it is to accept for itself.
+    /// In a forked child: closes the supervisor's own descriptors (they are
+    /// close-on-exec, but a child that is reused needs the room before it would exec),
+    /// but for the listeners and the pool's eventfd when it is to accept for itself. Those
+    /// of the other children (our ends of their channels, sockets being handed to them)
+    /// and the connections awaiting a PROXY header are close-on-exec too, and are closed
+    /// by the scan for such descriptors that comes next: the reused process's
+    /// (`worker::reserve`), or the first link's (`chain::exec`, in-process or exec). Not
+    /// looked up here: the books are not in a child's memory (`Books`).
     fn close_own_fds(&self, accepting: bool) {
         if !accepting {
             for &fd in &self.listeners {
@@ -1240,14 +1253,6 @@ impl Supervisor<'_> {
         sys::close(self.signals.fd());
         if let Some(d) = &self.done {
             sys::close(d.read);
-        }
-        for c in self.children.values() {
-            for fd in c.chan.iter().chain(c.pending.iter()) {
-                sys::close(*fd);
-            }
-        }
-        for a in &self.awaiting {
-            sys::close(a.fd);
         }
     }
 

@@ -52,13 +52,18 @@ fn fds_on(pid: u32, links: &[String]) -> Vec<i32> {
 /// to tell connections from unix sockets and from the listeners, which processes that
 /// accept for themselves hold too.
 fn tcp_socket_inodes() -> Vec<String> {
+    tcp_inodes(false)
+}
+
+/// The inodes of the listening TCP sockets (`listening`) or of all the others.
+fn tcp_inodes(listening: bool) -> Vec<String> {
     let mut v = Vec::new();
     for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
         if let Ok(text) = std::fs::read_to_string(f) {
             for line in text.lines().skip(1) {
                 let w: Vec<&str> = line.split_whitespace().collect();
                 if let (Some(&state), Some(inode)) = (w.get(3), w.get(9)) {
-                    if state != "0A" {
+                    if (state == "0A") == listening {
                         v.push(format!("socket:[{inode}]"));
                     }
                 }
@@ -1793,6 +1798,81 @@ fn idle_socks5_connection_processes_leave_the_supervisors_heap_shared() {
     let (target_l, target_a) = util::listener();
     let chain = [AUTH, "-n", DIAL, "-a", "127.0.0.1/32", SPLICE];
     assert_idle_heaps_shared(&chain, &target_l, Some(target_a.port()));
+}
+
+/// The supervisor's books of its connection processes are not in their memory: it
+/// writes them after each fork, and a page it wrote there was a copy for the process
+/// forked before (`sys::NotForked`). So a process cannot close the other processes'
+/// channels from the books: its scan of close-on-exec descriptors does, and none holds
+/// another's.
+#[test]
+fn connection_processes_have_neither_the_supervisors_books_nor_each_others_channels() {
+    const CONNS: usize = 3;
+    let (target_l, target_a) = util::listener();
+    let tport = target_a.port().to_string();
+    let (listen, port) = start_listen(&[DIAL, "127.0.0.1", &tport, SPLICE], &[]);
+    // Its anonymous private mappings, before any process is forked.
+    let anonymous = |pid: u32| -> Vec<String> {
+        std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.split_whitespace().count() == 5 && l.contains(" rw-p 00000000 00:00 0"))
+            .map(|l| l.split_whitespace().next().unwrap().to_string())
+            .collect()
+    };
+    let before = anonymous(listen.id());
+    let mut held = Vec::new();
+    for _ in 0..CONNS {
+        let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        held.push((
+            client,
+            util::accept_timeout(&target_l, Duration::from_secs(10)),
+        ));
+    }
+    let end = Instant::now() + Duration::from_secs(10);
+    let relays = loop {
+        let live = live_children(&listen);
+        if live.len() >= CONNS || Instant::now() > end {
+            break live;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(relays.len(), CONNS, "connection processes: {relays:?}");
+    let listening = tcp_inodes(true);
+    for &relay in &relays {
+        util::wait_until_polling(relay, Duration::from_secs(10));
+        let theirs = anonymous(relay);
+        let kept_from_it: Vec<&String> = before.iter().filter(|m| !theirs.contains(m)).collect();
+        assert!(
+            !kept_from_it.is_empty(),
+            "process {relay} has every anonymous mapping the supervisor had before it \
+             forked: {before:?}"
+        );
+        // Its descriptors but the connection's (0, 1, 6, 7: the supervisor may not have
+        // closed its copy of a socket it handed over yet) on a socket the supervisor
+        // holds: the listeners only.
+        let supervisors = socket_inodes(listen.id());
+        let mut shared = Vec::new();
+        for e in std::fs::read_dir(format!("/proc/{relay}/fd"))
+            .unwrap()
+            .flatten()
+        {
+            let fd: i32 = e.file_name().to_string_lossy().parse().unwrap();
+            let Ok(l) = std::fs::read_link(e.path()) else {
+                continue;
+            };
+            let l = l.to_string_lossy().into_owned();
+            if ![0, 1, 6, 7].contains(&fd) && supervisors.contains(&l) && !listening.contains(&l) {
+                shared.push((fd, l));
+            }
+        }
+        assert!(
+            shared.is_empty(),
+            "process {relay} holds the supervisor's {shared:?}"
+        );
+    }
+    drop(held);
+    stop(listen);
 }
 
 /// Holds idle connections through `chain` (SOCKS5 to `socks_to` when Some) and asserts
