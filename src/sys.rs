@@ -359,11 +359,53 @@ pub fn hold_heap_holes() -> usize {
 /// supervisor, which stay its own until given back: a SOCKS5 connection's idle process
 /// kept a page fewer with it (40.3 -> 36.2 KiB of heap, 50 connections, 2026-12-01).
 /// Its cost, a walk of malloc's free lists, is paid once per connection that lasts.
+///
+/// The heap is not made shorter: malloc_trim's other half (sbrk down) writes malloc's
+/// state and the C library's break, on a page of its data that the process shared with
+/// the supervisor until then, a page for what was mostly never touched (idle forwarded
+/// connection, pagemap, 2026-12-02). The top's pages the process touched are given back
+/// as the free chunks' are, past the chunk's header ([`release_heap_top`]).
 pub fn release_free_heap() {
     #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only works on malloc's own state, under its lock.
+    // SAFETY: malloc_trim only works on malloc's own state, under its lock; a pad as
+    // large as the heap leaves the top as it is.
     unsafe {
-        libc::malloc_trim(0);
+        libc::malloc_trim(usize::MAX / 2);
+    }
+    release_heap_top();
+}
+
+/// Gives the kernel back the whole pages of the main heap's top chunk (free memory up to
+/// the program break), its header kept, without moving the break. Does nothing where the
+/// top is not where glibc's main heap puts it (told as [`hold_heap_holes`] does, and by
+/// the size written in the chunk's header), or off the main thread.
+fn release_heap_top() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: sbrk(0), getpid, gettid and mallinfo2 only ask; the header read is of the
+    // top chunk's size word, inside the heap below the break (checked first). The pages
+    // given back lie wholly inside the top chunk past its header, memory malloc holds
+    // free and reads nothing from (as malloc_trim's madvise of free chunks relies on).
+    unsafe {
+        if libc::getpid() != libc::gettid() {
+            return;
+        }
+        let info = libc::mallinfo2();
+        let brk = libc::sbrk(0) as usize;
+        let word = size_of::<usize>();
+        if info.arena == 0 || info.keepcost < 4 * word || info.keepcost > info.arena {
+            return;
+        }
+        let top = brk - info.keepcost;
+        // The chunk's size, less its flag bits, is the top's: this is malloc's top.
+        let size = std::ptr::read((top + word) as *const usize) & !7;
+        if size != info.keepcost {
+            return;
+        }
+        let page = 4096;
+        let from = (top + 4 * word + page - 1) & !(page - 1);
+        if from < brk {
+            libc::madvise(from as *mut libc::c_void, brk - from, libc::MADV_DONTNEED);
+        }
     }
 }
 

@@ -1635,6 +1635,19 @@ fn mapping_of(pid: u32, name: &str) -> (u64, u64) {
     (hex(lo), hex(hi))
 }
 
+/// The C library's writable data mapping of `pid` (its file-backed rw-p range).
+fn libc_data_of(pid: u32) -> (u64, u64) {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let line = maps
+        .lines()
+        .find(|l| l.contains(" rw-p ") && l.contains("/libc.so"))
+        .unwrap_or_else(|| panic!("the C library's data in {maps}"));
+    let range = line.split_whitespace().next().unwrap();
+    let (lo, hi) = range.split_once('-').unwrap();
+    let hex = |x: &str| u64::from_str_radix(x, 16).unwrap();
+    (hex(lo), hex(hi))
+}
+
 /// The pages of `pid` in [from, to) whose /proc/PID/pagemap entry has all of `bits`.
 fn pages_with(pid: u32, from: u64, to: u64, bits: u64) -> Vec<u64> {
     use std::io::{Seek, SeekFrom};
@@ -1933,6 +1946,23 @@ fn assert_idle_heaps_shared(chain: &[&str], target_l: &TcpListener, socks_to: Op
     for &relay in &relays {
         let (clo, chi) = mapping_of(relay, "[heap]");
         assert_eq!(lo, clo, "the heap starts where the supervisor's does");
+        // Its first second's give-back left the heap as long (`sys::release_free_heap`):
+        // moving the break down writes malloc's state and the C library's break, on
+        // the C library's data pages, which then stop being shared.
+        assert!(
+            chi >= hi,
+            "connection process {relay}'s heap ends at {chi:#x}, the supervisor's at {hi:#x}"
+        );
+        let (dlo, dhi) = libc_data_of(relay);
+        let data = own_pages(relay, dlo, dhi);
+        // Measured (glibc 2.36): one page of the two, malloc's state written by its own
+        // allocations; with the heap trimmed, both.
+        assert!(
+            data.len() <= 1,
+            "connection process {relay}'s own pages of the C library's data: {} of {}",
+            data.len(),
+            (dhi - dlo) / 4096
+        );
         // All of its heap, up to its own top: what it grew past the supervisor's counts.
         let own = own_pages(relay, clo, chi);
         let copied: Vec<u64> = theirs.iter().copied().filter(|p| own.contains(p)).collect();
