@@ -376,36 +376,66 @@ pub fn release_free_heap() {
 }
 
 /// Gives the kernel back the whole pages of the main heap's top chunk (free memory up to
-/// the program break), its header kept, without moving the break. Does nothing where the
-/// top is not where glibc's main heap puts it (told as [`hold_heap_holes`] does, and by
-/// the size written in the chunk's header), or off the main thread.
+/// the program break), its header kept, without moving the break. Only where the top is
+/// surely malloc's main heap's and nothing else can allocate meanwhile: a process that
+/// never started a thread (so glibc has its main arena only, and no other thread
+/// mallocs), a top that lies in the heap's mapping and ends at the break (mallinfo2's
+/// `keepcost` is its size), and whose header says that size. Else it does nothing.
 fn release_heap_top() {
     #[cfg(target_env = "gnu")]
-    // SAFETY: sbrk(0), getpid, gettid and mallinfo2 only ask; the header read is of the
-    // top chunk's size word, inside the heap below the break (checked first). The pages
-    // given back lie wholly inside the top chunk past its header, memory malloc holds
-    // free and reads nothing from (as malloc_trim's madvise of free chunks relies on).
-    unsafe {
-        if libc::getpid() != libc::gettid() {
+    {
+        extern "C" {
+            // glibc (2.32 on), <sys/single_threaded.h>: nonzero until the process first
+            // creates a thread, and never again after.
+            static __libc_single_threaded: libc::c_char;
+        }
+        // SAFETY: a read of a byte glibc exports for this purpose; glibc writes it only
+        // when a thread is created, and then from this thread.
+        if unsafe { std::ptr::read_volatile(&raw const __libc_single_threaded) } == 0 {
             return;
         }
-        let info = libc::mallinfo2();
-        let brk = libc::sbrk(0) as usize;
+        // SAFETY: mallinfo2 and sbrk(0) only ask malloc and the kernel.
+        let (info, brk) = unsafe { (libc::mallinfo2(), libc::sbrk(0) as usize) };
         let word = size_of::<usize>();
-        if info.arena == 0 || info.keepcost < 4 * word || info.keepcost > info.arena {
+        if info.keepcost < 4 * word || info.keepcost > info.arena || info.keepcost > brk {
             return;
         }
         let top = brk - info.keepcost;
-        // The chunk's size, less its flag bits, is the top's: this is malloc's top.
-        let size = std::ptr::read((top + word) as *const usize) & !7;
+        let Some(heap_low) = *HEAP_LOW.get_or_init(|| mapping_start(brk - 1)) else {
+            return;
+        };
+        if top < heap_low {
+            return;
+        }
+        // SAFETY: [top, brk) lies in the heap's mapping (checked above), so its second
+        // word can be read; a chunk's size, less its flag bits, is in that word.
+        let size = unsafe { std::ptr::read((top + word) as *const usize) } & !7;
         if size != info.keepcost {
             return;
         }
         let page = 4096;
         let from = (top + 4 * word + page - 1) & !(page - 1);
         if from < brk {
-            libc::madvise(from as *mut libc::c_void, brk - from, libc::MADV_DONTNEED);
+            // SAFETY: [from, brk) is wholly inside the top chunk past its header: memory
+            // malloc holds free and reads nothing from (malloc_trim's madvise of free
+            // chunks relies on the same), and no other thread is there to take it.
+            unsafe { libc::madvise(from as *mut libc::c_void, brk - from, libc::MADV_DONTNEED) };
         }
+    }
+}
+
+/// Where the mapping of the main heap (the one that ends at the program break) starts,
+/// for [`release_heap_top`]: learnt by a supervisor before it forks
+/// ([`learn_heap_mapping`]), else at the first release (None: not found).
+static HEAP_LOW: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+
+/// Learns where the heap's mapping starts, for [`release_heap_top`], as
+/// [`learn_stack_mapping`] does for the stack: once, before the first fork.
+pub fn learn_heap_mapping() {
+    // SAFETY: sbrk(0) only asks where the break is.
+    let brk = unsafe { libc::sbrk(0) } as usize;
+    if brk > 0 {
+        let _ = HEAP_LOW.get_or_init(|| mapping_start(brk - 1));
     }
 }
 

@@ -1,6 +1,6 @@
-//! Connecting: name lookup with a bound, this host's addresses (its interfaces' and
-//! those its routing table delivers locally), and Happy Eyeballs over every address of
-//! a target with non-blocking connects that poll bounds.
+//! Connecting: name lookup with a bound, this host's addresses (those its routing table
+//! delivers locally), and Happy Eyeballs over every address of a target with
+//! non-blocking connects that poll bounds.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -44,8 +44,8 @@ pub fn resolve(host: &str, port: u16, limit: Duration) -> io::Result<Vec<SocketA
 }
 
 /// Whether the routing table delivers `addr` to this host: a route of type local (an
-/// address of ours, or a whole prefix routed to us without an interface address for
-/// getifaddrs to show, `ip route add local 203.0.113.0/24 dev lo`), broadcast or
+/// address of one of its interfaces, or a whole prefix routed to it without one,
+/// `ip route add local 203.0.113.0/24 dev lo`), broadcast or
 /// anycast. Asked before anything connects, so that a listener on such an address never
 /// sees the connection: one RTM_GETROUTE request on a netlink socket, the lookup
 /// `ip route get ADDR` makes, tens of microseconds. The route's type is the answer

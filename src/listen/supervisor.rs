@@ -24,6 +24,7 @@
 use std::collections::hash_map::RandomState;
 use std::ffi::OsString;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::io::RawFd;
 use std::time::{Duration, Instant};
@@ -140,9 +141,12 @@ struct Done {
 }
 
 /// The supervisor's books of its connection processes, in memory they do not get
-/// (`sys::NotForked`): it writes them after each fork. Never touched in a child.
-type Books<K, V> = hashbrown::HashMap<K, V, RandomState, NotForked>;
-type BookList<T> = allocator_api2::vec::Vec<T, NotForked>;
+/// (`sys::NotForked`): it writes them after each fork. Never touched in a child, not
+/// even dropped: a panic that unwinds there (debug builds) must not unmap what the
+/// child may have mapped at those addresses since, hence `ManuallyDrop` (the
+/// supervisor's `serve` never returns, so they are never dropped by it either).
+type Books<K, V> = ManuallyDrop<hashbrown::HashMap<K, V, RandomState, NotForked>>;
+type BookList<T> = ManuallyDrop<allocator_api2::vec::Vec<T, NotForked>>;
 
 struct Supervisor<'a> {
     cfg: &'a Config,
@@ -363,11 +367,17 @@ pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce(usize)) -> 
         cfg,
         listeners,
         signals,
-        children: Books::with_capacity_and_hasher_in(expected, RandomState::new(), NotForked),
+        children: ManuallyDrop::new(hashbrown::HashMap::with_capacity_and_hasher_in(
+            expected,
+            RandomState::new(),
+            NotForked,
+        )),
         busy: 0,
-        idle: BookList::with_capacity_in(expected, NotForked),
+        idle: ManuallyDrop::new(allocator_api2::vec::Vec::with_capacity_in(
+            expected, NotForked,
+        )),
         done,
-        per_ip: Books::with_capacity_and_hasher_in(
+        per_ip: ManuallyDrop::new(hashbrown::HashMap::with_capacity_and_hasher_in(
             if cfg.max_per_ip.is_some() {
                 expected
             } else {
@@ -375,7 +385,7 @@ pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce(usize)) -> 
             },
             RandomState::new(),
             NotForked,
-        ),
+        )),
         awaiting: if cfg.proxy.is_some() {
             Vec::with_capacity(expected)
         } else {
@@ -389,10 +399,12 @@ pub fn serve(listeners: Vec<RawFd>, cfg: &Config, ready: impl FnOnce(usize)) -> 
         backlog_seen: false,
         fixed_local,
     };
-    // Each connection process that lasts gives back the stack its set-up wrote; where
-    // the stack's mapping starts is learnt here once, for all of them. Before saying
-    // ready: it opens a file, and a descriptor that comes and goes after would show.
+    // Each connection process that lasts gives back the stack its set-up wrote and its
+    // heap's free pages; where the stack's and the heap's mappings start is learnt here
+    // once, for all of them. Before saying ready: it opens a file, and a descriptor that
+    // comes and goes after would show.
     sys::learn_stack_mapping();
+    sys::learn_heap_mapping();
     ready(max_use);
     // The environment they fork with is read from here, not copied by each of them.
     environ::remember_for_forks();
@@ -644,7 +656,7 @@ impl Supervisor<'_> {
         for a in self.awaiting.drain(..) {
             sys::close(a.fd);
         }
-        for pid in std::mem::replace(&mut self.idle, BookList::new_in(NotForked)) {
+        for pid in std::mem::replace(&mut *self.idle, allocator_api2::vec::Vec::new_in(NotForked)) {
             self.let_go(pid);
         }
         // Those that accept for themselves see their channel close and leave, now or
@@ -938,7 +950,10 @@ impl Supervisor<'_> {
                     Some(libc::EINTR | libc::ECONNABORTED) => continue,
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
                         // Each idle child holds a descriptor of ours: give them back.
-                        for pid in std::mem::replace(&mut self.idle, BookList::new_in(NotForked)) {
+                        for pid in std::mem::replace(
+                            &mut *self.idle,
+                            allocator_api2::vec::Vec::new_in(NotForked),
+                        ) {
                             self.let_go(pid);
                         }
                         self.let_go_waiting();
@@ -1180,7 +1195,8 @@ impl Supervisor<'_> {
                 }),
                 _ => None,
             };
-            // Ours first: forked with a full descriptor table, the child needs room.
+            // Ours first: forked with a full descriptor table, the child needs room
+            // (the other processes' descriptors go at its scan, after that room is used).
             self.close_own_fds(accepting.is_some() && pair.is_some());
             match (pair, &self.done) {
                 (Some((ours, theirs)), Some(done)) => {
