@@ -49,17 +49,19 @@ pub fn main(argv: &[OsString]) -> i32 {
 /// TCPSPLICE_TARGET is set changes what the words mean, so it is part of the key.
 fn options_kept(argv: &[OsString]) -> args::Parse<Config> {
     let chosen = environ::with_var(dialer::TARGET_VAR, |v| v.is_some_and(|v| !v.is_empty()));
-    KEPT.get(argv, chosen, || options(argv, chosen))
+    kept(argv, chosen)
 }
 
-static KEPT: args::ParsedOnce<bool, Config> = args::ParsedOnce::new();
+/// [`options`] with TCPSPLICE_TARGET set (`chosen`) or not, parsed once for the same words.
+fn kept(argv: &[OsString], chosen: bool) -> args::Parse<Config> {
+    static KEPT: args::ParsedOnce<bool, Config> = args::ParsedOnce::new();
+    KEPT.get(argv, chosen, || options(argv, chosen))
+}
 
 /// The parse ahead of tcpsplice-listen (`chain::parse_ahead`), with TCPSPLICE_TARGET
 /// as the links before will have left it.
 pub fn parse_ahead(argv: &[OsString], ahead: &mut chain::Ahead) -> Option<Vec<OsString>> {
-    let chosen = ahead.target_chosen;
-    let cfg = KEPT.get(argv, chosen, || options(argv, chosen));
-    Some(cfg.prog.clone())
+    Some(kept(argv, ahead.target_chosen).prog.clone())
 }
 
 /// The options, as a [`Config`]; `chosen`: TCPSPLICE_TARGET is set, so the command

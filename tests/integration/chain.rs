@@ -1624,11 +1624,16 @@ fn stack_of(pid: u32) -> (u64, u64, u64) {
 
 /// The range of the mapping of `pid` named `name` ("[stack]", "[heap]").
 fn mapping_of(pid: u32, name: &str) -> (u64, u64) {
+    mapping_where(pid, |l| l.ends_with(name))
+}
+
+/// The address range of the first line of `pid`'s maps that `pick` takes.
+fn mapping_where(pid: u32, pick: impl Fn(&str) -> bool) -> (u64, u64) {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     let line = maps
         .lines()
-        .find(|l| l.ends_with(name))
-        .unwrap_or_else(|| panic!("a {name} mapping"));
+        .find(|l| pick(l))
+        .unwrap_or_else(|| panic!("no such mapping in {maps}"));
     let range = line.split_whitespace().next().unwrap();
     let (lo, hi) = range.split_once('-').unwrap();
     let hex = |x: &str| u64::from_str_radix(x, 16).unwrap();
@@ -1637,15 +1642,7 @@ fn mapping_of(pid: u32, name: &str) -> (u64, u64) {
 
 /// The C library's writable data mapping of `pid` (its file-backed rw-p range).
 fn libc_data_of(pid: u32) -> (u64, u64) {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let line = maps
-        .lines()
-        .find(|l| l.contains(" rw-p ") && l.contains("/libc.so"))
-        .unwrap_or_else(|| panic!("the C library's data in {maps}"));
-    let range = line.split_whitespace().next().unwrap();
-    let (lo, hi) = range.split_once('-').unwrap();
-    let hex = |x: &str| u64::from_str_radix(x, 16).unwrap();
-    (hex(lo), hex(hi))
+    mapping_where(pid, |l| l.contains(" rw-p ") && l.contains("/libc.so"))
 }
 
 /// The pages of `pid` in [from, to) whose /proc/PID/pagemap entry has all of `bits`.
@@ -1885,24 +1882,17 @@ fn connection_processes_have_neither_the_supervisors_books_nor_each_others_chann
         // Its descriptors but the connection's (0, 1, 6, 7: the supervisor may not have
         // closed its copy of a socket it handed over yet) on a socket the supervisor
         // holds: the listeners only.
-        let supervisors = socket_inodes(listen.id());
-        let mut shared = Vec::new();
-        for e in std::fs::read_dir(format!("/proc/{relay}/fd"))
-            .unwrap()
-            .flatten()
-        {
-            let fd: i32 = e.file_name().to_string_lossy().parse().unwrap();
-            let Ok(l) = std::fs::read_link(e.path()) else {
-                continue;
-            };
-            let l = l.to_string_lossy().into_owned();
-            if ![0, 1, 6, 7].contains(&fd) && supervisors.contains(&l) && !listening.contains(&l) {
-                shared.push((fd, l));
-            }
-        }
+        let supervisors: Vec<String> = socket_inodes(listen.id())
+            .into_iter()
+            .filter(|l| !listening.contains(l))
+            .collect();
+        let shared: Vec<i32> = fds_on(relay, &supervisors)
+            .into_iter()
+            .filter(|fd| ![0, 1, 6, 7].contains(fd))
+            .collect();
         assert!(
             shared.is_empty(),
-            "process {relay} holds the supervisor's {shared:?}"
+            "process {relay} holds the supervisor's sockets on {shared:?}"
         );
     }
     drop(held);
