@@ -53,21 +53,34 @@ pub fn resolve(host: &str, port: u16, limit: Duration) -> io::Result<Vec<SocketA
 /// kernel picks, which equals the target on a local route only for IPv4 and only
 /// without a preferred source (`src`). No route at all (unreachable, prohibited) is
 /// not this host: connect() then fails the same way.
-pub fn routes_to_this_host(addr: &SocketAddr) -> io::Result<bool> {
+///
+/// `from`, the source address the connection will be bound to (`-s`), is asked with
+/// (RTA_SRC, as `ip route get ADDR from SRC`): a rule that picks a table by source
+/// (`ip rule add from SRC lookup T`) can make an address local for that source only,
+/// and the connect would follow it. One of the other family is left out (it is never
+/// used for this address).
+pub fn routes_to_this_host(addr: &SocketAddr, from: Option<IpAddr>) -> io::Result<bool> {
     const NLMSG_HDR: usize = 16;
     let (family, dst, oif) = match addr {
         SocketAddr::V4(a) => (libc::AF_INET, a.ip().octets().to_vec(), 0),
         SocketAddr::V6(a) => (libc::AF_INET6, a.ip().octets().to_vec(), a.scope_id()),
     };
-    // struct nlmsghdr, struct rtmsg, then RTA_DST (and RTA_OIF for a scoped address),
-    // each attribute 4 + its data, in 4-byte units.
+    let src = match (addr, from) {
+        (SocketAddr::V4(_), Some(IpAddr::V4(s))) if !s.is_unspecified() => s.octets().to_vec(),
+        (SocketAddr::V6(_), Some(IpAddr::V6(s))) if !s.is_unspecified() => s.octets().to_vec(),
+        _ => Vec::new(),
+    };
+    // struct nlmsghdr, struct rtmsg, then RTA_DST (and RTA_SRC for a bound source,
+    // RTA_OIF for a scoped address), each attribute 4 + its data, in 4-byte units.
     let mut req = Vec::with_capacity(64);
     req.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_len, set below
     req.extend_from_slice(&libc::RTM_GETROUTE.to_ne_bytes());
     req.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
     req.extend_from_slice(&1u32.to_ne_bytes()); // nlmsg_seq
     req.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_pid: the kernel
-    req.extend_from_slice(&[family as u8, (dst.len() * 8) as u8, 0, 0, 0, 0, 0, 0]);
+                                                // rtm_family, rtm_dst_len, rtm_src_len, then tos, table, protocol, scope, type.
+    let prefix = |a: &[u8]| (a.len() * 8) as u8;
+    req.extend_from_slice(&[family as u8, prefix(&dst), prefix(&src), 0, 0, 0, 0, 0]);
     req.extend_from_slice(&0u32.to_ne_bytes()); // rtm_flags
     let mut attr = |kind: u16, data: &[u8]| {
         req.extend_from_slice(&(4 + data.len() as u16).to_ne_bytes());
@@ -75,6 +88,9 @@ pub fn routes_to_this_host(addr: &SocketAddr) -> io::Result<bool> {
         req.extend_from_slice(data);
     };
     attr(libc::RTA_DST, &dst);
+    if !src.is_empty() {
+        attr(libc::RTA_SRC, &src);
+    }
     if oif != 0 {
         attr(libc::RTA_OIF, &oif.to_ne_bytes());
     }
@@ -289,7 +305,7 @@ mod tests {
 
     #[test]
     fn asks_the_routing_table_which_addresses_are_this_hosts() {
-        let local = |s: &str| routes_to_this_host(&s.parse().unwrap()).unwrap();
+        let local = |s: &str| routes_to_this_host(&s.parse().unwrap(), None).unwrap();
         assert!(local("127.0.0.1:1"));
         assert!(local("127.1.2.3:1"));
         assert!(local("[::1]:1"));

@@ -247,13 +247,19 @@ pub(super) struct Target {
 /// interfaces, each of which has a local route from the moment it is added, or a whole
 /// prefix routed to it, `ip route add local 203.0.113.0/24 dev lo`), which is judged as
 /// one of this host's own addresses, so an `-a` rule for it can still lift it.
-/// Ok(Err(why)) refuses it; Err: the routing table could not be asked.
+/// `from`: the source the connection will be bound to, which the routing table is
+/// asked with (a table chosen by source). Ok(Err(why)) refuses it; Err: the routing
+/// table could not be asked.
 ///
 /// The table is the one answer asked: the interface list (getifaddrs(3), a netlink dump
 /// of every link and address and 8 KiB of the C library's allocations) would name only
 /// addresses the table has, and an IPv6 one on an interface that is down, which
 /// nothing reaches.
-pub(super) fn judge(policy: &Policy, a: &SocketAddr) -> io::Result<Result<(), String>> {
+pub(super) fn judge(
+    policy: &Policy,
+    a: &SocketAddr,
+    from: Option<IpAddr>,
+) -> io::Result<Result<(), String>> {
     if let Err(why) = policy.check(a) {
         return Ok(Err(why));
     }
@@ -261,7 +267,7 @@ pub(super) fn judge(policy: &Policy, a: &SocketAddr) -> io::Result<Result<(), St
     // rule lifted it): the netlink round trip (a socket of its own, five calls) would
     // tell nothing new.
     let ip = a.ip();
-    if ip.is_loopback() || !connect::routes_to_this_host(a)? {
+    if ip.is_loopback() || !connect::routes_to_this_host(a, from)? {
         return Ok(Ok(()));
     }
     Ok(Policy {
@@ -399,7 +405,7 @@ impl Dial<'_> {
                 continue;
             }
             if !t.trusted {
-                match judge(&policy, &a) {
+                match judge(&policy, &a, source.map(|s| s.ip())) {
                     Ok(Ok(())) => {}
                     Ok(Err(why)) => {
                         refusals.push((a, why));

@@ -1289,6 +1289,56 @@ fn exec_failure_exits_127() {
 }
 
 #[test]
+fn an_address_local_only_for_the_bound_source_is_this_hosts_own() {
+    // A rule that picks a table by source can make an address local for connections
+    // from one source only (`-s`): the routing table is asked with that source, as the
+    // connect will follow it. Needs a network namespace of our own: root.
+    if !util::is_root() {
+        eprintln!("skipped: needs root for a network namespace");
+        return;
+    }
+    const LISTEN: &str = env!("CARGO_BIN_EXE_tcpsplice-listen");
+    let dir = tempdir("srcroute");
+    let d = dir.display();
+    let script = format!(
+        "ip link set lo up && ip addr add 10.9.9.9/32 dev lo && \
+         ip rule add from 10.9.9.9 lookup 100 pref 50 && \
+         ip route add local 45.30.0.0/24 dev lo table 100 || exit 99\n\
+         '{LISTEN}' -1 0.0.0.0 5557 echo SELF > '{d}/p' & l=$!\n\
+         n=0; while [ $n -lt 200 ] && ! [ -s '{d}/p' ]; do sleep 0.05; n=$((n+1)); done\n\
+         dial() {{ t=$1; shift; TCPSPLICE_TARGET=$t '{DIAL}' \"$@\" sh -c 'head -c 4 <&6; echo'; printf '%s,' $?; }}\n\
+         dial 45.30.0.7:5557 -s 10.9.9.9\n\
+         sleep 0.2; kill $l; wait; echo end"
+    );
+    let ran = util::run(
+        Command::new("unshare")
+            .args(["-n", "sh", "-c", &script])
+            .env("TCPSPLICE_LOG", "stderr")
+            .env_remove("TCPSPLICE_RULES"),
+        LIMIT,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    ran.expect_code(0);
+    let out = String::from_utf8_lossy(&ran.stdout);
+    // Refused from that source (exit 1), before any SYN: asked without the source, the
+    // table has no route for it, and the connect from 10.9.9.9 was tried (and timed
+    // out, 111: the kernel cannot answer from an address local in table 100 only).
+    assert!(out.contains("1,end"), "{}", ran.show());
+    let err = ran.stderr_text();
+    assert!(
+        err.contains("a local route delivers it to this host"),
+        "{}",
+        ran.show()
+    );
+    assert_eq!(
+        err.matches(": accept ").count(),
+        0,
+        "the canary listener accepted a refused connection{}",
+        ran.show()
+    );
+}
+
+#[test]
 fn an_address_reached_through_a_local_route_is_this_hosts_own() {
     // A local route makes a whole prefix this host's without an interface address for
     // getifaddrs to show (AnyIP). Needs a network namespace of our own: root. Canary

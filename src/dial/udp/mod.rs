@@ -519,7 +519,7 @@ impl Relay<'_> {
         let verdict = if !family_ok {
             Err("not of the family datagrams may leave in (-4, -6, -s)".to_string())
         } else {
-            match dialer::judge(&policy, &a) {
+            match dialer::judge(&policy, &a, self.s.source.map(|s| s.ip())) {
                 Ok(v) => v,
                 Err(e) => Err(format!(
                     "unable to ask the routing table about it: {}",
